@@ -1,0 +1,19 @@
+import type { IncomingHttpHeaders } from 'node:http';
+
+export type RouteName = 'chat' | 'completions' | 'embeddings' | 'generate';
+
+/** What a policy may look at to choose a worker. Built once per request by the HTTP front. */
+export interface RequestContext {
+  readonly requestId: string;
+  readonly route: RouteName;
+  /** Model named in the request, resolved to a served model. */
+  readonly model: string;
+  /** The text used for prefix affinity (all chat messages in order, the prompt, or /generate text). */
+  readonly routingText: string;
+  /** Token ids when the router knows them (tokenizer configured, or /generate input_ids). */
+  readonly tokenIds?: readonly number[];
+  readonly headers: IncomingHttpHeaders;
+  readonly stream: boolean;
+  /** Arrival time on the policy clock (ms). */
+  readonly arrivalMs: number;
+}

@@ -1,0 +1,111 @@
+export type WorkerType = 'regular' | 'prefill' | 'decode';
+
+export interface WorkerSpec {
+  /** Base URL of the engine's HTTP server, e.g. http://10.0.0.1:8000 (no trailing slash). */
+  url: string;
+  modelId?: string;
+  type?: WorkerType;
+  dpRank?: number;
+  dpSize?: number;
+  /** SGLang PD: the prefill worker's bootstrap port (null = not configured). */
+  bootstrapPort?: number | null;
+}
+
+/**
+ * Released exactly once, whatever path ends the request (success, error, abort, timeout).
+ * Calling release() again is a no-op, so every path can call it without coordination.
+ */
+export class LoadGuard {
+  private released = false;
+  constructor(
+    readonly worker: Worker,
+    private readonly onRelease?: (worker: Worker) => void,
+  ) {
+    worker.load++;
+  }
+
+  get isReleased(): boolean {
+    return this.released;
+  }
+
+  release(): void {
+    if (this.released) return;
+    this.released = true;
+    this.worker.load--;
+    this.worker.processed++;
+    this.onRelease?.(this.worker);
+  }
+}
+
+/**
+ * One routable target: an engine URL, or one data-parallel rank behind it (id `url@rank`).
+ * Holds the live state policies read: health and in-flight load.
+ */
+export class Worker {
+  readonly id: string;
+  readonly url: string;
+  modelId: string | undefined;
+  readonly type: WorkerType;
+  readonly dpRank: number | undefined;
+  readonly dpSize: number | undefined;
+  readonly bootstrapPort: number | null;
+  /** Until the first successful health check the worker is not routable. */
+  healthy = false;
+  /** In-flight requests routed here and not yet finished. Only LoadGuard changes it. */
+  load = 0;
+  /** Requests finished (any outcome) on this worker. */
+  processed = 0;
+  consecutiveHealthFailures = 0;
+  consecutiveHealthSuccesses = 0;
+  lastHealthError: string | undefined;
+  readonly addedAt = Date.now();
+
+  constructor(spec: WorkerSpec) {
+    this.url = normalizeUrl(spec.url);
+    this.dpRank = spec.dpRank;
+    this.dpSize = spec.dpSize;
+    this.id = spec.dpRank === undefined ? this.url : `${this.url}@${spec.dpRank}`;
+    this.modelId = spec.modelId;
+    this.type = spec.type ?? 'regular';
+    this.bootstrapPort = spec.bootstrapPort ?? null;
+  }
+
+  /** Healthy and allowed to take traffic (later: circuit breaker closed). */
+  isAvailable(): boolean {
+    return this.healthy;
+  }
+
+  acquire(onRelease?: (worker: Worker) => void): LoadGuard {
+    return new LoadGuard(this, onRelease);
+  }
+
+  toJSON(): Record<string, unknown> {
+    return {
+      id: this.id,
+      url: this.url,
+      model: this.modelId ?? null,
+      type: this.type,
+      dp_rank: this.dpRank ?? null,
+      bootstrap_port: this.type === 'prefill' ? this.bootstrapPort : undefined,
+      healthy: this.healthy,
+      load: this.load,
+      processed: this.processed,
+      last_health_error: this.lastHealthError ?? null,
+    };
+  }
+}
+
+export function normalizeUrl(raw: string): string {
+  let u: URL;
+  try {
+    u = new URL(raw);
+  } catch {
+    throw new Error(`invalid worker URL '${raw}'`);
+  }
+  if (u.protocol !== 'http:' && u.protocol !== 'https:') {
+    throw new Error(`invalid worker URL '${raw}': only http:// and https:// are supported`);
+  }
+  if (u.search || u.hash) throw new Error(`invalid worker URL '${raw}': no query or fragment allowed`);
+  const path = u.pathname.replace(/\/+$/, '');
+  return `${u.protocol}//${u.host}${path}`;
+}

@@ -1,0 +1,71 @@
+import type { Clock } from '../core/clock.js';
+import type { RequestContext } from '../core/context.js';
+import type { Rng } from '../core/rng.js';
+import type { Worker } from '../core/worker.js';
+
+export interface PolicyDeps {
+  clock: Clock;
+  rng: Rng;
+}
+
+export interface WorkerPair {
+  prefill: Worker;
+  decode: Worker;
+}
+
+export type RequestOutcome = 'success' | 'error' | 'aborted' | 'timeout';
+
+/**
+ * The one interface every routing policy implements, in every mode.
+ *
+ * Candidates come from the WorkerRegistry on each call (the workers of the request's model
+ * and type); a policy never keeps its own worker list. Implementations must skip workers that
+ * are not `isAvailable()` and return undefined when none is.
+ */
+export interface RoutingPolicy {
+  readonly name: string;
+  /** Pick one worker for a request (regular mode). */
+  selectWorker(candidates: readonly Worker[], ctx: RequestContext): Worker | undefined;
+  /** Pick a (prefill, decode) pair (PD mode). */
+  selectPair(prefill: readonly Worker[], decode: readonly Worker[], ctx: RequestContext): WorkerPair | undefined;
+  /** The request routed to `worker` finished, in any way. */
+  onRequestComplete?(worker: Worker, ctx: RequestContext, outcome: RequestOutcome): void;
+  /** A worker left the registry: drop any per-worker state. */
+  onWorkerRemoved?(worker: Worker): void;
+  /** Stop background timers. */
+  close?(): void;
+}
+
+export function available(candidates: readonly Worker[]): Worker[] {
+  const out: Worker[] = [];
+  for (const w of candidates) if (w.isAvailable()) out.push(w);
+  return out;
+}
+
+/** Fewest in-flight; ties by fewest processed, then candidate order. */
+export function leastLoaded(workers: readonly Worker[]): Worker | undefined {
+  let best: Worker | undefined;
+  for (const w of workers) {
+    if (!w.isAvailable()) continue;
+    if (!best || w.load < best.load || (w.load === best.load && w.processed < best.processed)) best = w;
+  }
+  return best;
+}
+
+/**
+ * Base class: a policy that picks single workers picks a pair by applying the same rule to
+ * each pool. Policies that couple the two choices override selectPair.
+ */
+export abstract class BasePolicy implements RoutingPolicy {
+  abstract readonly name: string;
+  constructor(protected readonly deps: PolicyDeps) {}
+  abstract selectWorker(candidates: readonly Worker[], ctx: RequestContext): Worker | undefined;
+
+  selectPair(prefill: readonly Worker[], decode: readonly Worker[], ctx: RequestContext): WorkerPair | undefined {
+    const p = this.selectWorker(prefill, ctx);
+    if (!p) return undefined;
+    const d = this.selectWorker(decode, ctx);
+    if (!d) return undefined;
+    return { prefill: p, decode: d };
+  }
+}
