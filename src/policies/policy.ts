@@ -3,9 +3,22 @@ import type { RequestContext } from '../core/context.js';
 import type { Rng } from '../core/rng.js';
 import type { Worker } from '../core/worker.js';
 
+/** Runs `fn` every `everyMs` on the policy's clock; returns a cancel function. */
+export type Scheduler = (everyMs: number, fn: () => void) => () => void;
+
+/** Optional hooks a policy calls so the host (server metrics, lab report) can count its decisions. */
+export interface PolicyObserver {
+  cacheHit?(worker: Worker, matchedChars: number, inputChars: number): void;
+  cacheMiss?(inputChars: number): void;
+  loadBalanced?(worker: Worker): void;
+}
+
 export interface PolicyDeps {
   clock: Clock;
   rng: Rng;
+  /** Periodic background work (tree eviction). The server passes unref'd timers, the lab its event queue. */
+  schedule?: Scheduler;
+  observer?: PolicyObserver;
 }
 
 export interface WorkerPair {

@@ -1,0 +1,97 @@
+import { Counter, Gauge, Histogram, Registry } from 'prom-client';
+import type { WorkerRegistry } from '../core/registry.js';
+import type { PolicyObserver } from '../policies/policy.js';
+
+/** Buckets from 1 ms to 4 min, as LLM requests span both. */
+const DURATION_BUCKETS = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15, 30, 45, 60, 90, 120, 180, 240];
+
+/**
+ * The gateway's Prometheus metrics, on a registry of its own (several gateways can live in one
+ * process, as in tests). Per-worker gauges are read from the WorkerRegistry at scrape time,
+ * so the request path pays nothing for them.
+ */
+export class GatewayMetrics {
+  readonly registry = new Registry();
+  readonly requests: Counter<'route' | 'status'>;
+  readonly duration: Histogram<'route'>;
+  readonly processed: Counter<'worker'>;
+  readonly decisions: Counter<'policy' | 'worker'>;
+  readonly cacheHits: Counter;
+  readonly cacheMisses: Counter;
+  readonly loadBalancingEvents: Counter;
+  readonly upstreamErrors: Counter<'worker' | 'kind'>;
+  readonly clientAborts: Counter<'route'>;
+
+  constructor(workers: WorkerRegistry, treeChars: () => Map<string, number>) {
+    const registers = [this.registry];
+    this.requests = new Counter({ name: 'kvgate_requests_total', help: 'Requests answered, by route and HTTP status', labelNames: ['route', 'status'], registers });
+    this.duration = new Histogram({ name: 'kvgate_request_duration_seconds', help: 'Time from request arrival to the end of the response', labelNames: ['route'], buckets: DURATION_BUCKETS, registers });
+    this.processed = new Counter({ name: 'kvgate_worker_processed_total', help: 'Requests finished per worker (any outcome)', labelNames: ['worker'], registers });
+    this.decisions = new Counter({ name: 'kvgate_policy_decisions_total', help: 'Workers chosen, by policy', labelNames: ['policy', 'worker'], registers });
+    this.cacheHits = new Counter({ name: 'kvgate_cache_hits_total', help: 'cache_aware decisions that followed a prefix match', registers });
+    this.cacheMisses = new Counter({ name: 'kvgate_cache_misses_total', help: 'cache_aware decisions with no usable prefix match', registers });
+    this.loadBalancingEvents = new Counter({ name: 'kvgate_load_balancing_events_total', help: 'cache_aware decisions overridden by load imbalance', registers });
+    this.upstreamErrors = new Counter({ name: 'kvgate_upstream_errors_total', help: 'Failed upstream exchanges, by kind (connect, timeout, reset)', labelNames: ['worker', 'kind'], registers });
+    this.clientAborts = new Counter({ name: 'kvgate_client_aborts_total', help: 'Requests whose client went away before the response ended', labelNames: ['route'], registers });
+    new Gauge({
+      name: 'kvgate_worker_load',
+      help: 'In-flight requests per worker',
+      labelNames: ['worker'],
+      registers,
+      collect() {
+        this.reset();
+        for (const w of workers.all()) this.set({ worker: w.id }, w.load);
+      },
+    });
+    new Gauge({
+      name: 'kvgate_worker_healthy',
+      help: '1 if the worker is healthy and routable',
+      labelNames: ['worker'],
+      registers,
+      collect() {
+        this.reset();
+        for (const w of workers.all()) this.set({ worker: w.id }, w.isAvailable() ? 1 : 0);
+      },
+    });
+    new Gauge({
+      name: 'kvgate_tree_chars',
+      help: 'Characters held per worker in the cache_aware prefix tree',
+      labelNames: ['worker'],
+      registers,
+      collect() {
+        this.reset();
+        const chars = treeChars();
+        for (const w of workers.all()) this.set({ worker: w.id }, chars.get(w.id) ?? 0);
+      },
+    });
+    new Gauge({
+      name: 'kvgate_workers',
+      help: 'Registered workers by health',
+      labelNames: ['state'],
+      registers,
+      collect() {
+        this.reset();
+        let healthy = 0;
+        let total = 0;
+        for (const w of workers.all()) {
+          total++;
+          if (w.isAvailable()) healthy++;
+        }
+        this.set({ state: 'healthy' }, healthy);
+        this.set({ state: 'unhealthy' }, total - healthy);
+      },
+    });
+  }
+
+  policyObserver(): PolicyObserver {
+    return {
+      cacheHit: () => this.cacheHits.inc(),
+      cacheMiss: () => this.cacheMisses.inc(),
+      loadBalanced: () => this.loadBalancingEvents.inc(),
+    };
+  }
+
+  forgetWorker(id: string): void {
+    this.processed.remove({ worker: id });
+  }
+}

@@ -1,0 +1,356 @@
+import { randomUUID } from 'node:crypto';
+import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
+import type { AddressInfo } from 'node:net';
+import { request } from 'undici';
+import pino, { type Logger } from 'pino';
+import type { ServeConfig } from '../config/serve-config.js';
+import { systemClock, type Clock } from '../core/clock.js';
+import type { RouteName } from '../core/context.js';
+import { errors, GatewayError } from '../core/errors.js';
+import { WorkerRegistry } from '../core/registry.js';
+import { randomRng, type Rng } from '../core/rng.js';
+import { WorkerManager } from '../core/worker-manager.js';
+import { normalizeUrl, type WorkerType } from '../core/worker.js';
+import { GatewayMetrics } from '../metrics/gateway-metrics.js';
+import { CacheAwarePolicy } from '../policies/cache-aware.js';
+import { createPolicy } from '../policies/factory.js';
+import type { RoutingPolicy, Scheduler } from '../policies/policy.js';
+import { RegularRouter } from '../routers/regular.js';
+import { UpstreamPools } from '../upstream/pools.js';
+import { parseJsonObject, readBody, sendError, sendJson } from './http-util.js';
+
+const GENERATION_ROUTES: Record<string, RouteName> = {
+  '/v1/chat/completions': 'chat',
+  '/v1/completions': 'completions',
+  '/v1/embeddings': 'embeddings',
+  '/generate': 'generate',
+};
+
+/** Real-time periodic work that never keeps the process alive. */
+export const timerScheduler: Scheduler = (everyMs, fn) => {
+  const t = setInterval(fn, everyMs);
+  t.unref();
+  return () => clearInterval(t);
+};
+
+export function createLogger(config: Pick<ServeConfig, 'logLevel' | 'logFormat'>): Logger {
+  if (config.logFormat === 'pretty') {
+    return pino({ level: config.logLevel, transport: { target: 'pino-pretty', options: { colorize: true } } });
+  }
+  return pino({ level: config.logLevel });
+}
+
+export interface GatewayOptions {
+  clock?: Clock;
+  rng?: Rng;
+  logger?: Logger;
+}
+
+/**
+ * The composition root of `kvgate serve`: one registry, one policy, the worker manager
+ * (health, model discovery), upstream pools, metrics and the HTTP front.
+ */
+export class Gateway {
+  readonly registry = new WorkerRegistry();
+  readonly policy: RoutingPolicy;
+  readonly metrics: GatewayMetrics;
+  readonly workers: WorkerManager;
+  readonly log: Logger;
+  private readonly pools = new UpstreamPools();
+  private readonly router: RegularRouter;
+  private server: Server | undefined;
+  private readonly startedAt = Date.now();
+
+  constructor(
+    readonly config: ServeConfig,
+    opts: GatewayOptions = {},
+  ) {
+    this.log = opts.logger ?? createLogger(config);
+    const clock = opts.clock ?? systemClock;
+    this.metrics = new GatewayMetrics(this.registry, () => (this.policy instanceof CacheAwarePolicy ? this.policy.treeChars() : new Map()));
+    this.policy = createPolicy(
+      config.policy,
+      { clock, rng: opts.rng ?? randomRng(), schedule: timerScheduler, observer: this.metrics.policyObserver() },
+      {
+        cacheAware: {
+          cacheThreshold: config.cacheThreshold,
+          balanceAbsThreshold: config.balanceAbsThreshold,
+          balanceRelThreshold: config.balanceRelThreshold,
+          evictionIntervalSecs: config.evictionIntervalSecs,
+          maxTreeSize: config.maxTreeSize,
+        },
+      },
+    );
+    this.registry.on('removed', (w) => {
+      this.policy.onWorkerRemoved?.(w);
+      this.metrics.forgetWorker(w.id);
+      if (this.registry.byUrl(w.url).length === 0) void this.pools.drop(w.url);
+    });
+    this.registry.on('modelChanged', (w, before) => {
+      if (before !== undefined) this.policy.onWorkerRemoved?.(w);
+    });
+    this.workers = new WorkerManager(
+      this.registry,
+      {
+        intervalSecs: config.healthCheckIntervalSecs,
+        timeoutSecs: config.healthCheckTimeoutSecs,
+        failureThreshold: config.healthFailureThreshold,
+        successThreshold: config.healthSuccessThreshold,
+        endpoint: config.healthCheckEndpoint,
+      },
+      this.log,
+    );
+    this.router = new RegularRouter({
+      registry: this.registry,
+      policy: this.policy,
+      pools: this.pools,
+      metrics: this.metrics,
+      clock,
+      requestTimeoutMs: config.requestTimeoutSecs * 1000,
+    });
+  }
+
+  /** Registers the configured workers (checking each once), then listens. */
+  async start(): Promise<void> {
+    await Promise.all(this.config.workerUrls.map((url) => this.workers.add({ url, modelId: this.config.modelId })));
+    const server = createServer({ keepAliveTimeout: 65_000, requestTimeout: 0, headersTimeout: 60_000 }, (req, res) => {
+      void this.dispatch(req, res);
+    });
+    server.on('clientError', (_err, socket) => {
+      if (socket.writable) socket.end('HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\n\r\n');
+      else socket.destroy();
+    });
+    this.server = server;
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      server.listen(this.config.port, this.config.host, () => {
+        server.removeListener('error', reject);
+        resolve();
+      });
+    });
+  }
+
+  get port(): number {
+    return (this.server!.address() as AddressInfo).port;
+  }
+
+  get url(): string {
+    const host = this.config.host === '0.0.0.0' || this.config.host === '::' ? '127.0.0.1' : this.config.host;
+    return `http://${host}:${this.port}`;
+  }
+
+  async close(): Promise<void> {
+    this.policy.close?.();
+    const server = this.server;
+    if (server) {
+      await new Promise<void>((resolve) => {
+        server.close(() => resolve());
+        server.closeAllConnections();
+      });
+    }
+    await this.workers.close();
+    await this.pools.closeAll();
+  }
+
+  private requestId(req: IncomingMessage): string {
+    const given = req.headers['x-request-id'] ?? req.headers['x-correlation-id'];
+    const id = Array.isArray(given) ? given[0] : given;
+    if (id && id.length <= 256) return id;
+    return randomUUID();
+  }
+
+  private async dispatch(req: IncomingMessage, res: ServerResponse): Promise<void> {
+    const started = performance.now();
+    const requestId = this.requestId(req);
+    const q = req.url!.indexOf('?');
+    const path = q < 0 ? req.url! : req.url!.slice(0, q);
+    const route = GENERATION_ROUTES[path];
+    const label = route ?? path;
+    let status = 500;
+    try {
+      if (route) {
+        if (req.method !== 'POST') throw errors.methodNotAllowed(req.method ?? '?', path);
+        const raw = await readBody(req, this.config.maxPayloadSize);
+        const body = parseJsonObject(raw);
+        status = await this.router.handle({ req, res, route, path, requestId, rawBody: raw, body });
+      } else {
+        status = await this.control(req, res, path, requestId);
+      }
+    } catch (e) {
+      const err = e instanceof GatewayError ? e : errors.internal((e as Error)?.message ?? String(e));
+      if (!(e instanceof GatewayError)) this.log.error({ err: e, requestId, path }, 'unexpected error');
+      status = err.status;
+      if (status === 413) res.setHeader('connection', 'close');
+      sendError(res, err, { 'x-request-id': requestId });
+    } finally {
+      if (route) {
+        this.metrics.requests.inc({ route: label, status: String(status) });
+        this.metrics.duration.observe({ route: label }, (performance.now() - started) / 1000);
+      }
+    }
+  }
+
+  /** Health, models, metrics and admin routes. Returns the status sent. */
+  private async control(req: IncomingMessage, res: ServerResponse, path: string, requestId: string): Promise<number> {
+    const method = req.method ?? 'GET';
+    const h = { 'x-request-id': requestId };
+    const url = new URL(req.url!, 'http://x');
+    const send = (status: number, body: unknown) => {
+      sendJson(res, status, body, h);
+      return status;
+    };
+    const expect = (m: string) => {
+      if (method !== m) throw errors.methodNotAllowed(method, path);
+    };
+
+    switch (path) {
+      case '/health':
+      case '/liveness':
+        expect('GET');
+        return send(200, { status: 'ok' });
+      case '/readiness': {
+        expect('GET');
+        const all = this.registry.all();
+        const healthy = all.filter((w) => w.isAvailable()).length;
+        if (healthy === 0) {
+          const reason = all.length === 0 ? 'no workers are registered' : `none of the ${all.length} workers is healthy`;
+          return send(503, { status: 'not_ready', reason, healthy_workers: 0, total_workers: all.length });
+        }
+        return send(200, { status: 'ready', healthy_workers: healthy, total_workers: all.length });
+      }
+      case '/v1/models': {
+        expect('GET');
+        const created = Math.floor(this.startedAt / 1000);
+        const data = this.registry.healthyModels().map((id) => ({ id, object: 'model', created, owned_by: 'kvgate' }));
+        return send(200, { object: 'list', data });
+      }
+      case '/metrics': {
+        expect('GET');
+        const text = await this.metrics.registry.metrics();
+        res.writeHead(200, { ...h, 'content-type': this.metrics.registry.contentType });
+        res.end(text);
+        return 200;
+      }
+      case '/workers':
+        if (method === 'GET') return send(200, this.workersBody());
+        if (method === 'POST') {
+          const body = parseJsonObject(await readBody(req, 1 << 20));
+          return send(...(await this.addWorker(body)));
+        }
+        throw errors.methodNotAllowed(method, path);
+      case '/add_worker': {
+        expect('POST');
+        const u = url.searchParams.get('url');
+        if (!u) throw errors.badRequest("query parameter 'url' is required", 'missing_field', 'url');
+        return send(...(await this.addWorker({ url: u })));
+      }
+      case '/remove_worker': {
+        expect('POST');
+        const u = url.searchParams.get('url');
+        if (!u) throw errors.badRequest("query parameter 'url' is required", 'missing_field', 'url');
+        return send(...this.removeWorker(u));
+      }
+      case '/list_workers':
+        expect('GET');
+        return send(200, { urls: [...new Set(this.registry.all().map((w) => w.url))] });
+      case '/get_loads':
+        expect('GET');
+        return send(200, await this.getLoads());
+      case '/flush_cache':
+        expect('POST');
+        return send(200, await this.flushCache());
+    }
+    if (path.startsWith('/workers/')) {
+      const id = decodeURIComponent(path.slice('/workers/'.length));
+      const worker = this.registry.get(id) ?? this.registry.byUrl(safeNormalize(id) ?? '')[0];
+      if (!worker) throw errors.notFound(`No worker with id '${id}'`, 'worker_not_found');
+      if (method === 'GET') return send(200, worker.toJSON());
+      if (method === 'DELETE') return send(...this.removeWorker(worker.url));
+      throw errors.methodNotAllowed(method, path);
+    }
+    throw errors.notFound(`No route for ${method} ${path}`, 'route_not_found');
+  }
+
+  private workersBody() {
+    const workers = this.registry.all().map((w) => w.toJSON());
+    const count = (t: WorkerType) => workers.filter((w) => w.type === t).length;
+    return { workers, total: workers.length, stats: { regular_count: count('regular'), prefill_count: count('prefill'), decode_count: count('decode') } };
+  }
+
+  private async addWorker(body: Record<string, unknown>): Promise<[number, unknown]> {
+    if (typeof body.url !== 'string') throw errors.badRequest("'url' must be a string", 'invalid_type', 'url');
+    if (body.model_id !== undefined && (typeof body.model_id !== 'string' || body.model_id === '')) {
+      throw errors.badRequest("'model_id' must be a non-empty string", 'invalid_type', 'model_id');
+    }
+    let url: string;
+    try {
+      url = normalizeUrl(body.url);
+    } catch (e) {
+      throw errors.badRequest((e as Error).message, 'invalid_value', 'url');
+    }
+    if (this.registry.byUrl(url).length > 0) {
+      throw new GatewayError(409, `Worker '${url}' is already registered`, 'invalid_request_error', 'worker_exists');
+    }
+    const worker = await this.workers.add({ url, modelId: body.model_id as string | undefined });
+    this.log.info({ worker: worker.id, healthy: worker.healthy }, 'worker added');
+    return [201, { status: 'added', worker: worker.toJSON() }];
+  }
+
+  private removeWorker(rawUrl: string): [number, unknown] {
+    const url = safeNormalize(rawUrl);
+    const removed = url ? this.workers.remove(url) : [];
+    if (removed.length === 0) throw errors.notFound(`No worker with URL '${rawUrl}'`, 'worker_not_found');
+    this.log.info({ url }, 'worker removed');
+    return [200, { status: 'removed', removed: removed.map((w) => w.id) }];
+  }
+
+  private async fanOut<T>(method: 'GET' | 'POST', path: string, read: (status: number, body: string) => T) {
+    const urls = [...new Set(this.registry.all().map((w) => w.url))];
+    return Promise.all(
+      urls.map(async (url) => {
+        try {
+          const res = await request(url + path, { method, signal: AbortSignal.timeout(this.config.healthCheckTimeoutSecs * 1000) });
+          const text = await res.body.text();
+          return { url, ok: res.statusCode >= 200 && res.statusCode < 300, status: res.statusCode, value: read(res.statusCode, text) };
+        } catch (e) {
+          return { url, ok: false, status: 0, error: (e as Error).message, value: undefined as T | undefined };
+        }
+      }),
+    );
+  }
+
+  private async flushCache() {
+    const results = await this.fanOut('POST', '/flush_cache', (_s, body) => body.slice(0, 500));
+    const ok = results.filter((r) => r.ok).length;
+    return {
+      successful: ok,
+      failed: results.length - ok,
+      total_workers: results.length,
+      results: results.map((r) => ({ url: r.url, ok: r.ok, status: r.status, ...(r.ok ? {} : { error: r.error ?? r.value }) })),
+      message: results.length === 0 ? 'no workers registered' : `flushed ${ok} of ${results.length} workers`,
+    };
+  }
+
+  private async getLoads() {
+    const results = await this.fanOut('GET', '/get_load', (_s, body) => {
+      const parsed = JSON.parse(body) as unknown;
+      const ranks = Array.isArray(parsed) ? parsed : [parsed];
+      return ranks.reduce((sum: number, r) => sum + (Number((r as { num_tokens?: unknown })?.num_tokens) || 0), 0);
+    });
+    const byUrl = new Map(results.map((r) => [r.url, r]));
+    const loads = this.registry.all().map((w) => {
+      const r = byUrl.get(w.url);
+      return { worker: w.id, worker_type: w.type, load: r?.ok ? r.value : -1, in_flight: w.load };
+    });
+    const ok = results.filter((r) => r.ok).length;
+    return { loads, total_workers: results.length, successful: ok, failed: results.length - ok };
+  }
+}
+
+function safeNormalize(u: string): string | undefined {
+  try {
+    return normalizeUrl(u);
+  } catch {
+    return undefined;
+  }
+}

@@ -1,0 +1,73 @@
+import { mkdtempSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { ConfigError } from '../../src/config/options.js';
+import { resolveServeConfig } from '../../src/config/serve-config.js';
+
+const dir = mkdtempSync(join(tmpdir(), 'kvgate-config-'));
+const file = (name: string, text: string) => {
+  const p = join(dir, name);
+  writeFileSync(p, text);
+  return p;
+};
+
+describe('serve configuration', () => {
+  it('has the documented defaults', () => {
+    const c = resolveServeConfig({}, {});
+    expect(c).toMatchObject({
+      host: '0.0.0.0',
+      port: 30000,
+      policy: 'cache_aware',
+      cacheThreshold: 0.3,
+      balanceAbsThreshold: 64,
+      balanceRelThreshold: 1.5,
+      evictionIntervalSecs: 120,
+      maxTreeSize: 67108864,
+      healthCheckIntervalSecs: 10,
+      healthFailureThreshold: 3,
+      healthSuccessThreshold: 2,
+      healthCheckTimeoutSecs: 5,
+      healthCheckEndpoint: '/health',
+      requestTimeoutSecs: 1800,
+      maxPayloadSize: 536870912,
+      logFormat: 'json',
+      workerUrls: [],
+    });
+  });
+
+  it('takes command line over environment over config file', () => {
+    const yaml = file('c.yaml', 'port: 1111\npolicy: round_robin\nworker-urls:\n  - http://a:1/\n  - http://b:2\ncache_threshold: 0.5\n');
+    let c = resolveServeConfig({ config: yaml }, {});
+    expect(c).toMatchObject({ port: 1111, policy: 'round_robin', cacheThreshold: 0.5, workerUrls: ['http://a:1', 'http://b:2'] });
+    c = resolveServeConfig({ config: yaml }, { KVGATE_PORT: '2222', KVGATE_WORKER_URLS: 'http://c:3 http://d:4' });
+    expect(c.port).toBe(2222);
+    expect(c.workerUrls).toEqual(['http://c:3', 'http://d:4']);
+    c = resolveServeConfig({ config: yaml, port: '3333' }, { KVGATE_PORT: '2222' });
+    expect(c.port).toBe(3333);
+    const json = file('c.json', JSON.stringify({ policy: 'least_load', maxPayloadSize: 1000 }));
+    expect(resolveServeConfig({ config: json }, {})).toMatchObject({ policy: 'least_load', maxPayloadSize: 1000 });
+    expect(resolveServeConfig({}, { KVGATE_CONFIG: json }).policy).toBe('least_load');
+  });
+
+  it.each([
+    [{ port: 'abc' }, {}, /--port.*expected a number/],
+    [{ port: '70000' }, {}, /--port.*<= 65535/],
+    [{ policy: 'fastest' }, {}, /--policy.*expected one of/],
+    [{ cacheThreshold: '1.5' }, {}, /--cache-threshold/],
+    [{}, { KVGATE_BALANCE_REL_THRESHOLD: 'x' }, /--balance-rel-threshold \(from env KVGATE_BALANCE_REL_THRESHOLD\)/],
+    [{ workerUrls: ['ftp://x'] }, {}, /--worker-urls.*http/],
+    [{ workerUrls: ['http://a:1', 'http://a:1/'] }, {}, /--worker-urls.*twice/],
+    [{ healthCheckEndpoint: 'health' }, {}, /--health-check-endpoint.*start with \//],
+    [{ maxPayloadSize: '0' }, {}, /--max-payload-size/],
+  ])('rejects %j %j naming the flag', (cli, env, re) => {
+    expect(() => resolveServeConfig(cli as Record<string, unknown>, env as NodeJS.ProcessEnv)).toThrow(re);
+  });
+
+  it('names the config file problem', () => {
+    expect(() => resolveServeConfig({ config: file('bad.yaml', 'porty: 1') }, {})).toThrow(/unknown option 'porty'/);
+    expect(() => resolveServeConfig({ config: file('bad.json', '{') }, {})).toThrow(ConfigError);
+    expect(() => resolveServeConfig({ config: join(dir, 'missing.yaml') }, {})).toThrow(/--config: cannot read/);
+    expect(() => resolveServeConfig({ config: file('t.yaml', 'port: "x"') }, {})).toThrow(/--port \(from config file\)/);
+  });
+});
