@@ -1,5 +1,4 @@
 import type { IncomingHttpHeaders, OutgoingHttpHeaders, ServerResponse } from 'node:http';
-import { pipeline } from 'node:stream/promises';
 import type { Dispatcher, Pool } from 'undici';
 import { errors, GatewayError } from '../core/errors.js';
 import type { RequestOutcome } from '../policies/policy.js';
@@ -60,7 +59,7 @@ export interface ProxyResult {
   outcome: RequestOutcome;
   /** Set when the exchange failed before any response byte: the caller answers with it. */
   error?: GatewayError;
-  /** What went wrong upstream, for metrics: connect, timeout, reset, status. */
+  /** What went wrong upstream, for metrics. */
   failure?: 'connect' | 'timeout' | 'reset';
 }
 
@@ -72,53 +71,96 @@ function classify(err: unknown): 'connect' | 'reset' {
 
 /**
  * Sends one request to a worker and relays the answer: status, headers and body unchanged,
- * streamed chunk by chunk with backpressure. When the client goes away the upstream request
- * is aborted at once (undici closes the connection). Never throws.
+ * written to the client chunk by chunk as they arrive, with backpressure (the upstream read
+ * pauses while the client socket is full). When the client goes away, or the time limit
+ * passes, the upstream request is aborted at once and undici closes that connection.
+ * Never throws; resolves exactly once.
+ *
+ * Uses undici's dispatch handler API directly: no AbortController, stream pipeline or
+ * intermediate Readable per request, which is where a naive proxy spends its time.
  */
-export async function proxyRequest(opts: ProxyOptions): Promise<ProxyResult> {
+export function proxyRequest(opts: ProxyOptions): Promise<ProxyResult> {
   const { res } = opts;
-  const ac = new AbortController();
-  const onClose = () => {
-    if (!res.writableFinished) ac.abort(new ClientGone());
-  };
-  res.once('close', onClose);
-  const timer = setTimeout(() => ac.abort(new UpstreamTimeout()), opts.timeoutMs);
-  try {
-    if (res.destroyed) return { status: 0, outcome: 'aborted' };
-    let up: Dispatcher.ResponseData;
-    try {
-      up = await opts.pool.request({
-        path: opts.path,
-        method: 'POST',
-        headers: opts.headers,
-        body: opts.body,
-        signal: ac.signal,
-      });
-    } catch (err) {
-      if (ac.signal.reason instanceof ClientGone) return { status: 0, outcome: 'aborted' };
-      if (ac.signal.reason instanceof UpstreamTimeout) {
-        return { status: 504, outcome: 'timeout', failure: 'timeout', error: errors.gatewayTimeout(`Worker did not answer within ${opts.timeoutMs / 1000} s`) };
+  return new Promise<ProxyResult>((resolve) => {
+    let controller: Dispatcher.DispatchController | undefined;
+    let abortReason: Error | undefined;
+    let status = 0;
+    let settled = false;
+
+    const settle = (r: ProxyResult) => {
+      if (settled) return;
+      settled = true;
+      clearTimeout(timer);
+      res.removeListener('close', onClientClose);
+      res.removeListener('drain', onDrain);
+      resolve(r);
+    };
+    const abort = (reason: Error) => {
+      if (abortReason) return;
+      abortReason = reason;
+      if (controller && !controller.aborted) controller.abort(reason);
+      // Before undici started the request (queued for a connection) there is no controller yet:
+      // answer now; onRequestStart aborts it as soon as it starts.
+      if (!controller || status === 0) finishAborted();
+    };
+    const finishAborted = () => {
+      if (abortReason instanceof ClientGone) return settle({ status, outcome: 'aborted' });
+      if (status === 0) {
+        return settle({
+          status: 504,
+          outcome: 'timeout',
+          failure: 'timeout',
+          error: errors.gatewayTimeout(`Worker did not answer within ${opts.timeoutMs / 1000} s`),
+        });
       }
-      const kind = classify(err);
-      const detail = (err as Error).message || String(err);
-      return { status: 502, outcome: 'error', failure: kind, error: errors.badGateway(`Worker unreachable: ${detail}`) };
-    }
-    res.writeHead(up.statusCode, responseHeaders(up.headers as IncomingHttpHeaders, opts.extraResponseHeaders));
-    try {
-      await pipeline(up.body, res);
-      return { status: up.statusCode, outcome: up.statusCode >= 500 ? 'error' : 'success' };
-    } catch (err) {
-      if (ac.signal.reason instanceof ClientGone || (res.destroyed && !ac.signal.aborted)) {
-        // The client left mid-body; pipeline destroyed the upstream body, which aborts the worker's request.
-        up.body.destroy();
-        return { status: up.statusCode, outcome: 'aborted' };
-      }
-      res.destroy(err as Error);
-      if (ac.signal.reason instanceof UpstreamTimeout) return { status: up.statusCode, outcome: 'timeout', failure: 'timeout' };
-      return { status: up.statusCode, outcome: 'error', failure: 'reset' };
-    }
-  } finally {
-    clearTimeout(timer);
-    res.removeListener('close', onClose);
-  }
+      res.destroy();
+      return settle({ status, outcome: 'timeout', failure: 'timeout' });
+    };
+    const onClientClose = () => {
+      if (!res.writableFinished) abort(new ClientGone());
+    };
+    const onDrain = () => controller?.resume();
+    const timer = setTimeout(() => abort(new UpstreamTimeout()), opts.timeoutMs);
+    res.once('close', onClientClose);
+    if (res.destroyed) return settle({ status: 0, outcome: 'aborted' });
+
+    opts.pool.dispatch(
+      { path: opts.path, method: 'POST', headers: opts.headers, body: opts.body },
+      {
+        onRequestStart(c) {
+          controller = c;
+          if (abortReason) c.abort(abortReason);
+        },
+        onResponseStart(_c, statusCode, headers) {
+          if (settled) return;
+          status = statusCode;
+          res.writeHead(statusCode, responseHeaders(headers as IncomingHttpHeaders, opts.extraResponseHeaders));
+        },
+        onResponseData(c, chunk) {
+          if (settled) return;
+          if (!res.write(chunk)) {
+            c.pause();
+            res.once('drain', onDrain);
+          }
+        },
+        onResponseEnd() {
+          if (settled) return;
+          res.end();
+          settle({ status, outcome: status >= 500 ? 'error' : 'success' });
+        },
+        onResponseError(_c, err) {
+          if (settled) return;
+          if (abortReason) return finishAborted();
+          if (status === 0) {
+            const kind = classify(err);
+            const detail = err.message || String(err);
+            return settle({ status: 502, outcome: 'error', failure: kind, error: errors.badGateway(`Worker unreachable: ${detail}`) });
+          }
+          // Mid-body failure: the client cannot get a new status; end its connection so it sees the break.
+          res.destroy(err);
+          settle({ status, outcome: 'error', failure: 'reset' });
+        },
+      },
+    );
+  });
 }

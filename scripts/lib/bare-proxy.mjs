@@ -1,0 +1,20 @@
+// The baseline for bench:proxy: node:http in, an undici Pool out, no logic at all.
+import { createServer } from 'node:http';
+import { pipeline } from 'node:stream/promises';
+import { Pool } from 'undici';
+
+const upstream = process.argv[2];
+const pool = new Pool(upstream, { connections: 256, headersTimeout: 0, bodyTimeout: 0 });
+const server = createServer(async (req, res) => {
+  try {
+    const up = await pool.request({ path: req.url, method: req.method, headers: { 'content-type': 'application/json' }, body: req });
+    res.writeHead(up.statusCode, { 'content-type': up.headers['content-type'] });
+    await pipeline(up.body, res);
+  } catch {
+    if (!res.headersSent) res.writeHead(502);
+    res.end();
+  }
+});
+server.keepAliveTimeout = 65_000;
+server.listen(0, '127.0.0.1', () => process.send({ port: server.address().port }));
+process.on('disconnect', () => process.exit(0));
