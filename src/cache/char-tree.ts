@@ -1,0 +1,512 @@
+/**
+ * Approximate prefix cache: one multi-tenant, character-level radix tree (the SGLang router's
+ * cache-aware tree, re-implemented). Every tenant (worker id) owns the strings routed to it;
+ * `prefixMatch` tells which tenant most likely holds the longest cached prefix of a prompt.
+ *
+ * Semantics follow SGLang's newest `tree.rs`:
+ *  - characters are Unicode code points; every length and count is in code points;
+ *  - a tenant is on a node when strings it inserted run through the node's whole label, so a
+ *    child's tenants are always a subset of its parent's;
+ *  - timestamps come from a per-tree epoch counter (read-then-increment, starting at 0), so the
+ *    tree is deterministic; insert stamps only the final node of its walk, prefixMatch refreshes
+ *    the stopping node when the epoch it draws is a multiple of 8;
+ *  - eviction is LRU over "leaves for a tenant", with a per-tenant character cap.
+ *
+ * Representation (this is where the speed is):
+ *  - Labels are JS strings in UTF-16. Splits never separate a surrogate pair, so every label
+ *    boundary is a code point boundary; each node caches its label's code point count. Text
+ *    without surrogates (checked once per call with a regex, which V8 answers at once for
+ *    one-byte strings) takes a path with no code point bookkeeping at all.
+ *  - Long labels are compared with `text.slice(a, b) === label`: V8 slices are O(1) views and
+ *    string equality is a memcmp, an order of magnitude faster than a charCodeAt loop.
+ *  - A new leaf's label is a fresh flat copy of the remaining text, so the tree never pins the
+ *    caller's (possibly much longer) request string; split pieces are slices of that copy.
+ *  - Tenants are interned to small integers; a node's tenant map is one flat array
+ *    `[id, stamp, id, stamp, ...]` in insertion order. Children are a Map keyed by the code
+ *    point that starts the child's label, created only for nodes that have children.
+ */
+
+/** Outcome of {@link CharTree.prefixMatch}. */
+export interface PrefixMatchResult {
+  /** Code points of the input matched by the tree (a partial edge match counts its shared part). */
+  matchedChars: number;
+  /** Code points in the input. */
+  inputChars: number;
+  /** A tenant holding the node where the match stopped; undefined when the tree has no tenants. */
+  tenant: string | undefined;
+}
+
+const SURROGATE = /[\uD800-\uDFFF]/;
+const NON_LATIN1 = /[^\u0000-\u00FF]/;
+
+/** Matches shorter than this are compared unit by unit; longer ones with slice equality. */
+const SHORT_COMPARE = 16;
+
+function isHigh(unit: number): boolean {
+  return (unit & 0xfc00) === 0xd800;
+}
+
+function isLow(unit: number): boolean {
+  return (unit & 0xfc00) === 0xdc00;
+}
+
+/** Code points in s[from, to); a lone surrogate counts as one code point, like codePointAt. */
+function countCodePoints(s: string, from: number, to: number): number {
+  let n = to - from;
+  for (let i = from; i < to - 1; i++) {
+    if (isHigh(s.charCodeAt(i)) && isLow(s.charCodeAt(i + 1))) {
+      n--;
+      i++;
+    }
+  }
+  return n;
+}
+
+/**
+ * A flat copy of s[from..]. Concatenating yields a V8 cons string, and slicing it flattens it
+ * into a new sequential string that holds only these characters; the result (a view of that
+ * new string) no longer references `s`. A plain `s.slice(from)` would keep all of `s` alive.
+ */
+function ownedCopy(s: string, from: number): string {
+  return (s.slice(from) + '\0').slice(0, -1);
+}
+
+/**
+ * Length in UTF-16 units of the common prefix of text[pos..] and label, cut back to a code
+ * point boundary of both strings. `wide` says whether the text may contain surrogates; if it
+ * has none the common prefix has none either, so no boundary can fall inside a pair.
+ */
+function commonPrefix(text: string, pos: number, label: string, wide: boolean): number {
+  const labelLen = label.length;
+  const avail = text.length - pos;
+  const n = labelLen < avail ? labelLen : avail;
+  let i = 0;
+  const quick = n < SHORT_COMPARE ? n : SHORT_COMPARE;
+  while (i < quick && text.charCodeAt(pos + i) === label.charCodeAt(i)) i++;
+  if (i === quick && i < n) {
+    if (text.slice(pos, pos + n) === (n === labelLen ? label : label.slice(0, n))) {
+      i = n;
+    } else {
+      // Binary search for the first difference, then finish the last short stretch by units.
+      let hi = n;
+      while (hi - i > SHORT_COMPARE) {
+        const mid = (i + hi) >>> 1;
+        if (text.slice(pos + i, pos + mid) === label.slice(i, mid)) i = mid;
+        else hi = mid;
+      }
+      while (text.charCodeAt(pos + i) === label.charCodeAt(i)) i++;
+    }
+  }
+  if (wide && i > 0 && isHigh(label.charCodeAt(i - 1)) && (isLow(label.charCodeAt(i)) || isLow(text.charCodeAt(pos + i)))) {
+    i--; // the last common unit is the high half of a pair that differs in its low half
+  }
+  return i;
+}
+
+class Node {
+  /** Child nodes by the code point that starts their label; null for a node with no children. */
+  children: Map<number, Node> | null = null;
+
+  constructor(
+    /** Edge label (UTF-16; starts and ends on code point boundaries). */
+    public label: string,
+    /** Label length in code points. */
+    public cpLen: number,
+    public parent: Node | null,
+    /** Tenant map, flattened: [tenantId, stamp, tenantId, stamp, ...] in insertion order. */
+    public tenants: number[],
+    /** Tenant prefixMatch last returned (or that created this leaf); preferred while present. */
+    public lastTenant: number,
+  ) {}
+}
+
+/** Index of the tenant's id in a flattened tenant map, or -1. */
+function tenantIndex(tenants: number[], id: number): number {
+  for (let i = 0; i < tenants.length; i += 2) if (tenants[i] === id) return i;
+  return -1;
+}
+
+/** The tenant map plus one entry, allocated at its exact size (push would over-allocate). */
+function withTenant(tenants: number[], id: number, stamp: number): number[] {
+  return tenants.concat(id, stamp);
+}
+
+function hasChildWithTenant(node: Node, id: number): boolean {
+  if (node.children === null) return false;
+  for (const child of node.children.values()) if (tenantIndex(child.tenants, id) >= 0) return true;
+  return false;
+}
+
+/**
+ * Binary min-heap of eviction entries in parallel arrays, ordered by (stamp, push order): equal
+ * stamps pop first-in first-out, which keeps eviction deterministic.
+ */
+class EvictionHeap {
+  private readonly stamps: number[] = [];
+  private readonly seqs: number[] = [];
+  private readonly ids: number[] = [];
+  private readonly nodes: Node[] = [];
+  private seq = 0;
+  /** Tenant id and node of the last popped entry. */
+  id = -1;
+  node: Node | null = null;
+
+  get length(): number {
+    return this.nodes.length;
+  }
+
+  private less(a: number, b: number): boolean {
+    const sa = this.stamps[a];
+    const sb = this.stamps[b];
+    return sa < sb || (sa === sb && this.seqs[a] < this.seqs[b]);
+  }
+
+  private swap(a: number, b: number): void {
+    const s = this.stamps[a];
+    this.stamps[a] = this.stamps[b];
+    this.stamps[b] = s;
+    const q = this.seqs[a];
+    this.seqs[a] = this.seqs[b];
+    this.seqs[b] = q;
+    const t = this.ids[a];
+    this.ids[a] = this.ids[b];
+    this.ids[b] = t;
+    const n = this.nodes[a];
+    this.nodes[a] = this.nodes[b];
+    this.nodes[b] = n;
+  }
+
+  push(stamp: number, id: number, node: Node): void {
+    let i = this.nodes.length;
+    this.stamps.push(stamp);
+    this.seqs.push(this.seq++);
+    this.ids.push(id);
+    this.nodes.push(node);
+    while (i > 0) {
+      const parent = (i - 1) >>> 1;
+      if (!this.less(i, parent)) break;
+      this.swap(i, parent);
+      i = parent;
+    }
+  }
+
+  /** Removes the minimum entry into `id` and `node`. The heap must not be empty. */
+  pop(): void {
+    this.id = this.ids[0];
+    this.node = this.nodes[0];
+    const last = this.nodes.length - 1;
+    this.swap(0, last);
+    this.stamps.pop();
+    this.seqs.pop();
+    this.ids.pop();
+    this.nodes.pop();
+    let i = 0;
+    for (;;) {
+      const l = 2 * i + 1;
+      if (l >= last) break;
+      const r = l + 1;
+      const m = r < last && this.less(r, l) ? r : l;
+      if (!this.less(m, i)) break;
+      this.swap(m, i);
+      i = m;
+    }
+  }
+}
+
+/** Multi-tenant character radix tree. See the module comment for the semantics. */
+export class CharTree {
+  private readonly root = new Node('', 0, null, [], -1);
+  /** Next timestamp to hand out. */
+  private epoch = 0;
+  private readonly tenantIds = new Map<string, number>();
+  /** Tenant name by id; undefined for a freed id. */
+  private readonly tenantNames: (string | undefined)[] = [];
+  /** Characters per tenant id (sum of label lengths of the nodes the tenant is on). */
+  private readonly charCounts: number[] = [];
+  private readonly freeIds: number[] = [];
+  private nodes = 0;
+  private chars = 0;
+
+  /** Number of nodes, not counting the root. */
+  get nodeCount(): number {
+    return this.nodes;
+  }
+
+  /** Distinct characters stored: the sum of all label lengths, in code points. */
+  get storedChars(): number {
+    return this.chars;
+  }
+
+  /** Records that `tenant` now holds `text` (its whole length). `insert("", t)` just registers t. */
+  insert(text: string, tenant: string): void {
+    let id = this.tenantIds.get(tenant);
+    if (id === undefined) id = this.register(tenant);
+    const counts = this.charCounts;
+    const wide = SURROGATE.test(text);
+    const end = text.length;
+    let node = this.root;
+    let pos = 0;
+    while (pos < end) {
+      let key = text.charCodeAt(pos);
+      if (wide && isHigh(key)) key = text.codePointAt(pos)!;
+      const child = node.children === null ? undefined : node.children.get(key);
+      if (child === undefined) {
+        const cpLen = wide ? countCodePoints(text, pos, end) : end - pos;
+        const leaf = new Node(ownedCopy(text, pos), cpLen, node, [id, this.epoch++], id);
+        (node.children ??= new Map()).set(key, leaf);
+        counts[id] += cpLen;
+        this.nodes++;
+        this.chars += cpLen;
+        return;
+      }
+      const label = child.label;
+      const k = commonPrefix(text, pos, label, wide);
+      if (k === label.length) {
+        if (tenantIndex(child.tenants, id) < 0) {
+          child.tenants = withTenant(child.tenants, id, 0);
+          counts[id] += child.cpLen;
+        }
+        node = child;
+      } else {
+        // Split: a new node with label[0..k] (and a copy of the tenant map) takes the child's place.
+        const cpTop = child.cpLen === label.length ? k : countCodePoints(label, 0, k);
+        const isNew = tenantIndex(child.tenants, id) < 0;
+        const tenants = isNew ? withTenant(child.tenants, id, 0) : child.tenants.slice();
+        if (isNew) counts[id] += cpTop;
+        const top = new Node(label.slice(0, k), cpTop, node, tenants, child.lastTenant);
+        const rest = label.slice(k);
+        child.label = rest;
+        child.cpLen -= cpTop;
+        child.parent = top;
+        top.children = new Map([[rest.codePointAt(0)!, child]]);
+        node.children!.set(key, top);
+        this.nodes++;
+        node = top;
+      }
+      pos += k;
+    }
+    node.tenants[tenantIndex(node.tenants, id) + 1] = this.epoch++;
+  }
+
+  /** Longest cached prefix of `text` over all tenants, and a tenant that holds it. */
+  prefixMatch(text: string): PrefixMatchResult {
+    const wide = SURROGATE.test(text);
+    const end = text.length;
+    let node = this.root;
+    let pos = 0;
+    let matched = 0;
+    while (pos < end) {
+      let key = text.charCodeAt(pos);
+      if (wide && isHigh(key)) key = text.codePointAt(pos)!;
+      const child = node.children === null ? undefined : node.children.get(key);
+      if (child === undefined) break;
+      const label = child.label;
+      const k = commonPrefix(text, pos, label, wide);
+      node = child;
+      if (k === label.length) {
+        matched += child.cpLen;
+        pos += k;
+      } else {
+        matched += child.cpLen === label.length ? k : countCodePoints(label, 0, k);
+        break;
+      }
+    }
+
+    const tenants = node.tenants;
+    let id = node.lastTenant;
+    let at = id < 0 ? -1 : tenantIndex(tenants, id);
+    if (at < 0 && tenants.length > 0) {
+      at = 0;
+      id = node.lastTenant = tenants[0];
+    }
+    // Sampled LRU refresh: one access in 8 (by epoch) updates the stopping node's timestamp.
+    const epoch = this.epoch++;
+    if (at >= 0 && (epoch & 7) === 0) tenants[at + 1] = epoch;
+
+    return {
+      matchedChars: matched,
+      inputChars: wide ? countCodePoints(text, 0, end) : end,
+      tenant: at < 0 ? undefined : this.tenantNames[id],
+    };
+  }
+
+  /**
+   * Code points of `text` matched by `tenant`'s strings alone (only descending into nodes the
+   * tenant is on); 0 for an unknown tenant. Like SGLang, this counts as an access: the stopping
+   * node's timestamp for the tenant is refreshed.
+   */
+  prefixMatchTenant(text: string, tenant: string): number {
+    const id = this.tenantIds.get(tenant);
+    if (id === undefined) return 0;
+    const wide = SURROGATE.test(text);
+    const end = text.length;
+    let node = this.root;
+    let pos = 0;
+    let matched = 0;
+    while (pos < end) {
+      let key = text.charCodeAt(pos);
+      if (wide && isHigh(key)) key = text.codePointAt(pos)!;
+      const child = node.children === null ? undefined : node.children.get(key);
+      if (child === undefined || tenantIndex(child.tenants, id) < 0) break;
+      const label = child.label;
+      const k = commonPrefix(text, pos, label, wide);
+      node = child;
+      if (k === label.length) {
+        matched += child.cpLen;
+        pos += k;
+      } else {
+        matched += child.cpLen === label.length ? k : countCodePoints(label, 0, k);
+        break;
+      }
+    }
+    const at = tenantIndex(node.tenants, id);
+    if (at >= 0) node.tenants[at + 1] = this.epoch++;
+    return matched;
+  }
+
+  /** Forgets a tenant everywhere; nodes left with no tenant are dropped. */
+  removeTenant(tenant: string): void {
+    const id = this.tenantIds.get(tenant);
+    if (id === undefined) return;
+    // Reverse pre-order visits every child before its parent, so emptied nodes unlink bottom-up.
+    const order = this.preorder();
+    for (let i = order.length - 1; i >= 0; i--) {
+      const node = order[i];
+      const at = tenantIndex(node.tenants, id);
+      if (at < 0) continue;
+      node.tenants.splice(at, 2);
+      if (node !== this.root && node.tenants.length === 0 && node.children === null) this.unlink(node);
+    }
+    this.tenantIds.delete(tenant);
+    this.tenantNames[id] = undefined;
+    this.charCounts[id] = 0;
+    this.freeIds.push(id);
+  }
+
+  /**
+   * Evicts least recently used leaves, per tenant, until every tenant holds at most `maxChars`
+   * characters. A node is a leaf for a tenant when the tenant is on it and on none of its
+   * children; removing a tenant from its leaf can make the parent a leaf for it in turn.
+   */
+  evictTenantBySize(maxChars: number): void {
+    const counts = this.charCounts;
+    const heap = new EvictionHeap();
+    // mark[id] === gen  <=>  some child of the node being scanned holds tenant id.
+    const mark = new Int32Array(this.tenantNames.length);
+    let gen = 0;
+    const stack: Node[] = [];
+    if (this.root.children !== null) for (const child of this.root.children.values()) stack.push(child);
+    while (stack.length > 0) {
+      const node = stack.pop()!;
+      gen++;
+      if (node.children !== null) {
+        for (const child of node.children.values()) {
+          stack.push(child);
+          const ct = child.tenants;
+          for (let i = 0; i < ct.length; i += 2) mark[ct[i]] = gen;
+        }
+      }
+      const nt = node.tenants;
+      for (let i = 0; i < nt.length; i += 2) if (mark[nt[i]] !== gen) heap.push(nt[i + 1], nt[i], node);
+    }
+
+    while (heap.length > 0) {
+      heap.pop();
+      const id = heap.id;
+      const node = heap.node!;
+      if (counts[id] <= maxChars) continue;
+      const at = tenantIndex(node.tenants, id);
+      if (at < 0 || hasChildWithTenant(node, id)) continue; // no longer a leaf for this tenant
+      node.tenants.splice(at, 2);
+      counts[id] = Math.max(0, counts[id] - node.cpLen);
+      const parent = node.parent!;
+      if (node.tenants.length === 0 && node.children === null) this.unlink(node);
+      if (parent !== this.root) {
+        const pAt = tenantIndex(parent.tenants, id);
+        if (pAt >= 0 && !hasChildWithTenant(parent, id)) heap.push(parent.tenants[pAt + 1], id, parent);
+      }
+    }
+  }
+
+  /** Registered tenants, in registration order. */
+  tenants(): string[] {
+    return [...this.tenantIds.keys()];
+  }
+
+  /** Characters (code points) held by a tenant; 0 for an unknown tenant. */
+  tenantCharCount(tenant: string): number {
+    const id = this.tenantIds.get(tenant);
+    return id === undefined ? 0 : this.charCounts[id];
+  }
+
+  /** Characters held per tenant, as maintained incrementally. */
+  tenantCharCounts(): Map<string, number> {
+    const out = new Map<string, number>();
+    for (const [name, id] of this.tenantIds) out.set(name, this.charCounts[id]);
+    return out;
+  }
+
+  /** Characters per tenant recomputed by a full walk (a consistency check for tests). */
+  recountTenantChars(): Map<string, number> {
+    const out = new Map<string, number>();
+    for (const node of this.preorder()) {
+      const t = node.tenants;
+      for (let i = 0; i < t.length; i += 2) {
+        const name = this.tenantNames[t[i]]!;
+        out.set(name, (out.get(name) ?? 0) + node.cpLen);
+      }
+    }
+    return out;
+  }
+
+  /**
+   * Rough V8 heap footprint of the tree in bytes, by a walk over all nodes (O(nodes); meant for
+   * occasional metrics). Object sizes are those of 64-bit Node.js builds (8-byte fields, no
+   * pointer compression); label text counts 1 byte per unit when Latin-1, else 2.
+   */
+  memoryBytes(): number {
+    let bytes = 0;
+    for (const node of this.preorder()) {
+      bytes += 72; // the node object
+      bytes += 48 + 8 * node.tenants.length; // tenant array and its backing store
+      bytes += 32 + node.label.length * (NON_LATIN1.test(node.label) ? 2 : 1); // label
+      const children = node.children;
+      if (children !== null) {
+        let capacity = 4; // ordered hash table: 28 bytes per slot, power-of-two capacity
+        while (capacity < children.size) capacity *= 2;
+        bytes += 72 + 28 * capacity;
+      }
+    }
+    return bytes;
+  }
+
+  private register(tenant: string): number {
+    const id = this.freeIds.pop() ?? this.tenantNames.length;
+    this.tenantIds.set(tenant, id);
+    this.tenantNames[id] = tenant;
+    this.charCounts[id] = 0;
+    this.root.tenants.push(id, 0);
+    return id;
+  }
+
+  private unlink(node: Node): void {
+    const parent = node.parent!;
+    const siblings = parent.children!;
+    siblings.delete(node.label.codePointAt(0)!);
+    if (siblings.size === 0) parent.children = null;
+    node.parent = null;
+    this.nodes--;
+    this.chars -= node.cpLen;
+  }
+
+  private preorder(): Node[] {
+    const out: Node[] = [];
+    const stack: Node[] = [this.root];
+    while (stack.length > 0) {
+      const node = stack.pop()!;
+      out.push(node);
+      if (node.children !== null) for (const child of node.children.values()) stack.push(child);
+    }
+    return out;
+  }
+}
