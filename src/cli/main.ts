@@ -1,7 +1,9 @@
 #!/usr/bin/env node
 import { Command } from 'commander';
 import { readFileSync } from 'node:fs';
+import { registerBenchCommand } from './bench-command.js';
 import { registerServeCommand } from './serve-command.js';
+import { registerSimCommand } from './sim-command.js';
 
 const pkg = JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string };
 
@@ -12,5 +14,7 @@ const program = new Command()
   .showHelpAfterError();
 
 registerServeCommand(program);
+registerSimCommand(program);
+registerBenchCommand(program);
 
 await program.parseAsync(process.argv);

@@ -33,21 +33,22 @@ export class ConfigError extends Error {
   }
 }
 
-export function envName(flag: string): string {
-  return `KVGATE_${flag.replace(/-/g, '_').toUpperCase()}`;
+/** Environment variable of a flag: the command's prefix (KVGATE_ for serve) + UPPER_SNAKE flag. */
+export function envName(flag: string, prefix = 'KVGATE_'): string {
+  return `${prefix}${flag.replace(/-/g, '_').toUpperCase()}`;
 }
 
 export function camel(flag: string): string {
   return flag.replace(/-([a-z0-9])/g, (_, c: string) => c.toUpperCase());
 }
 
-export function addOptions(cmd: Command, specs: readonly OptionSpec[]): Command {
+export function addOptions(cmd: Command, specs: readonly OptionSpec[], envPrefix = 'KVGATE_'): Command {
   for (const s of specs) {
     if (s.fileOnly) continue;
     const arg = s.argName ?? (s.kind === 'list' ? 'values...' : 'value');
     const flags = s.kind === 'bool' ? `--${s.flag}` : `--${s.flag} <${arg}>`;
     const def = s.default === undefined || s.kind === 'bool' ? '' : ` (default: ${JSON.stringify(s.default)})`;
-    const env = ` [env ${envName(s.flag)}]`;
+    const env = ` [env ${envName(s.flag, envPrefix)}]`;
     const opt = new Option(flags, `${s.description}${def}${env}`);
     if (s.choices) opt.choices(s.choices as string[]);
     cmd.addOption(opt);
@@ -127,8 +128,9 @@ export function resolveOptions(
   specs: readonly OptionSpec[],
   cli: Record<string, unknown>,
   env: NodeJS.ProcessEnv = process.env,
+  envPrefix = 'KVGATE_',
 ): Record<string, unknown> {
-  const configPath = (cli.config as string | undefined) ?? env.KVGATE_CONFIG;
+  const configPath = (cli.config as string | undefined) ?? env[envName('config', envPrefix)];
   const file = configPath ? loadConfigFile(configPath) : {};
   const known = new Map<string, OptionSpec>();
   for (const s of specs) {
@@ -150,9 +152,9 @@ export function resolveOptions(
     if (!s.fileOnly && cli[key] !== undefined) {
       raw = cli[key];
       source = 'cli';
-    } else if (env[envName(s.flag)] !== undefined) {
-      raw = env[envName(s.flag)];
-      source = `env ${envName(s.flag)}`;
+    } else if (env[envName(s.flag, envPrefix)] !== undefined) {
+      raw = env[envName(s.flag, envPrefix)];
+      source = `env ${envName(s.flag, envPrefix)}`;
     } else if (fromFile.has(s.flag)) {
       raw = fromFile.get(s.flag);
       source = `config file`;

@@ -1,0 +1,109 @@
+import type { Command } from 'commander';
+import { readFileSync } from 'node:fs';
+import { addOptions, ConfigError, resolveOptions, type OptionSpec } from '../config/options.js';
+import { engineConfigFrom, engineOptionSpecs } from '../config/engine-options.js';
+import { serveOptionSpecs } from '../config/serve-config.js';
+import { isPolicyName, POLICY_NAMES } from '../policies/factory.js';
+import { runBench } from '../lab/bench.js';
+import { loadWorkload } from '../lab/workloads/index.js';
+
+const cacheAwareFlags = ['cache-threshold', 'balance-abs-threshold', 'balance-rel-threshold', 'eviction-interval-secs', 'max-tree-size'];
+
+const numberList = (what: string) => (v: string[]) => {
+  for (const x of v) if (!(Number(x) > 0)) return `every ${what} must be a number > 0 (got '${x}')`;
+  return undefined;
+};
+
+export const benchOptionSpecs: readonly OptionSpec[] = [
+  { flag: 'config', kind: 'string', description: 'YAML or JSON file with any of these options', argName: 'path' },
+  { flag: 'workload', kind: 'string', description: 'mooncake:PATH | azure:PATH | shared-prefix:k=v,... | multi-turn:... | toolbench-like:... | random:...', argName: 'spec' },
+  { flag: 'workers', kind: 'int', description: 'Engines in the simulated cluster', default: 8, min: 1, max: 1024 },
+  {
+    flag: 'policies',
+    kind: 'list',
+    description: 'Policies to compare (round_robin and the pooled-cache bound are always added)',
+    default: ['round_robin', 'random', 'power_of_two', 'least_load', 'cache_aware'],
+    check: ((v: string[]) => v.find((p) => !isPolicyName(p)) && `unknown policy '${v.find((p) => !isPolicyName(p))}' (expected ${POLICY_NAMES.join(', ')})`) as never,
+  },
+  { flag: 'rate-scale', kind: 'number', description: 'Trace replay speed: arrivals compressed by this factor', default: 1, min: 0, exclusiveMin: true },
+  { flag: 'rps', kind: 'number', description: 'Arrival rate for generated workloads (requests/s)', min: 0, exclusiveMin: true },
+  { flag: 'sweep', kind: 'list', description: 'Run at each of these rates (rate scales for traces, rps for generators)', check: numberList('rate') as never },
+  { flag: 'time-window', kind: 'string', description: 'START:END seconds of the trace to replay', check: ((v: string) => (/^\d+(\.\d+)?:\d+(\.\d+)?$/.test(v) && Number(v.split(':')[0]) < Number(v.split(':')[1]) ? undefined : 'expected START:END seconds with START < END')) as never },
+  { flag: 'max-requests', kind: 'int', description: 'Replay at most this many requests', min: 1 },
+  { flag: 'seed', kind: 'int', description: 'Seed of every random choice (same seed, same report)', default: 1, min: 0 },
+  { flag: 'out', kind: 'string', description: 'Directory for report.json, report.md and the SVG charts', argName: 'dir' },
+  { flag: 'quiet', kind: 'bool', description: 'No progress bar', default: false },
+  ...serveOptionSpecs.filter((s) => cacheAwareFlags.includes(s.flag)),
+  ...engineOptionSpecs,
+];
+
+function progressPrinter(): (label: string, fraction: number) => void {
+  if (!process.stderr.isTTY) return () => undefined;
+  let last = '';
+  return (label, f) => {
+    const width = 30;
+    const filled = Math.round(f * width);
+    const line = `${label.padEnd(28).slice(0, 28)} [${'#'.repeat(filled)}${'.'.repeat(width - filled)}] ${(100 * f).toFixed(0).padStart(3)}%`;
+    if (line === last) return;
+    last = line;
+    process.stderr.write(`\r${line}${f >= 1 ? '\n' : ''}`);
+  };
+}
+
+export function registerBenchCommand(program: Command): void {
+  const cmd = program
+    .command('bench')
+    .description('Policy lab: replay a trace through every policy on a simulated cluster and report hit rate and latency')
+    .addHelpText('after', '\nExample: kvgate bench --workload mooncake:../shared/data/mooncake/synthetic_trace.jsonl --workers 8 --out bench-out');
+  addOptions(cmd, benchOptionSpecs);
+  cmd.action(async (cli: Record<string, unknown>) => {
+    try {
+      const o = resolveOptions(benchOptionSpecs, cli);
+      if (!o.workload) throw new ConfigError('--workload is required (e.g. mooncake:PATH, shared-prefix:groups=8)');
+      const spec = o.workload as string;
+      const generated = !/^(mooncake|azure):/.test(spec);
+      const rateKind = generated ? 'rps' : 'rate-scale';
+      const sweep = (o.sweep as string[] | undefined)?.map(Number);
+      const rates = sweep ?? [generated ? ((o.rps as number | undefined) ?? 0) : (o.rateScale as number)];
+      const timeWindow = o.timeWindow ? ((o.timeWindow as string).split(':').map(Number) as [number, number]) : undefined;
+      const cacheAware = {
+        cacheThreshold: o.cacheThreshold as number,
+        balanceAbsThreshold: o.balanceAbsThreshold as number,
+        balanceRelThreshold: o.balanceRelThreshold as number,
+        evictionIntervalSecs: o.evictionIntervalSecs as number,
+        maxTreeSize: o.maxTreeSize as number,
+      };
+      const version = (JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string }).version;
+      const { markdown } = await runBench(
+        {
+          workers: o.workers as number,
+          policies: o.policies as string[],
+          policyOptions: { cacheAware },
+          engine: engineConfigFrom(o),
+          seed: o.seed as number,
+          rates,
+          rateKind,
+          workloadAt: (rate) =>
+            loadWorkload(spec, {
+              seed: o.seed as number,
+              rateScale: generated ? undefined : rate,
+              rps: generated && rate > 0 ? rate : undefined,
+              timeWindow,
+              maxRequests: o.maxRequests as number | undefined,
+            }),
+          out: o.out as string | undefined,
+          progress: o.quiet ? undefined : progressPrinter(),
+        },
+        version,
+      );
+      process.stdout.write(markdown + '\n');
+      if (o.out) process.stdout.write(`\nwrote ${o.out}/report.json, report.md and SVG charts\n`);
+    } catch (e) {
+      if (e instanceof ConfigError || (e as Error).name === 'WorkloadError') {
+        process.stderr.write(`kvgate bench: ${(e as Error).message}\n`);
+        process.exit(2);
+      }
+      throw e;
+    }
+  });
+}
