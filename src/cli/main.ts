@@ -2,6 +2,7 @@
 import { Command } from 'commander';
 import { readFileSync } from 'node:fs';
 import { registerBenchCommand } from './bench-command.js';
+import { registerDemoCommand } from './demo-command.js';
 import { registerServeCommand } from './serve-command.js';
 import { registerSimCommand } from './sim-command.js';
 
@@ -16,5 +17,6 @@ const program = new Command()
 registerServeCommand(program);
 registerSimCommand(program);
 registerBenchCommand(program);
+registerDemoCommand(program);
 
 await program.parseAsync(process.argv);
