@@ -1,0 +1,212 @@
+import { ManualClock } from '../core/clock.js';
+import type { RequestContext } from '../core/context.js';
+import { WorkerRegistry } from '../core/registry.js';
+import { SeededRng } from '../core/rng.js';
+import { Worker, type LoadGuard } from '../core/worker.js';
+import { createPolicy, type PolicyOptions } from '../policies/factory.js';
+import type { PolicyObserver, RoutingPolicy } from '../policies/policy.js';
+import type { CostModelConfig } from '../sim/cost-model.js';
+import { Engine, EngineRequestError, type EngineOptions, type RequestRecord } from '../sim/engine.js';
+import { EventQueue } from './event-queue.js';
+import type { LabRequest } from './workload.js';
+
+/** Engine settings shared by every engine of a simulated cluster (the `kvgate sim` flags). */
+export type LabEngineConfig = Omit<EngineOptions, 'clock' | 'rng' | 'kvEventSink' | 'cost'> & { cost?: Partial<CostModelConfig> };
+
+export interface ClusterConfig {
+  workers: number;
+  policy: string;
+  policyOptions?: PolicyOptions;
+  engine: LabEngineConfig;
+  seed: number;
+  /**
+   * Pooled-cache bound: ONE engine with the whole cluster's KV capacity, sequence slots and
+   * token budget, and N times the compute (every step 1/N as long). No router can beat its
+   * prefix hit rate: every request sees every other request's cache.
+   */
+  pooled?: boolean;
+  /** Called every `progressEvery` arrivals with the fraction done. */
+  onProgress?: (fraction: number) => void;
+}
+
+export interface ClusterRun {
+  policy: string;
+  workers: number;
+  records: RequestRecord[];
+  /** Requests the engines refused (e.g. longer than the model length), with the reason. */
+  rejected: Array<{ id: string; reason: string }>;
+  engineBusyMs: number[];
+  preemptions: number;
+  /** Engine that served each request (index into the cluster). */
+  placement: Map<string, number>;
+  decisions: { cacheHits: number; cacheMisses: number; loadBalanced: number };
+  /** Virtual time of the last finish (ms). */
+  endMs: number;
+  /** Wall-clock time the simulation took (ms). */
+  wallMs: number;
+  /** Engine steps simulated. */
+  steps: number;
+}
+
+type Ev = { kind: 'step'; engine: number } | { kind: 'timer'; everyMs: number; fn: () => void; cancelled: { v: boolean } };
+
+/**
+ * A discrete-event simulation, in virtual time, of a router in front of N simulated engines.
+ * The router is the real policy code (the same objects `kvgate serve` uses), fed with the real
+ * worker registry and load guards; the engines are the real engine model. What the router sees
+ * matches the live system: requests on arrival, in-flight load going down as responses end.
+ * Same seed, same result.
+ */
+export function runCluster(requests: readonly LabRequest[], cfg: ClusterConfig): ClusterRun {
+  const wallStart = performance.now();
+  const clock = new ManualClock(0);
+  const n = cfg.pooled ? 1 : cfg.workers;
+  const queue = new EventQueue<Ev>();
+
+  const engineOpts = (i: number): EngineOptions => {
+    const base: EngineOptions = { ...cfg.engine, clock, rng: new SeededRng(cfg.seed * 1000 + i + 1), cost: { ...cfg.engine.cost } };
+    if (!cfg.pooled) return base;
+    const k = cfg.workers;
+    const probe = new Engine({ ...base }); // resolves defaults
+    return {
+      ...base,
+      numGpuBlocks: probe.config.numGpuBlocks * k,
+      maxNumSeqs: probe.config.maxNumSeqs * k,
+      maxNumBatchedTokens: probe.config.maxNumBatchedTokens * k,
+      cost: { ...base.cost, slowFactor: probe.config.cost.slowFactor / k },
+    };
+  };
+  const engines = Array.from({ length: n }, (_, i) => new Engine(engineOpts(i)));
+
+  const registry = new WorkerRegistry();
+  const workers = engines.map((_, i) => {
+    const w = new Worker({ url: `http://engine-${i}.lab`, modelId: 'lab' });
+    w.healthy = true;
+    return registry.add(w);
+  });
+  const engineOf = new Map<Worker, number>(workers.map((w, i) => [w, i]));
+
+  const decisions = { cacheHits: 0, cacheMisses: 0, loadBalanced: 0 };
+  const observer: PolicyObserver = {
+    cacheHit: () => decisions.cacheHits++,
+    cacheMiss: () => decisions.cacheMisses++,
+    loadBalanced: () => decisions.loadBalanced++,
+  };
+  const policy: RoutingPolicy = createPolicy(
+    cfg.pooled ? 'round_robin' : cfg.policy,
+    {
+      clock,
+      rng: new SeededRng(cfg.seed),
+      observer,
+      schedule: (everyMs, fn) => {
+        const cancelled = { v: false };
+        queue.push(clock.now() + everyMs, { kind: 'timer', everyMs, fn, cancelled });
+        return () => {
+          cancelled.v = true;
+        };
+      },
+    },
+    cfg.policyOptions,
+  );
+
+  const guards = new Map<string, { guard: LoadGuard; ctx: RequestContext }>();
+  const placement = new Map<string, number>();
+  const records: RequestRecord[] = [];
+  const rejected: Array<{ id: string; reason: string }> = [];
+  let pendingRequests = 0;
+  let steps = 0;
+
+  const startStep = (i: number) => {
+    const e = engines[i];
+    if (e.busy) return;
+    const plan = e.step();
+    if (plan) queue.push(plan.endMs, { kind: 'step', engine: i });
+  };
+
+  const arrive = (req: LabRequest) => {
+    const ctx: RequestContext = {
+      requestId: req.id,
+      route: 'completions',
+      model: 'lab',
+      get routingText() {
+        return req.text();
+      },
+      tokenIds: req.promptTokens,
+      headers: {},
+      stream: true,
+      arrivalMs: clock.now(),
+    };
+    const worker = policy.selectWorker(registry.forModel('lab'), ctx);
+    if (!worker) throw new Error('lab: the policy chose no worker although every worker is healthy');
+    const i = engineOf.get(worker)!;
+    const guard = worker.acquire();
+    try {
+      engines[i].submit({ id: req.id, promptTokens: req.promptTokens, maxTokens: req.outputTokens });
+    } catch (e) {
+      guard.release();
+      policy.onRequestComplete?.(worker, ctx, 'error');
+      if (e instanceof EngineRequestError) {
+        rejected.push({ id: req.id, reason: e.message });
+        return;
+      }
+      throw e;
+    }
+    placement.set(req.id, i);
+    guards.set(req.id, { guard, ctx });
+    pendingRequests++;
+    startStep(i);
+  };
+
+  const progressEvery = Math.max(1, Math.floor(requests.length / 100));
+  let next = 0;
+  for (;;) {
+    const tArrival = next < requests.length ? requests[next].arrivalMs : Infinity;
+    const tEvent = queue.peekTime();
+    if (tArrival === Infinity && pendingRequests === 0) break;
+    if (tArrival <= tEvent) {
+      clock.set(Math.max(clock.now(), tArrival));
+      arrive(requests[next++]);
+      if (cfg.onProgress && next % progressEvery === 0) cfg.onProgress(next / requests.length);
+      continue;
+    }
+    const ev = queue.pop()!;
+    clock.set(Math.max(clock.now(), ev.time));
+    if (ev.item.kind === 'timer') {
+      const t = ev.item;
+      if (t.cancelled.v) continue;
+      t.fn();
+      queue.push(clock.now() + t.everyMs, t);
+      continue;
+    }
+    const i = ev.item.engine;
+    const res = engines[i].completeStep();
+    steps++;
+    for (const rec of res.finished) {
+      const g = guards.get(rec.id);
+      if (g) {
+        guards.delete(rec.id);
+        g.guard.release();
+        policy.onRequestComplete?.(g.guard.worker, g.ctx, 'success');
+      }
+      records.push(rec);
+      pendingRequests--;
+    }
+    startStep(i);
+  }
+  policy.close?.();
+  cfg.onProgress?.(1);
+
+  return {
+    policy: cfg.pooled ? 'pooled-cache bound' : cfg.policy,
+    workers: cfg.workers,
+    records,
+    rejected,
+    engineBusyMs: engines.map((e) => e.stats().busyMs),
+    preemptions: engines.reduce((s, e) => s + e.stats().preemptions, 0),
+    placement,
+    decisions,
+    endMs: clock.now(),
+    wallMs: performance.now() - wallStart,
+    steps,
+  };
+}
