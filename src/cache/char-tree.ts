@@ -288,8 +288,12 @@ export class CharTree {
     node.tenants[tenantIndex(node.tenants, id) + 1] = this.epoch++;
   }
 
-  /** Longest cached prefix of `text` over all tenants, and a tenant that holds it. */
-  prefixMatch(text: string): PrefixMatchResult {
+  /**
+   * Longest cached prefix of `text` over all tenants, and a tenant that holds it.
+   * When several tenants hold the whole match, `choose` (if given) picks among them (e.g. the
+   * least loaded); otherwise the node's last returned tenant, else its first, is used.
+   */
+  prefixMatch(text: string, choose?: (tenants: string[]) => string | undefined): PrefixMatchResult {
     const wide = SURROGATE.test(text);
     const end = text.length;
     let node = this.root;
@@ -315,6 +319,17 @@ export class CharTree {
     const tenants = node.tenants;
     let id = node.lastTenant;
     let at = id < 0 ? -1 : tenantIndex(tenants, id);
+    if (choose !== undefined && tenants.length > 2) {
+      const names: string[] = [];
+      for (let i = 0; i < tenants.length; i += 2) names.push(this.tenantNames[tenants[i]]!);
+      const chosen = choose(names);
+      const chosenId = chosen === undefined ? undefined : this.tenantIds.get(chosen);
+      const chosenAt = chosenId === undefined ? -1 : tenantIndex(tenants, chosenId);
+      if (chosenAt >= 0) {
+        at = chosenAt;
+        id = node.lastTenant = chosenId!;
+      }
+    }
     if (at < 0 && tenants.length > 0) {
       at = 0;
       id = node.lastTenant = tenants[0];

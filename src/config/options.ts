@@ -108,13 +108,13 @@ function coerce(spec: OptionSpec, raw: unknown, source: string): unknown {
       return n;
     }
     case 'list': {
-      let items: unknown[];
-      if (Array.isArray(raw)) items = raw;
-      else if (typeof raw === 'string') items = raw.split(/[\s,]+/).filter((x) => x.length > 0);
-      else return fail('expected a list');
-      return items.map((x) => {
+      // Lists may be given as separate words, comma-separated, or both ("a,b c").
+      const items = Array.isArray(raw) ? raw : typeof raw === 'string' ? [raw] : fail('expected a list');
+      return items.flatMap((x) => {
         if (typeof x !== 'string' && typeof x !== 'number') fail('list items must be strings');
-        return String(x);
+        return String(x)
+          .split(/[\s,]+/)
+          .filter((y) => y.length > 0);
       });
     }
   }

@@ -11,7 +11,7 @@ export interface RequestContext {
   /** The text used for prefix affinity (all chat messages in order, the prompt, or /generate text). */
   readonly routingText: string;
   /** Token ids when the router knows them (tokenizer configured, or /generate input_ids). */
-  readonly tokenIds?: readonly number[];
+  readonly tokenIds?: ArrayLike<number>;
   readonly headers: IncomingHttpHeaders;
   readonly stream: boolean;
   /** Arrival time on the policy clock (ms). */

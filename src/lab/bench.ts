@@ -45,11 +45,11 @@ export interface BenchReport {
 export async function runBench(o: BenchOptions, version: string): Promise<{ report: BenchReport; markdown: string }> {
   const policies = [...new Set(['round_robin', ...o.policies])];
   const rows: PolicyResult[] = [];
-  let workloadName = '';
+  const names = new Map<number, string>();
   let notes: string[] = [];
   for (const rate of o.rates) {
     const wl = o.workloadAt(rate);
-    workloadName = wl.name;
+    names.set(rate, wl.name);
     notes = wl.notes;
     for (const p of [POOLED, ...policies]) {
       const label = `${p}${o.rates.length > 1 ? ` @ ${rate}` : ''}`;
@@ -70,13 +70,13 @@ export async function runBench(o: BenchOptions, version: string): Promise<{ repo
   for (const rate of o.rates) {
     const at = rows.filter((r) => r.rate === rate);
     const bound = at.find((r) => r.policy === POOLED)!.hitRate;
-    const title = `${workloadName} — ${o.workers} engines${o.rates.length > 1 || rate !== 1 ? `, ${o.rateKind} ${rate}` : ''}, seed ${o.seed}`;
+    const title = `${names.get(rate)} — ${o.workers} engines, seed ${o.seed}`;
     sections.push(`### ${title}\n\n${markdownTable(at, { showRate: false, pooledHitRate: bound })}`);
   }
   const markdown = [...sections, findings.length ? `\n${findings.map((f) => `- ${f}`).join('\n')}` : ''].join('\n\n');
   const report: BenchReport = {
     kvgateVersion: version,
-    workload: workloadName,
+    workload: names.get(o.rates[0])!.replace(/ rateScale=[\d.]+| rps=[\d.]+/g, ''),
     notes,
     workers: o.workers,
     seed: o.seed,

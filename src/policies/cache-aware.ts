@@ -30,7 +30,8 @@ export const defaultCacheAwareConfig: CacheAwareConfig = {
  *
  * Decision, over the available candidates:
  *  1. imbalanced (max−min > abs AND max > rel×min in-flight) → least loaded;
- *  2. else matched/total > threshold and the matched worker is available → that worker;
+ *  2. else matched/total > threshold → the worker holding the match (the least loaded one when
+ *     several hold all of it);
  *  3. else least loaded.
  * The text is then inserted under the chosen worker.
  */
@@ -68,7 +69,16 @@ export class CacheAwarePolicy extends BasePolicy {
       chosen = leastLoaded(healthy);
       if (chosen) observer?.loadBalanced?.(chosen);
     } else {
-      const m = tree.prefixMatch(ctx.routingText);
+      // Several workers may hold the whole matched prefix (after load spreading): take the
+      // least loaded of them rather than an arbitrary one, so a hot prefix does not pile up.
+      const m = tree.prefixMatch(ctx.routingText, (holders) => {
+        let best: Worker | undefined;
+        for (const id of holders) {
+          const w = healthy.find((h) => h.id === id);
+          if (w && (!best || w.load < best.load || (w.load === best.load && w.processed < best.processed))) best = w;
+        }
+        return best?.id;
+      });
       const rate = m.inputChars === 0 ? 0 : m.matchedChars / m.inputChars;
       if (rate > this.config.cacheThreshold && m.tenant !== undefined) {
         chosen = healthy.find((w) => w.id === m.tenant);

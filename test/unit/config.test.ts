@@ -43,6 +43,8 @@ describe('serve configuration', () => {
     c = resolveServeConfig({ config: yaml }, { KVGATE_PORT: '2222', KVGATE_WORKER_URLS: 'http://c:3 http://d:4' });
     expect(c.port).toBe(2222);
     expect(c.workerUrls).toEqual(['http://c:3', 'http://d:4']);
+    c = resolveServeConfig({ workerUrls: ['http://e:5,http://f:6', 'http://g:7'] }, {});
+    expect(c.workerUrls).toEqual(['http://e:5', 'http://f:6', 'http://g:7']);
     c = resolveServeConfig({ config: yaml, port: '3333' }, { KVGATE_PORT: '2222' });
     expect(c.port).toBe(3333);
     const json = file('c.json', JSON.stringify({ policy: 'least_load', maxPayloadSize: 1000 }));

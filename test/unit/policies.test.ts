@@ -196,3 +196,23 @@ describe('cache_aware', () => {
     expect(tick).toBeUndefined();
   });
 });
+
+describe('cache_aware with a prefix held by several workers', () => {
+  it('sends it to the least loaded holder, not always the same one', () => {
+    const ws = mkWorkers(3);
+    const p = new CacheAwarePolicy(deps(), { ...defaultCacheAwareConfig, evictionIntervalSecs: 0, balanceAbsThreshold: 2, balanceRelThreshold: 1.5 });
+    const text = 'a hot system prompt shared by many users. '.repeat(10);
+    const first = p.selectWorker(ws, ctx(text))!;
+    first.load = 10; // imbalance: the next request spreads the prefix to the least loaded worker
+    const second = p.selectWorker(ws, ctx(text))!;
+    expect(second).not.toBe(first);
+    // Balanced again, but both hold the prefix: the less loaded holder wins.
+    first.load = 3;
+    second.load = 2;
+    const third = ws.find((w) => w !== first && w !== second)!;
+    third.load = 2;
+    expect(p.selectWorker(ws, ctx(text))).toBe(second);
+    second.load = 4;
+    expect(p.selectWorker(ws, ctx(text))).toBe(first);
+  });
+});
