@@ -1,0 +1,101 @@
+// End to end through the real CLI: `kvgate sim` engines behind `kvgate serve`, as separate processes.
+import OpenAI from 'openai';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { runKvgate, spawnKvgate, type Spawned } from '../helpers/processes.js';
+
+const running: Spawned[] = [];
+let simA: string;
+let simB: string;
+
+async function serve(args: string[]): Promise<string> {
+  const p = await spawnKvgate(['serve', '--host', '127.0.0.1', '--port', '0', '--health-check-interval-secs', '0.5', ...args], /"url":"(http:\/\/[^"]+)"[^\n]*kvgate listening/);
+  running.push(p);
+  return p.match[1];
+}
+
+async function metric(url: string, name: string, labels = ''): Promise<number> {
+  const text = await (await fetch(url + '/metrics')).text();
+  const line = text.split('\n').find((l) => (l.startsWith(name + '{') || l.startsWith(name + ' ')) && l.includes(labels));
+  return line ? Number(line.split(' ').at(-1)) : NaN;
+}
+
+beforeAll(async () => {
+  const sim = (seed: string) => spawnKvgate(['sim', '--host', '127.0.0.1', '--port', '0', '--speed', '20', '--seed', seed], /listening on (http:\/\/\S+)/);
+  const [a, b] = await Promise.all([sim('1'), sim('2')]);
+  running.push(a, b);
+  simA = a.match[1];
+  simB = b.match[1];
+});
+
+afterAll(async () => {
+  await Promise.all(running.map((p) => p.stop()));
+});
+
+const system = 'You are the assistant of a large hardware store. Always answer with the aisle number, the price and a safety note. '.repeat(12);
+const chat = (q: string) => ({ model: 'kvgate-sim', messages: [{ role: 'system', content: system }, { role: 'user', content: q }], max_tokens: 4 });
+
+async function send(url: string, body: unknown) {
+  const r = await fetch(url + '/v1/chat/completions', { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) });
+  const json = (await r.json()) as { usage?: { prompt_tokens_details?: { cached_tokens?: number } } };
+  return { status: r.status, worker: r.headers.get('x-kvgate-worker'), json };
+}
+
+describe('kvgate serve in front of kvgate sim (separate processes)', () => {
+  it('cache_aware keeps a shared system prompt on one worker, whose prefix cache then hits', async () => {
+    const url = await serve(['--worker-urls', simA, simB]);
+    const workers = new Set<string | null>();
+    let lastCached = 0;
+    for (let i = 0; i < 20; i++) {
+      const r = await send(url, chat(`Where are the hammers, question ${i}?`));
+      expect(r.status).toBe(200);
+      workers.add(r.worker);
+      lastCached = r.json.usage?.prompt_tokens_details?.cached_tokens ?? 0;
+    }
+    expect(workers.size).toBe(1);
+    expect(lastCached).toBeGreaterThan(100);
+    const listed = (await (await fetch(url + '/workers')).json()) as { workers: { load: number; model: string }[] };
+    expect(listed.workers.map((w) => w.load)).toEqual([0, 0]);
+    expect(listed.workers.map((w) => w.model)).toEqual(['kvgate-sim', 'kvgate-sim']);
+  });
+
+  it('round_robin alternates the same requests', async () => {
+    const url = await serve(['--worker-urls', simA, simB, '--policy', 'round_robin']);
+    const seq: (string | null)[] = [];
+    for (let i = 0; i < 20; i++) seq.push((await send(url, chat(`q${i}`))).worker);
+    for (let i = 1; i < seq.length; i++) expect(seq[i]).not.toBe(seq[i - 1]);
+  });
+
+  it('the OpenAI SDK streams through kvgate chunk by chunk; breaking off aborts the engine request', async () => {
+    const url = await serve(['--worker-urls', simA, '--policy', 'least_load']);
+    const abortedBefore = (await metric(simA, 'vllm:request_success_total', 'finished_reason="abort"')) || 0;
+    const client = new OpenAI({ baseURL: url + '/v1', apiKey: 'unused', maxRetries: 0 });
+    const stream = await client.chat.completions.create({ model: 'kvgate-sim', messages: [{ role: 'user', content: 'Tell me a long story.' }], max_tokens: 5000, stream: true });
+    let chunks = 0;
+    for await (const c of stream) {
+      if (c.choices[0]?.delta?.content) chunks++;
+      if (chunks === 10) break;
+    }
+    expect(chunks).toBe(10);
+    const t0 = Date.now();
+    let aborted = abortedBefore;
+    while (aborted === abortedBefore && Date.now() - t0 < 1000) {
+      await new Promise((r) => setTimeout(r, 25));
+      aborted = (await metric(simA, 'vllm:request_success_total', 'finished_reason="abort"')) || 0;
+    }
+    expect(aborted).toBe(abortedBefore + 1);
+    expect(Date.now() - t0).toBeLessThan(1000);
+    expect(await metric(url, 'kvgate_worker_load')).toBe(0);
+  });
+
+  it('stops start-up with a message naming a bad flag', async () => {
+    const r = await runKvgate(['serve', '--port', 'abc']);
+    expect(r.code).toBe(2);
+    expect(r.out).toMatch(/invalid value for --port/);
+    const e = await runKvgate(['serve'], { KVGATE_BALANCE_REL_THRESHOLD: 'lots' });
+    expect(e.code).toBe(2);
+    expect(e.out).toMatch(/--balance-rel-threshold \(from env KVGATE_BALANCE_REL_THRESHOLD\)/);
+    const s = await runKvgate(['sim', '--max-num-seqs', '0']);
+    expect(s.code).toBe(2);
+    expect(s.out).toMatch(/--max-num-seqs/);
+  });
+});
