@@ -1,4 +1,5 @@
-// The baseline for bench:proxy: node:http in, an undici Pool out, no logic at all.
+// The baseline for bench:proxy: node:http in, an undici Pool out, no logic at all. Like kvgate it
+// buffers the request body and sends it with a content-length, so the comparison is like for like.
 import { createServer } from 'node:http';
 import { pipeline } from 'node:stream/promises';
 import { Pool } from 'undici';
@@ -7,7 +8,9 @@ const upstream = process.argv[2];
 const pool = new Pool(upstream, { connections: 256, headersTimeout: 0, bodyTimeout: 0 });
 const server = createServer(async (req, res) => {
   try {
-    const up = await pool.request({ path: req.url, method: req.method, headers: { 'content-type': 'application/json' }, body: req });
+    const chunks = [];
+    for await (const c of req) chunks.push(c);
+    const up = await pool.request({ path: req.url, method: req.method, headers: { 'content-type': 'application/json' }, body: Buffer.concat(chunks) });
     res.writeHead(up.statusCode, { 'content-type': up.headers['content-type'] });
     await pipeline(up.body, res);
   } catch {
