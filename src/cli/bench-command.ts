@@ -1,10 +1,12 @@
 import type { Command } from 'commander';
-import { readFileSync } from 'node:fs';
+import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
 import { addOptions, ConfigError, resolveOptions, type OptionSpec } from '../config/options.js';
 import { engineConfigFrom, engineOptionSpecs } from '../config/engine-options.js';
 import { serveOptionSpecs } from '../config/serve-config.js';
 import { isPolicyName, POLICY_NAMES } from '../policies/factory.js';
 import { runBench } from '../lab/bench.js';
+import { liveMarkdown, runLive } from '../lab/live.js';
 import { loadWorkload } from '../lab/workloads/index.js';
 
 const cacheAwareFlags = ['cache-threshold', 'balance-abs-threshold', 'balance-rel-threshold', 'eviction-interval-secs', 'max-tree-size'];
@@ -33,14 +35,24 @@ export const benchOptionSpecs: readonly OptionSpec[] = [
   { flag: 'seed', kind: 'int', description: 'Seed of every random choice (same seed, same report)', default: 1, min: 0 },
   { flag: 'out', kind: 'string', description: 'Directory for report.json, report.md and the SVG charts', argName: 'dir' },
   { flag: 'quiet', kind: 'bool', description: 'No progress bar', default: false },
+  { flag: 'live', kind: 'bool', description: 'Live mode: send the workload as real streaming requests to --target', default: false },
+  { flag: 'target', kind: 'string', description: 'Live mode: base URL of kvgate or any OpenAI-compatible endpoint', argName: 'url' },
+  { flag: 'concurrency', kind: 'int', description: 'Live mode: requests in flight at most', default: 64, min: 1 },
+  { flag: 'duration-secs', kind: 'number', description: 'Live mode: stop sending after this many seconds', default: 60, min: 0, exclusiveMin: true },
+  { flag: 'drain-secs', kind: 'number', description: 'Live mode: then wait this long for in-flight requests', default: 60, min: 0 },
+  { flag: 'model', kind: 'string', description: "Live mode: model to request (default: the target's first model)" },
+  { flag: 'api-key', kind: 'string', description: 'Live mode: sent as Authorization: Bearer' },
+  { flag: 'route', kind: 'enum', description: 'Live mode: OpenAI route to use', default: 'completions', choices: ['completions', 'chat'] },
   ...serveOptionSpecs.filter((s) => cacheAwareFlags.includes(s.flag)),
   ...engineOptionSpecs,
 ];
 
+let printer: ((label: string, fraction: number) => void) | undefined;
 function progressPrinter(): (label: string, fraction: number) => void {
+  if (printer) return printer;
   if (!process.stderr.isTTY) return () => undefined;
   let last = '';
-  return (label, f) => {
+  printer = (label, f) => {
     const width = 30;
     const filled = Math.round(f * width);
     const line = `${label.padEnd(28).slice(0, 28)} [${'#'.repeat(filled)}${'.'.repeat(width - filled)}] ${(100 * f).toFixed(0).padStart(3)}%`;
@@ -48,6 +60,7 @@ function progressPrinter(): (label: string, fraction: number) => void {
     last = line;
     process.stderr.write(`\r${line}${f >= 1 ? '\n' : ''}`);
   };
+  return printer;
 }
 
 export function registerBenchCommand(program: Command): void {
@@ -73,6 +86,38 @@ export function registerBenchCommand(program: Command): void {
         evictionIntervalSecs: o.evictionIntervalSecs as number,
         maxTreeSize: o.maxTreeSize as number,
       };
+      const workloadAt = (rate: number) =>
+        loadWorkload(spec, {
+          seed: o.seed as number,
+          rateScale: generated ? undefined : rate,
+          rps: generated && rate > 0 ? rate : undefined,
+          timeWindow,
+          maxRequests: o.maxRequests as number | undefined,
+        });
+      if (o.live) {
+        if (!o.target) throw new ConfigError('--live needs --target URL');
+        if (sweep) throw new ConfigError('--sweep is not available with --live: run one rate per invocation');
+        const result = await runLive({
+          target: o.target as string,
+          workload: workloadAt(rates[0]),
+          model: o.model as string | undefined,
+          concurrency: o.concurrency as number,
+          durationSecs: o.durationSecs as number,
+          drainSecs: o.drainSecs as number,
+          route: o.route as 'completions' | 'chat',
+          apiKey: o.apiKey as string | undefined,
+          progress: o.quiet ? undefined : (f) => progressPrinter()('live', f),
+        });
+        const md = liveMarkdown(result);
+        process.stdout.write(md + '\n');
+        if (o.out) {
+          mkdirSync(o.out as string, { recursive: true });
+          writeFileSync(join(o.out as string, 'live-report.json'), JSON.stringify(result, null, 2) + '\n');
+          writeFileSync(join(o.out as string, 'live-report.md'), md + '\n');
+          process.stdout.write(`\nwrote ${o.out}/live-report.json and live-report.md\n`);
+        }
+        return;
+      }
       const version = (JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string }).version;
       const { markdown } = await runBench(
         {
@@ -83,14 +128,7 @@ export function registerBenchCommand(program: Command): void {
           seed: o.seed as number,
           rates,
           rateKind,
-          workloadAt: (rate) =>
-            loadWorkload(spec, {
-              seed: o.seed as number,
-              rateScale: generated ? undefined : rate,
-              rps: generated && rate > 0 ? rate : undefined,
-              timeWindow,
-              maxRequests: o.maxRequests as number | undefined,
-            }),
+          workloadAt,
           out: o.out as string | undefined,
           progress: o.quiet ? undefined : progressPrinter(),
         },

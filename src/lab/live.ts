@@ -1,0 +1,218 @@
+import { Agent, request } from 'undici';
+import { quantile } from './report.js';
+import type { Workload } from './workload.js';
+
+export interface LiveOptions {
+  /** Base URL of kvgate or any OpenAI-compatible endpoint. */
+  target: string;
+  workload: Workload;
+  /** Model to ask for; default: the first model the target lists. */
+  model?: string;
+  /** Requests in flight at most; an arrival waits for a free slot. */
+  concurrency: number;
+  /** Stop sending new requests after this many seconds; in-flight ones get `drainSecs` to finish. */
+  durationSecs: number;
+  drainSecs?: number;
+  route: 'completions' | 'chat';
+  apiKey?: string;
+  progress?: (fraction: number) => void;
+}
+
+export interface LiveResult {
+  target: string;
+  workload: string;
+  model: string;
+  sent: number;
+  succeeded: number;
+  failed: number;
+  /** HTTP status (0 = connection error, -1 = cut at the end of the run) → count. */
+  errors: Record<string, number>;
+  /** Σ cached / Σ prompt tokens, from the usage the engines reported (when they report it). */
+  hitRate: number | null;
+  ttftP50: number;
+  ttftP90: number;
+  ttftP99: number;
+  e2eP50: number;
+  e2eP99: number;
+  /** Seconds requests waited for a free concurrency slot (client-side queueing), p90. */
+  slotWaitP90: number;
+  outputTokensPerSec: number;
+  /** Requests per worker, from the x-kvgate-worker response header (kvgate targets). */
+  perWorker: Record<string, number>;
+  wallSecs: number;
+}
+
+interface Usage {
+  prompt_tokens?: number;
+  completion_tokens?: number;
+  prompt_tokens_details?: { cached_tokens?: number } | null;
+}
+
+async function firstModel(target: string, agent: Agent, headers: Record<string, string>): Promise<string> {
+  const res = await request(`${target}/v1/models`, { dispatcher: agent, headers, signal: AbortSignal.timeout(10_000) });
+  if (res.statusCode !== 200) throw new Error(`GET ${target}/v1/models answered ${res.statusCode}`);
+  const body = (await res.body.json()) as { data?: Array<{ id?: string }> };
+  const id = body.data?.[0]?.id;
+  if (!id) throw new Error(`${target}/v1/models lists no model; pass --model`);
+  return id;
+}
+
+/**
+ * Live mode: the workload's requests sent as real streaming OpenAI requests at their arrival
+ * times (open loop, bounded by `concurrency`), measuring time to first token and latency from
+ * the client side. Works against kvgate or any OpenAI-compatible endpoint.
+ */
+export async function runLive(o: LiveOptions): Promise<LiveResult> {
+  const target = o.target.replace(/\/+$/, '');
+  const agent = new Agent({ connections: o.concurrency + 4, headersTimeout: 0, bodyTimeout: 0 });
+  const headers: Record<string, string> = { 'content-type': 'application/json' };
+  if (o.apiKey) headers.authorization = `Bearer ${o.apiKey}`;
+  const model = o.model ?? (await firstModel(target, agent, headers));
+  const reqs = o.workload.requests;
+  const ttft: number[] = [];
+  const e2e: number[] = [];
+  const slotWait: number[] = [];
+  const errors: Record<string, number> = {};
+  const perWorker: Record<string, number> = {};
+  let prompt = 0;
+  let cached = 0;
+  let usageSeen = 0;
+  let outTokens = 0;
+  let sent = 0;
+  let succeeded = 0;
+  let inFlight = 0;
+  const waiters: Array<() => void> = [];
+  const cut = new AbortController();
+  const t0 = performance.now();
+  const deadline = t0 + o.durationSecs * 1000;
+  const path = o.route === 'chat' ? '/v1/chat/completions' : '/v1/completions';
+
+  const one = async (i: number, scheduledAt: number) => {
+    const r = reqs[i];
+    const text = r.text();
+    const body = {
+      model,
+      ...(o.route === 'chat' ? { messages: [{ role: 'user', content: text }] } : { prompt: text }),
+      max_tokens: r.outputTokens,
+      stream: true,
+      stream_options: { include_usage: true },
+      ignore_eos: true,
+    };
+    const start = performance.now();
+    slotWait.push((start - scheduledAt) / 1000);
+    let first = -1;
+    let usage: Usage | undefined;
+    let chunks = 0;
+    try {
+      const res = await request(target + path, { method: 'POST', dispatcher: agent, headers, body: JSON.stringify(body), signal: cut.signal });
+      const worker = res.headers['x-kvgate-worker'];
+      if (typeof worker === 'string') perWorker[worker] = (perWorker[worker] ?? 0) + 1;
+      if (res.statusCode !== 200) {
+        await res.body.dump();
+        errors[res.statusCode] = (errors[res.statusCode] ?? 0) + 1;
+        return;
+      }
+      let buf = '';
+      for await (const piece of res.body) {
+        buf += (piece as Buffer).toString('utf8');
+        let nl: number;
+        while ((nl = buf.indexOf('\n')) >= 0) {
+          const line = buf.slice(0, nl).trim();
+          buf = buf.slice(nl + 1);
+          if (!line.startsWith('data:')) continue;
+          const data = line.slice(5).trim();
+          if (data === '[DONE]') continue;
+          let msg: { choices?: Array<{ text?: string; delta?: { content?: string } }>; usage?: Usage | null };
+          try {
+            msg = JSON.parse(data);
+          } catch {
+            continue;
+          }
+          const c = msg.choices?.[0];
+          if (c && (c.text || c.delta?.content)) {
+            chunks++;
+            if (first < 0) first = performance.now();
+          }
+          if (msg.usage) usage = msg.usage;
+        }
+      }
+      const end = performance.now();
+      succeeded++;
+      if (first >= 0) ttft.push((first - start) / 1000);
+      e2e.push((end - start) / 1000);
+      outTokens += usage?.completion_tokens ?? chunks;
+      if (usage?.prompt_tokens !== undefined) {
+        usageSeen++;
+        prompt += usage.prompt_tokens;
+        cached += usage.prompt_tokens_details?.cached_tokens ?? 0;
+      }
+    } catch {
+      const key = cut.signal.aborted ? '-1' : '0';
+      errors[key] = (errors[key] ?? 0) + 1;
+    }
+  };
+
+  const running: Promise<void>[] = [];
+  for (let i = 0; i < reqs.length; i++) {
+    const due = t0 + reqs[i].arrivalMs;
+    if (due > deadline) break;
+    const wait = due - performance.now();
+    if (wait > 0) await new Promise((r) => setTimeout(r, wait));
+    while (inFlight >= o.concurrency) await new Promise<void>((r) => waiters.push(r));
+    if (performance.now() > deadline) break;
+    inFlight++;
+    sent++;
+    o.progress?.(Math.min(1, (performance.now() - t0) / (o.durationSecs * 1000)));
+    running.push(
+      one(i, due).finally(() => {
+        inFlight--;
+        waiters.shift()?.();
+      }),
+    );
+  }
+  const drain = setTimeout(() => cut.abort(), (o.drainSecs ?? 60) * 1000);
+  await Promise.all(running);
+  clearTimeout(drain);
+  await agent.close();
+  o.progress?.(1);
+  const wallSecs = (performance.now() - t0) / 1000;
+  const sorted = (xs: number[]) => Float64Array.from(xs).sort();
+  const t = sorted(ttft);
+  const e = sorted(e2e);
+  return {
+    target,
+    workload: o.workload.name,
+    model,
+    sent,
+    succeeded,
+    failed: sent - succeeded,
+    errors,
+    hitRate: usageSeen > 0 && prompt > 0 ? cached / prompt : null,
+    ttftP50: quantile(t, 0.5),
+    ttftP90: quantile(t, 0.9),
+    ttftP99: quantile(t, 0.99),
+    e2eP50: quantile(e, 0.5),
+    e2eP99: quantile(e, 0.99),
+    slotWaitP90: quantile(sorted(slotWait), 0.9),
+    outputTokensPerSec: outTokens / wallSecs,
+    perWorker,
+    wallSecs,
+  };
+}
+
+export function liveMarkdown(r: LiveResult): string {
+  const f = (x: number) => (Number.isNaN(x) ? '–' : x.toFixed(3));
+  const errs = Object.entries(r.errors)
+    .map(([k, v]) => `${k === '0' ? 'connection' : k === '-1' ? 'cut at end' : k}: ${v}`)
+    .join(', ');
+  return [
+    `### live: ${r.workload} → ${r.target} (model ${r.model})`,
+    '',
+    '| sent | ok | failed | hit rate | TTFT p50 (s) | TTFT p90 (s) | TTFT p99 (s) | E2E p50 (s) | E2E p99 (s) | out tok/s | slot wait p90 (s) |',
+    '|---|---|---|---|---|---|---|---|---|---|---|',
+    `| ${r.sent} | ${r.succeeded} | ${r.failed} | ${r.hitRate === null ? '–' : `${(100 * r.hitRate).toFixed(1)}%`} | ${f(r.ttftP50)} | ${f(r.ttftP90)} | ${f(r.ttftP99)} | ${f(r.e2eP50)} | ${f(r.e2eP99)} | ${r.outputTokensPerSec.toFixed(0)} | ${f(r.slotWaitP90)} |`,
+    '',
+    errs ? `Errors: ${errs}.` : 'No errors.',
+    Object.keys(r.perWorker).length ? `Requests per worker: ${Object.entries(r.perWorker).map(([w, n]) => `${w} ${n}`).join(', ')}.` : '',
+  ].join('\n');
+}
