@@ -1,4 +1,5 @@
 import type { KvEvent } from './kv-events.js';
+import { fmix32 } from '../core/hash.js';
 
 /**
  * Paged KV cache with prefix caching, modelled on vLLM V1's BlockPool / FreeKVCacheBlockQueue:
@@ -32,15 +33,6 @@ export const MEDIUM_GPU = 'GPU';
 /** Parent "hash" of the first block of every sequence (NONE_HASH in vLLM terms). */
 export const ROOT_HASH_HI = 0x6b76_6761; // "kvga"
 export const ROOT_HASH_LO = 0x7465_7369; // "tesi"
-
-function fmix32(h: number): number {
-  h ^= h >>> 16;
-  h = Math.imul(h, 0x85ebca6b);
-  h ^= h >>> 13;
-  h = Math.imul(h, 0xc2b2ae35);
-  h ^= h >>> 16;
-  return h >>> 0;
-}
 
 /**
  * Hash of one full block: tokens[start, start+blockSize) chained to the parent (hi, lo).

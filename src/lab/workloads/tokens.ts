@@ -1,3 +1,5 @@
+import { fmix32 } from '../../core/hash.js';
+
 /**
  * Synthetic token content for lab workloads.
  *
@@ -110,16 +112,6 @@ export function textToTokens(text: string): Uint32Array {
 // ---------------------------------------------------------------------------------------------
 // Segment token content
 // ---------------------------------------------------------------------------------------------
-
-/** murmur3 finaliser: a bijection on uint32 with good avalanche. */
-function fmix32(h: number): number {
-  h ^= h >>> 16;
-  h = Math.imul(h, 0x85ebca6b);
-  h ^= h >>> 13;
-  h = Math.imul(h, 0xc2b2ae35);
-  h ^= h >>> 16;
-  return h >>> 0;
-}
 
 /** A 32-bit salt from a seed (workloads whose token content depends on the seed). */
 export function saltFromSeed(seed: number, stream: number): number {
