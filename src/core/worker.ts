@@ -1,5 +1,15 @@
 export type WorkerType = 'regular' | 'prefill' | 'decode';
 
+/** Load as the engine itself reports it (scraped from its /metrics), per DP rank. */
+export interface EngineLoad {
+  running: number;
+  waiting: number;
+  /** KV cache usage, 0..1. */
+  kvUsage: number;
+  /** When it was scraped (Date.now() ms); stale after the scraper's threshold. */
+  updatedAtMs: number;
+}
+
 export interface WorkerSpec {
   /** Base URL of the engine's HTTP server, e.g. http://10.0.0.1:8000 (no trailing slash). */
   url: string;
@@ -55,6 +65,8 @@ export class Worker {
   load = 0;
   /** Requests finished (any outcome) on this worker. */
   processed = 0;
+  /** Engine-reported load (vLLM/SGLang metrics), when a scraper runs. */
+  engineLoad: EngineLoad | undefined;
   consecutiveHealthFailures = 0;
   consecutiveHealthSuccesses = 0;
   lastHealthError: string | undefined;

@@ -37,10 +37,14 @@ export type RequestOutcome = 'success' | 'error' | 'aborted' | 'timeout';
  */
 export interface RoutingPolicy {
   readonly name: string;
+  /** The policy reads ctx.tokenIds: the router must tokenize requests for it. */
+  readonly needsTokens?: boolean;
   /** Pick one worker for a request (regular mode). */
   selectWorker(candidates: readonly Worker[], ctx: RequestContext): Worker | undefined;
   /** Pick a (prefill, decode) pair (PD mode). */
   selectPair(prefill: readonly Worker[], decode: readonly Worker[], ctx: RequestContext): WorkerPair | undefined;
+  /** The first output token of a request routed to `worker` reached the router (prefill done). */
+  onFirstToken?(worker: Worker, ctx: RequestContext): void;
   /** The request routed to `worker` finished, in any way. */
   onRequestComplete?(worker: Worker, ctx: RequestContext, outcome: RequestOutcome): void;
   /** A worker left the registry: drop any per-worker state. */

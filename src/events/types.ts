@@ -1,0 +1,31 @@
+/**
+ * KV-cache events after decoding, whatever the wire shape (vLLM positional arrays or maps,
+ * SGLang), ready to apply to the block index. Engine block hashes are normalised to unsigned
+ * 64-bit bigints (negative i64 reinterpreted, bytes → low 8 bytes big-endian). They are only
+ * identifiers for parent links and removals: the index hashes `tokenIds` itself.
+ */
+export type KvCacheEvent =
+  | {
+      type: 'stored';
+      blockHashes: bigint[];
+      parentBlockHash: bigint | null;
+      /** Concatenated tokens of the stored blocks (may be empty for CPU-offload stores). */
+      tokenIds: number[];
+      blockSize: number;
+      medium: string | null;
+      loraName: string | null;
+    }
+  | { type: 'removed'; blockHashes: bigint[]; medium: string | null }
+  | { type: 'cleared' };
+
+/** One decoded ZMQ message: `[ts, events, dp_rank]` with its sequence number. */
+export interface KvEventBatch {
+  seq: bigint;
+  /** Publisher timestamp, seconds since the epoch (float). */
+  ts: number;
+  /** data_parallel_rank (vLLM) or attn_dp_rank (SGLang); null when absent. */
+  dpRank: number | null;
+  events: KvCacheEvent[];
+  /** Events in this batch that could not be decoded (counted, skipped). */
+  malformed: number;
+}
