@@ -33,10 +33,16 @@ export function registerServeCommand(program: Command): void {
     );
     let stopping = false;
     const stop = (signal: string) => {
-      if (stopping) return;
+      if (stopping) {
+        gateway.log.warn({ signal }, 'second signal: exiting now');
+        process.exit(0);
+      }
       stopping = true;
-      gateway.log.info({ signal }, 'shutting down');
-      void gateway.close().then(() => process.exit(0));
+      gateway.log.info({ signal, inFlight: gateway.activeRequests, graceSecs: config.shutdownGracePeriodSecs }, 'draining: refusing new requests, letting in-flight ones finish');
+      void gateway.shutdown(config.shutdownGracePeriodSecs * 1000).then((cut) => {
+        gateway.log.info({ cut }, cut > 0 ? 'grace period over: cut the remaining requests' : 'all requests finished');
+        process.exit(0);
+      });
     };
     process.on('SIGINT', () => stop('SIGINT'));
     process.on('SIGTERM', () => stop('SIGTERM'));

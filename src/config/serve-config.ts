@@ -1,6 +1,6 @@
 import { normalizeUrl } from '../core/worker.js';
 import { POLICY_NAMES } from '../policies/factory.js';
-import { resolveOptions, type OptionSpec } from './options.js';
+import { ConfigError, resolveOptions, type OptionSpec } from './options.js';
 
 export interface ServeConfig {
   host: string;
@@ -22,6 +22,36 @@ export interface ServeConfig {
   maxPayloadSize: number;
   logLevel: string;
   logFormat: 'json' | 'pretty';
+  // Reliability
+  retryMaxRetries: number;
+  retryInitialBackoffMs: number;
+  retryMaxBackoffMs: number;
+  retryBackoffMultiplier: number;
+  retryJitterFactor: number;
+  disableRetries: boolean;
+  cbFailureThreshold: number;
+  cbSuccessThreshold: number;
+  cbTimeoutDurationSecs: number;
+  disableCircuitBreaker: boolean;
+  maxConcurrentRequests: number;
+  queueSize: number;
+  queueTimeoutSecs: number;
+  apiKeyRateLimitRps: number;
+  connectTimeoutSecs: number;
+  firstByteTimeoutSecs: number;
+  streamIdleTimeoutSecs: number;
+  workerStartupTimeoutSecs: number;
+  shutdownGracePeriodSecs: number;
+  // Security and input limits
+  apiKey: string[];
+  apiKeyFile: string | undefined;
+  adminApiKey: string | undefined;
+  allowRemoteAdmin: boolean;
+  workerApiKey: string | undefined;
+  tlsCertPath: string | undefined;
+  tlsKeyPath: string | undefined;
+  maxJsonDepth: number;
+  maxHeaderSize: number;
 }
 
 const checkUrls = (urls: string[]): string | undefined => {
@@ -58,12 +88,43 @@ export const serveOptionSpecs: readonly OptionSpec[] = [
   { flag: 'max-payload-size', kind: 'int', description: 'Largest request body accepted, in bytes (413 above)', default: 536870912, min: 1 },
   { flag: 'log-level', kind: 'enum', description: 'Log level', default: 'info', choices: ['trace', 'debug', 'info', 'warn', 'error', 'fatal', 'silent'] },
   { flag: 'log-format', kind: 'enum', description: 'Log format', default: 'json', choices: ['json', 'pretty'] },
+  { flag: 'retry-max-retries', kind: 'int', description: 'Attempts per request in total, the first included', default: 5, min: 1, max: 100 },
+  { flag: 'retry-initial-backoff-ms', kind: 'number', description: 'Delay before the first retry', default: 50, min: 0 },
+  { flag: 'retry-max-backoff-ms', kind: 'number', description: 'Longest delay between attempts', default: 30000, min: 0 },
+  { flag: 'retry-backoff-multiplier', kind: 'number', description: 'Growth of the delay per attempt', default: 1.5, min: 1 },
+  { flag: 'retry-jitter-factor', kind: 'number', description: 'Random spread of each delay (0.2 = ±20%)', default: 0.2, min: 0, max: 1 },
+  { flag: 'disable-retries', kind: 'bool', description: 'One attempt per request', default: false },
+  { flag: 'cb-failure-threshold', kind: 'int', description: 'Consecutive failures that open a worker\'s circuit breaker', default: 10, min: 1 },
+  { flag: 'cb-success-threshold', kind: 'int', description: 'Consecutive successes in half-open that close it', default: 3, min: 1 },
+  { flag: 'cb-timeout-duration-secs', kind: 'number', description: 'Seconds an open breaker waits before a trial (half-open)', default: 60, min: 0 },
+  { flag: 'disable-circuit-breaker', kind: 'bool', description: 'Never open circuit breakers', default: false },
+  { flag: 'max-concurrent-requests', kind: 'int', description: 'Requests served at once (0 = no limit)', default: 0, min: 0 },
+  { flag: 'queue-size', kind: 'int', description: 'Requests that may wait for a slot beyond --max-concurrent-requests (429 when full)', default: 100, min: 0 },
+  { flag: 'queue-timeout-secs', kind: 'number', description: 'Longest wait for a slot (408 after)', default: 60, min: 0, exclusiveMin: true },
+  { flag: 'api-key-rate-limit-rps', kind: 'number', description: 'Requests per second allowed per API key (0 = no limit; 429 above)', default: 0, min: 0 },
+  { flag: 'connect-timeout-secs', kind: 'number', description: 'Timeout to open a connection to a worker', default: 10, min: 0, exclusiveMin: true },
+  { flag: 'first-byte-timeout-secs', kind: 'number', description: 'Timeout for a worker to start answering (response headers)', default: 600, min: 0, exclusiveMin: true },
+  { flag: 'stream-idle-timeout-secs', kind: 'number', description: 'Longest silence between two chunks of a response', default: 300, min: 0, exclusiveMin: true },
+  { flag: 'worker-startup-timeout-secs', kind: 'number', description: 'How long a new worker may take to pass its first health check before it is reported as failed', default: 1800, min: 0 },
+  { flag: 'shutdown-grace-period-secs', kind: 'number', description: 'On SIGTERM/SIGINT, how long in-flight requests may finish', default: 180, min: 0 },
+  { flag: 'api-key', kind: 'list', description: 'Keys accepted as Authorization: Bearer on data-plane routes', default: [], argName: 'key...' },
+  { flag: 'api-key-file', kind: 'string', description: 'File of data-plane keys, one per line', argName: 'path' },
+  { flag: 'admin-api-key', kind: 'string', description: 'Key required on admin routes (without it they answer only loopback clients)', argName: 'key' },
+  { flag: 'allow-remote-admin', kind: 'bool', description: 'Without --admin-api-key, also answer admin routes from other hosts', default: false },
+  { flag: 'worker-api-key', kind: 'string', description: 'Key sent to the --worker-urls workers as Authorization: Bearer', argName: 'key' },
+  { flag: 'tls-cert-path', kind: 'string', description: 'TLS certificate (PEM) for the listener', argName: 'path' },
+  { flag: 'tls-key-path', kind: 'string', description: 'TLS private key (PEM) for the listener', argName: 'path' },
+  { flag: 'max-json-depth', kind: 'int', description: 'Deepest nesting accepted in a JSON body (400 above)', default: 64, min: 1 },
+  { flag: 'max-header-size', kind: 'int', description: 'Largest request header block in bytes (431 above)', default: 16384, min: 1024 },
 ];
 
 export function resolveServeConfig(cli: Record<string, unknown>, env: NodeJS.ProcessEnv = process.env): ServeConfig {
   const o = resolveOptions(serveOptionSpecs, cli, env) as unknown as ServeConfig & { config?: string };
   delete o.config;
   o.workerUrls = o.workerUrls.map((u) => normalizeUrl(u));
+  if ((o.tlsCertPath === undefined) !== (o.tlsKeyPath === undefined)) {
+    throw new ConfigError('invalid value for --tls-cert-path / --tls-key-path: give both or neither');
+  }
   return o;
 }
 

@@ -1,5 +1,7 @@
 import { Agent, request } from 'undici';
 import type { Logger } from 'pino';
+import { CircuitBreaker, type BreakerConfig, type BreakerState } from './circuit-breaker.js';
+import type { Clock } from './clock.js';
 import { WorkerRegistry } from './registry.js';
 import { Worker, normalizeUrl, type WorkerSpec } from './worker.js';
 
@@ -9,10 +11,24 @@ export interface HealthConfig {
   failureThreshold: number;
   successThreshold: number;
   endpoint: string;
+  /** A new worker may take this long to pass its first check before it is reported as failed. */
+  startupTimeoutSecs: number;
 }
+
+export interface WorkerManagerOptions {
+  health: HealthConfig;
+  breaker: BreakerConfig;
+  clock: Clock;
+  onBreakerTransition?: (worker: Worker, from: BreakerState, to: BreakerState) => void;
+}
+
+/** While a worker has never passed a check, it is polled at least this often. */
+const STARTUP_POLL_MS = 1000;
 
 interface UrlState {
   timer: NodeJS.Timeout | undefined;
+  addedAtMs: number;
+  startupReported: boolean;
   checking: boolean;
   /** Whether the model id was given by configuration (never overwritten by discovery). */
   modelFixed: boolean;
@@ -31,33 +47,49 @@ export class WorkerManager {
   private readonly states = new Map<string, UrlState>();
   private readonly agent = new Agent({ keepAliveTimeout: 10_000, connections: 4 });
   private closed = false;
+  private readonly health: HealthConfig;
 
   constructor(
     readonly registry: WorkerRegistry,
-    private readonly health: HealthConfig,
+    private readonly opts: WorkerManagerOptions,
     private readonly log: Logger,
-  ) {}
+  ) {
+    this.health = opts.health;
+  }
 
   /** Registers a worker and runs its first health check; resolves after that check. */
   async add(spec: WorkerSpec): Promise<Worker> {
     const url = normalizeUrl(spec.url);
     if (this.registry.byUrl(url).length > 0) throw new Error(`worker '${url}' is already registered`);
-    const worker = this.registry.add(new Worker({ ...spec, url }));
-    const state: UrlState = { timer: undefined, checking: false, modelFixed: spec.modelId !== undefined, everHealthy: false };
+    const worker = new Worker({ ...spec, url });
+    worker.breaker = new CircuitBreaker(this.opts.breaker, this.opts.clock, (from, to) => {
+      this.log.warn({ worker: worker.id, from, to }, 'circuit breaker');
+      this.opts.onBreakerTransition?.(worker, from, to);
+    });
+    this.registry.add(worker);
+    const state: UrlState = { timer: undefined, addedAtMs: Date.now(), startupReported: false, checking: false, modelFixed: spec.modelId !== undefined, everHealthy: false };
     this.states.set(url, state);
     await this.check(url);
-    if (!this.closed && this.states.get(url) === state) {
-      state.timer = setInterval(() => void this.check(url), this.health.intervalSecs * 1000);
-      state.timer.unref();
-    }
+    this.schedule(url, state);
     return worker;
+  }
+
+  /** Next check: every interval once healthy, more often while a worker is still starting. */
+  private schedule(url: string, state: UrlState): void {
+    if (this.closed || this.states.get(url) !== state) return;
+    const every = this.health.intervalSecs * 1000;
+    const delay = state.everHealthy ? every : Math.min(every, STARTUP_POLL_MS);
+    state.timer = setTimeout(() => {
+      void this.check(url).finally(() => this.schedule(url, state));
+    }, delay);
+    state.timer.unref();
   }
 
   /** Removes every worker (all ranks) of a URL. */
   remove(url: string): Worker[] {
     const norm = normalizeUrl(url);
     const state = this.states.get(norm);
-    if (state?.timer) clearInterval(state.timer);
+    if (state?.timer) clearTimeout(state.timer);
     this.states.delete(norm);
     const removed: Worker[] = [];
     for (const w of this.registry.byUrl(norm)) {
@@ -69,7 +101,7 @@ export class WorkerManager {
 
   async close(): Promise<void> {
     this.closed = true;
-    for (const s of this.states.values()) if (s.timer) clearInterval(s.timer);
+    for (const s of this.states.values()) if (s.timer) clearTimeout(s.timer);
     this.states.clear();
     await this.agent.destroy();
   }
@@ -86,6 +118,7 @@ export class WorkerManager {
         const res = await request(url + this.health.endpoint, {
           method: 'GET',
           dispatcher: this.agent,
+          headers: this.authHeaders(url),
           signal: AbortSignal.timeout(this.health.timeoutSecs * 1000),
         });
         await res.body.dump();
@@ -115,6 +148,7 @@ export class WorkerManager {
         w.consecutiveHealthSuccesses++;
         w.consecutiveHealthFailures = 0;
         w.lastHealthError = undefined;
+        w.startupFailed = false;
         const threshold = state.everHealthy ? this.health.successThreshold : 1;
         if (!w.healthy && w.consecutiveHealthSuccesses >= threshold) {
           w.healthy = true;
@@ -131,12 +165,24 @@ export class WorkerManager {
       }
     }
     if (ok) state.everHealthy = true;
+    else if (!state.everHealthy && !state.startupReported && Date.now() - state.addedAtMs > this.health.startupTimeoutSecs * 1000) {
+      state.startupReported = true;
+      for (const w of this.registry.byUrl(url)) w.startupFailed = true;
+      this.log.error({ url, reason: why, startupTimeoutSecs: this.health.startupTimeoutSecs }, 'worker failed to start; still polling it');
+    }
+  }
+
+  /** The worker's own key, if it has one (vLLM/SGLang started with --api-key). */
+  authHeaders(url: string): Record<string, string> {
+    const key = this.registry.byUrl(url)[0]?.apiKey;
+    return key ? { authorization: `Bearer ${key}` } : {};
   }
 
   private async discoverModel(url: string): Promise<string> {
     const res = await request(url + '/v1/models', {
       method: 'GET',
       dispatcher: this.agent,
+      headers: this.authHeaders(url),
       signal: AbortSignal.timeout(this.health.timeoutSecs * 1000),
     });
     if (res.statusCode !== 200) {

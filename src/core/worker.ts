@@ -10,6 +10,8 @@ export interface EngineLoad {
   updatedAtMs: number;
 }
 
+import type { CircuitBreaker } from './circuit-breaker.js';
+
 export interface WorkerSpec {
   /** Base URL of the engine's HTTP server, e.g. http://10.0.0.1:8000 (no trailing slash). */
   url: string;
@@ -19,6 +21,8 @@ export interface WorkerSpec {
   dpSize?: number;
   /** SGLang PD: the prefill worker's bootstrap port (null = not configured). */
   bootstrapPort?: number | null;
+  /** Sent to the worker as `Authorization: Bearer` (never logged). */
+  apiKey?: string;
 }
 
 /**
@@ -59,6 +63,9 @@ export class Worker {
   readonly dpRank: number | undefined;
   readonly dpSize: number | undefined;
   readonly bootstrapPort: number | null;
+  readonly apiKey: string | undefined;
+  /** Set by the worker manager; open means no traffic (see circuit-breaker.ts). */
+  breaker: CircuitBreaker | undefined;
   /** Until the first successful health check the worker is not routable. */
   healthy = false;
   /** In-flight requests routed here and not yet finished. Only LoadGuard changes it. */
@@ -70,6 +77,8 @@ export class Worker {
   consecutiveHealthFailures = 0;
   consecutiveHealthSuccesses = 0;
   lastHealthError: string | undefined;
+  /** Did not pass a health check within the start-up timeout (still polled). */
+  startupFailed = false;
   readonly addedAt = Date.now();
 
   constructor(spec: WorkerSpec) {
@@ -80,11 +89,12 @@ export class Worker {
     this.modelId = spec.modelId;
     this.type = spec.type ?? 'regular';
     this.bootstrapPort = spec.bootstrapPort ?? null;
+    this.apiKey = spec.apiKey;
   }
 
-  /** Healthy and allowed to take traffic (later: circuit breaker closed). */
+  /** Healthy and allowed to take traffic by its circuit breaker. */
   isAvailable(): boolean {
-    return this.healthy;
+    return this.healthy && (this.breaker === undefined || this.breaker.canExecute());
   }
 
   acquire(onRelease?: (worker: Worker) => void): LoadGuard {
@@ -100,9 +110,11 @@ export class Worker {
       dp_rank: this.dpRank ?? null,
       bootstrap_port: this.type === 'prefill' ? this.bootstrapPort : undefined,
       healthy: this.healthy,
+      circuit_breaker: this.breaker?.state ?? null,
       load: this.load,
       processed: this.processed,
       last_health_error: this.lastHealthError ?? null,
+      startup_failed: this.startupFailed,
     };
   }
 }

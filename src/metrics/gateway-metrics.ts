@@ -21,6 +21,11 @@ export class GatewayMetrics {
   readonly loadBalancingEvents: Counter;
   readonly upstreamErrors: Counter<'worker' | 'kind'>;
   readonly clientAborts: Counter<'route'>;
+  readonly retries: Counter<'route'>;
+  readonly retriesExhausted: Counter<'route'>;
+  readonly breakerTransitions: Counter<'worker' | 'from' | 'to'>;
+  readonly admissionRejected: Counter<'reason'>;
+  readonly authFailures: Counter<'scope'>;
 
   constructor(workers: WorkerRegistry, treeChars: () => Map<string, number>) {
     const registers = [this.registry];
@@ -33,6 +38,22 @@ export class GatewayMetrics {
     this.loadBalancingEvents = new Counter({ name: 'kvgate_load_balancing_events_total', help: 'cache_aware decisions overridden by load imbalance', registers });
     this.upstreamErrors = new Counter({ name: 'kvgate_upstream_errors_total', help: 'Failed upstream exchanges, by kind (connect, timeout, reset)', labelNames: ['worker', 'kind'], registers });
     this.clientAborts = new Counter({ name: 'kvgate_client_aborts_total', help: 'Requests whose client went away before the response ended', labelNames: ['route'], registers });
+    this.retries = new Counter({ name: 'kvgate_retries_total', help: 'Requests sent again to another worker after a retryable failure', labelNames: ['route'], registers });
+    this.retriesExhausted = new Counter({ name: 'kvgate_retries_exhausted_total', help: 'Requests that failed on every attempt', labelNames: ['route'], registers });
+    this.breakerTransitions = new Counter({ name: 'kvgate_worker_cb_transitions_total', help: 'Circuit breaker state changes', labelNames: ['worker', 'from', 'to'], registers });
+    this.admissionRejected = new Counter({ name: 'kvgate_admission_rejected_total', help: 'Requests refused by admission control (queue_full → 429, queue_timeout → 408, rate_limited → 429)', labelNames: ['reason'], registers });
+    this.authFailures = new Counter({ name: 'kvgate_auth_failures_total', help: 'Requests refused for a missing or wrong key', labelNames: ['scope'], registers });
+    const stateValue = { closed: 0, open: 1, half_open: 2 } as const;
+    new Gauge({
+      name: 'kvgate_worker_cb_state',
+      help: 'Circuit breaker state per worker: 0 closed, 1 open, 2 half-open',
+      labelNames: ['worker'],
+      registers,
+      collect() {
+        this.reset();
+        for (const w of workers.all()) if (w.breaker) this.set({ worker: w.id }, stateValue[w.breaker.state]);
+      },
+    });
     new Gauge({
       name: 'kvgate_worker_load',
       help: 'In-flight requests per worker',

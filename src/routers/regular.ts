@@ -3,9 +3,12 @@ import type { Clock } from '../core/clock.js';
 import type { RequestContext, RouteName } from '../core/context.js';
 import { errors } from '../core/errors.js';
 import type { WorkerRegistry } from '../core/registry.js';
+import { backoffMs, RETRYABLE_STATUSES, type RetryConfig } from '../core/retry.js';
+import type { Rng } from '../core/rng.js';
+import type { Worker } from '../core/worker.js';
 import type { GatewayMetrics } from '../metrics/gateway-metrics.js';
 import type { RoutingPolicy } from '../policies/policy.js';
-import { forwardHeaders, proxyRequest } from '../upstream/proxy.js';
+import { forwardHeaders, proxyRequest, relayHeld, type ProxyResult, type ProxyTimeouts } from '../upstream/proxy.js';
 import type { UpstreamPools } from '../upstream/pools.js';
 import { sendError } from '../server/http-util.js';
 import { routingTextOf } from '../server/routing-text.js';
@@ -16,7 +19,13 @@ export interface RegularRouterDeps {
   pools: UpstreamPools;
   metrics: GatewayMetrics;
   clock: Clock;
-  requestTimeoutMs: number;
+  rng: Rng;
+  timeouts: ProxyTimeouts;
+  retry: RetryConfig;
+  /** kvgate authenticates its clients itself: their Authorization header is not for workers. */
+  clientAuthEnabled: boolean;
+  /** Token ids for policies that need them (undefined when no tokenizer applies). */
+  tokenize?: (route: RouteName, model: string, body: Record<string, unknown>) => ArrayLike<number> | undefined;
 }
 
 export interface RoutedRequest {
@@ -29,9 +38,15 @@ export interface RoutedRequest {
   body: Record<string, unknown>;
 }
 
+const NO_HOLD: ReadonlySet<number> = new Set();
+
 /**
- * Regular mode: request → context → policy → worker → proxy. Load is held by a guard from
- * the moment the worker is chosen until the response ends, whatever ends it.
+ * Regular mode: request → context → policy → worker → proxy.
+ *
+ * Load is held by a guard from the moment a worker is chosen until its exchange ends, whatever
+ * ends it. A retryable failure (408, 429, 5xx, connection failure, timeout before the first
+ * byte) is retried on a freshly chosen worker, the failed ones excluded, as long as nothing has
+ * reached the client yet and attempts remain; every outcome feeds that worker's circuit breaker.
  * Resolves with the status sent to the client (0 if the client left first).
  */
 export class RegularRouter {
@@ -54,48 +69,118 @@ export class RegularRouter {
     throw errors.badRequest(`'model' is required: this gateway serves ${models.length} models (${models.join(', ')})`, 'missing_field', 'model');
   }
 
-  async handle(r: RoutedRequest): Promise<number> {
-    const { registry, policy, pools, metrics, clock } = this.deps;
-    const model = this.resolveModel(r.body);
+  buildContext(r: RoutedRequest, model: string): RequestContext {
     const routing = routingTextOf(r.route, r.body);
-    if (r.body.stream !== undefined && typeof r.body.stream !== 'boolean') throw errors.badRequest("'stream' must be a boolean", 'invalid_type', 'stream');
-    const ctx: RequestContext = {
+    if (r.body.stream !== undefined && r.body.stream !== null && typeof r.body.stream !== 'boolean') {
+      throw errors.badRequest("'stream' must be a boolean", 'invalid_type', 'stream');
+    }
+    const tokenIds = routing.tokenIds ?? (this.deps.policy.needsTokens ? this.deps.tokenize?.(r.route, model, r.body) : undefined);
+    return {
       requestId: r.requestId,
       route: r.route,
       model,
       routingText: routing.text,
-      tokenIds: routing.tokenIds,
+      tokenIds,
       headers: r.req.headers,
       stream: r.body.stream === true,
-      arrivalMs: clock.now(),
+      arrivalMs: this.deps.clock.now(),
     };
-    const worker = policy.selectWorker(registry.forModel(model), ctx);
-    if (!worker) throw errors.noHealthyWorkers(model);
-    metrics.decisions.inc({ policy: policy.name, worker: worker.id });
+  }
 
+  async handle(r: RoutedRequest): Promise<number> {
+    const { registry, policy, metrics, retry } = this.deps;
+    const model = this.resolveModel(r.body);
+    const ctx = this.buildContext(r, model);
+    const excluded = new Set<Worker>();
+    let last: { worker: Worker; result: ProxyResult } | undefined;
+
+    for (let attempt = 0; attempt < retry.maxAttempts; attempt++) {
+      const candidates = registry.forModel(model).filter((w) => !excluded.has(w));
+      const worker = policy.selectWorker(candidates, ctx);
+      if (!worker) break;
+      metrics.decisions.inc({ policy: policy.name, worker: worker.id });
+      const canRetry = attempt + 1 < retry.maxAttempts;
+      const result = await this.exchange(r, ctx, worker, canRetry);
+      last = { worker, result };
+      const retryable = !!result.held || (!!result.error && result.status !== 0 && result.outcome !== 'aborted');
+      if (!canRetry || !retryable || r.res.destroyed) break;
+      excluded.add(worker);
+      metrics.retries.inc({ route: r.route });
+      const delay = backoffMs(retry, attempt, this.deps.rng);
+      if (!(await sleepUnlessClosed(delay, r.res))) return 0;
+    }
+
+    if (!last) throw errors.noHealthyWorkers(model);
+    const { worker, result } = last;
+    const headers = { 'x-request-id': r.requestId, 'x-kvgate-worker': worker.id };
+    if (result.held) {
+      if (excluded.size > 0) metrics.retriesExhausted.inc({ route: r.route });
+      relayHeld(r.res, result.held, headers);
+      return result.held.status;
+    }
+    if (result.error) {
+      if (excluded.size > 0) metrics.retriesExhausted.inc({ route: r.route });
+      sendError(r.res, result.error, headers);
+      return result.error.status;
+    }
+    return result.status;
+  }
+
+  /** One attempt on one worker: guard, proxy, breaker, metrics. */
+  private async exchange(r: RoutedRequest, ctx: RequestContext, worker: Worker, canRetry: boolean): Promise<ProxyResult> {
+    const { policy, pools, metrics } = this.deps;
     const guard = worker.acquire();
-    let outcome: Awaited<ReturnType<typeof proxyRequest>> | undefined;
+    let result: ProxyResult | undefined;
     try {
-      outcome = await proxyRequest({
+      result = await proxyRequest({
         pool: pools.get(worker.url),
         path: r.path,
-        headers: forwardHeaders(r.req.headers, r.requestId),
+        headers: this.upstreamHeaders(r, worker),
         body: r.rawBody,
         res: r.res,
         extraResponseHeaders: { 'x-request-id': r.requestId, 'x-kvgate-worker': worker.id },
-        timeoutMs: this.deps.requestTimeoutMs,
+        timeouts: this.deps.timeouts,
+        holdStatuses: canRetry ? RETRYABLE_STATUSES : NO_HOLD,
+        onFirstByte: policy.onFirstToken ? () => policy.onFirstToken!(worker, ctx) : undefined,
       });
     } finally {
       guard.release();
       metrics.processed.inc({ worker: worker.id });
-      policy.onRequestComplete?.(worker, ctx, outcome?.outcome ?? 'error');
+      policy.onRequestComplete?.(worker, ctx, result?.outcome ?? 'error');
     }
-    if (outcome.failure) metrics.upstreamErrors.inc({ worker: worker.id, kind: outcome.failure });
-    if (outcome.outcome === 'aborted') metrics.clientAborts.inc({ route: r.route });
-    if (outcome.error) {
-      sendError(r.res, outcome.error, { 'x-request-id': r.requestId, 'x-kvgate-worker': worker.id });
-      return outcome.error.status;
-    }
-    return outcome.status;
+    if (result.outcome === 'aborted') metrics.clientAborts.inc({ route: r.route });
+    recordOutcome(worker, result, metrics);
+    return result;
   }
+
+  private upstreamHeaders(r: RoutedRequest, worker: Worker): Record<string, string> {
+    const h = forwardHeaders(r.req.headers, r.requestId);
+    if (worker.apiKey) h.authorization = `Bearer ${worker.apiKey}`;
+    else if (this.deps.clientAuthEnabled) delete h.authorization;
+    return h;
+  }
+}
+
+/** Passive health: the exchange's outcome feeds the worker's circuit breaker and the metrics. */
+function recordOutcome(worker: Worker, result: ProxyResult, metrics: GatewayMetrics): void {
+  if (result.failure) metrics.upstreamErrors.inc({ worker: worker.id, kind: result.failure });
+  if (result.outcome === 'aborted') return; // the client left: says nothing about the worker (counted by the caller)
+  const status = result.held?.status ?? result.status;
+  const failed = !!result.failure || status >= 500 || status === 0;
+  if (failed) worker.breaker?.recordFailure();
+  else worker.breaker?.recordSuccess();
+}
+
+function sleepUnlessClosed(ms: number, res: ServerResponse): Promise<boolean> {
+  if (res.destroyed) return Promise.resolve(false);
+  return new Promise((resolve) => {
+    const done = (ok: boolean) => {
+      clearTimeout(t);
+      res.removeListener('close', onClose);
+      resolve(ok);
+    };
+    const onClose = () => done(false);
+    const t = setTimeout(() => done(true), ms);
+    res.once('close', onClose);
+  });
 }

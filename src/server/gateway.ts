@@ -1,5 +1,7 @@
 import { randomUUID } from 'node:crypto';
+import { readFileSync } from 'node:fs';
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
+import { createServer as createTlsServer } from 'node:https';
 import type { AddressInfo } from 'node:net';
 import { request } from 'undici';
 import pino, { type Logger } from 'pino';
@@ -17,6 +19,9 @@ import { createPolicy } from '../policies/factory.js';
 import type { RoutingPolicy, Scheduler } from '../policies/policy.js';
 import { RegularRouter } from '../routers/regular.js';
 import { UpstreamPools } from '../upstream/pools.js';
+import { defaultRetryConfig, type RetryConfig } from '../core/retry.js';
+import { Admission, KeyRateLimiter } from './admission.js';
+import { isLoopback, KeySet, readKeyFile } from './auth.js';
 import { parseJsonObject, readBody, sendError, sendJson } from './http-util.js';
 
 const GENERATION_ROUTES: Record<string, RouteName> = {
@@ -25,6 +30,11 @@ const GENERATION_ROUTES: Record<string, RouteName> = {
   '/v1/embeddings': 'embeddings',
   '/generate': 'generate',
 };
+
+/** Routes anyone may call (probes and metrics). */
+const PUBLIC_ROUTES = new Set(['/health', '/liveness', '/readiness', '/metrics']);
+/** Routes that change or reveal the cluster: --admin-api-key, or loopback only without one. */
+const ADMIN_ROUTES = new Set(['/workers', '/add_worker', '/remove_worker', '/list_workers', '/get_loads', '/flush_cache']);
 
 /** Real-time periodic work that never keeps the process alive. */
 export const timerScheduler: Scheduler = (everyMs, fn) => {
@@ -56,10 +66,17 @@ export class Gateway {
   readonly metrics: GatewayMetrics;
   readonly workers: WorkerManager;
   readonly log: Logger;
-  private readonly pools = new UpstreamPools();
+  readonly admission: Admission;
+  private readonly pools: UpstreamPools;
   private readonly router: RegularRouter;
+  private readonly apiKeys: KeySet;
+  private readonly adminKeys: KeySet;
+  private readonly keyLimiter: KeyRateLimiter | undefined;
   private server: Server | undefined;
   private readonly startedAt = Date.now();
+  /** Responses not yet finished (for graceful shutdown). */
+  private readonly inFlight = new Set<ServerResponse>();
+  private draining = false;
 
   constructor(
     readonly config: ServeConfig,
@@ -67,10 +84,20 @@ export class Gateway {
   ) {
     this.log = opts.logger ?? createLogger(config);
     const clock = opts.clock ?? systemClock;
+    const rng = opts.rng ?? randomRng();
+    this.pools = new UpstreamPools(config.connectTimeoutSecs * 1000);
+    this.admission = new Admission({
+      maxConcurrent: config.maxConcurrentRequests,
+      queueSize: config.queueSize,
+      queueTimeoutMs: config.queueTimeoutSecs * 1000,
+    });
+    this.apiKeys = new KeySet([...config.apiKey, ...(config.apiKeyFile ? readKeyFile(config.apiKeyFile) : [])]);
+    this.adminKeys = new KeySet(config.adminApiKey ? [config.adminApiKey] : []);
+    this.keyLimiter = config.apiKeyRateLimitRps > 0 ? new KeyRateLimiter(config.apiKeyRateLimitRps) : undefined;
     this.metrics = new GatewayMetrics(this.registry, () => (this.policy instanceof CacheAwarePolicy ? this.policy.treeChars() : new Map()));
     this.policy = createPolicy(
       config.policy,
-      { clock, rng: opts.rng ?? randomRng(), schedule: timerScheduler, observer: this.metrics.policyObserver() },
+      { clock, rng, schedule: timerScheduler, observer: this.metrics.policyObserver() },
       {
         cacheAware: {
           cacheThreshold: config.cacheThreshold,
@@ -92,33 +119,70 @@ export class Gateway {
     this.workers = new WorkerManager(
       this.registry,
       {
-        intervalSecs: config.healthCheckIntervalSecs,
-        timeoutSecs: config.healthCheckTimeoutSecs,
-        failureThreshold: config.healthFailureThreshold,
-        successThreshold: config.healthSuccessThreshold,
-        endpoint: config.healthCheckEndpoint,
+        health: {
+          intervalSecs: config.healthCheckIntervalSecs,
+          timeoutSecs: config.healthCheckTimeoutSecs,
+          failureThreshold: config.healthFailureThreshold,
+          successThreshold: config.healthSuccessThreshold,
+          endpoint: config.healthCheckEndpoint,
+          startupTimeoutSecs: config.workerStartupTimeoutSecs,
+        },
+        breaker: {
+          failureThreshold: config.cbFailureThreshold,
+          successThreshold: config.cbSuccessThreshold,
+          openMs: config.cbTimeoutDurationSecs * 1000,
+          disabled: config.disableCircuitBreaker,
+        },
+        clock,
+        onBreakerTransition: (w, from, to) => this.metrics.breakerTransitions.inc({ worker: w.id, from, to }),
       },
       this.log,
     );
+    const retry: RetryConfig = config.disableRetries
+      ? { ...defaultRetryConfig, maxAttempts: 1 }
+      : {
+          maxAttempts: config.retryMaxRetries,
+          initialBackoffMs: config.retryInitialBackoffMs,
+          maxBackoffMs: config.retryMaxBackoffMs,
+          multiplier: config.retryBackoffMultiplier,
+          jitter: config.retryJitterFactor,
+        };
     this.router = new RegularRouter({
       registry: this.registry,
       policy: this.policy,
       pools: this.pools,
       metrics: this.metrics,
       clock,
-      requestTimeoutMs: config.requestTimeoutSecs * 1000,
+      rng,
+      retry,
+      timeouts: {
+        totalMs: config.requestTimeoutSecs * 1000,
+        firstByteMs: config.firstByteTimeoutSecs * 1000,
+        idleMs: config.streamIdleTimeoutSecs * 1000,
+      },
+      clientAuthEnabled: this.apiKeys.size > 0,
     });
   }
 
   /** Registers the configured workers (checking each once), then listens. */
   async start(): Promise<void> {
-    await Promise.all(this.config.workerUrls.map((url) => this.workers.add({ url, modelId: this.config.modelId })));
-    const server = createServer({ keepAliveTimeout: 65_000, requestTimeout: 0, headersTimeout: 60_000 }, (req, res) => {
-      void this.dispatch(req, res);
-    });
-    server.on('clientError', (_err, socket) => {
-      if (socket.writable) socket.end('HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\n\r\n');
-      else socket.destroy();
+    const c = this.config;
+    await Promise.all(c.workerUrls.map((url) => this.workers.add({ url, modelId: c.modelId, apiKey: c.workerApiKey })));
+    const options = { keepAliveTimeout: 65_000, requestTimeout: 0, headersTimeout: 60_000, maxHeaderSize: c.maxHeaderSize };
+    const handler = (req: IncomingMessage, res: ServerResponse) => void this.dispatch(req, res);
+    const server: Server =
+      c.tlsCertPath && c.tlsKeyPath
+        ? (createTlsServer({ ...options, cert: readFileSync(c.tlsCertPath), key: readFileSync(c.tlsKeyPath) }, handler) as unknown as Server)
+        : createServer(options, handler);
+    server.on('clientError', (err: NodeJS.ErrnoException, socket) => {
+      if (!socket.writable) return socket.destroy();
+      const tooBig = err.code === 'HPE_HEADER_OVERFLOW';
+      const body = JSON.stringify({
+        error: tooBig
+          ? { message: `Request headers exceed ${c.maxHeaderSize} bytes`, type: 'invalid_request_error', code: 'headers_too_large', param: null }
+          : { message: 'Malformed HTTP request', type: 'invalid_request_error', code: 'bad_http_request', param: null },
+      });
+      socket.end(`HTTP/1.1 ${tooBig ? '431 Request Header Fields Too Large' : '400 Bad Request'}\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: ${Buffer.byteLength(body)}\r\n\r\n${body}`);
     });
     this.server = server;
     await new Promise<void>((resolve, reject) => {
@@ -136,10 +200,37 @@ export class Gateway {
 
   get url(): string {
     const host = this.config.host === '0.0.0.0' || this.config.host === '::' ? '127.0.0.1' : this.config.host;
-    return `http://${host}:${this.port}`;
+    return `${this.config.tlsCertPath ? 'https' : 'http'}://${host}:${this.port}`;
+  }
+
+  /** Requests whose response has not ended yet. */
+  get activeRequests(): number {
+    return this.inFlight.size;
+  }
+
+  get isDraining(): boolean {
+    return this.draining;
+  }
+
+  /**
+   * Graceful shutdown: readiness turns 503 at once, new connections are refused and new requests
+   * answered 503, in-flight requests and streams may finish for up to `graceMs`; whatever still
+   * runs then is cut (its upstream requests aborted). Resolves with the number of requests cut.
+   */
+  async shutdown(graceMs: number): Promise<number> {
+    this.draining = true;
+    this.server?.close();
+    this.server?.closeIdleConnections();
+    const deadline = Date.now() + graceMs;
+    while (this.inFlight.size > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
+    const cut = this.inFlight.size;
+    for (const res of this.inFlight) res.destroy();
+    await this.close();
+    return cut;
   }
 
   async close(): Promise<void> {
+    this.draining = true;
     this.policy.close?.();
     const server = this.server;
     if (server) {
@@ -167,12 +258,32 @@ export class Gateway {
     const route = GENERATION_ROUTES[path];
     const label = route ?? path;
     let status = 500;
+    this.inFlight.add(res);
+    res.once('close', () => this.inFlight.delete(res));
     try {
+      if (this.draining && !PUBLIC_ROUTES.has(path)) {
+        res.setHeader('connection', 'close');
+        throw errors.unavailable('kvgate is shutting down', 'shutting_down');
+      }
+      const apiKey = this.authorize(req, path);
       if (route) {
         if (req.method !== 'POST') throw errors.methodNotAllowed(req.method ?? '?', path);
+        if (this.keyLimiter) {
+          const verdict = this.keyLimiter.take(apiKey ?? `ip:${req.socket.remoteAddress ?? ''}`);
+          if (!verdict.ok) {
+            this.metrics.admissionRejected.inc({ reason: 'rate_limited' });
+            res.setHeader('retry-after', String(Math.max(1, Math.ceil(verdict.retryAfterMs / 1000))));
+            throw errors.tooManyRequests('Request rate limit for this API key exceeded');
+          }
+        }
         const raw = await readBody(req, this.config.maxPayloadSize);
-        const body = parseJsonObject(raw);
-        status = await this.router.handle({ req, res, route, path, requestId, rawBody: raw, body });
+        const body = parseJsonObject(raw, this.config.maxJsonDepth);
+        const release = await this.admit(res);
+        try {
+          status = await this.router.handle({ req, res, route, path, requestId, rawBody: raw, body });
+        } finally {
+          release();
+        }
       } else {
         status = await this.control(req, res, path, requestId);
       }
@@ -187,6 +298,51 @@ export class Gateway {
         this.metrics.requests.inc({ route: label, status: String(status) });
         this.metrics.duration.observe({ route: label }, (performance.now() - started) / 1000);
       }
+    }
+  }
+
+  /**
+   * Checks the caller may use `path`: data-plane routes need one of the --api-key keys (when any
+   * is set), admin routes --admin-api-key (or, without one, a loopback client unless
+   * --allow-remote-admin). Returns the data-plane key used, if any. Throws 401/403.
+   */
+  private authorize(req: IncomingMessage, path: string): string | undefined {
+    if (PUBLIC_ROUTES.has(path)) return undefined;
+    const admin = ADMIN_ROUTES.has(path) || path.startsWith('/workers/');
+    if (admin) {
+      if (this.adminKeys.size > 0) {
+        if (this.adminKeys.check(req) !== undefined) return undefined;
+        this.metrics.authFailures.inc({ scope: 'admin' });
+        throw errors.unauthorized('Admin routes need Authorization: Bearer <admin key>');
+      }
+      if (this.config.allowRemoteAdmin || isLoopback(req)) return undefined;
+      this.metrics.authFailures.inc({ scope: 'admin' });
+      throw new GatewayError(403, 'Admin routes answer only loopback clients unless --admin-api-key or --allow-remote-admin is set', 'permission_error', 'admin_loopback_only');
+    }
+    if (this.apiKeys.size === 0) return undefined;
+    const key = this.apiKeys.check(req);
+    if (key !== undefined) return key;
+    this.metrics.authFailures.inc({ scope: 'data' });
+    throw errors.unauthorized();
+  }
+
+  /** An admission slot for a generation request (a no-op without --max-concurrent-requests). */
+  private async admit(res: ServerResponse): Promise<() => void> {
+    if (!this.admission.enabled) return () => undefined;
+    const ac = new AbortController();
+    const onClose = () => ac.abort();
+    res.once('close', onClose);
+    try {
+      return await this.admission.acquire(ac.signal);
+    } catch (e) {
+      const err = e as GatewayError;
+      if (err.status === 429) {
+        this.metrics.admissionRejected.inc({ reason: 'queue_full' });
+        res.setHeader('retry-after', String(Math.max(1, Math.ceil(this.config.queueTimeoutSecs / 4))));
+      } else if (err.status === 408) this.metrics.admissionRejected.inc({ reason: 'queue_timeout' });
+      throw err;
+    } finally {
+      res.removeListener('close', onClose);
     }
   }
 
@@ -210,6 +366,7 @@ export class Gateway {
         return send(200, { status: 'ok' });
       case '/readiness': {
         expect('GET');
+        if (this.draining) return send(503, { status: 'not_ready', reason: 'shutting down' });
         const all = this.registry.all();
         const healthy = all.filter((w) => w.isAvailable()).length;
         if (healthy === 0) {
@@ -279,6 +436,7 @@ export class Gateway {
 
   private async addWorker(body: Record<string, unknown>): Promise<[number, unknown]> {
     if (typeof body.url !== 'string') throw errors.badRequest("'url' must be a string", 'invalid_type', 'url');
+    if (body.api_key !== undefined && typeof body.api_key !== 'string') throw errors.badRequest("'api_key' must be a string", 'invalid_type', 'api_key');
     if (body.model_id !== undefined && (typeof body.model_id !== 'string' || body.model_id === '')) {
       throw errors.badRequest("'model_id' must be a non-empty string", 'invalid_type', 'model_id');
     }
@@ -291,7 +449,7 @@ export class Gateway {
     if (this.registry.byUrl(url).length > 0) {
       throw new GatewayError(409, `Worker '${url}' is already registered`, 'invalid_request_error', 'worker_exists');
     }
-    const worker = await this.workers.add({ url, modelId: body.model_id as string | undefined });
+    const worker = await this.workers.add({ url, modelId: body.model_id as string | undefined, apiKey: body.api_key as string | undefined });
     this.log.info({ worker: worker.id, healthy: worker.healthy }, 'worker added');
     return [201, { status: 'added', worker: worker.toJSON() }];
   }
@@ -309,7 +467,7 @@ export class Gateway {
     return Promise.all(
       urls.map(async (url) => {
         try {
-          const res = await request(url + path, { method, signal: AbortSignal.timeout(this.config.healthCheckTimeoutSecs * 1000) });
+          const res = await request(url + path, { method, headers: this.workers.authHeaders(url), signal: AbortSignal.timeout(this.config.healthCheckTimeoutSecs * 1000) });
           const text = await res.body.text();
           return { url, ok: res.statusCode >= 200 && res.statusCode < 300, status: res.statusCode, value: read(res.statusCode, text) };
         } catch (e) {

@@ -1,4 +1,5 @@
 import type { IncomingMessage, OutgoingHttpHeaders, ServerResponse } from 'node:http';
+import { isUtf8 } from 'node:buffer';
 import { errors, GatewayError } from '../core/errors.js';
 
 export function sendJson(res: ServerResponse, status: number, body: unknown, headers: OutgoingHttpHeaders = {}): void {
@@ -55,9 +56,35 @@ export function readBody(req: IncomingMessage, limit: number): Promise<Buffer> {
   });
 }
 
-/** Parses a JSON object body; anything else is a 400 naming the problem. */
-export function parseJsonObject(buf: Buffer): Record<string, unknown> {
+/** Deepest nesting of arrays/objects in a JSON text (strings and escapes skipped); stops past `limit`. */
+export function jsonDepth(buf: Buffer, limit: number): number {
+  let depth = 0;
+  let max = 0;
+  let inString = false;
+  for (let i = 0; i < buf.length; i++) {
+    const c = buf[i];
+    if (inString) {
+      if (c === 0x5c) i++; // backslash: skip the escaped byte
+      else if (c === 0x22) inString = false;
+    } else if (c === 0x22) inString = true;
+    else if (c === 0x7b || c === 0x5b) {
+      if (++depth > max) {
+        max = depth;
+        if (max > limit) return max;
+      }
+    } else if (c === 0x7d || c === 0x5d) depth--;
+  }
+  return max;
+}
+
+/**
+ * Parses a JSON object body; anything else is a 400 naming the problem: empty, invalid UTF-8,
+ * nested deeper than `maxDepth`, not JSON, or not an object.
+ */
+export function parseJsonObject(buf: Buffer, maxDepth = 64): Record<string, unknown> {
   if (buf.length === 0) throw errors.badRequest('Request body is empty; expected a JSON object', 'invalid_json');
+  if (!isUtf8(buf)) throw errors.badRequest('Request body is not valid UTF-8', 'invalid_utf8');
+  if (jsonDepth(buf, maxDepth) > maxDepth) throw errors.badRequest(`Request body nests JSON deeper than ${maxDepth} levels`, 'json_too_deep');
   let value: unknown;
   try {
     value = JSON.parse(buf.toString('utf8'));

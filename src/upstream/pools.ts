@@ -4,7 +4,10 @@ import { Pool } from 'undici';
 export class UpstreamPools {
   private readonly pools = new Map<string, Pool>();
 
-  constructor(private readonly connections = 256) {}
+  constructor(
+    private readonly connectTimeoutMs = 10_000,
+    private readonly connections = 256,
+  ) {}
 
   get(origin: string): Pool {
     let pool = this.pools.get(origin);
@@ -13,6 +16,7 @@ export class UpstreamPools {
         connections: this.connections,
         pipelining: 1,
         keepAliveTimeout: 30_000,
+        connectTimeout: this.connectTimeoutMs,
         // Timeouts are enforced by the gateway per request (total and, later, idle).
         headersTimeout: 0,
         bodyTimeout: 0,

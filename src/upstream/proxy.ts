@@ -39,7 +39,21 @@ function responseHeaders(upstream: IncomingHttpHeaders, extra: OutgoingHttpHeade
 }
 
 class ClientGone extends Error {}
-class UpstreamTimeout extends Error {}
+type TimeoutKind = 'first_byte' | 'idle' | 'total';
+class UpstreamTimeout extends Error {
+  constructor(readonly kind: TimeoutKind) {
+    super(`upstream ${kind} timeout`);
+  }
+}
+
+export interface ProxyTimeouts {
+  /** Whole exchange, headers and body (ms). */
+  totalMs: number;
+  /** From sending the request to the response headers (ms). */
+  firstByteMs: number;
+  /** Longest silence between two body chunks (ms). */
+  idleMs: number;
+}
 
 export interface ProxyOptions {
   pool: Pool;
@@ -49,48 +63,77 @@ export interface ProxyOptions {
   res: ServerResponse;
   /** Added to the response (x-request-id, x-kvgate-worker). */
   extraResponseHeaders: OutgoingHttpHeaders;
-  /** Total time allowed for the exchange, headers and body. */
-  timeoutMs: number;
+  timeouts: ProxyTimeouts;
+  /**
+   * Answers with these statuses are not relayed: their body is read and handed back in
+   * `held`, so the caller can retry elsewhere or relay it later.
+   */
+  holdStatuses?: ReadonlySet<number>;
+  /** Called once when the first body byte arrives (streams: the first token). */
+  onFirstByte?: () => void;
+}
+
+export interface HeldResponse {
+  status: number;
+  headers: IncomingHttpHeaders;
+  body: Buffer;
 }
 
 export interface ProxyResult {
-  /** Status sent to the client (0 if nothing could be sent). */
+  /** Status sent to the client (0 if nothing was sent). */
   status: number;
   outcome: RequestOutcome;
   /** Set when the exchange failed before any response byte: the caller answers with it. */
   error?: GatewayError;
-  /** What went wrong upstream, for metrics. */
-  failure?: 'connect' | 'timeout' | 'reset';
+  /** A held answer (see holdStatuses): nothing was sent to the client. */
+  held?: HeldResponse;
+  /** What went wrong upstream, for metrics and the circuit breaker. */
+  failure?: 'connect' | 'connect_timeout' | 'first_byte_timeout' | 'idle_timeout' | 'total_timeout' | 'reset';
 }
 
-function classify(err: unknown): 'connect' | 'reset' {
+function classify(err: unknown): 'connect' | 'connect_timeout' | 'reset' {
   const code = (err as { code?: string })?.code ?? '';
-  if (code === 'ECONNREFUSED' || code === 'ENOTFOUND' || code === 'EHOSTUNREACH' || code === 'UND_ERR_CONNECT_TIMEOUT' || code === 'EAI_AGAIN') return 'connect';
+  if (code === 'UND_ERR_CONNECT_TIMEOUT') return 'connect_timeout';
+  if (code === 'ECONNREFUSED' || code === 'ENOTFOUND' || code === 'EHOSTUNREACH' || code === 'EAI_AGAIN' || code === 'ENETUNREACH') return 'connect';
   return 'reset';
+}
+
+/** Sends a held answer to the client unchanged. */
+export function relayHeld(res: ServerResponse, held: HeldResponse, extra: OutgoingHttpHeaders): void {
+  if (res.headersSent || res.destroyed) return;
+  const headers = responseHeaders(held.headers, extra);
+  headers['content-length'] = held.body.length;
+  res.writeHead(held.status, headers);
+  res.end(held.body);
 }
 
 /**
  * Sends one request to a worker and relays the answer: status, headers and body unchanged,
  * written to the client chunk by chunk as they arrive, with backpressure (the upstream read
- * pauses while the client socket is full). When the client goes away, or the time limit
- * passes, the upstream request is aborted at once and undici closes that connection.
+ * pauses while the client socket is full). When the client goes away, or a time limit passes,
+ * the upstream request is aborted at once and undici closes that connection.
  * Never throws; resolves exactly once.
  *
  * Uses undici's dispatch handler API directly: no AbortController, stream pipeline or
  * intermediate Readable per request, which is where a naive proxy spends its time.
  */
 export function proxyRequest(opts: ProxyOptions): Promise<ProxyResult> {
-  const { res } = opts;
+  const { res, timeouts } = opts;
   return new Promise<ProxyResult>((resolve) => {
     let controller: Dispatcher.DispatchController | undefined;
     let abortReason: Error | undefined;
     let status = 0;
     let settled = false;
+    let held: { status: number; headers: IncomingHttpHeaders; chunks: Buffer[] } | undefined;
+    let firstByte = false;
+    let idleTimer: NodeJS.Timeout | undefined;
 
     const settle = (r: ProxyResult) => {
       if (settled) return;
       settled = true;
-      clearTimeout(timer);
+      clearTimeout(totalTimer);
+      clearTimeout(headerTimer);
+      clearTimeout(idleTimer);
       res.removeListener('close', onClientClose);
       res.removeListener('drain', onDrain);
       resolve(r);
@@ -99,28 +142,34 @@ export function proxyRequest(opts: ProxyOptions): Promise<ProxyResult> {
       if (abortReason) return;
       abortReason = reason;
       if (controller && !controller.aborted) controller.abort(reason);
-      // Before undici started the request (queued for a connection) there is no controller yet:
-      // answer now; onRequestStart aborts it as soon as it starts.
-      if (!controller || status === 0) finishAborted();
+      // Before the headers (or before undici even started the request) nothing was sent:
+      // answer now; onRequestStart aborts the request as soon as it starts.
+      if (!controller || status === 0 || held) finishAborted();
     };
     const finishAborted = () => {
       if (abortReason instanceof ClientGone) return settle({ status, outcome: 'aborted' });
-      if (status === 0) {
-        return settle({
-          status: 504,
-          outcome: 'timeout',
-          failure: 'timeout',
-          error: errors.gatewayTimeout(`Worker did not answer within ${opts.timeoutMs / 1000} s`),
-        });
+      const kind = (abortReason as UpstreamTimeout).kind;
+      const failure = `${kind}_timeout` as const;
+      if (status === 0 || held) {
+        const secs = (kind === 'first_byte' ? timeouts.firstByteMs : kind === 'idle' ? timeouts.idleMs : timeouts.totalMs) / 1000;
+        const what = kind === 'first_byte' ? 'did not start answering' : kind === 'idle' ? 'went silent for' : 'did not finish';
+        const code = kind === 'total' ? 'worker_timeout' : `worker_${failure}`;
+        return settle({ status: 504, outcome: 'timeout', failure, error: errors.gatewayTimeout(`Worker ${what} within ${secs} s`, code) });
       }
+      // Mid-body: the client cannot get a new status; close its connection so it sees the break.
       res.destroy();
-      return settle({ status, outcome: 'timeout', failure: 'timeout' });
+      return settle({ status, outcome: 'timeout', failure });
+    };
+    const armIdle = () => {
+      clearTimeout(idleTimer);
+      idleTimer = setTimeout(() => abort(new UpstreamTimeout('idle')), timeouts.idleMs);
     };
     const onClientClose = () => {
       if (!res.writableFinished) abort(new ClientGone());
     };
     const onDrain = () => controller?.resume();
-    const timer = setTimeout(() => abort(new UpstreamTimeout()), opts.timeoutMs);
+    const totalTimer = setTimeout(() => abort(new UpstreamTimeout('total')), timeouts.totalMs);
+    const headerTimer = setTimeout(() => abort(new UpstreamTimeout('first_byte')), timeouts.firstByteMs);
     res.once('close', onClientClose);
     if (res.destroyed) return settle({ status: 0, outcome: 'aborted' });
 
@@ -133,11 +182,26 @@ export function proxyRequest(opts: ProxyOptions): Promise<ProxyResult> {
         },
         onResponseStart(_c, statusCode, headers) {
           if (settled) return;
+          clearTimeout(headerTimer);
+          armIdle();
+          if (opts.holdStatuses?.has(statusCode)) {
+            held = { status: statusCode, headers: headers as IncomingHttpHeaders, chunks: [] };
+            return;
+          }
           status = statusCode;
           res.writeHead(statusCode, responseHeaders(headers as IncomingHttpHeaders, opts.extraResponseHeaders));
         },
         onResponseData(c, chunk) {
           if (settled) return;
+          armIdle();
+          if (held) {
+            held.chunks.push(chunk);
+            return;
+          }
+          if (!firstByte) {
+            firstByte = true;
+            opts.onFirstByte?.();
+          }
           if (!res.write(chunk)) {
             c.pause();
             res.once('drain', onDrain);
@@ -145,6 +209,11 @@ export function proxyRequest(opts: ProxyOptions): Promise<ProxyResult> {
         },
         onResponseEnd() {
           if (settled) return;
+          if (held) {
+            const h = held;
+            return settle({ status: 0, outcome: 'error', held: { status: h.status, headers: h.headers, body: Buffer.concat(h.chunks) } });
+          }
+          if (!firstByte) opts.onFirstByte?.();
           res.end();
           settle({ status, outcome: status >= 500 ? 'error' : 'success' });
         },
@@ -154,9 +223,11 @@ export function proxyRequest(opts: ProxyOptions): Promise<ProxyResult> {
           if (status === 0) {
             const kind = classify(err);
             const detail = err.message || String(err);
+            if (kind === 'connect_timeout') {
+              return settle({ status: 504, outcome: 'timeout', failure: kind, error: errors.gatewayTimeout(`Connecting to the worker timed out: ${detail}`, 'worker_connect_timeout') });
+            }
             return settle({ status: 502, outcome: 'error', failure: kind, error: errors.badGateway(`Worker unreachable: ${detail}`) });
           }
-          // Mid-body failure: the client cannot get a new status; end its connection so it sees the break.
           res.destroy(err);
           settle({ status, outcome: 'error', failure: 'reset' });
         },

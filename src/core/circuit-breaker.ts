@@ -1,0 +1,84 @@
+import type { Clock } from './clock.js';
+
+export type BreakerState = 'closed' | 'open' | 'half_open';
+
+export interface BreakerConfig {
+  /** Consecutive failures that open the breaker. */
+  failureThreshold: number;
+  /** Consecutive successes in half-open that close it. */
+  successThreshold: number;
+  /** Time open before a trial (half-open), ms. */
+  openMs: number;
+  /** Never open (--disable-circuit-breaker). */
+  disabled: boolean;
+}
+
+export const defaultBreakerConfig: BreakerConfig = { failureThreshold: 10, successThreshold: 3, openMs: 60_000, disabled: false };
+
+/**
+ * Per-worker circuit breaker on consecutive outcomes. Closed → open after `failureThreshold`
+ * consecutive failures; open → half-open once `openMs` has passed (checked when asked); half-open
+ * → closed after `successThreshold` consecutive successes, or back to open on any failure.
+ * A success in the closed state resets the failure count.
+ */
+export class CircuitBreaker {
+  private s: BreakerState = 'closed';
+  private failures = 0;
+  private successes = 0;
+  private openedAt = 0;
+
+  constructor(
+    private readonly config: BreakerConfig,
+    private readonly clock: Clock,
+    private readonly onTransition?: (from: BreakerState, to: BreakerState) => void,
+  ) {}
+
+  get state(): BreakerState {
+    if (this.s === 'open' && this.clock.now() - this.openedAt >= this.config.openMs) this.move('half_open');
+    return this.s;
+  }
+
+  get consecutiveFailures(): number {
+    return this.failures;
+  }
+
+  /** Whether a request may be sent to the worker now. */
+  canExecute(): boolean {
+    return this.config.disabled || this.state !== 'open';
+  }
+
+  recordSuccess(): void {
+    const state = this.state;
+    this.failures = 0;
+    if (state === 'half_open') {
+      this.successes++;
+      if (this.successes >= this.config.successThreshold) this.move('closed');
+    }
+  }
+
+  recordFailure(): void {
+    if (this.config.disabled) return;
+    const state = this.state;
+    this.successes = 0;
+    if (state === 'half_open') {
+      this.open();
+      return;
+    }
+    this.failures++;
+    if (state === 'closed' && this.failures >= this.config.failureThreshold) this.open();
+  }
+
+  private open(): void {
+    this.openedAt = this.clock.now();
+    this.move('open');
+  }
+
+  private move(to: BreakerState): void {
+    const from = this.s;
+    if (from === to) return;
+    this.s = to;
+    if (to !== 'half_open') this.successes = 0;
+    if (to === 'closed') this.failures = 0;
+    this.onTransition?.(from, to);
+  }
+}
