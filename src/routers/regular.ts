@@ -112,14 +112,14 @@ export class RegularRouter {
 
     if (!last) throw errors.noHealthyWorkers(model);
     const { worker, result } = last;
+    const failed = !!result.held || !!result.error || RETRYABLE_STATUSES.has(result.status);
+    if (failed && excluded.size > 0) metrics.retriesExhausted.inc({ route: r.route });
     const headers = { 'x-request-id': r.requestId, 'x-kvgate-worker': worker.id };
     if (result.held) {
-      if (excluded.size > 0) metrics.retriesExhausted.inc({ route: r.route });
       relayHeld(r.res, result.held, headers);
       return result.held.status;
     }
     if (result.error) {
-      if (excluded.size > 0) metrics.retriesExhausted.inc({ route: r.route });
       sendError(r.res, result.error, headers);
       return result.error.status;
     }

@@ -189,13 +189,16 @@ export class Gateway {
       server.once('error', reject);
       server.listen(this.config.port, this.config.host, () => {
         server.removeListener('error', reject);
+        this.boundPort = (server.address() as AddressInfo).port;
         resolve();
       });
     });
   }
 
+  private boundPort = 0;
+
   get port(): number {
-    return (this.server!.address() as AddressInfo).port;
+    return this.boundPort;
   }
 
   get url(): string {
@@ -213,14 +216,15 @@ export class Gateway {
   }
 
   /**
-   * Graceful shutdown: readiness turns 503 at once, new connections are refused and new requests
-   * answered 503, in-flight requests and streams may finish for up to `graceMs`; whatever still
-   * runs then is cut (its upstream requests aborted). Resolves with the number of requests cut.
+   * Graceful shutdown: readiness turns 503 at once and every new request is answered 503
+   * `shutting_down` (connection: close); in-flight requests and streams may finish for up to
+   * `graceMs`; whatever still runs then is cut (its upstream requests aborted), and the listener
+   * closes. Resolves with the number of requests cut.
    */
   async shutdown(graceMs: number): Promise<number> {
+    // Keep listening while draining so load balancers see readiness 503 (and clients a clear
+    // 503 shutting_down with connection: close) instead of refused connections.
     this.draining = true;
-    this.server?.close();
-    this.server?.closeIdleConnections();
     const deadline = Date.now() + graceMs;
     while (this.inFlight.size > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
     const cut = this.inFlight.size;
