@@ -14,6 +14,8 @@ export interface RequestContext {
   readonly tokenIds?: ArrayLike<number>;
   readonly headers: IncomingHttpHeaders;
   readonly stream: boolean;
+  /** Output tokens asked for (max_tokens and the like), when the request says. */
+  readonly maxOutputTokens?: number;
   /** Arrival time on the policy clock (ms). */
   readonly arrivalMs: number;
 }

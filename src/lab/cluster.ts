@@ -1,4 +1,6 @@
+import { BlockIndex } from '../cache/block-index.js';
 import { ManualClock } from '../core/clock.js';
+import type { KvCacheEvent } from '../events/types.js';
 import type { RequestContext } from '../core/context.js';
 import { WorkerRegistry } from '../core/registry.js';
 import { SeededRng } from '../core/rng.js';
@@ -6,6 +8,7 @@ import { Worker, type LoadGuard } from '../core/worker.js';
 import { createPolicy, type PolicyOptions } from '../policies/factory.js';
 import type { PolicyObserver, RoutingPolicy } from '../policies/policy.js';
 import type { CostModelConfig } from '../sim/cost-model.js';
+import type { KvEvent } from '../sim/kv-events.js';
 import { Engine, EngineRequestError, type EngineOptions, type RequestRecord } from '../sim/engine.js';
 import { EventQueue } from './event-queue.js';
 import type { LabRequest } from './workload.js';
@@ -27,6 +30,28 @@ export interface ClusterConfig {
   pooled?: boolean;
   /** Called every `progressEvery` arrivals with the fraction done. */
   onProgress?: (fraction: number) => void;
+  /** KV events reach the router's index this long after the engine step that produced them (ms). */
+  kvEventDelayMs?: number;
+  /** Engine metrics (running, waiting, KV usage) are sampled this often (ms)... */
+  metricsIntervalMs?: number;
+  /** ...and seen by the router this long after sampling (ms). */
+  metricsDelayMs?: number;
+}
+
+export const LAB_DEFAULTS = { kvEventDelayMs: 50, metricsIntervalMs: 1000, metricsDelayMs: 50 } as const;
+
+/** The simulated engine's events in the router's normalised form (what the ZMQ decoder yields). */
+function normalise(events: readonly KvEvent[]): KvCacheEvent[] {
+  return events.map((e): KvCacheEvent => {
+    switch (e.type) {
+      case 'BlockStored':
+        return { type: 'stored', blockHashes: e.blockHashes, parentBlockHash: e.parentBlockHash, tokenIds: e.tokenIds, blockSize: e.blockSize, medium: e.medium, loraName: e.loraName };
+      case 'BlockRemoved':
+        return { type: 'removed', blockHashes: e.blockHashes, medium: e.medium };
+      case 'AllBlocksCleared':
+        return { type: 'cleared' };
+    }
+  });
 }
 
 export interface ClusterRun {
@@ -48,7 +73,10 @@ export interface ClusterRun {
   steps: number;
 }
 
-type Ev = { kind: 'step'; engine: number } | { kind: 'timer'; everyMs: number; fn: () => void; cancelled: { v: boolean } };
+type Ev =
+  | { kind: 'step'; engine: number }
+  | { kind: 'timer'; everyMs: number; fn: () => void; cancelled: { v: boolean } }
+  | { kind: 'deliver'; fn: () => void };
 
 /**
  * A discrete-event simulation, in virtual time, of a router in front of N simulated engines.
@@ -76,7 +104,27 @@ export function runCluster(requests: readonly LabRequest[], cfg: ClusterConfig):
       cost: { ...base.cost, slowFactor: probe.config.cost.slowFactor / k },
     };
   };
-  const engines = Array.from({ length: n }, (_, i) => new Engine(engineOpts(i)));
+  const kvDelay = cfg.kvEventDelayMs ?? LAB_DEFAULTS.kvEventDelayMs;
+  const usesEvents = !cfg.pooled && cfg.policy === 'kv_aware';
+  const index = new BlockIndex();
+  const lastEventAt = new Map<string, number>();
+  const engines = Array.from({ length: n }, (_, i) => {
+    const opts = engineOpts(i);
+    if (usesEvents) {
+      const source = `http://engine-${i}.lab`;
+      opts.kvEventSink = (events) => {
+        const batch = normalise(events);
+        queue.push(clock.now() + kvDelay, {
+          kind: 'deliver',
+          fn: () => {
+            index.apply(source, batch);
+            lastEventAt.set(source, clock.now());
+          },
+        });
+      };
+    }
+    return new Engine(opts);
+  });
 
   const registry = new WorkerRegistry();
   const workers = engines.map((_, i) => {
@@ -106,8 +154,32 @@ export function runCluster(requests: readonly LabRequest[], cfg: ClusterConfig):
         };
       },
     },
-    cfg.policyOptions,
+    {
+      ...cfg.policyOptions,
+      kvIndex: { index, lastEventAtMs: (id) => lastEventAt.get(id), isAccurate: () => true },
+    },
   );
+  const firstToken = policy.onFirstToken?.bind(policy);
+
+  // Engine metrics as a scraper would see them: sampled periodically, visible after a delay.
+  const metricsEvery = cfg.metricsIntervalMs ?? LAB_DEFAULTS.metricsIntervalMs;
+  const metricsDelay = cfg.metricsDelayMs ?? LAB_DEFAULTS.metricsDelayMs;
+  const usesMetrics = !cfg.pooled && (cfg.policy === 'least_kv_cache' || cfg.policy === 'least_waiting');
+  const sampleMetrics = () => {
+    const at = clock.now();
+    const snaps = engines.map((e) => e.stats());
+    queue.push(at + metricsDelay, {
+      kind: 'deliver',
+      fn: () =>
+        snaps.forEach((st, i) => {
+          workers[i].engineLoad = { running: st.running, waiting: st.waiting, kvUsage: st.kvUsage, updatedAtMs: at };
+        }),
+    });
+  };
+  if (usesMetrics) {
+    sampleMetrics();
+    queue.push(metricsEvery, { kind: 'timer', everyMs: metricsEvery, fn: sampleMetrics, cancelled: { v: false } });
+  }
 
   const guards = new Map<string, { guard: LoadGuard; ctx: RequestContext }>();
   const placement = new Map<string, number>();
@@ -134,6 +206,7 @@ export function runCluster(requests: readonly LabRequest[], cfg: ClusterConfig):
       tokenIds: req.promptTokens,
       headers: {},
       stream: true,
+      maxOutputTokens: req.outputTokens,
       arrivalMs: clock.now(),
     };
     const worker = policy.selectWorker(registry.forModel('lab'), ctx);
@@ -178,9 +251,20 @@ export function runCluster(requests: readonly LabRequest[], cfg: ClusterConfig):
       queue.push(clock.now() + t.everyMs, t);
       continue;
     }
+    if (ev.item.kind === 'deliver') {
+      ev.item.fn();
+      continue;
+    }
     const i = ev.item.engine;
     const res = engines[i].completeStep();
     steps++;
+    if (firstToken) {
+      for (const o of res.outputs) {
+        if (o.index !== 0) continue;
+        const g = guards.get(o.id);
+        if (g) firstToken(g.guard.worker, g.ctx);
+      }
+    }
     for (const rec of res.finished) {
       const g = guards.get(rec.id);
       if (g) {

@@ -11,6 +11,8 @@ export interface PolicyObserver {
   cacheHit?(worker: Worker, matchedChars: number, inputChars: number): void;
   cacheMiss?(inputChars: number): void;
   loadBalanced?(worker: Worker): void;
+  /** kv_aware chose `worker`, holding `overlapBlocks` of the request's `requestBlocks`. */
+  kvDecision?(worker: Worker, overlapBlocks: number, requestBlocks: number, fallback: boolean): void;
 }
 
 export interface PolicyDeps {

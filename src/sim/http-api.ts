@@ -1,5 +1,5 @@
 import { STATUS_CODES } from 'node:http';
-import type { ChatMessage } from './tokenizer.js';
+import type { ChatMessage } from '../tokenize/index.js';
 
 /**
  * Request parsing and response shapes of the simulator's HTTP API (OpenAI / vLLM and SGLang

@@ -8,7 +8,7 @@ import { Engine, EngineRequestError, type RequestRecord, type TokenOutput } from
 import { parseChat, parseCompletion, parseGenerate, SimHttpError, usageOf, type ParsedGeneration } from './http-api.js';
 import { endpointForRank, KvEventPublisher } from './kv-publisher.js';
 import { SimMetrics } from './metrics.js';
-import { loadTokenizer, type SimTokenizer } from './tokenizer.js';
+import { loadTokenizer, type Tokenizer as SimTokenizer } from '../tokenize/index.js';
 
 /**
  * `kvgate sim`: an HTTP server that looks like vLLM (and answers SGLang's /generate, /get_load,

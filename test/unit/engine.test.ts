@@ -5,7 +5,7 @@ import { DEFAULT_COST_MODEL, stepDurationMs } from '../../src/sim/cost-model.js'
 import { Engine, type EngineOptions, type RequestRecord, type StepPlan, type TokenOutput } from '../../src/sim/engine.js';
 import { DEFAULT_NUM_GPU_BLOCKS } from '../../src/sim/kv-cache.js';
 import type { KvEvent } from '../../src/sim/kv-events.js';
-import { ChunkTokenizer, HfTokenizer } from '../../src/sim/tokenizer.js';
+import { ChunkTokenizer, HfTokenizer } from '../../src/tokenize/index.js';
 
 /** Mirrors a router's view of one engine's cache from its KV events. */
 class EventMirror {

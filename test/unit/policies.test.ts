@@ -6,6 +6,10 @@ import { Worker } from '../../src/core/worker.js';
 import { CacheAwarePolicy, defaultCacheAwareConfig } from '../../src/policies/cache-aware.js';
 import { createPolicy, POLICY_NAMES } from '../../src/policies/factory.js';
 import type { PolicyDeps } from '../../src/policies/policy.js';
+import { BlockIndex } from '../../src/cache/block-index.js';
+
+/** What the host gives kv_aware: an index (empty here: no engine events), so it routes on history. */
+const hostOptions = () => ({ kvIndex: { index: new BlockIndex(), lastEventAtMs: () => undefined, isAccurate: () => true } });
 
 const deps = (seed = 1): PolicyDeps => ({ clock: new ManualClock(), rng: new SeededRng(seed) });
 
@@ -32,7 +36,7 @@ describe('every policy', () => {
     const ws = mkWorkers(4);
     ws[0].healthy = false;
     ws[2].healthy = false;
-    const p = createPolicy(name, deps());
+    const p = createPolicy(name, deps(), hostOptions());
     for (let i = 0; i < 200; i++) {
       const w = p.selectWorker(ws, ctx(`text ${i % 7}`))!;
       expect([ws[1], ws[3]]).toContain(w);
@@ -50,7 +54,7 @@ describe('every policy', () => {
       d.healthy = true;
       return d;
     });
-    const pair = createPolicy(name, deps()).selectPair(pre, dec, ctx('hello'))!;
+    const pair = createPolicy(name, deps(), hostOptions()).selectPair(pre, dec, ctx('hello'))!;
     expect(pre).toContain(pair.prefill);
     expect(dec).toContain(pair.decode);
   });

@@ -1,0 +1,292 @@
+import { xxh3 } from '@node-rs/xxhash';
+import { CharTree } from '../cache/char-tree.js';
+import { hashBlocks, LOCAL_HASH_SEED, type BlockIndex } from '../cache/block-index.js';
+import type { RequestContext } from '../core/context.js';
+import type { Worker } from '../core/worker.js';
+import { available, BasePolicy, type PolicyDeps } from './policy.js';
+
+/** What kv_aware reads from the KV-event side: the index and each worker's event freshness. */
+export interface KvIndexView {
+  readonly index: BlockIndex;
+  /** Policy-clock time of the last event batch applied for this worker; undefined if none ever. */
+  lastEventAtMs(workerId: string): number | undefined;
+  /** False while the worker's entries are known to be incomplete (e.g. a gap replay could not repair). */
+  isAccurate(workerId: string): boolean;
+}
+
+export interface KvAwareConfig {
+  /** Weight of the prefill still needed against the blocks already active (Dynamo: 1.0). */
+  overlapWeight: number;
+  /** Weight of the blocks in-flight requests occupy (decode load) next to their pending prefill. */
+  activeWeight: number;
+  /** 0 = argmin; > 0 samples a softmax over normalised costs. */
+  temperature: number;
+  /**
+   * A worker whose last event batch is older than its last finished request by more than this
+   * is treated as stale (its events stopped arriving) and routed on the approximate tree.
+   */
+  staleAfterMs: number;
+  /**
+   * How much the routing history counts next to the engines' events (0 = events only, 1 = a
+   * block sent to a worker before counts as held there even after the engine evicted it).
+   */
+  historyWeight: number;
+  /** Block size when the index has not learnt it from events yet. */
+  defaultBlockSize: number;
+  /** Approximate fallback tree: characters kept per worker. */
+  maxTreeSize: number;
+  evictionIntervalSecs: number;
+}
+
+export const defaultKvAwareConfig: KvAwareConfig = {
+  overlapWeight: 1.0,
+  activeWeight: 1.0,
+  temperature: 0,
+  staleAfterMs: 5000,
+  historyWeight: 1,
+  defaultBlockSize: 16,
+  maxTreeSize: 67_108_864,
+  evictionIntervalSecs: 120,
+};
+
+interface Active {
+  seqHashes: bigint[];
+  prefillTokens: number;
+}
+
+interface WorkerState {
+  active: Map<string, Active>;
+  /** Refcounts of the sequence hashes of active requests' blocks (shared prefixes counted once). */
+  blocks: Map<bigint, number>;
+  pendingPrefillTokens: number;
+  lastCompletionMs: number;
+}
+
+export interface KvDecision {
+  worker: Worker;
+  overlapBlocks: number;
+  requestBlocks: number;
+  cost: number;
+  /** The chosen worker's overlap came from the approximate tree (no fresh events). */
+  fallback: boolean;
+}
+
+const seqBuf = Buffer.alloc(16);
+
+/** Chained sequence hashes (position-aware) of a request's local block hashes, for active-block dedup. */
+function sequenceHashes(local: readonly bigint[]): bigint[] {
+  const out: bigint[] = new Array(local.length);
+  let prev = 0n;
+  for (let i = 0; i < local.length; i++) {
+    seqBuf.writeBigUInt64LE(prev, 0);
+    seqBuf.writeBigUInt64LE(local[i], 8);
+    prev = i === 0 ? local[0] : xxh3.xxh64(seqBuf, LOCAL_HASH_SEED);
+    out[i] = prev;
+  }
+  return out;
+}
+
+/**
+ * Precise KV-cache-aware routing from the engines' own KV events (NVIDIA Dynamo's cost model,
+ * with kvgate's own tracking of what it routed).
+ *
+ * For each available worker (each data-parallel rank is its own worker):
+ *   overlap   = consecutive prefix blocks of the request the worker holds (block index)
+ *   prefill   = this request's blocks still to compute there (blocks − overlap)
+ *   active    = distinct blocks of its in-flight requests + this request's blocks not among them
+ *               + the prefill its in-flight requests still have to do (in blocks)
+ *   cost      = overlapWeight × prefill + active
+ * Lowest cost wins; ties go to the emptier cache (fewer indexed blocks), then at random.
+ * With temperature > 0 the choice is sampled from softmax(−cost / (max − min) / T).
+ * In-flight tracking: added on routing, prefill marked done at the first streamed token, freed
+ * when the request ends. Workers whose events are absent or stale use an approximate character
+ * tree of routing history for their overlap, and the decision says so. A worker's overlap also
+ * counts the request's leading blocks that its in-flight requests are computing right now: they
+ * will be cached there before this request's prefill reaches them, but their events have not
+ * arrived yet.
+ */
+export class KvAwarePolicy extends BasePolicy {
+  readonly name = 'kv_aware';
+  readonly needsTokens = true;
+  private readonly state = new Map<string, WorkerState>();
+  private readonly trees = new Map<string, CharTree>();
+  private readonly cancelEviction: (() => void) | undefined;
+  /** The last decision (for metrics and tests). */
+  lastDecision: KvDecision | undefined;
+
+  constructor(
+    deps: PolicyDeps,
+    private readonly view: KvIndexView,
+    readonly config: KvAwareConfig = defaultKvAwareConfig,
+  ) {
+    super(deps);
+    if (config.evictionIntervalSecs > 0 && deps.schedule) {
+      this.cancelEviction = deps.schedule(config.evictionIntervalSecs * 1000, () => {
+        for (const t of this.trees.values()) t.evictTenantBySize(config.maxTreeSize);
+      });
+    }
+  }
+
+  /** Whether a worker's KV events can be trusted now. */
+  isFresh(workerId: string): boolean {
+    const last = this.view.lastEventAtMs(workerId);
+    if (last === undefined || !this.view.isAccurate(workerId)) return false;
+    const completed = this.state.get(workerId)?.lastCompletionMs ?? -Infinity;
+    return completed - last <= this.config.staleAfterMs;
+  }
+
+  selectWorker(candidates: readonly Worker[], ctx: RequestContext): Worker | undefined {
+    const healthy = available(candidates);
+    if (healthy.length === 0) return undefined;
+    const bs = this.view.index.blockSize ?? this.config.defaultBlockSize;
+    const tokens = ctx.tokenIds;
+    const text = ctx.routingText;
+    // Without token ids (no tokenizer for this model) every worker is judged on the text tree.
+    const local = tokens ? hashBlocks(tokens, bs) : [];
+    const inputTokens = tokens ? tokens.length : Math.ceil([...text].length / 4);
+    const requestBlocks = Math.ceil(inputTokens / bs);
+    const seq = sequenceHashes(local);
+    const fullBlocks = Math.floor(inputTokens / bs);
+    const overlaps = tokens ? this.view.index.match(local) : new Map<string, number>();
+    const tree = this.treeFor(ctx.model);
+    const textChars = text.length > 0 ? [...text].length : 0;
+
+    const costs: number[] = [];
+    const meta: Array<{ overlap: number; fallback: boolean }> = [];
+    for (const w of healthy) {
+      const fresh = tokens !== undefined && this.isFresh(w.id);
+      const s = this.state.get(w.id);
+      // Routing history (approximate): blocks of this request that went to this worker before.
+      const history = textChars > 0 ? Math.floor((tree.prefixMatchTenant(text, w.id) / textChars) * fullBlocks) : 0;
+      let overlap: number;
+      if (fresh) {
+        // The engine's own events say what it holds now. History adds affinity: a prefix the
+        // engine has evicted is still best re-warmed where it lived, so prefixes stay on one
+        // worker instead of spreading over all of them (which wastes the cluster's cache).
+        overlap = Math.max(overlaps.get(w.id) ?? 0, Math.floor(this.config.historyWeight * history));
+      } else overlap = history;
+      // Blocks that requests in flight on this worker are computing now will be in its cache
+      // before this request's prefill gets there: count them as overlap too (their events have
+      // not arrived yet, so the index cannot know).
+      if (s && s.blocks.size > 0) {
+        let pending = 0;
+        while (pending < seq.length && s.blocks.has(seq[pending])) pending++;
+        if (pending > overlap) overlap = pending;
+      }
+      const uncached = Math.max(0, inputTokens - overlap * bs);
+      let newBlocks = 0;
+      if (s) {
+        for (const h of seq) if (!s.blocks.has(h)) newBlocks++;
+        newBlocks += requestBlocks - seq.length; // the trailing partial block is always new
+      } else newBlocks = requestBlocks;
+      // Load already on the worker: the blocks its in-flight requests occupy plus the prefill
+      // they still have to do, and what this request adds.
+      const active = this.config.activeWeight * ((s?.blocks.size ?? 0) + newBlocks) + (s?.pendingPrefillTokens ?? 0) / bs;
+      costs.push((this.config.overlapWeight * uncached) / bs + active);
+      meta.push({ overlap, fallback: !fresh });
+    }
+
+    const i = this.config.temperature > 0 ? this.sample(costs) : this.argmin(healthy, costs);
+    const chosen = healthy[i];
+    this.lastDecision = { worker: chosen, overlapBlocks: meta[i].overlap, requestBlocks, cost: costs[i], fallback: meta[i].fallback };
+    this.deps.observer?.kvDecision?.(chosen, meta[i].overlap, requestBlocks, meta[i].fallback);
+    this.track(chosen, ctx.requestId, seq, Math.max(0, inputTokens - meta[i].overlap * bs));
+    if (textChars > 0) tree.insert(text, chosen.id);
+    return chosen;
+  }
+
+  onFirstToken(worker: Worker, ctx: RequestContext): void {
+    const s = this.state.get(worker.id);
+    const a = s?.active.get(ctx.requestId);
+    if (!s || !a || a.prefillTokens === 0) return;
+    s.pendingPrefillTokens -= a.prefillTokens;
+    a.prefillTokens = 0;
+  }
+
+  onRequestComplete(worker: Worker, ctx: RequestContext): void {
+    const s = this.state.get(worker.id);
+    if (!s) return;
+    s.lastCompletionMs = this.deps.clock.now();
+    const a = s.active.get(ctx.requestId);
+    if (!a) return;
+    s.active.delete(ctx.requestId);
+    s.pendingPrefillTokens -= a.prefillTokens;
+    for (const h of a.seqHashes) {
+      const n = s.blocks.get(h)! - 1;
+      if (n === 0) s.blocks.delete(h);
+      else s.blocks.set(h, n);
+    }
+  }
+
+  onWorkerRemoved(worker: Worker): void {
+    this.state.delete(worker.id);
+    for (const t of this.trees.values()) t.removeTenant(worker.id);
+  }
+
+  close(): void {
+    this.cancelEviction?.();
+  }
+
+  /** In-flight view of a worker (for metrics and tests). */
+  activeOf(workerId: string): { requests: number; blocks: number; pendingPrefillTokens: number } {
+    const s = this.state.get(workerId);
+    return { requests: s?.active.size ?? 0, blocks: s?.blocks.size ?? 0, pendingPrefillTokens: s?.pendingPrefillTokens ?? 0 };
+  }
+
+  private track(worker: Worker, requestId: string, seq: bigint[], prefillTokens: number): void {
+    let s = this.state.get(worker.id);
+    if (!s) {
+      s = { active: new Map(), blocks: new Map(), pendingPrefillTokens: 0, lastCompletionMs: -Infinity };
+      this.state.set(worker.id, s);
+    }
+    s.active.set(requestId, { seqHashes: seq, prefillTokens });
+    s.pendingPrefillTokens += prefillTokens;
+    for (const h of seq) s.blocks.set(h, (s.blocks.get(h) ?? 0) + 1);
+  }
+
+  private argmin(ws: readonly Worker[], costs: number[]): number {
+    let best = Infinity;
+    let ties: number[] = [];
+    for (let i = 0; i < costs.length; i++) {
+      if (costs[i] < best - 1e-9) {
+        best = costs[i];
+        ties = [i];
+      } else if (Math.abs(costs[i] - best) <= 1e-9) ties.push(i);
+    }
+    if (ties.length > 1) {
+      let fewest = Infinity;
+      let emptiest: number[] = [];
+      for (const i of ties) {
+        const blocks = this.view.index.blocksOf(ws[i].id);
+        if (blocks < fewest) {
+          fewest = blocks;
+          emptiest = [i];
+        } else if (blocks === fewest) emptiest.push(i);
+      }
+      ties = emptiest;
+    }
+    return ties.length === 1 ? ties[0] : ties[this.deps.rng.int(ties.length)];
+  }
+
+  private sample(costs: number[]): number {
+    const min = Math.min(...costs);
+    const span = Math.max(...costs) - min || 1;
+    const weights = costs.map((c) => Math.exp(-((c - min) / span) / this.config.temperature));
+    const total = weights.reduce((a, b) => a + b, 0);
+    let r = this.deps.rng.next() * total;
+    for (let i = 0; i < weights.length; i++) {
+      r -= weights[i];
+      if (r <= 0) return i;
+    }
+    return weights.length - 1;
+  }
+
+  private treeFor(model: string): CharTree {
+    let t = this.trees.get(model);
+    if (!t) {
+      t = new CharTree();
+      this.trees.set(model, t);
+    }
+    return t;
+  }
+}

@@ -1,0 +1,406 @@
+import { readFile, stat } from 'node:fs/promises';
+import { dirname, join } from 'node:path';
+import { Template } from '@huggingface/jinja';
+import { Tokenizer as CoreTokenizer } from '@huggingface/tokenizers';
+import { errors } from '../core/errors.js';
+import { conversationOf, cutAfterFinalMessage, detectContentFormat } from './chat.js';
+import { LruCache } from './lru.js';
+import type { ChatContentFormat, ChatMessage, ChatRenderOptions, EncodeOptions, Tokenizer } from './tokenizer.js';
+
+/**
+ * A Hugging Face tokenizer: tokenizer.json run by @huggingface/tokenizers, and the chat template
+ * of tokenizer_config.json (or chat_template.jinja) run by @huggingface/jinja, applied to messages
+ * the way vLLM's chat endpoint does (message normalization, content format, tools, special-token
+ * variables, `add_generation_prompt`, `continue_final_message`).
+ *
+ * Encoding is cached per segment: the tokenizer cuts text at its added tokens (`<|im_start|>`,
+ * `<|eot_id|>`...) before anything else and encodes the pieces independently, so a rendered chat
+ * is a sequence of pieces that mostly repeat across a conversation's turns (one per message for
+ * ChatML/Llama-style templates). Pieces are looked up in an LRU cache and only new ones are
+ * encoded. This is exact, not an approximation: it is enabled only for tokenizers where the
+ * pieces' encodings do not depend on their position (no lstrip/rstrip on added tokens, no
+ * Metaspace `prepend_scheme: "first"`), and checked against a full encode when loading.
+ */
+
+type Json = Record<string, unknown>;
+type TokenValue = string | { content?: string } | null | undefined;
+
+function tokenText(v: unknown): string | undefined {
+  if (typeof v === 'string') return v;
+  if (v && typeof v === 'object' && typeof (v as { content?: unknown }).content === 'string') return (v as { content: string }).content;
+  return undefined;
+}
+
+const SPECIAL_TOKEN_KEYS = ['bos_token', 'eos_token', 'unk_token', 'sep_token', 'pad_token', 'cls_token', 'mask_token'];
+
+interface NamedTemplate {
+  readonly source: string;
+  readonly template: Template;
+  readonly format: ChatContentFormat;
+}
+
+interface TrieNode {
+  next: Map<number, TrieNode>;
+  end?: string;
+}
+
+export interface HfTokenizerOptions {
+  /** A label (default: the tokenizer.json path). */
+  name?: string;
+  /** A Jinja chat template to use instead of the tokenizer's (vLLM's `--chat-template`). */
+  chatTemplate?: string;
+  /** Segment cache bounds (defaults 16,384 segments, 8M characters); 0 entries disables it. */
+  segmentCacheEntries?: number;
+  segmentCacheChars?: number;
+}
+
+export class HfTokenizer implements Tokenizer {
+  readonly name: string;
+  readonly vocabSize: number;
+  readonly hasChatTemplate: boolean;
+  /** Whether encoding goes through the segment cache (see the class comment). */
+  readonly segmentCaching: boolean;
+  /** Whether `addSpecialTokens: true` adds anything (e.g. a BOS) for this tokenizer. */
+  readonly addsSpecialTokens: boolean;
+  private readonly core: CoreTokenizer;
+  private readonly templates = new Map<string, NamedTemplate>();
+  private readonly templateVars: Json = {};
+  private readonly decodeCache = new Map<number, string>();
+  private readonly splitRoot: TrieNode = { next: new Map() };
+  private readonly splitIds = new Map<string, number>();
+  private readonly segments: LruCache<string, Uint32Array>;
+
+  /**
+   * @param tokenizerJson the parsed tokenizer.json
+   * @param config the parsed tokenizer_config.json ({} when absent)
+   */
+  constructor(tokenizerJson: Json, config: Json, opts: HfTokenizerOptions = {}) {
+    this.name = opts.name ?? 'hf';
+    this.core = new CoreTokenizer(tokenizerJson, config);
+    this.vocabSize = this.core.get_vocab(true).size;
+
+    // Template variables transformers passes besides messages: its special_tokens_map.
+    for (const key of SPECIAL_TOKEN_KEYS) {
+      const t = tokenText(config[key] as TokenValue);
+      if (t !== undefined) this.templateVars[key] = t;
+    }
+    const extra = config['additional_special_tokens'];
+    if (Array.isArray(extra) && extra.length > 0) this.templateVars['additional_special_tokens'] = extra.map(tokenText).filter((t) => t !== undefined);
+
+    const chat = opts.chatTemplate ?? config['chat_template'];
+    if (typeof chat === 'string') this.addTemplate('default', chat);
+    else if (Array.isArray(chat)) {
+      for (const t of chat as { name?: unknown; template?: unknown }[]) {
+        if (t && typeof t.name === 'string' && typeof t.template === 'string') this.addTemplate(t.name, t.template);
+      }
+    }
+    this.hasChatTemplate = this.templates.size > 0;
+
+    this.addsSpecialTokens = !sameIds(this.core.encode('a b', { add_special_tokens: true }).ids, this.core.encode('a b', { add_special_tokens: false }).ids);
+    this.segments = new LruCache(opts.segmentCacheEntries ?? 16_384, opts.segmentCacheChars ?? 8_000_000);
+    this.segmentCaching = this.segments.maxEntries > 0 && this.setUpSegments(tokenizerJson);
+  }
+
+  /**
+   * Load from a tokenizer.json path, or a directory holding tokenizer.json. The directory's
+   * tokenizer_config.json (special tokens, `chat_template`) and chat_template.jinja (which
+   * takes precedence, as in transformers) are read when present.
+   */
+  static async load(path: string, opts: HfTokenizerOptions = {}): Promise<HfTokenizer> {
+    let isDir: boolean;
+    try {
+      isDir = (await stat(path)).isDirectory();
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') {
+        throw new Error(`Tokenizer not found: ${path} (expected a tokenizer.json file or a directory holding one)`);
+      }
+      throw err;
+    }
+    const jsonPath = isDir ? join(path, 'tokenizer.json') : path;
+    const dir = isDir ? path : dirname(path);
+    const tokenizerJson = await readJson(jsonPath, isDir ? `No tokenizer.json in directory ${path}` : undefined);
+    if (tokenizerJson === undefined) throw new Error(`Tokenizer not found: ${jsonPath}`);
+    if (!isObject(tokenizerJson) || !isObject(tokenizerJson['model']) || typeof tokenizerJson['model']['type'] !== 'string') {
+      throw new Error(`Invalid tokenizer file ${jsonPath}: not a Hugging Face tokenizer.json (no "model" with a "type")`);
+    }
+    const configPath = join(dir, 'tokenizer_config.json');
+    const config = (await readJson(configPath)) ?? {};
+    if (!isObject(config)) throw new Error(`Invalid ${configPath}: expected a JSON object`);
+    let chatTemplate = opts.chatTemplate;
+    if (chatTemplate === undefined) {
+      try {
+        chatTemplate = await readFile(join(dir, 'chat_template.jinja'), 'utf8');
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
+      }
+    }
+    try {
+      return new HfTokenizer(tokenizerJson, config, { ...opts, name: opts.name ?? jsonPath, chatTemplate });
+    } catch (err) {
+      throw new Error(`Invalid tokenizer ${jsonPath}: ${(err as Error).message}`);
+    }
+  }
+
+  encode(text: string, opts?: EncodeOptions): number[] {
+    const add = opts?.addSpecialTokens ?? true;
+    if (this.segmentCaching && !(add && this.addsSpecialTokens)) return Array.from(this.encodeSegments(text));
+    return this.core.encode(text, { add_special_tokens: add }).ids;
+  }
+
+  encodeIds(text: string, opts?: EncodeOptions): Uint32Array {
+    const add = opts?.addSpecialTokens ?? true;
+    if (this.segmentCaching && !(add && this.addsSpecialTokens)) return this.encodeSegments(text);
+    return Uint32Array.from(this.core.encode(text, { add_special_tokens: add }).ids);
+  }
+
+  decode(ids: ArrayLike<number>, opts?: { skipSpecialTokens?: boolean }): string {
+    if (ids.length === 0) return '';
+    return this.core.decode(Array.from(ids), { skip_special_tokens: opts?.skipSpecialTokens ?? false });
+  }
+
+  decodeToken(id: number): string {
+    const cached = this.decodeCache.get(id);
+    if (cached !== undefined) return cached;
+    const s = this.core.decode([id], { skip_special_tokens: true });
+    this.decodeCache.set(id, s);
+    return s;
+  }
+
+  /** Token id of a vocabulary entry (e.g. `<|im_start|>`), if any. */
+  tokenToId(token: string): number | undefined {
+    return this.core.token_to_id(token);
+  }
+
+  chatContentFormat(opts?: ChatRenderOptions): ChatContentFormat {
+    return this.templateFor(opts)?.format ?? 'string';
+  }
+
+  /**
+   * Render with the chat template, as vLLM does: messages normalized (chat.ts) to the template's
+   * content format; variables `messages`, `tools`, `documents`, `add_generation_prompt` (default
+   * true unless `continueFinalMessage`), the special tokens of tokenizer_config.json
+   * (`bos_token`, `eos_token`...), then `kwargs` (chat_template_kwargs). A tokenizer without a
+   * template renders `role: content` lines (for the simulator only: no engine does that).
+   * Template errors (`raise_exception(...)`) become 400 errors.
+   */
+  renderChat(messages: readonly ChatMessage[], opts: ChatRenderOptions = {}): string {
+    const named = this.templateFor(opts);
+    if (named === undefined) {
+      let s = '';
+      for (const m of conversationOf(messages, 'string')) s += `${m.role}: ${m.content as string}\n`;
+      return opts.addGenerationPrompt === false || opts.continueFinalMessage ? s : s + 'assistant: ';
+    }
+    const conversation = conversationOf(messages, named.format);
+    const addGenerationPrompt = opts.addGenerationPrompt ?? !opts.continueFinalMessage;
+    if (addGenerationPrompt && opts.continueFinalMessage) {
+      throw errors.badRequest('Cannot set both `continue_final_message` and `add_generation_prompt` to True.', 'invalid_value', 'continue_final_message');
+    }
+    let text: string;
+    try {
+      text = named.template.render({
+        ...this.templateVars,
+        add_generation_prompt: addGenerationPrompt,
+        tools: opts.tools ?? null,
+        documents: opts.documents ?? null,
+        ...opts.kwargs,
+        messages: conversation,
+      });
+    } catch (err) {
+      throw errors.badRequest(`Chat template error: ${(err as Error).message}`, 'chat_template_error', 'messages');
+    }
+    return opts.continueFinalMessage ? cutAfterFinalMessage(text, conversation) : text;
+  }
+
+  encodeChat(messages: readonly ChatMessage[], opts?: ChatRenderOptions): number[] {
+    return this.encode(this.renderChat(messages, opts), { addSpecialTokens: false });
+  }
+
+  /** Segment cache counters. */
+  segmentCacheStats(): { hits: number; misses: number; entries: number; chars: number } {
+    return { hits: this.segments.hits, misses: this.segments.misses, entries: this.segments.size, chars: this.segments.weight };
+  }
+
+  clearSegmentCache(): void {
+    this.segments.clear();
+  }
+
+  // -------------------------------------------------------------------------------------------
+
+  private addTemplate(name: string, source: string): void {
+    let template: Template;
+    try {
+      template = new Template(source);
+    } catch (err) {
+      throw new Error(`chat template '${name}' does not parse: ${(err as Error).message}`);
+    }
+    this.templates.set(name, { source, template, format: detectContentFormat(template) });
+  }
+
+  /** transformers' choice among named templates: "tool_use" when tools are given and it exists, else "default". */
+  private templateFor(opts?: ChatRenderOptions): NamedTemplate | undefined {
+    if (this.templates.size === 0) return undefined;
+    if (opts?.tools !== undefined && opts.tools !== null) {
+      const t = this.templates.get('tool_use');
+      if (t) return t;
+    }
+    const t = this.templates.get('default');
+    if (t) return t;
+    throw errors.badRequest(
+      `The tokenizer has several chat templates (${[...this.templates.keys()].join(', ')}) and none is named "default"`,
+      'chat_template_error',
+      'messages',
+    );
+  }
+
+  /** Decide whether segment caching is exact for this tokenizer, and build the added-token splitter. */
+  private setUpSegments(tokenizerJson: Json): boolean {
+    const hasNormalizer = tokenizerJson['normalizer'] !== null && tokenizerJson['normalizer'] !== undefined;
+    const added = Array.isArray(tokenizerJson['added_tokens']) ? (tokenizerJson['added_tokens'] as Json[]) : [];
+    for (const t of added) {
+      const content = t['content'];
+      const id = t['id'];
+      if (typeof content !== 'string' || content.length === 0 || typeof id !== 'number') continue;
+      const special = t['special'] === true;
+      const normalized = typeof t['normalized'] === 'boolean' ? t['normalized'] : !special;
+      if (normalized && hasNormalizer) continue; // split after normalization, inside a segment
+      if (t['lstrip'] === true || t['rstrip'] === true) return false; // would strip neighbouring segments
+      let node = this.splitRoot;
+      for (let i = 0; i < content.length; i++) {
+        const c = content.charCodeAt(i);
+        let child = node.next.get(c);
+        if (child === undefined) node.next.set(c, (child = { next: new Map() }));
+        node = child;
+      }
+      node.end = content;
+      this.splitIds.set(content, this.core.token_to_id(content) ?? id);
+    }
+    if (this.splitIds.size === 0) return false; // nothing to split on: a segment is the whole text
+    if (containsPositionalPreTokenizer(tokenizerJson['pre_tokenizer'])) return false;
+    // Check on a sample that contains added tokens that segments reproduce the full encoding.
+    const tokens = [...this.splitIds.keys()].slice(0, 3);
+    const a = tokens[0]!;
+    const b = tokens[1] ?? a;
+    const c = tokens[2] ?? b;
+    const samples = [
+      `${a}system\nYou are a helpful assistant.${b}\n${a}user\nHello,  world! ${c} é 日本 🙂\n\n${b}\n${a}assistant\n`,
+      ` leading space${a}${a} x ${b}trailing  `,
+      `${a}`,
+      `no added tokens at all`,
+    ];
+    for (const s of samples) {
+      if (!sameIds(Array.from(this.encodeSegmentsUncached(s)), this.core.encode(s, { add_special_tokens: false }).ids)) return false;
+    }
+    return true;
+  }
+
+  /** Greedy leftmost-longest split at added tokens, exactly as @huggingface/tokenizers' DictionarySplitter. */
+  private split(text: string): string[] {
+    const out: string[] = [];
+    const n = text.length;
+    const root = this.splitRoot.next;
+    let start = 0;
+    let i = 0;
+    while (i < n) {
+      let node = root.get(text.charCodeAt(i));
+      if (node === undefined) {
+        i++;
+        continue;
+      }
+      let match: string | undefined = node.end;
+      for (let j = i + 1; j < n; j++) {
+        node = node.next.get(text.charCodeAt(j));
+        if (node === undefined) break;
+        if (node.end !== undefined) match = node.end;
+      }
+      if (match === undefined) {
+        i++;
+        continue;
+      }
+      if (i > start) out.push(text.slice(start, i));
+      out.push(match);
+      i += match.length;
+      start = i;
+    }
+    if (start < n) out.push(text.slice(start));
+    return out;
+  }
+
+  private encodeSegmentsUncached(text: string): Uint32Array {
+    const ids: number[] = [];
+    for (const s of this.split(text)) {
+      const id = this.splitIds.get(s);
+      if (id !== undefined) ids.push(id);
+      else for (const x of this.core.encode(s, { add_special_tokens: false }).ids) ids.push(x);
+    }
+    return Uint32Array.from(ids);
+  }
+
+  private encodeSegments(text: string): Uint32Array {
+    const parts = this.split(text);
+    const pieces: (Uint32Array | number)[] = [];
+    let total = 0;
+    for (const s of parts) {
+      const id = this.splitIds.get(s);
+      if (id !== undefined) {
+        pieces.push(id);
+        total++;
+        continue;
+      }
+      let ids = this.segments.get(s);
+      if (ids === undefined) {
+        ids = Uint32Array.from(this.core.encode(s, { add_special_tokens: false }).ids);
+        // Copy the key: a slice of `text` would keep the whole text alive while cached.
+        this.segments.set((' ' + s).slice(1), ids, s.length);
+      }
+      pieces.push(ids);
+      total += ids.length;
+    }
+    const out = new Uint32Array(total);
+    let at = 0;
+    for (const p of pieces) {
+      if (typeof p === 'number') out[at++] = p;
+      else {
+        out.set(p, at);
+        at += p.length;
+      }
+    }
+    return out;
+  }
+}
+
+function isObject(v: unknown): v is Json {
+  return v !== null && typeof v === 'object' && !Array.isArray(v);
+}
+
+function sameIds(a: ArrayLike<number>, b: ArrayLike<number>): boolean {
+  if (a.length !== b.length) return false;
+  for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return false;
+  return true;
+}
+
+/** A Metaspace pre-tokenizer with prepend_scheme "first" treats the first segment differently. */
+function containsPositionalPreTokenizer(node: unknown): boolean {
+  if (Array.isArray(node)) return node.some(containsPositionalPreTokenizer);
+  if (!isObject(node)) return false;
+  if (node['type'] === 'Metaspace' && node['prepend_scheme'] === 'first') return true;
+  return Object.values(node).some((v) => v !== null && typeof v === 'object' && containsPositionalPreTokenizer(v));
+}
+
+/** Parsed JSON of a file; undefined when it does not exist (or `missing` is thrown as the message). */
+async function readJson(path: string, missing?: string): Promise<unknown> {
+  let text: string;
+  try {
+    text = await readFile(path, 'utf8');
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') {
+      if (missing !== undefined) throw new Error(missing);
+      return undefined;
+    }
+    throw err;
+  }
+  try {
+    return JSON.parse(text) as unknown;
+  } catch (err) {
+    throw new Error(`Invalid ${path}: not valid JSON (${(err as Error).message})`);
+  }
+}

@@ -1,0 +1,246 @@
+import type { RouteName } from '../core/context.js';
+import { errors } from '../core/errors.js';
+import { hasMediaContent, toolsOf } from './chat.js';
+import { ChunkTokenizer } from './chunk.js';
+import { HfTokenizer, type HfTokenizerOptions } from './hf.js';
+import { LruCache } from './lru.js';
+import type { ChatMessage, Tokenizer } from './tokenizer.js';
+
+type Json = Record<string, unknown>;
+
+/** The tokenizer for `--tokenizer PATH` (a tokenizer.json or its directory), or the default chunk tokenizer. */
+export async function loadTokenizer(path?: string, opts?: HfTokenizerOptions): Promise<Tokenizer> {
+  return path ? HfTokenizer.load(path, opts) : new ChunkTokenizer();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Whole-prompt cache
+// ---------------------------------------------------------------------------------------------
+
+export interface TokenCacheOptions {
+  /** Prompts kept per tokenizer and mode (default 256). */
+  maxEntries?: number;
+  /** Tokens (or characters / 4, if more) kept per tokenizer and mode (default 1,000,000: 4 MB of ids plus ~4 MB of text). */
+  maxTokens?: number;
+}
+
+/**
+ * LRU of encoded prompts keyed by their full text (per tokenizer, and per add-special-tokens
+ * mode), for repeated identical prompts. Hits return a copy. Hugging Face tokenizers also cache
+ * the pieces between special tokens themselves (hf.ts), which covers shared chat prefixes; this
+ * cache mainly helps tokenizers without that (e.g. Metaspace-based ones) and long plain prompts.
+ */
+export class TokenCache {
+  private readonly caches = new WeakMap<Tokenizer, [LruCache<string, Uint32Array>, LruCache<string, Uint32Array>]>();
+  private counters = { hits: 0, misses: 0 };
+  readonly maxEntries: number;
+  readonly maxTokens: number;
+
+  constructor(opts: TokenCacheOptions = {}) {
+    this.maxEntries = opts.maxEntries ?? 256;
+    this.maxTokens = opts.maxTokens ?? 1_000_000;
+  }
+
+  encode(tokenizer: Tokenizer, text: string, addSpecialTokens: boolean): Uint32Array {
+    let pair = this.caches.get(tokenizer);
+    if (pair === undefined) {
+      pair = [new LruCache(this.maxEntries, this.maxTokens), new LruCache(this.maxEntries, this.maxTokens)];
+      this.caches.set(tokenizer, pair);
+    }
+    const lru = pair[addSpecialTokens ? 1 : 0];
+    const hit = lru.get(text);
+    if (hit !== undefined) {
+      this.counters.hits++;
+      return hit.slice();
+    }
+    this.counters.misses++;
+    const ids = tokenizer.encodeIds(text, { addSpecialTokens });
+    // Weighed by tokens, or by characters / 4 if more, so that the keys are bounded too.
+    lru.set(text, ids.slice(), Math.max(1, ids.length, text.length >> 2));
+    return ids;
+  }
+
+  stats(): { hits: number; misses: number } {
+    return { ...this.counters };
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Request tokenization
+// ---------------------------------------------------------------------------------------------
+
+function optBool(body: Json, key: string, fallback: boolean): boolean {
+  const v = body[key];
+  if (v === undefined || v === null) return fallback;
+  if (typeof v !== 'boolean') throw errors.badRequest(`'${key}' must be a boolean`, 'invalid_type', key);
+  return v;
+}
+
+function idsOf(v: readonly unknown[], field: string): Uint32Array {
+  const out = new Uint32Array(v.length);
+  for (let i = 0; i < v.length; i++) {
+    const t = v[i];
+    if (typeof t !== 'number' || !Number.isInteger(t) || t < 0 || t > 0xffffffff) {
+      throw errors.badRequest(`'${field}' must contain non-negative integer token ids`, 'invalid_value', field);
+    }
+    out[i] = t;
+  }
+  return out;
+}
+
+function encodeText(tokenizer: Tokenizer, text: string, addSpecialTokens: boolean, cache: TokenCache | undefined): Uint32Array {
+  return cache ? cache.encode(tokenizer, text, addSpecialTokens) : tokenizer.encodeIds(text, { addSpecialTokens });
+}
+
+/**
+ * A prompt given as text, token ids, or a batch of either. A batch is routed by its first prompt
+ * (all of a batch goes to one worker; the first prompt's blocks are the ones to look up).
+ */
+function promptIds(value: unknown, field: string, addSpecialTokens: boolean, tokenizer: Tokenizer, cache: TokenCache | undefined): Uint32Array {
+  if (typeof value === 'string') return encodeText(tokenizer, value, addSpecialTokens, cache);
+  if (Array.isArray(value)) {
+    if (value.length === 0) throw errors.badRequest(`'${field}' must not be empty`, 'invalid_value', field);
+    const first: unknown = value[0];
+    if (typeof first === 'number') return idsOf(value, field);
+    if (typeof first === 'string') return encodeText(tokenizer, first, addSpecialTokens, cache);
+    if (Array.isArray(first)) {
+      if (first.length === 0) throw errors.badRequest(`'${field}[0]' must not be empty`, 'invalid_value', field);
+      return idsOf(first, field);
+    }
+  }
+  throw errors.badRequest(`'${field}' must be a string, an array of strings or an array of token ids`, 'invalid_type', field);
+}
+
+function chatIds(body: Json, tokenizer: Tokenizer, cache: TokenCache | undefined, addGenerationPromptDefault: boolean): Uint32Array | undefined {
+  const messages = body['messages'];
+  if (!Array.isArray(messages)) throw errors.badRequest("'messages' must be an array of messages", 'invalid_type', 'messages');
+  if (messages.length === 0) throw errors.badRequest("'messages' must not be empty", 'invalid_value', 'messages');
+  // Not reproducible here: a per-request template, media the engine expands, or no template at all.
+  if (body['chat_template'] !== undefined && body['chat_template'] !== null) return undefined;
+  if (!tokenizer.hasChatTemplate || hasMediaContent(messages)) return undefined;
+  const continueFinalMessage = optBool(body, 'continue_final_message', false);
+  const addGenerationPrompt = optBool(body, 'add_generation_prompt', addGenerationPromptDefault);
+  if (continueFinalMessage && addGenerationPrompt) {
+    throw errors.badRequest('Cannot set both `continue_final_message` and `add_generation_prompt` to True.', 'invalid_value', 'continue_final_message');
+  }
+  const documents = body['documents'];
+  if (documents !== undefined && documents !== null && !Array.isArray(documents)) {
+    throw errors.badRequest("'documents' must be an array", 'invalid_type', 'documents');
+  }
+  const kwargs = body['chat_template_kwargs'];
+  if (kwargs !== undefined && kwargs !== null && (typeof kwargs !== 'object' || Array.isArray(kwargs))) {
+    throw errors.badRequest("'chat_template_kwargs' must be an object", 'invalid_type', 'chat_template_kwargs');
+  }
+  const text = tokenizer.renderChat(messages as ChatMessage[], {
+    addGenerationPrompt,
+    continueFinalMessage,
+    tools: toolsOf(body['tools']),
+    documents: (documents as unknown[] | null | undefined) ?? null,
+    kwargs: (kwargs as Json | null | undefined) ?? undefined,
+  });
+  // vLLM: the template already holds the special tokens, so none are added (add_special_tokens=false).
+  return encodeText(tokenizer, text, optBool(body, 'add_special_tokens', false), cache);
+}
+
+/**
+ * The token ids the engine will see for a request, computed as vLLM (OpenAI routes) and SGLang
+ * (/generate) do:
+ * - chat: the chat template rendered with the generation prompt (request fields
+ *   `add_generation_prompt`, `continue_final_message`, `tools`, `documents`,
+ *   `chat_template_kwargs` honoured), encoded without adding special tokens
+ *   (`add_special_tokens`, default false);
+ * - completions: `prompt` text encoded with the tokenizer's special tokens (`add_special_tokens`,
+ *   default true), or token ids passed through; a batch by its first prompt;
+ * - embeddings: `input` like a completion prompt, or `messages` like a chat without generation prompt;
+ * - generate: `input_ids` passed through, or `text` (or `prompt`) encoded with special tokens.
+ *
+ * Returns undefined when the request can't be reproduced (a chat with image/audio/video parts or
+ * its own `chat_template`, or a tokenizer without a chat template): the router then routes by
+ * text. Throws a 400 GatewayError for malformed fields. Token ids come back as a fresh array.
+ */
+export function tokenizeRequest(route: RouteName, body: Json, tokenizer: Tokenizer, cache?: TokenCache): Uint32Array | undefined {
+  switch (route) {
+    case 'chat':
+      return chatIds(body, tokenizer, cache, true);
+    case 'completions':
+      if (body['prompt'] === undefined || body['prompt'] === null) throw errors.badRequest("'prompt' is required", 'missing_field', 'prompt');
+      return promptIds(body['prompt'], 'prompt', optBool(body, 'add_special_tokens', true), tokenizer, cache);
+    case 'embeddings':
+      if (body['messages'] !== undefined && body['messages'] !== null) return chatIds(body, tokenizer, cache, false);
+      if (body['input'] === undefined || body['input'] === null) throw errors.badRequest("'input' is required", 'missing_field', 'input');
+      return promptIds(body['input'], 'input', optBool(body, 'add_special_tokens', true), tokenizer, cache);
+    case 'generate': {
+      if (body['input_ids'] !== undefined && body['input_ids'] !== null) return promptIds(body['input_ids'], 'input_ids', true, tokenizer, cache);
+      for (const field of ['text', 'prompt']) {
+        const v = body[field];
+        if (v !== undefined && v !== null) return promptIds(v, field, true, tokenizer, cache);
+      }
+      throw errors.badRequest("'/generate' needs 'text' or 'input_ids'", 'missing_field', 'text');
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Registry
+// ---------------------------------------------------------------------------------------------
+
+export interface TokenizerRegistryOptions {
+  /** Tokenizer for models without their own (default: the chunk tokenizer, as the simulator's). */
+  default?: Tokenizer;
+  /** Whole-prompt cache options, or false for none. */
+  cache?: TokenCacheOptions | false;
+}
+
+/** The tokenizer of each served model, with a default for the others. */
+export class TokenizerRegistry {
+  default: Tokenizer;
+  readonly cache: TokenCache | undefined;
+  private readonly byModel = new Map<string, Tokenizer>();
+  private readonly loading = new Map<string, Promise<Tokenizer>>();
+
+  constructor(opts: TokenizerRegistryOptions = {}) {
+    this.default = opts.default ?? new ChunkTokenizer();
+    this.cache = opts.cache === false ? undefined : new TokenCache(opts.cache);
+  }
+
+  set(model: string, tokenizer: Tokenizer): this {
+    this.byModel.set(model, tokenizer);
+    return this;
+  }
+
+  /** The model's tokenizer, or the default. */
+  get(model?: string): Tokenizer {
+    return (model !== undefined ? this.byModel.get(model) : undefined) ?? this.default;
+  }
+
+  has(model: string): boolean {
+    return this.byModel.has(model);
+  }
+
+  delete(model: string): boolean {
+    return this.byModel.delete(model);
+  }
+
+  get models(): string[] {
+    return [...this.byModel.keys()];
+  }
+
+  /** Load a Hugging Face tokenizer for a model; models given the same path share one instance (and its caches). */
+  async load(model: string, path: string, opts?: HfTokenizerOptions): Promise<Tokenizer> {
+    let p = this.loading.get(path);
+    if (p === undefined) {
+      p = HfTokenizer.load(path, opts);
+      this.loading.set(path, p);
+      p.catch(() => this.loading.delete(path));
+    }
+    const tokenizer = await p;
+    this.set(model, tokenizer);
+    return tokenizer;
+  }
+
+  /** `tokenizeRequest` with the tokenizer of `model` (default: the body's `model`) and this registry's cache. */
+  tokenize(route: RouteName, body: Json, model?: string): Uint32Array | undefined {
+    const m = model ?? (typeof body['model'] === 'string' ? body['model'] : undefined);
+    return tokenizeRequest(route, body, this.get(m), this.cache);
+  }
+}
