@@ -15,10 +15,14 @@ export interface RegistryEvents {
 export class WorkerRegistry extends EventEmitter<RegistryEvents> {
   private readonly byId = new Map<string, Worker>();
   private readonly byModel = new Map<string, Worker[]>();
+  /** Registration order, so candidate lists do not depend on when a model was discovered. */
+  private readonly order = new Map<Worker, number>();
+  private seq = 0;
 
   add(worker: Worker): Worker {
     if (this.byId.has(worker.id)) throw new Error(`worker '${worker.id}' is already registered`);
     this.byId.set(worker.id, worker);
+    this.order.set(worker, this.seq++);
     this.index(worker);
     this.emit('added', worker);
     return worker;
@@ -29,6 +33,7 @@ export class WorkerRegistry extends EventEmitter<RegistryEvents> {
     if (!worker) return undefined;
     this.byId.delete(id);
     this.unindex(worker);
+    this.order.delete(worker);
     this.emit('removed', worker);
     return worker;
   }
@@ -83,7 +88,11 @@ export class WorkerRegistry extends EventEmitter<RegistryEvents> {
       list = [];
       this.byModel.set(worker.modelId, list);
     }
-    list.push(worker);
+    // Keep each model's list in registration order.
+    const rank = this.order.get(worker) ?? Infinity;
+    let i = list.length;
+    while (i > 0 && (this.order.get(list[i - 1]) ?? Infinity) > rank) i--;
+    list.splice(i, 0, worker);
   }
 
   private unindex(worker: Worker): void {

@@ -92,28 +92,34 @@ export class RegularRouter {
     const model = this.resolveModel(r.body);
     const ctx = this.buildContext(r, model);
     const excluded = new Set<Worker>();
+    const candidates = () => registry.forModel(model).filter((w) => !excluded.has(w));
     let last: { worker: Worker; result: ProxyResult } | undefined;
+    // --request-timeout-secs bounds the whole request, retries and backoff included.
+    const deadline = performance.now() + this.deps.timeouts.totalMs;
 
     for (let attempt = 0; attempt < retry.maxAttempts; attempt++) {
-      const candidates = registry.forModel(model).filter((w) => !excluded.has(w));
-      const worker = policy.selectWorker(candidates, ctx);
+      const worker = policy.selectWorker(candidates(), ctx);
       if (!worker) break;
       metrics.decisions.inc({ policy: policy.name, worker: worker.id });
-      const canRetry = attempt + 1 < retry.maxAttempts;
-      const result = await this.exchange(r, ctx, worker, canRetry);
+      const remainingMs = deadline - performance.now();
+      excluded.add(worker);
+      // Another attempt is possible only if attempts and time remain and another worker could take it.
+      const canRetry = attempt + 1 < retry.maxAttempts && candidates().some((w) => w.isAvailable());
+      const result = await this.exchange(r, ctx, worker, canRetry, remainingMs);
       last = { worker, result };
       const retryable = !!result.held || (!!result.error && result.status !== 0 && result.outcome !== 'aborted');
       if (!canRetry || !retryable || r.res.destroyed) break;
-      excluded.add(worker);
-      metrics.retries.inc({ route: r.route });
       const delay = backoffMs(retry, attempt, this.deps.rng);
+      if (performance.now() + delay >= deadline) break;
+      if (!candidates().some((w) => w.isAvailable())) break;
+      metrics.retries.inc({ route: r.route });
       if (!(await sleepUnlessClosed(delay, r.res))) return 0;
     }
 
     if (!last) throw errors.noHealthyWorkers(model);
     const { worker, result } = last;
     const failed = !!result.held || !!result.error || RETRYABLE_STATUSES.has(result.status);
-    if (failed && excluded.size > 0) metrics.retriesExhausted.inc({ route: r.route });
+    if (failed && excluded.size > 1) metrics.retriesExhausted.inc({ route: r.route });
     const headers = { 'x-request-id': r.requestId, 'x-kvgate-worker': worker.id };
     if (result.held) {
       relayHeld(r.res, result.held, headers);
@@ -127,7 +133,7 @@ export class RegularRouter {
   }
 
   /** One attempt on one worker: guard, proxy, breaker, metrics. */
-  private async exchange(r: RoutedRequest, ctx: RequestContext, worker: Worker, canRetry: boolean): Promise<ProxyResult> {
+  private async exchange(r: RoutedRequest, ctx: RequestContext, worker: Worker, canRetry: boolean, remainingMs: number): Promise<ProxyResult> {
     const { policy, pools, metrics } = this.deps;
     const guard = worker.acquire();
     let result: ProxyResult | undefined;
@@ -139,7 +145,7 @@ export class RegularRouter {
         body: r.rawBody,
         res: r.res,
         extraResponseHeaders: { 'x-request-id': r.requestId, 'x-kvgate-worker': worker.id },
-        timeouts: this.deps.timeouts,
+        timeouts: { ...this.deps.timeouts, totalMs: Math.max(1, Math.min(this.deps.timeouts.totalMs, remainingMs)) },
         holdStatuses: canRetry ? RETRYABLE_STATUSES : NO_HOLD,
         onFirstByte: policy.onFirstToken ? () => policy.onFirstToken!(worker, ctx) : undefined,
       });

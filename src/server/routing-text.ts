@@ -3,6 +3,14 @@ import type { RouteName } from '../core/context.js';
 
 type Json = Record<string, unknown>;
 
+/** Text of a JSON scalar for routing; objects become JSON (never calls a client-supplied toString). */
+function scalarText(v: unknown): string {
+  if (typeof v === 'string') return v;
+  if (v === undefined || v === null) return '';
+  if (typeof v === 'number' || typeof v === 'boolean') return String(v);
+  return JSON.stringify(v);
+}
+
 function contentText(content: unknown, field: string): string {
   if (content === null || content === undefined) return '';
   if (typeof content === 'string') return content;
@@ -12,7 +20,7 @@ function contentText(content: unknown, field: string): string {
       const part = content[i] as Json | null;
       if (part === null || typeof part !== 'object') throw errors.badRequest(`'${field}[${i}]' must be an object`, 'invalid_type', field);
       if (typeof part.text === 'string') out += part.text;
-      else if (part.image_url && typeof part.image_url === 'object') out += `<image:${String((part.image_url as Json).url ?? '')}>`;
+      else if (part.image_url && typeof part.image_url === 'object') out += `<image:${scalarText((part.image_url as Json).url)}>`;
       else if (part.input_audio) out += '<audio>';
     }
     return out;
@@ -48,9 +56,11 @@ function promptText(value: unknown, field: string, required: boolean): { text: s
     if (value.length === 0) return { text: '' };
     if (value.every((x) => typeof x === 'string')) return { text: (value as string[]).join('\n') };
     if (value.every((x) => Number.isInteger(x))) return { text: (value as number[]).join(' '), tokenIds: value as number[] };
-    if (value.every((x) => Array.isArray(x))) return { text: value.map((x) => (x as unknown[]).join(' ')).join('\n') };
+    if (value.every((x) => Array.isArray(x) && x.every((t) => Number.isInteger(t)))) {
+      return { text: (value as number[][]).map((x) => x.join(' ')).join('\n') };
+    }
   }
-  throw errors.badRequest(`'${field}' must be a string, an array of strings or an array of token ids`, 'invalid_type', field);
+  throw errors.badRequest(`'${field}' must be a string, an array of strings, an array of token ids or an array of token-id arrays`, 'invalid_type', field);
 }
 
 /** The text a policy uses for prefix affinity, per route; also validates routing-relevant fields. */

@@ -151,10 +151,14 @@ export function proxyRequest(opts: ProxyOptions): Promise<ProxyResult> {
       const kind = (abortReason as UpstreamTimeout).kind;
       const failure = `${kind}_timeout` as const;
       if (status === 0 || held) {
-        const secs = (kind === 'first_byte' ? timeouts.firstByteMs : kind === 'idle' ? timeouts.idleMs : timeouts.totalMs) / 1000;
-        const what = kind === 'first_byte' ? 'did not start answering' : kind === 'idle' ? 'went silent for' : 'did not finish';
+        const message =
+          kind === 'first_byte'
+            ? `Worker did not start answering within ${timeouts.firstByteMs / 1000} s (--first-byte-timeout-secs)`
+            : kind === 'idle'
+              ? `Worker went silent for ${timeouts.idleMs / 1000} s (--stream-idle-timeout-secs)`
+              : 'Request did not finish within --request-timeout-secs';
         const code = kind === 'total' ? 'worker_timeout' : `worker_${failure}`;
-        return settle({ status: 504, outcome: 'timeout', failure, error: errors.gatewayTimeout(`Worker ${what} within ${secs} s`, code) });
+        return settle({ status: 504, outcome: 'timeout', failure, error: errors.gatewayTimeout(message, code) });
       }
       // Mid-body: the client cannot get a new status; close its connection so it sees the break.
       res.destroy();
