@@ -402,6 +402,11 @@ export class BlockIndex {
   }
 
   /** Known source keys (sub-sources included), in first-seen order. */
+  /** The engine block hashes a source is known to hold (for checks against the engine's own state). */
+  engineHashesOf(source: string): Set<bigint> {
+    return new Set(this.byName.get(source)?.map.keys() ?? []);
+  }
+
   sources(): string[] {
     return [...this.byName.keys()];
   }

@@ -52,6 +52,23 @@ export interface ServeConfig {
   tlsKeyPath: string | undefined;
   maxJsonDepth: number;
   maxHeaderSize: number;
+  // KV events, tokenizers, data parallelism, engine metrics
+  kvEventsEndpoints: string[];
+  kvEventsReplayEndpoints: string[];
+  kvEventsBind: string | undefined;
+  kvEventsMediums: 'gpu-only' | 'separate';
+  kvEventsStaleSecs: number;
+  kvIndexMaxBlocks: number;
+  kvOverlapWeight: number;
+  kvActiveWeight: number;
+  kvHistoryWeight: number;
+  routerTemperature: number;
+  tokenizer: string[];
+  dpAware: boolean;
+  dpSize: number | undefined;
+  engineMetricsIntervalSecs: number;
+  engineMetricsStaleSecs: number;
+  windowSecs: number;
 }
 
 const checkUrls = (urls: string[]): string | undefined => {
@@ -116,12 +133,37 @@ export const serveOptionSpecs: readonly OptionSpec[] = [
   { flag: 'tls-key-path', kind: 'string', description: 'TLS private key (PEM) for the listener', argName: 'path' },
   { flag: 'max-json-depth', kind: 'int', description: 'Deepest nesting accepted in a JSON body (400 above)', default: 64, min: 1 },
   { flag: 'max-header-size', kind: 'int', description: 'Largest request header block in bytes (431 above)', default: 16384, min: 1024 },
+  { flag: 'kv-events-endpoints', kind: 'list', description: 'ZMQ PUB endpoint of each --worker-urls entry, same order (rank r of a DP worker: port + r)', default: [], argName: 'url...' },
+  { flag: 'kv-events-replay-endpoints', kind: 'list', description: 'ZMQ replay (ROUTER) endpoint of each --worker-urls entry, same order', default: [], argName: 'url...' },
+  { flag: 'kv-events-bind', kind: 'string', description: 'Bind one SUB that engines connect to (topic must name the worker host:port)', argName: 'url' },
+  { flag: 'kv-events-mediums', kind: 'enum', description: 'Events for CPU/disk tiers: ignore them, or index them apart from GPU', default: 'gpu-only', choices: ['gpu-only', 'separate'] },
+  { flag: 'kv-events-stale-secs', kind: 'number', description: 'kv_aware: events this much older than a worker\'s last finished request count as stale (approximate fallback)', default: 5, min: 0, exclusiveMin: true },
+  { flag: 'kv-index-max-blocks', kind: 'int', description: 'Largest KV block index (nodes); LRU leaves are pruned beyond it', default: 1000000, min: 1000 },
+  { flag: 'kv-overlap-weight', kind: 'number', description: 'kv_aware: weight of the prefill blocks still needed', default: 1.0, min: 0 },
+  { flag: 'kv-active-weight', kind: 'number', description: 'kv_aware: weight of the blocks in-flight requests occupy', default: 0.1, min: 0 },
+  { flag: 'kv-history-weight', kind: 'number', description: 'kv_aware: how much routing history counts next to engine events (affinity)', default: 1, min: 0, max: 1 },
+  { flag: 'router-temperature', kind: 'number', description: 'kv_aware: 0 = lowest cost wins; > 0 samples a softmax over normalised costs', default: 0, min: 0 },
+  { flag: 'tokenizer', kind: 'list', description: 'Hugging Face tokenizer.json (or its directory) for every model, or MODEL=PATH per model; default: the simulator\'s tokenizer', default: [], argName: 'path...' },
+  { flag: 'dp-aware', kind: 'bool', description: 'Route to each data-parallel rank of a worker as its own worker (url@rank)', default: false },
+  { flag: 'dp-size', kind: 'int', description: 'DP ranks per worker when /get_server_info does not say (vLLM)', min: 1, max: 1024 },
+  { flag: 'engine-metrics-interval-secs', kind: 'number', description: "Scrape each worker's /metrics this often for engine load (0 = never)", default: 1, min: 0 },
+  { flag: 'engine-metrics-stale-secs', kind: 'number', description: 'Engine metrics older than this are not used', default: 5, min: 0, exclusiveMin: true },
+  { flag: 'window-secs', kind: 'number', description: 'prefix_load: history window', default: 180, min: 0, exclusiveMin: true },
 ];
 
 export function resolveServeConfig(cli: Record<string, unknown>, env: NodeJS.ProcessEnv = process.env): ServeConfig {
   const o = resolveOptions(serveOptionSpecs, cli, env) as unknown as ServeConfig & { config?: string };
   delete o.config;
   o.workerUrls = o.workerUrls.map((u) => normalizeUrl(u));
+  if (o.kvEventsEndpoints.length > 0 && o.kvEventsEndpoints.length !== o.workerUrls.length) {
+    throw new ConfigError(`invalid value for --kv-events-endpoints: give one per --worker-urls entry (${o.workerUrls.length}), got ${o.kvEventsEndpoints.length}`);
+  }
+  if (o.kvEventsReplayEndpoints.length > 0 && o.kvEventsReplayEndpoints.length !== o.kvEventsEndpoints.length) {
+    throw new ConfigError('invalid value for --kv-events-replay-endpoints: give one per --kv-events-endpoints entry');
+  }
+  for (const ep of [...o.kvEventsEndpoints, ...o.kvEventsReplayEndpoints, ...(o.kvEventsBind ? [o.kvEventsBind] : [])]) {
+    if (!/^(tcp|ipc|inproc):\/\/.+/.test(ep)) throw new ConfigError(`invalid value for --kv-events-*: '${ep}' is not a ZMQ endpoint (tcp://host:port, ipc://path)`);
+  }
   if ((o.tlsCertPath === undefined) !== (o.tlsKeyPath === undefined)) {
     throw new ConfigError('invalid value for --tls-cert-path / --tls-key-path: give both or neither');
   }

@@ -57,21 +57,53 @@ export class WorkerManager {
     this.health = opts.health;
   }
 
-  /** Registers a worker and runs its first health check; resolves after that check. */
-  async add(spec: WorkerSpec): Promise<Worker> {
+  /**
+   * Registers a worker and runs its first health check; resolves after that check with the
+   * registered workers: one, or with `dpAware` one per data-parallel rank (`url@rank`), the
+   * rank count read from the worker's /get_server_info (`dp_size`) or else `dpSize`.
+   */
+  async add(spec: WorkerSpec & { dpAware?: boolean }): Promise<Worker[]> {
     const url = normalizeUrl(spec.url);
     if (this.registry.byUrl(url).length > 0) throw new Error(`worker '${url}' is already registered`);
-    const worker = new Worker({ ...spec, url });
-    worker.breaker = new CircuitBreaker(this.opts.breaker, this.opts.clock, (from, to) => {
-      this.log.warn({ worker: worker.id, from, to }, 'circuit breaker');
-      this.opts.onBreakerTransition?.(worker, from, to);
+    let ranks: Array<number | undefined> = [undefined];
+    if (spec.dpAware) {
+      const size = (await this.discoverDpSize(url, spec.apiKey)) ?? spec.dpSize ?? 1;
+      ranks = Array.from({ length: size }, (_, r) => r);
+    }
+    const workers = ranks.map((rank) => {
+      const worker = new Worker({ ...spec, url, dpRank: rank, dpSize: rank === undefined ? undefined : ranks.length });
+      worker.breaker = new CircuitBreaker(this.opts.breaker, this.opts.clock, (from, to) => {
+        this.log.warn({ worker: worker.id, from, to }, 'circuit breaker');
+        this.opts.onBreakerTransition?.(worker, from, to);
+      });
+      return this.registry.add(worker);
     });
-    this.registry.add(worker);
     const state: UrlState = { timer: undefined, addedAtMs: Date.now(), startupReported: false, checking: false, modelFixed: spec.modelId !== undefined, everHealthy: false };
     this.states.set(url, state);
     await this.check(url);
     this.schedule(url, state);
-    return worker;
+    return workers;
+  }
+
+  /** dp_size from SGLang's /get_server_info (or kvgate sim's); undefined if unavailable. */
+  private async discoverDpSize(url: string, apiKey: string | undefined): Promise<number | undefined> {
+    try {
+      const res = await request(url + '/get_server_info', {
+        method: 'GET',
+        dispatcher: this.agent,
+        headers: apiKey ? { authorization: `Bearer ${apiKey}` } : {},
+        signal: AbortSignal.timeout(this.health.timeoutSecs * 1000),
+      });
+      if (res.statusCode !== 200) {
+        await res.body.dump();
+        return undefined;
+      }
+      const info = (await res.body.json()) as { dp_size?: unknown };
+      const n = Number(info.dp_size);
+      return Number.isInteger(n) && n >= 1 ? n : undefined;
+    } catch {
+      return undefined;
+    }
   }
 
   /** Next check: every interval once healthy, more often while a worker is still starting. */

@@ -156,7 +156,7 @@ export function runCluster(requests: readonly LabRequest[], cfg: ClusterConfig):
     },
     {
       ...cfg.policyOptions,
-      kvIndex: { index, lastEventAtMs: (id) => lastEventAt.get(id), isAccurate: () => true },
+      kvIndex: { index, lastEventAtMs: (id) => lastEventAt.get(id), isAccurate: () => true, resetCount: () => 0 },
     },
   );
   const firstToken = policy.onFirstToken?.bind(policy);

@@ -1,5 +1,6 @@
 import { Counter, Gauge, Histogram, Registry } from 'prom-client';
 import type { WorkerRegistry } from '../core/registry.js';
+import type { KvEventHub } from '../events/hub.js';
 import type { PolicyObserver } from '../policies/policy.js';
 
 /** Buckets from 1 ms to 4 min, as LLM requests span both. */
@@ -26,8 +27,10 @@ export class GatewayMetrics {
   readonly breakerTransitions: Counter<'worker' | 'from' | 'to'>;
   readonly admissionRejected: Counter<'reason'>;
   readonly authFailures: Counter<'scope'>;
+  readonly kvDecisions: Counter<'worker' | 'source'>;
+  readonly kvOverlap: Histogram;
 
-  constructor(workers: WorkerRegistry, treeChars: () => Map<string, number>) {
+  constructor(workers: WorkerRegistry, treeChars: () => Map<string, number>, kv?: KvEventHub) {
     const registers = [this.registry];
     this.requests = new Counter({ name: 'kvgate_requests_total', help: 'Requests answered, by route and HTTP status', labelNames: ['route', 'status'], registers });
     this.duration = new Histogram({ name: 'kvgate_request_duration_seconds', help: 'Time from request arrival to the end of the response', labelNames: ['route'], buckets: DURATION_BUCKETS, registers });
@@ -43,6 +46,9 @@ export class GatewayMetrics {
     this.breakerTransitions = new Counter({ name: 'kvgate_worker_cb_transitions_total', help: 'Circuit breaker state changes', labelNames: ['worker', 'from', 'to'], registers });
     this.admissionRejected = new Counter({ name: 'kvgate_admission_rejected_total', help: 'Requests refused by admission control (queue_full → 429, queue_timeout → 408, rate_limited → 429)', labelNames: ['reason'], registers });
     this.authFailures = new Counter({ name: 'kvgate_auth_failures_total', help: 'Requests refused for a missing or wrong key', labelNames: ['scope'], registers });
+    this.kvDecisions = new Counter({ name: 'kvgate_kv_decisions_total', help: 'kv_aware decisions by chosen worker (url@rank) and where its overlap came from (events or approximate fallback)', labelNames: ['worker', 'source'], registers });
+    this.kvOverlap = new Histogram({ name: 'kvgate_kv_decision_overlap_ratio', help: 'kv_aware: cached prefix blocks of the chosen worker / blocks of the request', buckets: [0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1], registers });
+    if (kv) registerKvMetrics(kv, registers);
     const stateValue = { closed: 0, open: 1, half_open: 2 } as const;
     new Gauge({
       name: 'kvgate_worker_cb_state',
@@ -109,10 +115,64 @@ export class GatewayMetrics {
       cacheHit: () => this.cacheHits.inc(),
       cacheMiss: () => this.cacheMisses.inc(),
       loadBalanced: () => this.loadBalancingEvents.inc(),
+      kvDecision: (worker, overlap, blocks, fallback) => {
+        this.kvDecisions.inc({ worker: worker.id, source: fallback ? 'fallback' : 'events' });
+        if (blocks > 0) this.kvOverlap.observe(overlap / blocks);
+      },
     };
   }
 
   forgetWorker(id: string): void {
     this.processed.remove({ worker: id });
   }
+}
+
+/** KV-event ingestion and index metrics, read from the hub at scrape time. */
+function registerKvMetrics(kv: KvEventHub, registers: Registry[]): void {
+  const perSource = (name: string, help: string, pick: (s: NonNullable<ReturnType<KvEventHub['sourceStats']>>) => number | null) =>
+    new Gauge({
+      name,
+      help,
+      labelNames: ['worker'],
+      registers,
+      collect() {
+        this.reset();
+        for (const [id, s] of kv.allSourceStats()) {
+          const v = pick(s);
+          if (v !== null) this.set({ worker: id }, v);
+        }
+      },
+    });
+  perSource('kvgate_kv_events_received_total', 'KV event batches received per worker (counter)', (s) => s.received);
+  perSource('kvgate_kv_events_applied_total', 'KV event batches applied in sequence order per worker (counter)', (s) => s.applied);
+  perSource('kvgate_kv_events_replayed_total', 'KV event batches recovered through replay per worker (counter)', (s) => s.replayed);
+  perSource('kvgate_kv_events_dropped_total', 'KV event batches dropped (duplicates, or lost when replay could not recover them) per worker (counter)', (s) => s.dropped);
+  perSource('kvgate_kv_events_malformed_total', 'KV events that could not be decoded per worker (counter)', (s) => s.malformed);
+  perSource('kvgate_kv_events_restarts_total', 'Engine restarts detected from the sequence numbers per worker (counter)', (s) => s.restarts);
+  perSource('kvgate_kv_event_lag_seconds', 'Age of the last applied KV event batch when it was applied (publisher timestamp to now)', (s) => s.lastEventLagS);
+  perSource('kvgate_kv_events_inaccurate', '1 while a worker\'s index entries are known to be incomplete', (s) => (s.inaccurate ? 1 : 0));
+  new Gauge({
+    name: 'kvgate_kv_indexed_blocks',
+    help: 'Blocks in the KV index per worker (url or url@rank)',
+    labelNames: ['worker'],
+    registers,
+    collect() {
+      this.reset();
+      for (const [id, n] of kv.index.stats().blocksPerSource) this.set({ worker: id }, n);
+    },
+  });
+  const indexStat = (name: string, help: string, pick: (s: ReturnType<KvEventHub['index']['stats']>) => number) =>
+    new Gauge({
+      name,
+      help,
+      registers,
+      collect() {
+        this.set(pick(kv.index.stats()));
+      },
+    });
+  indexStat('kvgate_kv_index_memory_bytes', 'Estimated heap bytes of the KV block index', (s) => s.memoryBytes);
+  indexStat('kvgate_kv_index_nodes', 'Nodes (distinct block paths) in the KV block index', (s) => s.nodes);
+  indexStat('kvgate_kv_index_unknown_parent_total', 'Stored events whose parent block the worker had not stored (skipped)', (s) => s.unknownParent);
+  indexStat('kvgate_kv_index_malformed_total', 'Events rejected by the index (sizes, self references)', (s) => s.malformed);
+  indexStat('kvgate_kv_index_pruned_total', 'Index nodes dropped to stay under --kv-index-max-blocks', (s) => s.pruned);
 }

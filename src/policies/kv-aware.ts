@@ -12,6 +12,11 @@ export interface KvIndexView {
   lastEventAtMs(workerId: string): number | undefined;
   /** False while the worker's entries are known to be incomplete (e.g. a gap replay could not repair). */
   isAccurate(workerId: string): boolean;
+  /**
+   * Times the worker's cache was emptied (AllBlocksCleared, engine restart). When it changes the
+   * policy forgets its routing history for that worker too: the engine said its cache is empty.
+   */
+  resetCount(workerId: string): number;
 }
 
 export interface KvAwareConfig {
@@ -110,6 +115,7 @@ export class KvAwarePolicy extends BasePolicy {
   readonly needsTokens = true;
   private readonly state = new Map<string, WorkerState>();
   private readonly trees = new Map<string, CharTree>();
+  private readonly seenResets = new Map<string, number>();
   private readonly cancelEviction: (() => void) | undefined;
   /** The last decision (for metrics and tests). */
   lastDecision: KvDecision | undefined;
@@ -154,6 +160,11 @@ export class KvAwarePolicy extends BasePolicy {
     const costs: number[] = [];
     const meta: Array<{ overlap: number; fallback: boolean }> = [];
     for (const w of healthy) {
+      const resets = this.view.resetCount(w.id);
+      if ((this.seenResets.get(w.id) ?? 0) !== resets) {
+        this.seenResets.set(w.id, resets);
+        for (const t of this.trees.values()) t.removeTenant(w.id);
+      }
       const fresh = tokens !== undefined && this.isFresh(w.id);
       const s = this.state.get(w.id);
       // Routing history (approximate): blocks of this request that went to this worker before.

@@ -83,6 +83,7 @@ export class RegularRouter {
       tokenIds,
       headers: r.req.headers,
       stream: r.body.stream === true,
+      maxOutputTokens: maxOutputTokens(r.body),
       arrivalMs: this.deps.clock.now(),
     };
   }
@@ -142,7 +143,7 @@ export class RegularRouter {
         pool: pools.get(worker.url),
         path: r.path,
         headers: this.upstreamHeaders(r, worker),
-        body: r.rawBody,
+        body: bodyFor(r, worker),
         res: r.res,
         extraResponseHeaders: { 'x-request-id': r.requestId, 'x-kvgate-worker': worker.id },
         timeouts: { ...this.deps.timeouts, totalMs: Math.max(1, Math.min(this.deps.timeouts.totalMs, remainingMs)) },
@@ -163,8 +164,25 @@ export class RegularRouter {
     const h = forwardHeaders(r.req.headers, r.requestId);
     if (worker.apiKey) h.authorization = `Bearer ${worker.apiKey}`;
     else if (this.deps.clientAuthEnabled) delete h.authorization;
+    if (worker.dpRank !== undefined) h['x-data-parallel-rank'] = String(worker.dpRank);
     return h;
   }
+}
+
+/**
+ * The body sent to a worker: the client's bytes unchanged, except that a data-parallel rank
+ * chosen by kvgate is pinned with `data_parallel_rank` (vLLM and SGLang read it; the
+ * X-data-parallel-rank header says the same).
+ */
+function bodyFor(r: RoutedRequest, worker: Worker): Buffer {
+  if (worker.dpRank === undefined) return r.rawBody;
+  return Buffer.from(JSON.stringify({ ...r.body, data_parallel_rank: worker.dpRank }));
+}
+
+function maxOutputTokens(body: Record<string, unknown>): number | undefined {
+  const sp = body.sampling_params as Record<string, unknown> | undefined;
+  const v = body.max_completion_tokens ?? body.max_tokens ?? (sp && typeof sp === 'object' ? sp.max_new_tokens : undefined);
+  return typeof v === 'number' && Number.isInteger(v) && v > 0 ? v : undefined;
 }
 
 /** Passive health: the exchange's outcome feeds the worker's circuit breaker and the metrics. */

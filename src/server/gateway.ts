@@ -20,6 +20,11 @@ import type { RoutingPolicy, Scheduler } from '../policies/policy.js';
 import { RegularRouter } from '../routers/regular.js';
 import { UpstreamPools } from '../upstream/pools.js';
 import { defaultRetryConfig, type RetryConfig } from '../core/retry.js';
+import { KvEventHub } from '../events/hub.js';
+import { EngineMetricsScraper } from '../metrics/engine-scraper.js';
+import { endpointForRank } from '../sim/kv-publisher.js';
+import { loadTokenizer, TokenizerRegistry } from '../tokenize/registry.js';
+import type { Worker } from '../core/worker.js';
 import { Admission, KeyRateLimiter } from './admission.js';
 import { isLoopback, KeySet, readKeyFile } from './auth.js';
 import { parseJsonObject, readBody, sendError, sendJson } from './http-util.js';
@@ -67,6 +72,9 @@ export class Gateway {
   readonly workers: WorkerManager;
   readonly log: Logger;
   readonly admission: Admission;
+  readonly kvEvents: KvEventHub;
+  readonly tokenizers = new TokenizerRegistry();
+  private readonly scraper: EngineMetricsScraper | undefined;
   private readonly pools: UpstreamPools;
   private readonly router: RegularRouter;
   private readonly apiKeys: KeySet;
@@ -94,7 +102,15 @@ export class Gateway {
     this.apiKeys = new KeySet([...config.apiKey, ...(config.apiKeyFile ? readKeyFile(config.apiKeyFile) : [])]);
     this.adminKeys = new KeySet(config.adminApiKey ? [config.adminApiKey] : []);
     this.keyLimiter = config.apiKeyRateLimitRps > 0 ? new KeyRateLimiter(config.apiKeyRateLimitRps) : undefined;
-    this.metrics = new GatewayMetrics(this.registry, () => (this.policy instanceof CacheAwarePolicy ? this.policy.treeChars() : new Map()));
+    this.kvEvents = new KvEventHub({
+      clock,
+      logger: this.log,
+      mediums: config.kvEventsMediums,
+      bind: config.kvEventsBind,
+      maxBlocks: config.kvIndexMaxBlocks,
+      resolveSource: (topic, dpRank) => this.resolveEventSource(topic, dpRank),
+    });
+    this.metrics = new GatewayMetrics(this.registry, () => (this.policy instanceof CacheAwarePolicy ? this.policy.treeChars() : new Map()), this.kvEvents);
     this.policy = createPolicy(
       config.policy,
       { clock, rng, schedule: timerScheduler, observer: this.metrics.policyObserver() },
@@ -106,10 +122,26 @@ export class Gateway {
           evictionIntervalSecs: config.evictionIntervalSecs,
           maxTreeSize: config.maxTreeSize,
         },
+        kvIndex: this.kvEvents,
+        kvAware: {
+          overlapWeight: config.kvOverlapWeight,
+          activeWeight: config.kvActiveWeight,
+          historyWeight: config.kvHistoryWeight,
+          temperature: config.routerTemperature,
+          staleAfterMs: config.kvEventsStaleSecs * 1000,
+          maxTreeSize: config.maxTreeSize,
+          evictionIntervalSecs: config.evictionIntervalSecs,
+        },
+        prefixLoad: { windowSecs: config.windowSecs },
+        engineLoad: { staleAfterMs: config.engineMetricsStaleSecs * 1000 },
       },
     );
+    if (config.engineMetricsIntervalSecs > 0) {
+      this.scraper = new EngineMetricsScraper(this.registry, { intervalMs: config.engineMetricsIntervalSecs * 1000, clock }, this.log);
+    }
     this.registry.on('removed', (w) => {
       this.policy.onWorkerRemoved?.(w);
+      void this.kvEvents.removeSource(w.id);
       this.metrics.forgetWorker(w.id);
       if (this.registry.byUrl(w.url).length === 0) void this.pools.drop(w.url);
     });
@@ -161,13 +193,31 @@ export class Gateway {
         idleMs: config.streamIdleTimeoutSecs * 1000,
       },
       clientAuthEnabled: this.apiKeys.size > 0,
+      tokenize: (route, model, body) => this.tokenizers.tokenize(route, body, model),
     });
   }
 
   /** Registers the configured workers (checking each once), then listens. */
   async start(): Promise<void> {
     const c = this.config;
-    await Promise.all(c.workerUrls.map((url) => this.workers.add({ url, modelId: c.modelId, apiKey: c.workerApiKey })));
+    for (const entry of c.tokenizer) {
+      const eq = entry.indexOf('=');
+      if (eq > 0 && !/^[a-zA-Z]:[\\/]/.test(entry)) await this.tokenizers.load(entry.slice(0, eq), entry.slice(eq + 1));
+      else this.tokenizers.default = await loadTokenizer(entry);
+    }
+    await this.kvEvents.start();
+    await Promise.all(
+      c.workerUrls.map((url, i) =>
+        this.registerWorker({
+          url,
+          modelId: c.modelId,
+          apiKey: c.workerApiKey,
+          kvEventsEndpoint: c.kvEventsEndpoints[i],
+          kvEventsReplayEndpoint: c.kvEventsReplayEndpoints[i],
+        }),
+      ),
+    );
+    this.scraper?.start();
     const options = { keepAliveTimeout: 65_000, requestTimeout: 0, headersTimeout: 60_000, maxHeaderSize: c.maxHeaderSize };
     const handler = (req: IncomingMessage, res: ServerResponse) => void this.dispatch(req, res);
     const server: Server =
@@ -233,9 +283,46 @@ export class Gateway {
     return cut;
   }
 
+  /**
+   * Registers a worker (all its DP ranks with --dp-aware) and subscribes to its KV events:
+   * rank r of a data-parallel engine publishes on the endpoint's port + r, as vLLM does.
+   */
+  async registerWorker(spec: {
+    url: string;
+    modelId?: string;
+    apiKey?: string;
+    kvEventsEndpoint?: string;
+    kvEventsReplayEndpoint?: string;
+  }): Promise<Worker[]> {
+    const workers = await this.workers.add({ url: spec.url, modelId: spec.modelId, apiKey: spec.apiKey, dpAware: this.config.dpAware, dpSize: this.config.dpSize });
+    if (spec.kvEventsEndpoint) {
+      for (const w of workers) {
+        const rank = w.dpRank ?? 0;
+        await this.kvEvents.addSource(
+          w.id,
+          endpointForRank(spec.kvEventsEndpoint, rank),
+          spec.kvEventsReplayEndpoint ? endpointForRank(spec.kvEventsReplayEndpoint, rank) : undefined,
+        );
+      }
+    }
+    return workers;
+  }
+
+  /** Bind mode: the worker whose host:port the topic names (llm-d: kv@<host>:<port>@<model>), at the batch's rank. */
+  private resolveEventSource(topic: string, dpRank: number | null): { key: string } | null {
+    for (const w of this.registry.all()) {
+      const hostPort = new URL(w.url).host;
+      if (!topic.includes(hostPort)) continue;
+      if (w.dpRank === undefined || w.dpRank === (dpRank ?? 0)) return { key: w.id };
+    }
+    return null;
+  }
+
   async close(): Promise<void> {
     this.draining = true;
     this.policy.close?.();
+    await this.scraper?.stop();
+    await this.kvEvents.close();
     const server = this.server;
     if (server) {
       await new Promise<void>((resolve) => {
@@ -453,9 +540,20 @@ export class Gateway {
     if (this.registry.byUrl(url).length > 0) {
       throw new GatewayError(409, `Worker '${url}' is already registered`, 'invalid_request_error', 'worker_exists');
     }
-    const worker = await this.workers.add({ url, modelId: body.model_id as string | undefined, apiKey: body.api_key as string | undefined });
-    this.log.info({ worker: worker.id, healthy: worker.healthy }, 'worker added');
-    return [201, { status: 'added', worker: worker.toJSON() }];
+    for (const f of ['kv_events_endpoint', 'kv_events_replay_endpoint'] as const) {
+      if (body[f] !== undefined && (typeof body[f] !== 'string' || !/^(tcp|ipc|inproc):\/\/.+/.test(body[f] as string))) {
+        throw errors.badRequest(`'${f}' must be a ZMQ endpoint (tcp://host:port)`, 'invalid_value', f);
+      }
+    }
+    const workers = await this.registerWorker({
+      url,
+      modelId: body.model_id as string | undefined,
+      apiKey: body.api_key as string | undefined,
+      kvEventsEndpoint: body.kv_events_endpoint as string | undefined,
+      kvEventsReplayEndpoint: body.kv_events_replay_endpoint as string | undefined,
+    });
+    this.log.info({ workers: workers.map((w) => w.id), healthy: workers[0].healthy }, 'worker added');
+    return [201, { status: 'added', worker: workers[0].toJSON(), workers: workers.map((w) => w.toJSON()) }];
   }
 
   private removeWorker(rawUrl: string): [number, unknown] {

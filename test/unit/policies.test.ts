@@ -9,7 +9,7 @@ import type { PolicyDeps } from '../../src/policies/policy.js';
 import { BlockIndex } from '../../src/cache/block-index.js';
 
 /** What the host gives kv_aware: an index (empty here: no engine events), so it routes on history. */
-const hostOptions = () => ({ kvIndex: { index: new BlockIndex(), lastEventAtMs: () => undefined, isAccurate: () => true } });
+const hostOptions = () => ({ kvIndex: { index: new BlockIndex(), lastEventAtMs: () => undefined, isAccurate: () => true, resetCount: () => 0 } });
 
 const deps = (seed = 1): PolicyDeps => ({ clock: new ManualClock(), rng: new SeededRng(seed) });
 
