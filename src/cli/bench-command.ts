@@ -6,10 +6,23 @@ import { engineConfigFrom, engineOptionSpecs } from '../config/engine-options.js
 import { serveOptionSpecs } from '../config/serve-config.js';
 import { isPolicyName, POLICY_NAMES } from '../policies/factory.js';
 import { runBench } from '../lab/bench.js';
+import { LAB_DEFAULTS } from '../lab/cluster.js';
 import { liveMarkdown, runLive } from '../lab/live.js';
 import { loadWorkload } from '../lab/workloads/index.js';
 
-const cacheAwareFlags = ['cache-threshold', 'balance-abs-threshold', 'balance-rel-threshold', 'eviction-interval-secs', 'max-tree-size'];
+const policyFlags = [
+  'cache-threshold',
+  'balance-abs-threshold',
+  'balance-rel-threshold',
+  'eviction-interval-secs',
+  'max-tree-size',
+  'kv-overlap-weight',
+  'kv-active-weight',
+  'kv-history-weight',
+  'router-temperature',
+  'window-secs',
+  'engine-metrics-stale-secs',
+];
 
 const numberList = (what: string) => (v: string[]) => {
   for (const x of v) if (!(Number(x) > 0)) return `every ${what} must be a number > 0 (got '${x}')`;
@@ -24,7 +37,7 @@ export const benchOptionSpecs: readonly OptionSpec[] = [
     flag: 'policies',
     kind: 'list',
     description: 'Policies to compare (round_robin and the pooled-cache bound are always added)',
-    default: ['round_robin', 'random', 'power_of_two', 'least_load', 'cache_aware'],
+    default: ['round_robin', 'random', 'power_of_two', 'least_load', 'cache_aware', 'kv_aware', 'prefix_load'],
     check: ((v: string[]) => v.find((p) => !isPolicyName(p)) && `unknown policy '${v.find((p) => !isPolicyName(p))}' (expected ${POLICY_NAMES.join(', ')})`) as never,
   },
   { flag: 'rate-scale', kind: 'number', description: 'Trace replay speed: arrivals compressed by this factor', default: 1, min: 0, exclusiveMin: true },
@@ -43,7 +56,10 @@ export const benchOptionSpecs: readonly OptionSpec[] = [
   { flag: 'model', kind: 'string', description: "Live mode: model to request (default: the target's first model)" },
   { flag: 'api-key', kind: 'string', description: 'Live mode: sent as Authorization: Bearer' },
   { flag: 'route', kind: 'enum', description: 'Live mode: OpenAI route to use', default: 'completions', choices: ['completions', 'chat'] },
-  ...serveOptionSpecs.filter((s) => cacheAwareFlags.includes(s.flag)),
+  { flag: 'kv-event-delay-ms', kind: 'number', description: 'KV events reach the router this long after the engine step (kv_aware)', default: LAB_DEFAULTS.kvEventDelayMs, min: 0 },
+  { flag: 'metrics-interval-ms', kind: 'number', description: 'Engine metrics are sampled this often (least_kv_cache, least_waiting)', default: LAB_DEFAULTS.metricsIntervalMs, min: 1 },
+  { flag: 'metrics-delay-ms', kind: 'number', description: '...and seen by the router this long after sampling', default: LAB_DEFAULTS.metricsDelayMs, min: 0 },
+  ...serveOptionSpecs.filter((s) => policyFlags.includes(s.flag)),
   ...engineOptionSpecs,
 ];
 
@@ -79,6 +95,18 @@ export function registerBenchCommand(program: Command): void {
       const sweep = (o.sweep as string[] | undefined)?.map(Number);
       const rates = sweep ?? [generated ? ((o.rps as number | undefined) ?? 0) : (o.rateScale as number)];
       const timeWindow = o.timeWindow ? ((o.timeWindow as string).split(':').map(Number) as [number, number]) : undefined;
+      const policyOptions = {
+        kvAware: {
+          overlapWeight: o.kvOverlapWeight as number,
+          activeWeight: o.kvActiveWeight as number,
+          historyWeight: o.kvHistoryWeight as number,
+          temperature: o.routerTemperature as number,
+          maxTreeSize: o.maxTreeSize as number,
+          evictionIntervalSecs: o.evictionIntervalSecs as number,
+        },
+        prefixLoad: { windowSecs: o.windowSecs as number },
+        engineLoad: { staleAfterMs: (o.engineMetricsStaleSecs as number) * 1000 },
+      };
       const cacheAware = {
         cacheThreshold: o.cacheThreshold as number,
         balanceAbsThreshold: o.balanceAbsThreshold as number,
@@ -123,7 +151,8 @@ export function registerBenchCommand(program: Command): void {
         {
           workers: o.workers as number,
           policies: o.policies as string[],
-          policyOptions: { cacheAware },
+          policyOptions: { cacheAware, ...policyOptions },
+          lab: { kvEventDelayMs: o.kvEventDelayMs as number, metricsIntervalMs: o.metricsIntervalMs as number, metricsDelayMs: o.metricsDelayMs as number },
           engine: engineConfigFrom(o),
           seed: o.seed as number,
           rates,

@@ -14,6 +14,8 @@ export interface BenchOptions {
   policyOptions?: PolicyOptions;
   engine: LabEngineConfig;
   seed: number;
+  /** Delays of the router's view (KV events, engine metrics). */
+  lab?: { kvEventDelayMs?: number; metricsIntervalMs?: number; metricsDelayMs?: number };
   /** Rates to run at; one entry = a single run. */
   rates: number[];
   /** 'rate-scale' (trace time compressed by the factor) or 'rps' (generator arrival rate). */
@@ -60,6 +62,7 @@ export async function runBench(o: BenchOptions, version: string): Promise<{ repo
         policyOptions: o.policyOptions,
         engine: o.engine,
         seed: o.seed,
+        ...o.lab,
         onProgress: o.progress ? (f) => o.progress!(label, f) : undefined,
       });
       rows.push(summarise(run, rate));

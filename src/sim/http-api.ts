@@ -106,14 +106,15 @@ function contentText(content: unknown, i: number): string {
   if (content === undefined || content === null) return '';
   if (typeof content === 'string') return content;
   if (Array.isArray(content)) {
-    let s = '';
+    const texts: string[] = [];
     for (const part of content) {
       if (!isObject(part) || part['type'] !== 'text' || typeof part['text'] !== 'string') {
         throw bad(`messages[${i}].content: the simulator supports only text content parts`, 'messages');
       }
-      s += part['text'];
+      if (part['text']) texts.push(part['text']);
     }
-    return s;
+    // vLLM's "string" content format: non-empty text parts joined by newlines (as the gateway's tokenizer does).
+    return texts.join('\n');
   }
   throw bad(`messages[${i}].content must be a string, an array of text parts or null`, 'messages');
 }
