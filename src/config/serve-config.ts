@@ -139,7 +139,7 @@ export const serveOptionSpecs: readonly OptionSpec[] = [
   { flag: 'kv-events-mediums', kind: 'enum', description: 'Events for CPU/disk tiers: ignore them, or index them apart from GPU', default: 'gpu-only', choices: ['gpu-only', 'separate'] },
   { flag: 'kv-events-stale-secs', kind: 'number', description: 'kv_aware: events this much older than a worker\'s last finished request count as stale (approximate fallback)', default: 5, min: 0, exclusiveMin: true },
   { flag: 'kv-index-max-blocks', kind: 'int', description: 'Largest KV block index (nodes); LRU leaves are pruned beyond it', default: 1000000, min: 1000 },
-  { flag: 'kv-overlap-weight', kind: 'number', description: 'kv_aware: weight of the prefill blocks still needed', default: 1.0, min: 0 },
+  { flag: 'kv-overlap-weight', kind: 'number', description: 'kv_aware: weight of the prefill blocks still needed (see docs/benchmarks.md for why 4, not Dynamo\'s 1)', default: 4, min: 0 },
   { flag: 'kv-active-weight', kind: 'number', description: 'kv_aware: weight of the blocks in-flight requests occupy', default: 0.1, min: 0 },
   { flag: 'kv-history-weight', kind: 'number', description: 'kv_aware: how much routing history counts next to engine events (affinity)', default: 1, min: 0, max: 1 },
   { flag: 'router-temperature', kind: 'number', description: 'kv_aware: 0 = lowest cost wins; > 0 samples a softmax over normalised costs', default: 0, min: 0 },

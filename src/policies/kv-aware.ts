@@ -44,7 +44,7 @@ export interface KvAwareConfig {
 }
 
 export const defaultKvAwareConfig: KvAwareConfig = {
-  overlapWeight: 1.0,
+  overlapWeight: 4,
   activeWeight: 1.0,
   temperature: 0,
   staleAfterMs: 5000,
