@@ -30,26 +30,26 @@ export function hasFreshEngineLoad(w: Worker, nowMs: number, staleAfterMs: numbe
 }
 
 /**
- * `least_kv_cache`: the available worker whose engine reports the lowest KV-cache usage
- * (`engineLoad.kvUsage`, scraped from vllm:kv_cache_usage_perc / sglang:token_usage).
- *
- * Exactly:
- *  1. Among available workers with fresh engine metrics: lowest kvUsage; ties by fewest in-flight
- *     (`load`), then candidate order.
- *  2. Available workers without fresh metrics are only used when no available worker has fresh
- *     metrics: then fewest in-flight, ties by fewest processed, then candidate order (the
- *     `least_load` rule). So a worker whose /metrics cannot be read gets no traffic while others
- *     report, and the policy degrades to least_load when no worker reports.
+ * A policy that ranks available workers by the load their engines report. Only workers with
+ * fresh metrics compete; when none has them, the least_load rule decides (fewest in-flight,
+ * then fewest processed, then order). So a worker whose /metrics cannot be read gets no traffic
+ * while others report, and the policy degrades to least_load when no worker reports.
  */
-export class LeastKvCachePolicy extends BasePolicy {
-  readonly name = 'least_kv_cache';
+export abstract class EngineLoadPolicy extends BasePolicy {
   readonly config: EngineLoadPolicyConfig;
 
-  constructor(deps: PolicyDeps, config: Partial<EngineLoadPolicyConfig> = {}) {
+  constructor(
+    readonly name: string,
+    deps: PolicyDeps,
+    config: Partial<EngineLoadPolicyConfig> = {},
+  ) {
     super(deps);
     this.config = { ...defaultEngineLoadPolicyConfig, ...config };
-    validateEngineLoadPolicyConfig(this.name, this.config);
+    validateEngineLoadPolicyConfig(name, this.config);
   }
+
+  /** Whether `a` (fresh metrics) is a better choice than `b` (fresh metrics). */
+  protected abstract better(a: Worker, b: Worker): boolean;
 
   selectWorker(candidates: readonly Worker[], _ctx: RequestContext): Worker | undefined {
     const healthy = available(candidates);
@@ -57,14 +57,24 @@ export class LeastKvCachePolicy extends BasePolicy {
     let best: Worker | undefined;
     for (const w of healthy) {
       if (!hasFreshEngineLoad(w, now, this.config.staleAfterMs)) continue;
-      if (!best) {
-        best = w;
-        continue;
-      }
-      const a = w.engineLoad!.kvUsage;
-      const b = best.engineLoad!.kvUsage;
-      if (a < b || (a === b && w.load < best.load)) best = w;
+      if (!best || this.better(w, best)) best = w;
     }
     return best ?? leastLoaded(healthy);
+  }
+}
+
+/**
+ * `least_kv_cache`: lowest engine-reported KV-cache usage (`engineLoad.kvUsage`, scraped from
+ * vllm:kv_cache_usage_perc / sglang:token_usage); ties by fewest in-flight, then order.
+ */
+export class LeastKvCachePolicy extends EngineLoadPolicy {
+  constructor(deps: PolicyDeps, config: Partial<EngineLoadPolicyConfig> = {}) {
+    super('least_kv_cache', deps, config);
+  }
+
+  protected better(w: Worker, best: Worker): boolean {
+    const a = w.engineLoad!.kvUsage;
+    const b = best.engineLoad!.kvUsage;
+    return a < b || (a === b && w.load < best.load);
   }
 }
