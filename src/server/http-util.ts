@@ -56,25 +56,23 @@ export function readBody(req: IncomingMessage, limit: number): Promise<Buffer> {
   });
 }
 
-/** Deepest nesting of arrays/objects in a JSON text (strings and escapes skipped); stops past `limit`. */
-export function jsonDepth(buf: Buffer, limit: number): number {
-  let depth = 0;
-  let max = 0;
-  let inString = false;
-  for (let i = 0; i < buf.length; i++) {
-    const c = buf[i];
-    if (inString) {
-      if (c === 0x5c) i++; // backslash: skip the escaped byte
-      else if (c === 0x22) inString = false;
-    } else if (c === 0x22) inString = true;
-    else if (c === 0x7b || c === 0x5b) {
-      if (++depth > max) {
-        max = depth;
-        if (max > limit) return max;
-      }
-    } else if (c === 0x7d || c === 0x5d) depth--;
+/**
+ * Whether a parsed JSON value nests arrays/objects deeper than `limit`. Visits containers only
+ * (cost grows with the number of JSON nodes, not bytes) and stops at limit + 1, so it never
+ * recurses deeper than that. (V8's JSON.parse is iterative, so parsing itself is safe.)
+ */
+export function deeperThan(value: unknown, limit: number, depth = 0): boolean {
+  if (value === null || typeof value !== 'object') return false;
+  if (depth + 1 > limit) return true;
+  if (Array.isArray(value)) {
+    for (const v of value) if (v !== null && typeof v === 'object' && deeperThan(v, limit, depth + 1)) return true;
+    return false;
   }
-  return max;
+  for (const k in value) {
+    const v = (value as Record<string, unknown>)[k];
+    if (v !== null && typeof v === 'object' && deeperThan(v, limit, depth + 1)) return true;
+  }
+  return false;
 }
 
 /**
@@ -84,7 +82,6 @@ export function jsonDepth(buf: Buffer, limit: number): number {
 export function parseJsonObject(buf: Buffer, maxDepth = 64): Record<string, unknown> {
   if (buf.length === 0) throw errors.badRequest('Request body is empty; expected a JSON object', 'invalid_json');
   if (!isUtf8(buf)) throw errors.badRequest('Request body is not valid UTF-8', 'invalid_utf8');
-  if (jsonDepth(buf, maxDepth) > maxDepth) throw errors.badRequest(`Request body nests JSON deeper than ${maxDepth} levels`, 'json_too_deep');
   let value: unknown;
   try {
     value = JSON.parse(buf.toString('utf8'));
@@ -92,5 +89,6 @@ export function parseJsonObject(buf: Buffer, maxDepth = 64): Record<string, unkn
     throw errors.badRequest(`Request body is not valid JSON: ${(e as Error).message}`, 'invalid_json');
   }
   if (value === null || typeof value !== 'object' || Array.isArray(value)) throw errors.badRequest('Request body must be a JSON object', 'invalid_json');
+  if (deeperThan(value, maxDepth)) throw errors.badRequest(`Request body nests JSON deeper than ${maxDepth} levels`, 'json_too_deep');
   return value as Record<string, unknown>;
 }

@@ -5,7 +5,7 @@ import { backoffMs, defaultRetryConfig, RETRYABLE_STATUSES } from '../../src/cor
 import { SeededRng } from '../../src/core/rng.js';
 import { Admission, KeyRateLimiter } from '../../src/server/admission.js';
 import { KeySet } from '../../src/server/auth.js';
-import { jsonDepth, parseJsonObject } from '../../src/server/http-util.js';
+import { deeperThan, parseJsonObject } from '../../src/server/http-util.js';
 import { GatewayError } from '../../src/core/errors.js';
 import type { IncomingMessage } from 'node:http';
 
@@ -140,13 +140,15 @@ describe('API keys', () => {
 });
 
 describe('JSON body limits', () => {
-  it('measures nesting outside strings', () => {
-    expect(jsonDepth(Buffer.from('{"a":[1,{"b":2}]}'), 64)).toBe(3);
-    expect(jsonDepth(Buffer.from('{"a":"[[[[{{{{\\\\"}'), 64)).toBe(1);
-    expect(jsonDepth(Buffer.from('{"a":"\\"[[[["}'), 64)).toBe(1);
+  it('measures nesting of containers only', () => {
+    const v = JSON.parse('{"a":[1,{"b":2}],"s":"[[[[{{{{"}');
+    expect(deeperThan(v, 3)).toBe(false);
+    expect(deeperThan(v, 2)).toBe(true);
+    expect(deeperThan(JSON.parse('['.repeat(5000) + ']'.repeat(5000)), 64)).toBe(true);
   });
   it.each([
-    [Buffer.from('['.repeat(100) + ']'.repeat(100)), 'json_too_deep'],
+    [Buffer.from('{"a":' + '['.repeat(100) + ']'.repeat(100) + '}'), 'json_too_deep'],
+    [Buffer.from('['.repeat(100) + ']'.repeat(100)), 'invalid_json'],
     [Buffer.concat([Buffer.from('{"model":"'), Buffer.from([0xc3, 0x28]), Buffer.from('"}')]), 'invalid_utf8'],
     [Buffer.from(''), 'invalid_json'],
     [Buffer.from('{"a":'), 'invalid_json'],
