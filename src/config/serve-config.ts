@@ -69,6 +69,13 @@ export interface ServeConfig {
   engineMetricsIntervalSecs: number;
   engineMetricsStaleSecs: number;
   windowSecs: number;
+  // Prefill/decode disaggregation
+  pdDisaggregation: boolean;
+  prefill: Array<{ url: string; bootstrapPort: number | null }>;
+  decode: string[];
+  prefillPolicy: string | undefined;
+  decodePolicy: string | undefined;
+  pdProtocol: 'sglang' | 'vllm';
 }
 
 const checkUrls = (urls: string[]): string | undefined => {
@@ -149,11 +156,51 @@ export const serveOptionSpecs: readonly OptionSpec[] = [
   { flag: 'engine-metrics-interval-secs', kind: 'number', description: "Scrape each worker's /metrics this often for engine load (0 = never)", default: 1, min: 0 },
   { flag: 'engine-metrics-stale-secs', kind: 'number', description: 'Engine metrics older than this are not used', default: 5, min: 0, exclusiveMin: true },
   { flag: 'window-secs', kind: 'number', description: 'prefix_load: history window', default: 180, min: 0, exclusiveMin: true },
+  { flag: 'pd-disaggregation', kind: 'bool', description: 'Prefill/decode disaggregation: route each request to a (prefill, decode) pair', default: false },
+  { flag: 'prefill', kind: 'list', description: 'Prefill worker URL, optionally followed by its SGLang bootstrap port (repeatable: --prefill URL [PORT])', default: [], argName: 'url-and-port...' },
+  { flag: 'decode', kind: 'list', description: 'Decode worker URL (repeatable)', default: [], argName: 'url...' },
+  { flag: 'prefill-policy', kind: 'enum', description: 'Policy for the prefill pool (default: --policy)', choices: POLICY_NAMES },
+  { flag: 'decode-policy', kind: 'enum', description: 'Policy for the decode pool (default: --policy)', choices: POLICY_NAMES },
+  { flag: 'pd-protocol', kind: 'enum', description: 'Hand-off protocol: sglang (bootstrap room, both at once) or vllm (NIXL kv_transfer_params, prefill then decode)', default: 'sglang', choices: ['sglang', 'vllm'] },
 ];
 
+/** `--prefill URL [PORT] URL ...` tokens → workers: a number (or "none") after a URL is its bootstrap port. */
+function parsePrefill(tokens: string[]): Array<{ url: string; bootstrapPort: number | null }> {
+  const out: Array<{ url: string; bootstrapPort: number | null }> = [];
+  for (const t of tokens) {
+    if (/^\d+$/.test(t) || t === 'none') {
+      const last = out.at(-1);
+      if (!last || last.bootstrapPort !== null) throw new ConfigError(`invalid value for --prefill: bootstrap port '${t}' must follow a prefill URL`);
+      const port = t === 'none' ? null : Number(t);
+      if (port !== null && (port < 1 || port > 65535)) throw new ConfigError(`invalid value for --prefill: bootstrap port ${t} out of range`);
+      last.bootstrapPort = port;
+      continue;
+    }
+    try {
+      out.push({ url: normalizeUrl(t), bootstrapPort: null });
+    } catch (e) {
+      throw new ConfigError(`invalid value for --prefill: ${(e as Error).message}`);
+    }
+  }
+  return out;
+}
+
 export function resolveServeConfig(cli: Record<string, unknown>, env: NodeJS.ProcessEnv = process.env): ServeConfig {
-  const o = resolveOptions(serveOptionSpecs, cli, env) as unknown as ServeConfig & { config?: string };
+  const raw = resolveOptions(serveOptionSpecs, cli, env) as unknown as ServeConfig & { config?: string; prefill: unknown };
+  const o = raw as ServeConfig & { config?: string };
   delete o.config;
+  o.prefill = parsePrefill(raw.prefill as unknown as string[]);
+  try {
+    o.decode = o.decode.map((u) => normalizeUrl(u));
+  } catch (e) {
+    throw new ConfigError(`invalid value for --decode: ${(e as Error).message}`);
+  }
+  if (o.pdDisaggregation) {
+    if (o.prefill.length === 0 || o.decode.length === 0) throw new ConfigError('--pd-disaggregation needs at least one --prefill and one --decode worker');
+    if (o.workerUrls.length > 0) throw new ConfigError('invalid value for --worker-urls: with --pd-disaggregation use --prefill and --decode');
+  } else if (o.prefill.length > 0 || o.decode.length > 0) {
+    throw new ConfigError('--prefill/--decode need --pd-disaggregation');
+  }
   o.workerUrls = o.workerUrls.map((u) => normalizeUrl(u));
   if (o.kvEventsEndpoints.length > 0 && o.kvEventsEndpoints.length !== o.workerUrls.length) {
     throw new ConfigError(`invalid value for --kv-events-endpoints: give one per --worker-urls entry (${o.workerUrls.length}), got ${o.kvEventsEndpoints.length}`);

@@ -28,6 +28,10 @@ export class GatewayMetrics {
   readonly admissionRejected: Counter<'reason'>;
   readonly authFailures: Counter<'scope'>;
   readonly kvDecisions: Counter<'worker' | 'source'>;
+  readonly pdRequests: Counter<'route' | 'protocol'>;
+  readonly pdPrefill: Counter<'worker'>;
+  readonly pdDecode: Counter<'worker'>;
+  readonly pdErrors: Counter<'kind'>;
   readonly kvOverlap: Histogram;
 
   constructor(workers: WorkerRegistry, treeChars: () => Map<string, number>, kv?: KvEventHub) {
@@ -48,6 +52,10 @@ export class GatewayMetrics {
     this.authFailures = new Counter({ name: 'kvgate_auth_failures_total', help: 'Requests refused for a missing or wrong key', labelNames: ['scope'], registers });
     this.kvDecisions = new Counter({ name: 'kvgate_kv_decisions_total', help: 'kv_aware decisions by chosen worker (url@rank) and where its overlap came from (events or approximate fallback)', labelNames: ['worker', 'source'], registers });
     this.kvOverlap = new Histogram({ name: 'kvgate_kv_decision_overlap_ratio', help: 'kv_aware: cached prefix blocks of the chosen worker / blocks of the request', buckets: [0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1], registers });
+    this.pdRequests = new Counter({ name: 'kvgate_pd_requests_total', help: 'Prefill/decode disaggregated requests', labelNames: ['route', 'protocol'], registers });
+    this.pdPrefill = new Counter({ name: 'kvgate_pd_prefill_requests_total', help: 'PD requests per prefill worker', labelNames: ['worker'], registers });
+    this.pdDecode = new Counter({ name: 'kvgate_pd_decode_requests_total', help: 'PD requests per decode worker', labelNames: ['worker'], registers });
+    this.pdErrors = new Counter({ name: 'kvgate_pd_errors_total', help: 'PD requests that failed, by error code (prefill_*, decode_*, timeouts)', labelNames: ['kind'], registers });
     if (kv) registerKvMetrics(kv, registers);
     const stateValue = { closed: 0, open: 1, half_open: 2 } as const;
     new Gauge({

@@ -1,6 +1,6 @@
-import type { IncomingMessage, ServerResponse } from 'node:http';
+import type { ServerResponse } from 'node:http';
 import type { Clock } from '../core/clock.js';
-import type { RequestContext, RouteName } from '../core/context.js';
+import type { RequestContext } from '../core/context.js';
 import { errors } from '../core/errors.js';
 import type { WorkerRegistry } from '../core/registry.js';
 import { backoffMs, RETRYABLE_STATUSES, type RetryConfig } from '../core/retry.js';
@@ -11,7 +11,7 @@ import type { RoutingPolicy } from '../policies/policy.js';
 import { forwardHeaders, proxyRequest, relayHeld, type ProxyResult, type ProxyTimeouts } from '../upstream/proxy.js';
 import type { UpstreamPools } from '../upstream/pools.js';
 import { sendError } from '../server/http-util.js';
-import { routingTextOf } from '../server/routing-text.js';
+import { buildContext, resolveModel, type RoutedRequest, type Tokenize } from './request.js';
 
 export interface RegularRouterDeps {
   registry: WorkerRegistry;
@@ -25,17 +25,7 @@ export interface RegularRouterDeps {
   /** kvgate authenticates its clients itself: their Authorization header is not for workers. */
   clientAuthEnabled: boolean;
   /** Token ids for policies that need them (undefined when no tokenizer applies). */
-  tokenize?: (route: RouteName, model: string, body: Record<string, unknown>) => ArrayLike<number> | undefined;
-}
-
-export interface RoutedRequest {
-  req: IncomingMessage;
-  res: ServerResponse;
-  route: RouteName;
-  path: string;
-  requestId: string;
-  rawBody: Buffer;
-  body: Record<string, unknown>;
+  tokenize?: Tokenize;
 }
 
 const NO_HOLD: ReadonlySet<number> = new Set();
@@ -52,46 +42,14 @@ const NO_HOLD: ReadonlySet<number> = new Set();
 export class RegularRouter {
   constructor(private readonly deps: RegularRouterDeps) {}
 
-  /** Which model a request is for: its `model`, or the only one served. */
   resolveModel(body: Record<string, unknown>): string {
-    const { registry } = this.deps;
-    const requested = body.model;
-    if (requested !== undefined && requested !== null) {
-      if (typeof requested !== 'string') throw errors.badRequest("'model' must be a string", 'invalid_type', 'model');
-      if (registry.forModel(requested).length > 0) return requested;
-      // Workers whose model is not yet known might serve it: that is unavailability, not a 404.
-      if (registry.all().some((w) => w.modelId === undefined)) throw errors.noHealthyWorkers(requested);
-      throw errors.modelNotFound(requested);
-    }
-    const models = registry.models();
-    if (models.length === 1) return models[0];
-    if (models.length === 0) throw errors.noHealthyWorkers(undefined);
-    throw errors.badRequest(`'model' is required: this gateway serves ${models.length} models (${models.join(', ')})`, 'missing_field', 'model');
-  }
-
-  buildContext(r: RoutedRequest, model: string): RequestContext {
-    const routing = routingTextOf(r.route, r.body);
-    if (r.body.stream !== undefined && r.body.stream !== null && typeof r.body.stream !== 'boolean') {
-      throw errors.badRequest("'stream' must be a boolean", 'invalid_type', 'stream');
-    }
-    const tokenIds = routing.tokenIds ?? (this.deps.policy.needsTokens ? this.deps.tokenize?.(r.route, model, r.body) : undefined);
-    return {
-      requestId: r.requestId,
-      route: r.route,
-      model,
-      routingText: routing.text,
-      tokenIds,
-      headers: r.req.headers,
-      stream: r.body.stream === true,
-      maxOutputTokens: maxOutputTokens(r.body),
-      arrivalMs: this.deps.clock.now(),
-    };
+    return resolveModel(this.deps.registry, body, ['regular']);
   }
 
   async handle(r: RoutedRequest): Promise<number> {
     const { registry, policy, metrics, retry } = this.deps;
     const model = this.resolveModel(r.body);
-    const ctx = this.buildContext(r, model);
+    const ctx = buildContext(r, model, this.deps.clock, this.deps.tokenize, !!policy.needsTokens);
     const excluded = new Set<Worker>();
     const candidates = () => registry.forModel(model).filter((w) => !excluded.has(w));
     let last: { worker: Worker; result: ProxyResult } | undefined;
@@ -177,12 +135,6 @@ export class RegularRouter {
 function bodyFor(r: RoutedRequest, worker: Worker): Buffer {
   if (worker.dpRank === undefined) return r.rawBody;
   return Buffer.from(JSON.stringify({ ...r.body, data_parallel_rank: worker.dpRank }));
-}
-
-function maxOutputTokens(body: Record<string, unknown>): number | undefined {
-  const sp = body.sampling_params as Record<string, unknown> | undefined;
-  const v = body.max_completion_tokens ?? body.max_tokens ?? (sp && typeof sp === 'object' ? sp.max_new_tokens : undefined);
-  return typeof v === 'number' && Number.isInteger(v) && v > 0 ? v : undefined;
 }
 
 /** Passive health: the exchange's outcome feeds the worker's circuit breaker and the metrics. */

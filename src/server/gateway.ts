@@ -12,11 +12,12 @@ import { errors, GatewayError } from '../core/errors.js';
 import { WorkerRegistry } from '../core/registry.js';
 import { randomRng, type Rng } from '../core/rng.js';
 import { WorkerManager } from '../core/worker-manager.js';
-import { normalizeUrl, type WorkerType } from '../core/worker.js';
+import { normalizeUrl } from '../core/worker.js';
 import { GatewayMetrics } from '../metrics/gateway-metrics.js';
 import { CacheAwarePolicy } from '../policies/cache-aware.js';
 import { createPolicy } from '../policies/factory.js';
 import type { RoutingPolicy, Scheduler } from '../policies/policy.js';
+import { PdRouter, SplitPairPolicy } from '../routers/pd.js';
 import { RegularRouter } from '../routers/regular.js';
 import { UpstreamPools } from '../upstream/pools.js';
 import { defaultRetryConfig, type RetryConfig } from '../core/retry.js';
@@ -24,7 +25,7 @@ import { KvEventHub } from '../events/hub.js';
 import { EngineMetricsScraper } from '../metrics/engine-scraper.js';
 import { endpointForRank } from '../sim/kv-publisher.js';
 import { loadTokenizer, TokenizerRegistry } from '../tokenize/registry.js';
-import type { Worker } from '../core/worker.js';
+import type { Worker, WorkerType } from '../core/worker.js';
 import { Admission, KeyRateLimiter } from './admission.js';
 import { isLoopback, KeySet, readKeyFile } from './auth.js';
 import { parseJsonObject, readBody, sendError, sendJson } from './http-util.js';
@@ -77,6 +78,11 @@ export class Gateway {
   private readonly scraper: EngineMetricsScraper | undefined;
   private readonly pools: UpstreamPools;
   private readonly router: RegularRouter;
+  /** Set in prefill/decode disaggregated mode. */
+  private readonly pd: PdRouter | undefined;
+  /** Policies for the prefill and decode pools (PD mode; both are `policy` unless set apart). */
+  private readonly prefillPolicy: RoutingPolicy;
+  private readonly decodePolicy: RoutingPolicy;
   private readonly apiKeys: KeySet;
   private readonly adminKeys: KeySet;
   private readonly keyLimiter: KeyRateLimiter | undefined;
@@ -111,8 +117,8 @@ export class Gateway {
       resolveSource: (topic, dpRank) => this.resolveEventSource(topic, dpRank),
     });
     this.metrics = new GatewayMetrics(this.registry, () => (this.policy instanceof CacheAwarePolicy ? this.policy.treeChars() : new Map()), this.kvEvents);
-    this.policy = createPolicy(
-      config.policy,
+    const makePolicy = (name: string) => createPolicy(
+      name,
       { clock, rng, schedule: timerScheduler, observer: this.metrics.policyObserver() },
       {
         cacheAware: {
@@ -136,11 +142,16 @@ export class Gateway {
         engineLoad: { staleAfterMs: config.engineMetricsStaleSecs * 1000 },
       },
     );
+    // PD mode: one instance per pool (each falls back to --policy), so no state (round-robin
+    // counters, prefix trees) is shared between the prefill and the decode pool.
+    this.policy = makePolicy(config.pdDisaggregation ? (config.prefillPolicy ?? config.policy) : config.policy);
+    this.prefillPolicy = this.policy;
+    this.decodePolicy = config.pdDisaggregation ? makePolicy(config.decodePolicy ?? config.policy) : this.policy;
     if (config.engineMetricsIntervalSecs > 0) {
       this.scraper = new EngineMetricsScraper(this.registry, { intervalMs: config.engineMetricsIntervalSecs * 1000, clock }, this.log);
     }
     this.registry.on('removed', (w) => {
-      this.policy.onWorkerRemoved?.(w);
+      for (const p of new Set([this.policy, this.prefillPolicy, this.decodePolicy])) p.onWorkerRemoved?.(w);
       void this.kvEvents.removeSource(w.id);
       this.metrics.forgetWorker(w.id);
       if (this.registry.byUrl(w.url).length === 0) void this.pools.drop(w.url);
@@ -195,6 +206,21 @@ export class Gateway {
       clientAuthEnabled: this.apiKeys.size > 0,
       tokenize: (route, model, body) => this.tokenizers.tokenize(route, body, model),
     });
+    if (config.pdDisaggregation) {
+      this.pd = new PdRouter({
+        registry: this.registry,
+        pairPolicy: this.prefillPolicy === this.decodePolicy ? this.prefillPolicy : new SplitPairPolicy(this.prefillPolicy, this.decodePolicy),
+        prefillPolicy: this.prefillPolicy,
+        decodePolicy: this.decodePolicy,
+        pools: this.pools,
+        metrics: this.metrics,
+        clock,
+        protocol: config.pdProtocol,
+        totalTimeoutMs: config.requestTimeoutSecs * 1000,
+        clientAuthEnabled: this.apiKeys.size > 0,
+        tokenize: (route, model, body) => this.tokenizers.tokenize(route, body, model),
+      });
+    }
   }
 
   /** Registers the configured workers (checking each once), then listens. */
@@ -217,6 +243,10 @@ export class Gateway {
         }),
       ),
     );
+    await Promise.all([
+      ...c.prefill.map((p) => this.registerWorker({ url: p.url, modelId: c.modelId, apiKey: c.workerApiKey, type: 'prefill', bootstrapPort: p.bootstrapPort })),
+      ...c.decode.map((url) => this.registerWorker({ url, modelId: c.modelId, apiKey: c.workerApiKey, type: 'decode' })),
+    ]);
     this.scraper?.start();
     const options = { keepAliveTimeout: 65_000, requestTimeout: 0, headersTimeout: 60_000, maxHeaderSize: c.maxHeaderSize };
     const handler = (req: IncomingMessage, res: ServerResponse) => void this.dispatch(req, res);
@@ -293,8 +323,18 @@ export class Gateway {
     apiKey?: string;
     kvEventsEndpoint?: string;
     kvEventsReplayEndpoint?: string;
+    type?: WorkerType;
+    bootstrapPort?: number | null;
   }): Promise<Worker[]> {
-    const workers = await this.workers.add({ url: spec.url, modelId: spec.modelId, apiKey: spec.apiKey, dpAware: this.config.dpAware, dpSize: this.config.dpSize });
+    const workers = await this.workers.add({
+      url: spec.url,
+      modelId: spec.modelId,
+      apiKey: spec.apiKey,
+      type: spec.type,
+      bootstrapPort: spec.bootstrapPort,
+      dpAware: this.config.dpAware,
+      dpSize: this.config.dpSize,
+    });
     if (spec.kvEventsEndpoint) {
       for (const w of workers) {
         const rank = w.dpRank ?? 0;
@@ -371,7 +411,8 @@ export class Gateway {
         const body = parseJsonObject(raw, this.config.maxJsonDepth);
         const release = await this.admit(res);
         try {
-          status = await this.router.handle({ req, res, route, path, requestId, rawBody: raw, body });
+          const routed = { req, res, route, path, requestId, rawBody: raw, body };
+          status = await (this.pd ? this.pd.handle(routed) : this.router.handle(routed));
         } finally {
           release();
         }
@@ -459,6 +500,15 @@ export class Gateway {
         expect('GET');
         if (this.draining) return send(503, { status: 'not_ready', reason: 'shutting down' });
         const all = this.registry.all();
+        if (this.pd) {
+          const healthyOf = (t: WorkerType) => all.filter((w) => w.type === t && w.isAvailable()).length;
+          const [p, d] = [healthyOf('prefill'), healthyOf('decode')];
+          if (p === 0 || d === 0) {
+            const reason = p === 0 && d === 0 ? 'no healthy prefill or decode worker' : p === 0 ? 'no healthy prefill worker' : 'no healthy decode worker';
+            return send(503, { status: 'not_ready', reason, healthy_prefill_workers: p, healthy_decode_workers: d, total_workers: all.length });
+          }
+          return send(200, { status: 'ready', healthy_prefill_workers: p, healthy_decode_workers: d, total_workers: all.length });
+        }
         const healthy = all.filter((w) => w.isAvailable()).length;
         if (healthy === 0) {
           const reason = all.length === 0 ? 'no workers are registered' : `none of the ${all.length} workers is healthy`;
@@ -545,8 +595,19 @@ export class Gateway {
         throw errors.badRequest(`'${f}' must be a ZMQ endpoint (tcp://host:port)`, 'invalid_value', f);
       }
     }
+    const type = body.worker_type ?? 'regular';
+    if (type !== 'regular' && type !== 'prefill' && type !== 'decode') throw errors.badRequest("'worker_type' must be regular, prefill or decode", 'invalid_value', 'worker_type');
+    if ((type === 'regular') === !!this.pd) {
+      throw errors.badRequest(this.pd ? "in PD mode 'worker_type' must be prefill or decode" : "'worker_type' prefill/decode needs --pd-disaggregation", 'invalid_value', 'worker_type');
+    }
+    const bp = body.bootstrap_port;
+    if (bp !== undefined && bp !== null && !(Number.isInteger(bp) && (bp as number) >= 1 && (bp as number) <= 65535)) {
+      throw errors.badRequest("'bootstrap_port' must be a port number or null", 'invalid_value', 'bootstrap_port');
+    }
     const workers = await this.registerWorker({
       url,
+      type,
+      bootstrapPort: (bp as number | null | undefined) ?? null,
       modelId: body.model_id as string | undefined,
       apiKey: body.api_key as string | undefined,
       kvEventsEndpoint: body.kv_events_endpoint as string | undefined,

@@ -73,3 +73,21 @@ describe('serve configuration', () => {
     expect(() => resolveServeConfig({ config: file('t.yaml', 'port: "x"') }, {})).toThrow(/--port \(from config file\)/);
   });
 });
+
+describe('PD configuration', () => {
+  it('parses --prefill URL [PORT] repeated, --decode, and checks the combination', () => {
+    const c = resolveServeConfig({ pdDisaggregation: true, prefill: ['http://p1:8000', '9000', 'http://p2:8000', 'none', 'http://p3:8000'], decode: ['http://d1:8000/'] }, {});
+    expect(c.prefill).toEqual([
+      { url: 'http://p1:8000', bootstrapPort: 9000 },
+      { url: 'http://p2:8000', bootstrapPort: null },
+      { url: 'http://p3:8000', bootstrapPort: null },
+    ]);
+    expect(c.decode).toEqual(['http://d1:8000']);
+    expect(c.pdProtocol).toBe('sglang');
+    expect(() => resolveServeConfig({ pdDisaggregation: true, prefill: ['9000'], decode: ['http://d:1'] }, {})).toThrow(/--prefill: bootstrap port '9000' must follow a prefill URL/);
+    expect(() => resolveServeConfig({ pdDisaggregation: true, prefill: ['http://p:1'] }, {})).toThrow(/at least one --prefill and one --decode/);
+    expect(() => resolveServeConfig({ prefill: ['http://p:1'], decode: ['http://d:1'] }, {})).toThrow(/need --pd-disaggregation/);
+    expect(() => resolveServeConfig({ pdDisaggregation: true, prefill: ['http://p:1', '70000'], decode: ['http://d:1'] }, {})).toThrow(/out of range/);
+    expect(() => resolveServeConfig({ pdDisaggregation: true, prefill: ['http://p:1'], decode: ['http://d:1'], pdProtocol: 'nixl' }, {})).toThrow(/--pd-protocol/);
+  });
+});

@@ -1,0 +1,65 @@
+import type { IncomingMessage, ServerResponse } from 'node:http';
+import type { Clock } from '../core/clock.js';
+import type { RequestContext, RouteName } from '../core/context.js';
+import { errors } from '../core/errors.js';
+import type { WorkerRegistry } from '../core/registry.js';
+import type { WorkerType } from '../core/worker.js';
+import { routingTextOf } from '../server/routing-text.js';
+
+/** A generation request as the HTTP front hands it to a router. */
+export interface RoutedRequest {
+  req: IncomingMessage;
+  res: ServerResponse;
+  route: RouteName;
+  path: string;
+  requestId: string;
+  rawBody: Buffer;
+  body: Record<string, unknown>;
+}
+
+export type Tokenize = (route: RouteName, model: string, body: Record<string, unknown>) => ArrayLike<number> | undefined;
+
+/**
+ * Which model a request is for: its `model` if some worker of the given types serves it, or the
+ * only model served. Unknown model → 404; unknown but some worker's model not yet discovered → 503.
+ */
+export function resolveModel(registry: WorkerRegistry, body: Record<string, unknown>, types: readonly WorkerType[]): string {
+  const requested = body.model;
+  const served = (m: string) => types.some((t) => registry.forModel(m, t).length > 0);
+  if (requested !== undefined && requested !== null) {
+    if (typeof requested !== 'string') throw errors.badRequest("'model' must be a string", 'invalid_type', 'model');
+    if (served(requested)) return requested;
+    if (registry.all().some((w) => w.modelId === undefined)) throw errors.noHealthyWorkers(requested);
+    throw errors.modelNotFound(requested);
+  }
+  const models = registry.models().filter(served);
+  if (models.length === 1) return models[0];
+  if (models.length === 0) throw errors.noHealthyWorkers(undefined);
+  throw errors.badRequest(`'model' is required: this gateway serves ${models.length} models (${models.join(', ')})`, 'missing_field', 'model');
+}
+
+/** What policies see of a request: routing text (all messages), token ids when needed, limits. */
+export function buildContext(r: RoutedRequest, model: string, clock: Clock, tokenize: Tokenize | undefined, needsTokens: boolean): RequestContext {
+  const routing = routingTextOf(r.route, r.body);
+  if (r.body.stream !== undefined && r.body.stream !== null && typeof r.body.stream !== 'boolean') {
+    throw errors.badRequest("'stream' must be a boolean", 'invalid_type', 'stream');
+  }
+  const tokenIds = routing.tokenIds ?? (needsTokens ? tokenize?.(r.route, model, r.body) : undefined);
+  return {
+    requestId: r.requestId,
+    route: r.route,
+    model,
+    routingText: routing.text,
+    tokenIds,
+    headers: r.req.headers,
+    stream: r.body.stream === true,
+    maxOutputTokens: maxOutputTokens(r.body),
+    arrivalMs: clock.now(),
+  };
+}
+
+function maxOutputTokens(body: Record<string, unknown>): number | undefined {
+  const sp = body.sampling_params as Record<string, unknown> | undefined;
+  const v = body.max_completion_tokens ?? body.max_tokens ?? (sp && typeof sp === 'object' ? sp.max_new_tokens : undefined);
+  return typeof v === 'number' && Number.isInteger(v) && v > 0 ? v : undefined;
+}
