@@ -7,6 +7,7 @@ import { serveOptionSpecs } from '../config/serve-config.js';
 import { isPolicyName, POLICY_NAMES } from '../policies/factory.js';
 import { runBench } from '../lab/bench.js';
 import { LAB_DEFAULTS } from '../lab/cluster.js';
+import { PD_DEFAULTS } from '../lab/pd-cluster.js';
 import { liveMarkdown, runLive } from '../lab/live.js';
 import { loadWorkload } from '../lab/workloads/index.js';
 
@@ -56,6 +57,11 @@ export const benchOptionSpecs: readonly OptionSpec[] = [
   { flag: 'model', kind: 'string', description: "Live mode: model to request (default: the target's first model)" },
   { flag: 'api-key', kind: 'string', description: 'Live mode: sent as Authorization: Bearer' },
   { flag: 'route', kind: 'enum', description: 'Live mode: OpenAI route to use', default: 'completions', choices: ['completions', 'chat'] },
+  { flag: 'prefill-workers', kind: 'int', description: 'PD rows: prefill engines of a prefill/decode-disaggregated cluster, run next to the --workers aggregated one (with --decode-workers)', min: 1, max: 1024 },
+  { flag: 'decode-workers', kind: 'int', description: 'PD rows: decode engines (with --prefill-workers)', min: 1, max: 1024 },
+  { flag: 'prefill-policy', kind: 'enum', description: 'PD rows: policy of the prefill pool (default: each policy under test)', choices: POLICY_NAMES },
+  { flag: 'decode-policy', kind: 'enum', description: 'PD rows: policy of the decode pool (default: each policy under test)', choices: POLICY_NAMES },
+  { flag: 'kv-transfer-ms-per-block', kind: 'number', description: 'PD rows: KV transfer time per KV block, prefill to decode (0.08 ms = a 2 MiB block at ~25 GB/s)', default: PD_DEFAULTS.transferMsPerBlock, min: 0 },
   { flag: 'kv-event-delay-ms', kind: 'number', description: 'KV events reach the router this long after the engine step (kv_aware)', default: LAB_DEFAULTS.kvEventDelayMs, min: 0 },
   { flag: 'metrics-interval-ms', kind: 'number', description: 'Engine metrics are sampled this often (least_kv_cache, least_waiting)', default: LAB_DEFAULTS.metricsIntervalMs, min: 1 },
   { flag: 'metrics-delay-ms', kind: 'number', description: '...and seen by the router this long after sampling', default: LAB_DEFAULTS.metricsDelayMs, min: 0 },
@@ -146,10 +152,27 @@ export function registerBenchCommand(program: Command): void {
         }
         return;
       }
+      const pdGiven = o.prefillWorkers !== undefined || o.decodeWorkers !== undefined;
+      if (pdGiven && (o.prefillWorkers === undefined || o.decodeWorkers === undefined)) {
+        throw new ConfigError('PD rows need both --prefill-workers and --decode-workers');
+      }
+      if (!pdGiven && (o.prefillPolicy !== undefined || o.decodePolicy !== undefined)) {
+        throw new ConfigError('--prefill-policy and --decode-policy apply to PD rows: add --prefill-workers N --decode-workers M');
+      }
+      const pd = pdGiven
+        ? {
+            prefillWorkers: o.prefillWorkers as number,
+            decodeWorkers: o.decodeWorkers as number,
+            prefillPolicy: o.prefillPolicy as string | undefined,
+            decodePolicy: o.decodePolicy as string | undefined,
+            transferMsPerBlock: o.kvTransferMsPerBlock as number,
+          }
+        : undefined;
       const version = (JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string }).version;
       const { markdown } = await runBench(
         {
           workers: o.workers as number,
+          pd,
           policies: o.policies as string[],
           policyOptions: { cacheAware, ...policyOptions },
           lab: { kvEventDelayMs: o.kvEventDelayMs as number, metricsIntervalMs: o.metricsIntervalMs as number, metricsDelayMs: o.metricsDelayMs as number },

@@ -2,6 +2,14 @@ import type { Command } from 'commander';
 import { engineConfigFrom, engineOptionSpecs } from '../config/engine-options.js';
 import { addOptions, ConfigError, resolveOptions, type OptionSpec } from '../config/options.js';
 import { DEFAULT_COST_MODEL, type CostModelConfig } from '../sim/cost-model.js';
+import {
+  DEFAULT_BOOTSTRAP_PORT,
+  DEFAULT_KV_SIDE_CHANNEL_PORT,
+  DEFAULT_PD_TRANSFER_TIMEOUT_SECS,
+  type PdOptions,
+  type PdProtocol,
+  type PdRole,
+} from '../sim/pd.js';
 import { DEFAULT_FAULTS, startSimServer, type FaultOptions, type SimServerOptions } from '../sim/server.js';
 
 /**
@@ -27,6 +35,18 @@ export const SIM_FLAGS: readonly OptionSpec[] = [
   { flag: 'kv-events-replay-endpoint', kind: 'string', description: 'ZMQ ROUTER endpoint of rank 0 for KV event replay (rank r: port + r)' },
   { flag: 'kv-events-format', kind: 'enum', default: 'array', choices: ['array', 'map'], description: 'KV event encoding: array (vLLM <= 0.23) or map (vLLM >= 0.24)' },
   { flag: 'kv-events-topic', kind: 'string', default: '', description: 'ZMQ topic frame of KV event messages' },
+  { flag: 'pd-role', kind: 'enum', default: 'none', choices: ['none', 'prefill', 'decode'], description: 'Prefill/decode disaggregation role (none = regular engine)' },
+  { flag: 'pd-protocol', kind: 'enum', default: 'sglang', choices: ['sglang', 'vllm'], description: 'PD hand-off protocol: sglang (bootstrap_room) or vllm (kv_transfer_params)' },
+  { flag: 'bootstrap-port', kind: 'int', default: DEFAULT_BOOTSTRAP_PORT, min: 0, max: 65535, description: 'SGLang PD prefill: bootstrap (KV side-channel) server port (0 = ephemeral)' },
+  { flag: 'kv-side-channel-port', kind: 'int', default: DEFAULT_KV_SIDE_CHANNEL_PORT, min: 0, max: 65535, description: 'vLLM PD prefill: KV side-channel server port (0 = ephemeral)' },
+  { flag: 'kv-side-channel-host', kind: 'string', description: 'vLLM PD prefill: host announced as kv_transfer_params.remote_host (default: --host, or 127.0.0.1 when --host is a wildcard)' },
+  {
+    flag: 'kv-transfer-ms-per-block',
+    kind: 'number',
+    min: 0,
+    description: 'PD decode: simulated KV transfer time per block in ms (default: block-size x 128 KiB over 25 GB/s = 0.0839 ms for 16-token blocks)',
+  },
+  { flag: 'pd-transfer-timeout-secs', kind: 'number', default: DEFAULT_PD_TRANSFER_TIMEOUT_SECS, min: 0, exclusiveMin: true, description: 'PD decode: give up on a KV hand-off after this many (simulated) seconds' },
   { flag: 'fail-rate', kind: 'number', default: DEFAULT_FAULTS.failRate, min: 0, max: 1, description: 'Fault: probability a generation request fails with --fail-status' },
   { flag: 'fail-first-n', kind: 'int', default: DEFAULT_FAULTS.failFirstN, min: 0, description: 'Fault: the first N generation requests fail with --fail-status' },
   { flag: 'fail-status', kind: 'int', default: DEFAULT_FAULTS.failStatus, min: 400, max: 599, description: 'Fault: HTTP status of injected failures' },
@@ -75,6 +95,19 @@ export function resolveSimOptions(raw: Record<string, unknown>, env: NodeJS.Proc
     startupDelaySecs: num('startupDelaySecs'),
   };
   const kvEndpoint = str('kvEventsEndpoint');
+  const role = str('pdRole');
+  const pd: PdOptions | undefined =
+    role === 'prefill' || role === 'decode'
+      ? {
+          role: role as PdRole,
+          protocol: str('pdProtocol') as PdProtocol,
+          bootstrapPort: num('bootstrapPort'),
+          kvSideChannelPort: num('kvSideChannelPort'),
+          kvSideChannelHost: str('kvSideChannelHost'),
+          kvTransferMsPerBlock: v['kvTransferMsPerBlock'] as number | undefined,
+          transferTimeoutSecs: num('pdTransferTimeoutSecs'),
+        }
+      : undefined;
   return {
     host: str('host'),
     port: num('port'),
@@ -98,6 +131,7 @@ export function resolveSimOptions(raw: Record<string, unknown>, env: NodeJS.Proc
           topic: str('kvEventsTopic'),
         }
       : undefined,
+    pd,
     faults,
   };
 }
@@ -133,7 +167,13 @@ export function registerSimCommand(program: Command): Command {
       `listening on ${server.url} (port ${server.port}) model=${server.model} dp=${server.engines.length} ` +
         `blocks=${c.numGpuBlocks}x${c.blockSize} max-num-seqs=${c.maxNumSeqs} max-num-batched-tokens=${c.maxNumBatchedTokens} ` +
         `speed=${options.speed} tokenizer=${server.tokenizer.name}` +
-        (options.kvEvents ? ` kv-events=${server.engines.map((h) => h.publisher?.boundEndpoint).join(',')}` : ''),
+        (options.kvEvents ? ` kv-events=${server.engines.map((h) => h.publisher?.boundEndpoint).join(',')}` : '') +
+        (server.pd
+          ? ` pd-role=${server.pd.role} pd-protocol=${server.pd.protocol}` +
+            (server.pd.sideChannelPort !== null
+              ? ` ${server.pd.protocol === 'sglang' ? 'bootstrap-port' : 'kv-side-channel-port'}=${server.pd.sideChannelPort}`
+              : ` kv-transfer-ms-per-block=${server.pd.kvTransferMsPerBlock}`)
+          : ''),
     );
     let stopping = false;
     const stop = (signal: string): void => {

@@ -3,13 +3,30 @@ import { join } from 'node:path';
 import type { PolicyOptions } from '../policies/factory.js';
 import { hitRateChart, sweepChart, ttftCdfChart } from './charts.js';
 import { runCluster, type LabEngineConfig } from './cluster.js';
+import { PD_DEFAULTS, runPdCluster } from './pd-cluster.js';
 import { markdownTable, summarise, type PolicyResult } from './report.js';
 import type { Workload } from './workload.js';
 
 export const POOLED = 'pooled-cache bound';
 
+const pairLabel = (prefill: string, decode: string) => (prefill === decode ? prefill : `${prefill}→${decode}`);
+
+/** Prefill/decode disaggregation rows, run next to the aggregated ones (see docs/lab.md). */
+export interface BenchPdOptions {
+  prefillWorkers: number;
+  decodeWorkers: number;
+  /** Prefill pool policy for every PD row (default: the policy under test). */
+  prefillPolicy?: string;
+  /** Decode pool policy for every PD row (default: the policy under test). */
+  decodePolicy?: string;
+  /** KV transfer time per block (ms); default PD_DEFAULTS.transferMsPerBlock. */
+  transferMsPerBlock?: number;
+}
+
 export interface BenchOptions {
   workers: number;
+  /** Also run each policy on a PD cluster, as extra rows. */
+  pd?: BenchPdOptions;
   policies: string[];
   policyOptions?: PolicyOptions;
   engine: LabEngineConfig;
@@ -33,6 +50,8 @@ export interface BenchReport {
   workers: number;
   seed: number;
   engine: LabEngineConfig;
+  /** The PD cluster of the PD rows, if any. */
+  pd?: Required<Omit<BenchPdOptions, 'prefillPolicy' | 'decodePolicy'>> & Pick<BenchPdOptions, 'prefillPolicy' | 'decodePolicy'>;
   rateKind: string;
   rates: number[];
   rows: PolicyResult[];
@@ -42,11 +61,15 @@ export interface BenchReport {
 
 /**
  * Runs every policy (plus the pooled-cache bound and round_robin, always) on the same
- * workload and cluster at each rate, deterministically, and returns the report.
+ * workload and cluster at each rate, deterministically, and returns the report. With `pd`,
+ * every policy also runs on the prefill/decode cluster, as extra rows after the aggregated ones.
  */
 export async function runBench(o: BenchOptions, version: string): Promise<{ report: BenchReport; markdown: string }> {
   const policies = [...new Set(['round_robin', ...o.policies])];
+  const pd = o.pd && { ...o.pd, transferMsPerBlock: o.pd.transferMsPerBlock ?? PD_DEFAULTS.transferMsPerBlock };
   const rows: PolicyResult[] = [];
+  /** PD row → the aggregated policy it is compared with (the policy under test). */
+  const pdAgainst = new Map<PolicyResult, string>();
   const names = new Map<number, string>();
   let notes: string[] = [];
   for (const rate of o.rates) {
@@ -67,13 +90,42 @@ export async function runBench(o: BenchOptions, version: string): Promise<{ repo
       });
       rows.push(summarise(run, rate));
     }
+    if (pd) {
+      // One PD row per distinct (prefill, decode) policy pair, in the order of the policies.
+      const seen = new Set<string>();
+      for (const p of policies) {
+        const prefillPolicy = pd.prefillPolicy ?? p;
+        const decodePolicy = pd.decodePolicy ?? p;
+        const key = `${prefillPolicy}\n${decodePolicy}`;
+        if (seen.has(key)) continue;
+        seen.add(key);
+        const run = runPdCluster(wl.requests, {
+          prefillWorkers: pd.prefillWorkers,
+          decodeWorkers: pd.decodeWorkers,
+          policy: p,
+          prefillPolicy,
+          decodePolicy,
+          transferMsPerBlock: pd.transferMsPerBlock,
+          policyOptions: o.policyOptions,
+          engine: o.engine,
+          seed: o.seed,
+          ...o.lab,
+          onProgress: o.progress ? (f) => o.progress!(`${pairLabel(prefillPolicy, decodePolicy)} PD${o.rates.length > 1 ? ` @ ${rate}` : ''}`, f) : undefined,
+        });
+        rows.push(summarise(run, rate));
+        pdAgainst.set(rows[rows.length - 1], p);
+      }
+    }
   }
-  const findings = computeFindings(rows, o.rates);
+  const findings = computeFindings(rows, o.rates, pdAgainst);
   const sections: string[] = [];
   for (const rate of o.rates) {
     const at = rows.filter((r) => r.rate === rate);
     const bound = at.find((r) => r.policy === POOLED)!.hitRate;
-    const title = `${names.get(rate)} — ${o.workers} engines, seed ${o.seed}`;
+    const cluster = pd
+      ? `${o.workers} aggregated engines vs PD ${pd.prefillWorkers} prefill + ${pd.decodeWorkers} decode engines (KV transfer ${pd.transferMsPerBlock} ms/block)`
+      : `${o.workers} engines`;
+    const title = `${names.get(rate)} — ${cluster}, seed ${o.seed}`;
     sections.push(`### ${title}\n\n${markdownTable(at, { showRate: false, pooledHitRate: bound })}`);
   }
   const markdown = [...sections, findings.length ? `\n${findings.map((f) => `- ${f}`).join('\n')}` : ''].join('\n\n');
@@ -84,6 +136,7 @@ export async function runBench(o: BenchOptions, version: string): Promise<{ repo
     workers: o.workers,
     seed: o.seed,
     engine: o.engine,
+    ...(pd ? { pd } : {}),
     rateKind: o.rateKind,
     rates: o.rates,
     rows,
@@ -93,10 +146,13 @@ export async function runBench(o: BenchOptions, version: string): Promise<{ repo
   return { report, markdown };
 }
 
-function computeFindings(rows: PolicyResult[], rates: number[]): string[] {
+function computeFindings(rows: PolicyResult[], rates: number[], pdAgainst: ReadonlyMap<PolicyResult, string>): string[] {
   const out: string[] = [];
+  const s = (x: number) => (Number.isNaN(x) ? '–' : x.toFixed(3));
+  const ms = (x: number) => (Number.isNaN(x) ? '–' : x.toFixed(1));
   for (const rate of rates) {
-    const at = rows.filter((r) => r.rate === rate);
+    const all = rows.filter((r) => r.rate === rate);
+    const at = all.filter((r) => r.mode === 'aggregated');
     const bound = at.find((r) => r.policy === POOLED)!;
     const rr = at.find((r) => r.policy === 'round_robin')!;
     const suffix = rates.length > 1 ? ` (rate ${rate})` : '';
@@ -109,7 +165,20 @@ function computeFindings(rows: PolicyResult[], rates: number[]): string[] {
         `${r.policy}: hit rate ${(100 * r.hitRate).toFixed(1)}% = ${(100 * ofBound).toFixed(1)}% of the pooled-cache bound; TTFT p90 ${ttftGain.toFixed(2)}x ${ttftGain >= 1 ? 'better' : 'worse'} than round_robin${suffix}.`,
       );
     }
-    const rejected = Math.max(...at.map((r) => r.rejected));
+    for (const r of all) {
+      if (r.mode !== 'pd' || !r.pd) continue;
+      const agg = at.find((a) => a.policy === pdAgainst.get(r));
+      const vs = agg
+        ? ` vs ${s(agg.ttftP50)} / ${s(agg.ttftP90)} s for ${agg.policy} on ${r.pd.prefillWorkers + r.pd.decodeWorkers} aggregated engines`
+        : '';
+      const vsItl = agg ? ` vs ${ms(agg.itlP50Ms)} / ${ms(agg.itlP90Ms)} ms` : '';
+      out.push(
+        `${r.policy}: TTFT p50 / p90 ${s(r.ttftP50)} / ${s(r.ttftP90)} s${vs}; ITL p50 / p90 ${ms(r.itlP50Ms)} / ${ms(r.itlP90Ms)} ms${vsItl}; ` +
+          `prefill hit rate ${(100 * r.hitRate).toFixed(1)}%${agg ? ` (aggregated ${(100 * agg.hitRate).toFixed(1)}%)` : ''}; ` +
+          `prefill engines ${(100 * r.pd.prefillUtilisation).toFixed(0)}% busy, decode engines ${(100 * r.pd.decodeUtilisation).toFixed(0)}%; mean KV transfer ${r.pd.transferMsMean.toFixed(2)} ms${suffix}.`,
+      );
+    }
+    const rejected = Math.max(...all.map((r) => r.rejected));
     if (rejected > 0) out.push(`${rejected} requests were refused by the engines (longer than the model length) and are not in the figures${suffix}.`);
   }
   return out;

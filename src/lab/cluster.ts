@@ -11,6 +11,7 @@ import type { CostModelConfig } from '../sim/cost-model.js';
 import type { KvEvent } from '../sim/kv-events.js';
 import { Engine, EngineRequestError, type EngineOptions, type RequestRecord } from '../sim/engine.js';
 import { EventQueue } from './event-queue.js';
+import type { PdRunInfo } from './pd-cluster.js';
 import type { LabRequest } from './workload.js';
 
 /** Engine settings shared by every engine of a simulated cluster (the `kvgate sim` flags). */
@@ -41,7 +42,7 @@ export interface ClusterConfig {
 export const LAB_DEFAULTS = { kvEventDelayMs: 50, metricsIntervalMs: 1000, metricsDelayMs: 50 } as const;
 
 /** The simulated engine's events in the router's normalised form (what the ZMQ decoder yields). */
-function normalise(events: readonly KvEvent[]): KvCacheEvent[] {
+export function normalise(events: readonly KvEvent[]): KvCacheEvent[] {
   return events.map((e): KvCacheEvent => {
     switch (e.type) {
       case 'BlockStored':
@@ -71,9 +72,16 @@ export interface ClusterRun {
   wallMs: number;
   /** Engine steps simulated. */
   steps: number;
+  /**
+   * Prefill/decode disaggregation runs only (runPdCluster). Then `placement` holds the prefill
+   * engine of each request, engines [0, prefillWorkers) are the prefill engines and the rest the
+   * decode engines, and each record is the request as the client sees it (see pd-cluster.ts).
+   */
+  pd?: PdRunInfo;
 }
 
-type Ev =
+/** @internal Events of the lab's discrete-event loops. */
+export type Ev =
   | { kind: 'step'; engine: number }
   | { kind: 'timer'; everyMs: number; fn: () => void; cancelled: { v: boolean } }
   | { kind: 'deliver'; fn: () => void };

@@ -1,3 +1,4 @@
+import type { RequestRecord } from '../sim/engine.js';
 import type { ClusterRun } from './cluster.js';
 
 export interface PolicyResult {
@@ -13,6 +14,12 @@ export interface PolicyResult {
   ttftP99: number;
   e2eP50: number;
   e2eP99: number;
+  /**
+   * Inter-token latency (ms), over requests with at least 2 output tokens, each counted once:
+   * (finish − first token) / (output tokens − 1). NaN (null in JSON) when no request qualifies.
+   */
+  itlP50Ms: number;
+  itlP90Ms: number;
   /** Output tokens per second of virtual time (first arrival to last finish). */
   outputTokensPerSec: number;
   /** Max over mean of per-engine busy time (1 = perfectly even). */
@@ -20,6 +27,10 @@ export interface PolicyResult {
   /** Mean engine utilisation: busy time / makespan. */
   utilisation: number;
   preemptions: number;
+  /** 'aggregated': N engines that each prefill and decode; 'pd': prefill/decode disaggregation. */
+  mode: 'aggregated' | 'pd';
+  /** PD rows: the cluster and the hand-off. */
+  pd?: PdSummary;
   /** For cache_aware: decisions by branch. */
   decisions: ClusterRun['decisions'];
   /** Virtual seconds simulated and wall seconds it took. */
@@ -27,6 +38,25 @@ export interface PolicyResult {
   wallSecs: number;
   /** Sorted TTFTs in seconds, for the CDF chart (downsampled). */
   ttftCdf: Array<[number, number]>;
+}
+
+export interface PdSummary {
+  prefillWorkers: number;
+  decodeWorkers: number;
+  prefillPolicy: string;
+  decodePolicy: string;
+  transferMsPerBlock: number;
+  /** Mean KV transfer time per request (ms). */
+  transferMsMean: number;
+  /** Mean utilisation of the prefill engines and of the decode engines (busy time / makespan). */
+  prefillUtilisation: number;
+  decodeUtilisation: number;
+}
+
+/** Per-request inter-token latency (ms): (finish − first token) / (output tokens − 1); undefined below 2 tokens. */
+export function interTokenLatencyMs(r: Pick<RequestRecord, 'outputTokens' | 'firstTokenMs' | 'finishMs'>): number | undefined {
+  if (r.outputTokens < 2 || r.firstTokenMs < 0) return undefined;
+  return (r.finishMs - r.firstTokenMs) / (r.outputTokens - 1);
 }
 
 export function quantile(sorted: ArrayLike<number>, q: number): number {
@@ -46,7 +76,10 @@ export function summarise(run: ClusterRun, rate: number): PolicyResult {
   let last = 0;
   const ttft = new Float64Array(recs.length);
   const e2e = new Float64Array(recs.length);
+  const itls: number[] = [];
   recs.forEach((r, i) => {
+    const itl = interTokenLatencyMs(r);
+    if (itl !== undefined) itls.push(itl);
     prompt += r.promptTokens;
     cached += r.cachedTokens;
     out += r.outputTokens;
@@ -57,6 +90,7 @@ export function summarise(run: ClusterRun, rate: number): PolicyResult {
   });
   ttft.sort();
   e2e.sort();
+  const itl = Float64Array.from(itls).sort();
   const span = Math.max(1e-9, (last - first) / 1000);
   const busy = run.engineBusyMs;
   const meanBusy = busy.reduce((a, b) => a + b, 0) / busy.length;
@@ -77,14 +111,34 @@ export function summarise(run: ClusterRun, rate: number): PolicyResult {
     ttftP99: quantile(ttft, 0.99),
     e2eP50: quantile(e2e, 0.5),
     e2eP99: quantile(e2e, 0.99),
+    itlP50Ms: quantile(itl, 0.5),
+    itlP90Ms: quantile(itl, 0.9),
     outputTokensPerSec: out / span,
     imbalance: meanBusy > 0 ? Math.max(...busy) / meanBusy : 1,
     utilisation: meanBusy / 1000 / span,
     preemptions: run.preemptions,
+    mode: run.pd ? 'pd' : 'aggregated',
+    ...(run.pd ? { pd: pdSummary(run.pd, busy, span) } : {}),
     decisions: run.decisions,
     simulatedSecs: run.endMs / 1000,
     wallSecs: run.wallMs / 1000,
     ttftCdf: cdf,
+  };
+}
+
+function pdSummary(pd: NonNullable<ClusterRun['pd']>, busy: readonly number[], spanSecs: number): PdSummary {
+  const mean = (xs: readonly number[]) => (xs.length ? xs.reduce((a, b) => a + b, 0) / xs.length : 0);
+  let transfer = 0;
+  for (const h of pd.handoffs.values()) transfer += h.transferMs;
+  return {
+    prefillWorkers: pd.prefillWorkers,
+    decodeWorkers: pd.decodeWorkers,
+    prefillPolicy: pd.prefillPolicy,
+    decodePolicy: pd.decodePolicy,
+    transferMsPerBlock: pd.transferMsPerBlock,
+    transferMsMean: pd.handoffs.size ? transfer / pd.handoffs.size : 0,
+    prefillUtilisation: mean(busy.slice(0, pd.prefillWorkers)) / 1000 / spanSecs,
+    decodeUtilisation: mean(busy.slice(pd.prefillWorkers)) / 1000 / spanSecs,
   };
 }
 
@@ -95,6 +149,7 @@ function round(x: number, digits: number): number {
 
 const pct = (x: number) => `${(100 * x).toFixed(1)}%`;
 const secs = (x: number) => (Number.isNaN(x) ? '–' : x < 10 ? x.toFixed(3) : x.toFixed(1));
+const millis = (x: number) => (Number.isNaN(x) ? '–' : x < 100 ? x.toFixed(2) : x.toFixed(0));
 
 /** One Markdown table of every row, in the order given. */
 export function markdownTable(rows: readonly PolicyResult[], opts: { showRate: boolean; pooledHitRate?: number }): string {
@@ -108,6 +163,8 @@ export function markdownTable(rows: readonly PolicyResult[], opts: { showRate: b
     'TTFT p99 (s)',
     'E2E p50 (s)',
     'E2E p99 (s)',
+    'ITL p50 (ms)',
+    'ITL p90 (ms)',
     'out tok/s',
     'imbalance',
     'busy',
@@ -125,6 +182,8 @@ export function markdownTable(rows: readonly PolicyResult[], opts: { showRate: b
       secs(r.ttftP99),
       secs(r.e2eP50),
       secs(r.e2eP99),
+      millis(r.itlP50Ms),
+      millis(r.itlP90Ms),
       r.outputTokensPerSec.toFixed(0),
       r.imbalance.toFixed(2),
       pct(r.utilisation),

@@ -30,6 +30,8 @@ import { Scheduler, SimRequest } from './scheduler.js';
  *   step's KV events (delivered to the sink as ONE batch, as vLLM publishes once per step).
  * - The prefix-cache hit of a request is decided when it is admitted (inside `step()`); it is
  *   reported in its record and by {@link Engine.requestInfo}.
+ * - A request submitted with `prefilled: true` (PD decode side) imports its prompt's KV at
+ *   admission: no prefill work is priced, its first token comes from its first decode step.
  * - `submit()`, `abort()` and `reset()` may be called at any time, including between `step()`
  *   and `completeStep()`. A request submitted during a step joins the next one. Aborting a
  *   request frees its blocks immediately; if it was in the running step it produces nothing.
@@ -76,6 +78,17 @@ export interface SubmitRequest {
   maxTokens: number;
   /** Accepted for API symmetry; the simulator ignores EOS anyway. */
   ignoreEos?: boolean;
+  /**
+   * Prefill/decode disaggregation, decode side: the prompt's KV arrives complete from a prefill
+   * engine. At admission the request still reuses prefix-cache hits; the other prompt blocks are
+   * allocated and (full ones) hashed and cached like computed blocks, with BlockStored events as
+   * usual, but no prefill work is priced: the request enters decode directly and its first token
+   * comes from its first decode step. If blocks are short it waits like any request. A
+   * preempted prefilled request loses the imported KV and is recomputed locally like any other.
+   */
+  prefilled?: boolean;
+  /** Keep the physical block ids in the finish record ({@link RequestRecord.blockIds}). */
+  reportBlockIds?: boolean;
 }
 
 export type FinishReason = 'length' | 'abort';
@@ -100,6 +113,15 @@ export interface RequestRecord {
   e2eMs: number;
   preemptions: number;
   finishReason: FinishReason;
+  /** Present (true) when the request was submitted with `prefilled: true`. */
+  prefilled?: boolean;
+  /**
+   * Tokens of this request priced as prefill work (prompt chunks, recomputation after
+   * preemption). 0 for a prefilled request that was never preempted.
+   */
+  prefillTokensComputed?: number;
+  /** Physical blocks held at the end (only when submitted with `reportBlockIds`). */
+  blockIds?: number[];
 }
 
 /** One generated token, visible at the end of the step that produced it. */
@@ -153,6 +175,12 @@ export interface EngineStats {
   busyMs: number;
   /** Tokens of work queued: prompt tokens not yet computed + decodes (for load reporting). */
   pendingTokens: number;
+  /** Tokens priced as prefill work, over all steps (Σ StepPlan.prefillTokens). */
+  prefillTokensComputed: number;
+  /** Admissions of prefilled requests (PD decode side). */
+  prefilledAdmissions: number;
+  /** Prompt tokens imported by those admissions instead of computed (prefix hits excluded). */
+  importedTokens: number;
 }
 
 /** A request-level error from submit (bad input); the HTTP layer answers 400. */
@@ -230,6 +258,11 @@ export class Engine {
       );
     }
     const r = new SimRequest(req.id, this.seq++, req.promptTokens, req.maxTokens, this.clock.now(), this.config.blockSize);
+    if (req.prefilled === true) {
+      r.prefilled = true;
+      r.submittedPrefilled = true;
+    }
+    if (req.reportBlockIds === true) r.reportBlockIds = true;
     this.requests.set(r.id, r);
     this.sched.waiting.pushBack(r);
   }
@@ -252,6 +285,12 @@ export class Engine {
     this.requests.delete(id);
     this.abortedCount++;
     return recordOf(r, 'abort');
+  }
+
+  /** End of the last completed step (-Infinity before the first). While the driver dispatches a
+   * step's outputs this is the time the tokens became visible. */
+  get lastStepEndMs(): number {
+    return this.lastEndMs;
   }
 
   /** True if a request is waiting or running. */
@@ -353,7 +392,7 @@ export class Engine {
   stats(): EngineStats {
     let pending = 0;
     for (const r of this.sched.running) pending += r.numTokens - r.numComputed;
-    for (const r of this.sched.waiting) pending += r.numTokens - r.numComputed;
+    for (const r of this.sched.waiting) pending += r.prefilled ? 1 : r.numTokens - r.numComputed;
     return {
       running: this.sched.running.length,
       waiting: this.sched.waiting.length,
@@ -371,13 +410,26 @@ export class Engine {
       steps: this.steps,
       busyMs: this.busyMs,
       pendingTokens: pending,
+      prefillTokensComputed: this.sched.counters.prefillTokensComputed,
+      prefilledAdmissions: this.sched.counters.prefilledAdmissions,
+      importedTokens: this.sched.counters.importedTokens,
     };
   }
 
   /** Live view of a request still in the engine (undefined once finished or aborted). */
   requestInfo(
     id: string,
-  ): { state: 'waiting' | 'running'; promptTokens: number; outputTokens: number; cachedTokens: number; preemptions: number } | undefined {
+  ):
+    | {
+        state: 'waiting' | 'running';
+        promptTokens: number;
+        outputTokens: number;
+        cachedTokens: number;
+        preemptions: number;
+        prefilled: boolean;
+        prefillTokensComputed: number;
+      }
+    | undefined {
     const r = this.requests.get(id);
     if (!r || (r.state !== 'waiting' && r.state !== 'running')) return undefined;
     return {
@@ -386,6 +438,8 @@ export class Engine {
       outputTokens: r.numOutputTokens,
       cachedTokens: Math.max(0, r.cachedTokens),
       preemptions: r.preemptions,
+      prefilled: r.submittedPrefilled,
+      prefillTokensComputed: r.prefillTokensComputed,
     };
   }
 
@@ -401,7 +455,7 @@ export class Engine {
 }
 
 function recordOf(r: SimRequest, finishReason: FinishReason): RequestRecord {
-  return {
+  const rec: RequestRecord = {
     id: r.id,
     promptTokens: r.numPromptTokens,
     outputTokens: r.numOutputTokens,
@@ -415,5 +469,9 @@ function recordOf(r: SimRequest, finishReason: FinishReason): RequestRecord {
     e2eMs: r.finishMs - r.arrivalMs,
     preemptions: r.preemptions,
     finishReason,
+    prefillTokensComputed: r.prefillTokensComputed,
   };
+  if (r.submittedPrefilled) rec.prefilled = true;
+  if (r.finalBlockIds) rec.blockIds = r.finalBlockIds;
+  return rec;
 }

@@ -41,6 +41,8 @@ export interface ParsedGeneration {
   /** data_parallel_rank from the body, if any. */
   dpRank: number | undefined;
   model: string | undefined;
+  /** SGLang `return_logprob` (/generate only): fake input/output token logprobs in meta_info. */
+  returnLogprob: boolean;
 }
 
 function isObject(v: unknown): v is Record<string, unknown> {
@@ -99,7 +101,7 @@ function openAiCommon(body: Record<string, unknown>): Omit<ParsedGeneration, 'ki
     includeUsage = optBool(so, 'include_usage') ?? false;
   }
   optBool(body, 'ignore_eos');
-  return { stream, includeUsage, dpRank: optRank(body), model: optString(body, 'model') };
+  return { stream, includeUsage, dpRank: optRank(body), model: optString(body, 'model'), returnLogprob: false };
 }
 
 function contentText(content: unknown, i: number): string {
@@ -153,7 +155,7 @@ export function parseCompletion(body: Record<string, unknown>): ParsedGeneration
   return { kind: 'completions', prompt: p, maxTokens: optPositiveInt(body, 'max_tokens'), ...openAiCommon(body) };
 }
 
-/** SGLang /generate: `text` or `input_ids`, `sampling_params.max_new_tokens`, `stream`. */
+/** SGLang /generate: `text` or `input_ids`, `sampling_params.max_new_tokens`, `stream`, `return_logprob`. */
 export function parseGenerate(body: Record<string, unknown>): ParsedGeneration {
   const text = body['text'];
   const ids = body['input_ids'];
@@ -177,6 +179,7 @@ export function parseGenerate(body: Record<string, unknown>): ParsedGeneration {
     includeUsage: false,
     dpRank: optRank(body),
     model: undefined,
+    returnLogprob: optBool(body, 'return_logprob') ?? false,
   };
 }
 

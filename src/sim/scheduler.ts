@@ -53,6 +53,22 @@ export class SimRequest {
   firstTokenMs = -1;
   finishMs = -1;
   preemptions = 0;
+  /**
+   * The prompt's KV arrives complete from a prefill engine (PD disaggregation): at admission the
+   * prompt is marked computed without prefill work and the request starts decoding. Cleared on
+   * preemption, after which the request is recomputed locally like any other.
+   */
+  prefilled = false;
+  /** Submitted with prefilled KV (stays true after a preemption cleared {@link prefilled}). */
+  submittedPrefilled = false;
+  /** Tokens of this request priced as prefill work (recomputation after preemption included). */
+  prefillTokensComputed = 0;
+  /** Prompt tokens imported without compute at a prefilled admission (not counting prefix hits). */
+  importedTokens = 0;
+  /** Keep the physical block ids in the finish record (PD prefill side). */
+  reportBlockIds = false;
+  /** Block ids held when the request finished (only with reportBlockIds). */
+  finalBlockIds: number[] | null = null;
 
   constructor(
     readonly id: string,
@@ -165,6 +181,12 @@ export interface SchedulerCounters {
   prefixCacheQueries: number;
   prefixCacheHits: number;
   preemptions: number;
+  /** Admissions of prefilled requests (KV imported from a prefill engine). */
+  prefilledAdmissions: number;
+  /** Prompt tokens imported at those admissions (prefix hits excluded). */
+  importedTokens: number;
+  /** Tokens priced as prefill work, over all steps. */
+  prefillTokensComputed: number;
 }
 
 export class Scheduler {
@@ -172,7 +194,14 @@ export class Scheduler {
   running: SimRequest[] = [];
   /** Requests scheduled in the current step, in scheduling order. */
   readonly scheduled: SimRequest[] = [];
-  readonly counters: SchedulerCounters = { prefixCacheQueries: 0, prefixCacheHits: 0, preemptions: 0 };
+  readonly counters: SchedulerCounters = {
+    prefixCacheQueries: 0,
+    prefixCacheHits: 0,
+    preemptions: 0,
+    prefilledAdmissions: 0,
+    importedTokens: 0,
+    prefillTokensComputed: 0,
+  };
   private readonly scratch = new Uint32Array(2);
   private readonly hitBlocks: number[] = [];
 
@@ -234,13 +263,22 @@ export class Scheduler {
           if (this.pool.isFree(blk)) evictableHits++;
         }
         const hitTokens = hits.length * blockSize;
-        const numNew = Math.min(req.numTokens - hitTokens, budget);
-        const needBlocks = Math.ceil((hitTokens + numNew) / blockSize) - hits.length;
+        // A prefilled request imports the KV of every prompt token but the last, which is
+        // scheduled as a decode-like 1-token step that samples the first output token (vLLM's
+        // NIXL path does the same: a fully loaded prompt has its last token recomputed).
+        const base = req.prefilled ? req.numTokens - 1 : hitTokens;
+        const numNew = req.prefilled ? 1 : Math.min(req.numTokens - hitTokens, budget);
+        const needBlocks = Math.ceil((base + numNew) / blockSize) - hits.length;
         if (needBlocks + evictableHits > this.pool.numFree) break;
         for (const blk of hits) this.pool.touch(blk);
         req.blocks.push(...hits);
-        req.numComputed = hitTokens;
+        req.numComputed = base;
         req.numCachedBlocks = hits.length;
+        if (req.prefilled) {
+          req.importedTokens += base - hitTokens;
+          this.counters.prefilledAdmissions++;
+          this.counters.importedTokens += base - hitTokens;
+        }
         if (!this.pool.allocate(needBlocks, req.blocks)) throw new Error('allocation failed after capacity check');
         this.waiting.popFront();
         req.state = 'running';
@@ -291,6 +329,7 @@ export class Scheduler {
 
   /** Release a request's blocks (finish or abort). */
   release(req: SimRequest): void {
+    if (req.reportBlockIds) req.finalBlockIds = req.blocks.slice();
     this.pool.free(req.blocks);
     req.blocks = [];
   }
@@ -300,6 +339,9 @@ export class Scheduler {
     req.numComputed = 0;
     req.numCachedBlocks = 0;
     req.scheduledTokens = 0;
+    // Recompute preemption drops the imported KV too: the request comes back as a normal one
+    // and recomputes its prompt locally (prefix hits permitting), as vLLM would.
+    req.prefilled = false;
     req.state = 'waiting';
     req.preemptions++;
     this.counters.preemptions++;
@@ -318,12 +360,14 @@ export class Scheduler {
     const blockSize = this.limits.blockSize;
     req.scheduledTokens = numNew;
     this.scheduled.push(req);
-    if (req.numOutputTokens > 0 && numNew === 1 && req.numComputed === req.numTokens - 1) {
+    if ((req.numOutputTokens > 0 || req.prefilled) && numNew === 1 && req.numComputed === req.numTokens - 1) {
       work.decodeSeqs++;
       work.decodeContextTokens += req.numTokens;
     } else {
       work.prefillTokens += numNew;
       work.prefillPairs += prefillPairs(req.numComputed, numNew);
+      req.prefillTokensComputed += numNew;
+      this.counters.prefillTokensComputed += numNew;
     }
     const full = Math.floor((req.numComputed + numNew) / blockSize);
     if (full > req.numCachedBlocks) {

@@ -8,6 +8,25 @@ import { Engine, EngineRequestError, type RequestRecord, type TokenOutput } from
 import { parseChat, parseCompletion, parseGenerate, SimHttpError, usageOf, type ParsedGeneration } from './http-api.js';
 import { endpointForRank, KvEventPublisher } from './kv-publisher.js';
 import { SimMetrics } from './metrics.js';
+import {
+  abortableSleep,
+  DEFAULT_BOOTSTRAP_PORT,
+  DEFAULT_KV_SIDE_CHANNEL_PORT,
+  DEFAULT_PD_TRANSFER_TIMEOUT_SECS,
+  defaultKvTransferMsPerBlock,
+  hostPortUrl,
+  inputTokenLogprobs,
+  fakeLogprob,
+  KvSideChannel,
+  parseSglangBootstrap,
+  parseVllmKvParams,
+  PD_POLL_INTERVAL_MS,
+  PdHandoffError,
+  pullKv,
+  type PdOptions,
+  type PdProtocol,
+  type PdRole,
+} from './pd.js';
 import { loadTokenizer, type Tokenizer as SimTokenizer } from '../tokenize/index.js';
 
 /**
@@ -72,6 +91,8 @@ export interface SimServerOptions {
   /** Seed of the generated tokens and of the fault dice (random when absent). */
   seed?: number;
   kvEvents?: KvEventsOptions;
+  /** Prefill/decode disaggregation role (absent = a regular engine). See pd.ts. */
+  pd?: PdOptions;
   faults?: Partial<FaultOptions>;
   /** Called after a --crash-after-requests crash (the CLI exits the process). */
   onCrash?: () => void;
@@ -93,12 +114,45 @@ export interface SimServer {
   engines: SimEngineHandle[];
   metrics: SimMetrics;
   tokenizer: SimTokenizer;
+  /** PD settings in effect (null for a regular engine). */
+  pd: SimPdInfo | null;
   /** True once --crash-after-requests fired. */
   readonly crashed: boolean;
   close(): Promise<void>;
 }
 
+export interface SimPdInfo {
+  role: PdRole;
+  protocol: PdProtocol;
+  /** Prefill: bound port of the bootstrap server (SGLang) or KV side channel (vLLM); null on a decode. */
+  sideChannelPort: number | null;
+  /** vLLM prefill: host announced in kv_transfer_params.remote_host. */
+  sideChannelHost: string;
+  kvTransferMsPerBlock: number;
+  transferTimeoutSecs: number;
+  /** remote_engine_id of this sim (vLLM). */
+  engineId: string;
+}
+
 const MAX_BODY_BYTES = 64 * 1024 * 1024;
+
+/** Per-request options of runRequest (PD hand-offs, SGLang logprobs). */
+interface RunOpts {
+  /** PD decode: the prompt's KV was imported (engine submit with prefilled: true). */
+  prefilled?: boolean;
+  /** PD prefill (vLLM): keep the engine's block ids for kv_transfer_params.remote_block_ids. */
+  reportBlockIds?: boolean;
+  /** Simulated ms between the HTTP arrival and the engine submission (PD decode hand-off). */
+  handoffMs?: number;
+  /** Report cached_tokens 0 (PD decode: the prompt's KV came from the prefill). */
+  zeroCached?: boolean;
+  /** SGLang return_logprob on a decode: input_token_logprobs is [] (the prefill returns them). */
+  noInputLogprobs?: boolean;
+  /** Extra top-level fields of a non-streaming OpenAI response (vLLM kv_transfer_params). */
+  extraBody?: (rec: RequestRecord) => Record<string, unknown>;
+  /** Called when the engine is done with the request (before the response is written). */
+  onEnd?: (rec: RequestRecord) => void;
+}
 
 function sendJson(res: ServerResponse, status: number, body: unknown, headers: Record<string, string> = {}): void {
   if (res.headersSent || res.destroyed) {
@@ -198,6 +252,52 @@ export async function startSimServer(opts: SimServerOptions = {}): Promise<SimSe
   }
   const metrics = new SimMetrics(model, engines);
 
+  // Prefill/decode disaggregation.
+  const host = opts.host ?? '0.0.0.0';
+  const wildcardHost = host === '0.0.0.0' || host === '::';
+  let pdInfo: SimPdInfo | null = null;
+  let sideChannel: KvSideChannel | null = null;
+  const pendingHandoffs = new Set<AbortController>();
+  if (opts.pd) {
+    const o = opts.pd;
+    if (o.role !== 'prefill' && o.role !== 'decode') throw new RangeError(`pd.role must be 'prefill' or 'decode' (got ${String(o.role)})`);
+    const protocol = o.protocol ?? 'sglang';
+    if (protocol !== 'sglang' && protocol !== 'vllm') throw new RangeError(`pd.protocol must be 'sglang' or 'vllm' (got ${String(protocol)})`);
+    const perBlock = o.kvTransferMsPerBlock ?? defaultKvTransferMsPerBlock(engines[0]!.engine.config.blockSize);
+    if (!(perBlock >= 0) || !Number.isFinite(perBlock)) throw new RangeError(`pd.kvTransferMsPerBlock must be a finite number >= 0 (got ${perBlock})`);
+    const timeoutSecs = o.transferTimeoutSecs ?? DEFAULT_PD_TRANSFER_TIMEOUT_SECS;
+    if (!(timeoutSecs > 0) || !Number.isFinite(timeoutSecs)) throw new RangeError(`pd.transferTimeoutSecs must be a finite number > 0 (got ${timeoutSecs})`);
+    pdInfo = {
+      role: o.role,
+      protocol,
+      sideChannelPort: null,
+      sideChannelHost: o.kvSideChannelHost ?? (wildcardHost ? '127.0.0.1' : host),
+      kvTransferMsPerBlock: perBlock,
+      transferTimeoutSecs: timeoutSecs,
+      engineId: `kvgate-sim-${randomUUID().slice(0, 8)}`,
+    };
+    metrics.enablePd(o.role);
+    if (o.role === 'prefill') {
+      const sidePort = protocol === 'sglang' ? (o.bootstrapPort ?? DEFAULT_BOOTSTRAP_PORT) : (o.kvSideChannelPort ?? DEFAULT_KV_SIDE_CHANNEL_PORT);
+      if (!Number.isInteger(sidePort) || sidePort < 0 || sidePort > 65535) throw new RangeError(`PD side-channel port must be in [0, 65535] (got ${sidePort})`);
+      // Entries outlive the decode's timeout (in wall time) comfortably.
+      const ttlMs = Math.max(600_000, (4 * timeoutSecs * 1000) / clock.speed);
+      sideChannel = new KvSideChannel({ ttlMs, onHandoff: (_key, blocks) => metrics.observeKvTransfer(blocks) });
+      try {
+        pdInfo.sideChannelPort = await sideChannel.start(host, sidePort);
+      } catch (e) {
+        await Promise.allSettled(engines.map((h) => h.publisher?.close()));
+        throw new Error(`cannot bind the PD ${protocol === 'sglang' ? 'bootstrap' : 'KV side-channel'} port ${sidePort}: ${(e as Error).message}`);
+      }
+      log(
+        `PD prefill (${protocol}): ${protocol === 'sglang' ? 'bootstrap' : 'KV side-channel'} server on ${hostPortUrl(wildcardHost ? '127.0.0.1' : host, pdInfo.sideChannelPort)} (port ${pdInfo.sideChannelPort})`,
+      );
+    } else {
+      log(`PD decode (${protocol}): ${perBlock} ms per KV block, hand-off timeout ${timeoutSecs} s`);
+    }
+  }
+  const pd = pdInfo;
+
   const startedAt = performance.now();
   let generationRequests = 0;
   let crashed = false;
@@ -244,7 +344,8 @@ export async function startSimServer(opts: SimServerOptions = {}): Promise<SimSe
     for (const h of engines) h.driver.stop();
     server.close();
     for (const s of sockets) s.destroy();
-    void Promise.allSettled(engines.map((h) => h.publisher?.close()));
+    for (const ac of pendingHandoffs) ac.abort(new Error('server crashed'));
+    void Promise.allSettled([...engines.map((h) => h.publisher?.close()), sideChannel?.close()]);
     opts.onCrash?.();
   };
 
@@ -254,13 +355,74 @@ export async function startSimServer(opts: SimServerOptions = {}): Promise<SimSe
     return tokenizer.encode(p.prompt.text);
   };
 
+  /** What a PD sim does with one generation request, decided (and validated) before faults. */
+  type PdPlan =
+    | { kind: 'sglang-prefill'; room: string }
+    | { kind: 'sglang-decode'; room: string; baseUrl: string }
+    | { kind: 'vllm-prefill' }
+    | { kind: 'vllm-decode'; transferId: string; baseUrl: string };
+
+  const pdPlanOf = (body: Record<string, unknown>, p: ParsedGeneration): PdPlan | undefined => {
+    if (!pd) return undefined;
+    if (pd.protocol === 'sglang') {
+      const b = parseSglangBootstrap(body);
+      if (!b) {
+        throw new SimHttpError(
+          400,
+          `This is a PD ${pd.role} engine (SGLang protocol): the request must carry bootstrap_room (and bootstrap_host / bootstrap_port), as injected by a PD router`,
+          'bootstrap_room',
+        );
+      }
+      if (pd.role === 'prefill') return { kind: 'sglang-prefill', room: b.room };
+      if (b.host === undefined) {
+        throw new SimHttpError(400, 'A PD decode engine (SGLang protocol) needs bootstrap_host: the prefill engine to take the KV cache from', 'bootstrap_host');
+      }
+      return { kind: 'sglang-decode', room: b.room, baseUrl: hostPortUrl(b.host, b.port ?? DEFAULT_BOOTSTRAP_PORT) };
+    }
+    const k = parseVllmKvParams(body);
+    if (pd.role === 'prefill') {
+      if (!k || !k.doRemoteDecode) {
+        throw new SimHttpError(
+          400,
+          'This is a PD prefill engine (vLLM protocol): the request must carry kv_transfer_params {"do_remote_decode": true, "do_remote_prefill": false}',
+          'kv_transfer_params',
+        );
+      }
+      if (k.doRemotePrefill) throw new SimHttpError(400, 'kv_transfer_params.do_remote_prefill must be false on a PD prefill engine', 'kv_transfer_params');
+      if (p.stream) {
+        throw new SimHttpError(400, 'kv_transfer_params.do_remote_decode requires stream=false: the simulator returns kv_transfer_params in the JSON response', 'stream');
+      }
+      return { kind: 'vllm-prefill' };
+    }
+    if (!k || !k.doRemotePrefill) {
+      throw new SimHttpError(
+        400,
+        "This is a PD decode engine (vLLM protocol): the request must carry the prefill response's kv_transfer_params (do_remote_prefill: true, remote_host, remote_port, transfer_id)",
+        'kv_transfer_params',
+      );
+    }
+    if (k.doRemoteDecode) throw new SimHttpError(400, 'kv_transfer_params.do_remote_decode must be false on a PD decode engine', 'kv_transfer_params');
+    for (const [field, v] of [
+      ['remote_host', k.remoteHost],
+      ['remote_port', k.remotePort],
+      ['transfer_id', k.transferId],
+    ] as const) {
+      if (v === undefined) throw new SimHttpError(400, `kv_transfer_params.${field} is required on a PD decode engine (vLLM protocol)`, 'kv_transfer_params');
+    }
+    return { kind: 'vllm-decode', transferId: k.transferId!, baseUrl: hostPortUrl(k.remoteHost!, k.remotePort!) };
+  };
+
   async function handleGeneration(req: IncomingMessage, res: ServerResponse, kind: ParsedGeneration['kind']): Promise<void> {
     if (!ready()) throw new SimHttpError(503, 'The server is starting up (--startup-delay-secs)');
     const body = parseJsonBody(await readBody(req));
+    const arrivalMs = clock.now();
+    // Batched PD fields (arrays) get their own clear 400 before the prompt is looked at.
+    if (pd?.protocol === 'sglang') parseSglangBootstrap(body);
     const parsed = kind === 'chat' ? parseChat(body) : kind === 'completions' ? parseCompletion(body) : parseGenerate(body);
     if (parsed.model !== undefined && parsed.model !== model) {
       throw new SimHttpError(404, `The model \`${parsed.model}\` does not exist.`, 'model');
     }
+    const pdPlan = pdPlanOf(body, parsed);
     const handle = pickRank(headerRank(req) ?? parsed.dpRank);
     const promptTokens = promptTokensOf(parsed);
     if (promptTokens.length === 0) throw new SimHttpError(400, 'The prompt is empty after tokenization', 'prompt');
@@ -295,31 +457,181 @@ export async function startSimServer(opts: SimServerOptions = {}): Promise<SimSe
       return; // never answered
     }
 
-    runRequest(res, parsed, handle, promptTokens, maxTokens);
+    if (!pdPlan) {
+      runRequest(res, parsed, handle, promptTokens, maxTokens);
+      return;
+    }
+    const blockSize = handle.engine.config.blockSize;
+    const promptBlocks = Math.ceil(promptTokens.length / blockSize);
+    switch (pdPlan.kind) {
+      case 'sglang-prefill':
+      case 'vllm-prefill': {
+        // SGLang prefill generates exactly one token whatever max_new_tokens says; a vLLM
+        // prefill request comes with max_tokens 1 from the router, and is treated the same.
+        const key = pdPlan.kind === 'sglang-prefill' ? pdPlan.room : `xfer-${randomUUID().replace(/-/g, '')}`;
+        const side = sideChannel!;
+        if (!side.register(key)) {
+          throw new SimHttpError(400, `bootstrap_room ${key} is already in use on this prefill engine`, 'bootstrap_room');
+        }
+        const onEnd = (rec: RequestRecord): void => {
+          if (rec.finishReason === 'length') side.ready(key, rec.promptTokens, promptBlocks);
+          else {
+            side.fail(key, 'the prefill request was aborted');
+            metrics.observeKvTransferFailure('aborted');
+          }
+        };
+        const extraBody =
+          pdPlan.kind === 'vllm-prefill'
+            ? (rec: RequestRecord): Record<string, unknown> => ({
+                kv_transfer_params: {
+                  do_remote_prefill: true,
+                  do_remote_decode: false,
+                  remote_engine_id: pd!.engineId,
+                  remote_block_ids: rec.blockIds ?? [],
+                  remote_host: pd!.sideChannelHost,
+                  remote_port: pd!.sideChannelPort,
+                  tp_size: 1,
+                  transfer_id: key,
+                },
+              })
+            : undefined;
+        try {
+          runRequest(res, parsed, handle, promptTokens, 1, { onEnd, extraBody, reportBlockIds: pdPlan.kind === 'vllm-prefill' });
+        } catch (e) {
+          side.fail(key, `the prefill request failed: ${(e as Error).message}`);
+          throw e;
+        }
+        return;
+      }
+      case 'sglang-decode':
+      case 'vllm-decode':
+        return runDecode(res, parsed, handle, promptTokens, maxTokens, arrivalMs, pdPlan);
+    }
   }
 
-  function runRequest(res: ServerResponse, p: ParsedGeneration, h: SimEngineHandle, promptTokens: number[], maxTokens: number): void {
+  /**
+   * PD decode: poll the prefill's side channel until its KV is ready, wait the simulated
+   * transfer time, then run the request with prefilled KV. Errors before the engine submission
+   * are answered as JSON (504 on timeout, 502 when the prefill failed or disagrees).
+   */
+  async function runDecode(
+    res: ServerResponse,
+    parsed: ParsedGeneration,
+    handle: SimEngineHandle,
+    promptTokens: number[],
+    maxTokens: number,
+    arrivalMs: number,
+    plan: { kind: 'sglang-decode'; room: string; baseUrl: string } | { kind: 'vllm-decode'; transferId: string; baseUrl: string },
+  ): Promise<void> {
+    const info = pd!;
+    const what = plan.kind === 'sglang-decode' ? `bootstrap_room ${plan.room}` : `transfer_id ${plan.transferId}`;
+    const key = plan.kind === 'sglang-decode' ? plan.room : plan.transferId;
+    const ac = new AbortController();
+    pendingHandoffs.add(ac);
+    const onClose = (): void => ac.abort(new Error('client closed the connection'));
+    res.on('close', onClose);
+    const speed = clock.speed;
+    let pulled;
+    let transferMs = 0;
+    try {
+      pulled = await pullKv({
+        baseUrl: plan.baseUrl,
+        key,
+        pollMs: Math.max(1, PD_POLL_INTERVAL_MS / speed),
+        timeoutMs: Math.max(0, (info.transferTimeoutSecs * 1000 - (clock.now() - arrivalMs)) / speed),
+        signal: ac.signal,
+      });
+      const waitMs = clock.now() - arrivalMs;
+      if (pulled.promptTokens !== promptTokens.length) {
+        metrics.observeKvTransferFailure('mismatch');
+        throw new SimHttpError(
+          502,
+          `KV hand-off mismatch for ${what}: the prefill engine at ${plan.baseUrl} computed ${pulled.promptTokens} prompt tokens, this decode engine has ${promptTokens.length} (different tokenizers or request bodies?)`,
+        );
+      }
+      transferMs = pulled.blocks * info.kvTransferMsPerBlock;
+      if (transferMs > 0) await abortableSleep(transferMs / speed, ac.signal);
+      metrics.observeKvTransfer(pulled.blocks, transferMs, waitMs);
+    } catch (e) {
+      if (e instanceof SimHttpError) throw e;
+      if (ac.signal.aborted) {
+        metrics.observeKvTransferFailure('aborted');
+        res.destroy();
+        return;
+      }
+      if (e instanceof PdHandoffError) {
+        metrics.observeKvTransferFailure(e.reason);
+        if (e.reason === 'timeout') {
+          throw new SimHttpError(
+            504,
+            `KV hand-off timed out for ${what}: the prefill engine at ${plan.baseUrl} did not hand over the KV cache within ${info.transferTimeoutSecs} s (--pd-transfer-timeout-secs)`,
+          );
+        }
+        throw new SimHttpError(502, `KV hand-off failed for ${what}: the prefill engine at ${plan.baseUrl} reports: ${e.message}`);
+      }
+      throw e;
+    } finally {
+      pendingHandoffs.delete(ac);
+      res.off('close', onClose);
+    }
+    if (res.destroyed || closing) {
+      res.destroy();
+      return;
+    }
+    runRequest(res, parsed, handle, promptTokens, maxTokens, {
+      prefilled: true,
+      handoffMs: clock.now() - arrivalMs,
+      zeroCached: true,
+      noInputLogprobs: true,
+      extraBody: info.protocol === 'vllm' ? () => ({ kv_transfer_params: null }) : undefined,
+    });
+  }
+
+  function runRequest(
+    res: ServerResponse,
+    p: ParsedGeneration,
+    h: SimEngineHandle,
+    promptTokens: number[],
+    maxTokens: number,
+    ro: RunOpts = {},
+  ): void {
     const id = p.kind === 'chat' ? `chatcmpl-${randomUUID().replace(/-/g, '')}` : p.kind === 'completions' ? `cmpl-${randomUUID().replace(/-/g, '')}` : randomUUID().replace(/-/g, '');
     const created = nowSecs();
     const rankHeader = { 'x-data-parallel-rank': String(h.rank) };
+    const handoffMs = ro.handoffMs ?? 0;
     let text = '';
     const outputIds: number[] = [];
     let done = false;
+    let lastTokenMs = -1;
 
     const sse = (obj: unknown): void => {
       if (!res.destroyed && !res.writableEnded) res.write(`data: ${JSON.stringify(obj)}\n\n`);
+    };
+    // SGLang logprobs (return_logprob): fake but deterministic, one entry per token.
+    let inputLogprobs: unknown[] | undefined;
+    const logprobMeta = (): Record<string, unknown> => {
+      if (!p.returnLogprob) return {};
+      inputLogprobs ??= ro.noInputLogprobs ? [] : inputTokenLogprobs(promptTokens);
+      return {
+        input_token_logprobs: inputLogprobs,
+        output_token_logprobs: outputIds.map((t, i) => [fakeLogprob(t, promptTokens.length + i), t, null]),
+      };
     };
     const sglangMeta = (finished: boolean, cached: number): Record<string, unknown> => ({
       id,
       finish_reason: finished ? { type: 'length', length: outputIds.length } : null,
       prompt_tokens: promptTokens.length,
       completion_tokens: outputIds.length,
-      cached_tokens: cached,
+      cached_tokens: ro.zeroCached ? 0 : cached,
+      ...logprobMeta(),
     });
     const cachedNow = (): number => h.engine.requestInfo(id)?.cachedTokens ?? 0;
 
     const onToken = (out: TokenOutput): void => {
-      if (out.index === 0) metrics.observeFirstToken(h.rank, out.ttftMs);
+      const nowMs = h.engine.lastStepEndMs;
+      if (out.index === 0) metrics.observeFirstToken(h.rank, out.ttftMs + handoffMs);
+      else if (lastTokenMs >= 0) metrics.observeInterToken(h.rank, nowMs - lastTokenMs);
+      lastTokenMs = nowMs;
       const piece = tokenizer.decodeToken(out.token);
       text += piece;
       outputIds.push(out.token);
@@ -344,23 +656,27 @@ export async function startSimServer(opts: SimServerOptions = {}): Promise<SimSe
     };
 
     const onFinish = (rec: RequestRecord): void => {
-      metrics.observe(h.rank, rec);
+      metrics.observe(h.rank, rec, handoffMs);
+      ro.onEnd?.(rec);
       if (done) return;
       done = true;
       if (rec.finishReason === 'abort') {
         res.destroy(); // server shutting down or client gone
         return;
       }
-      const usage = usageOf(rec.promptTokens, rec.outputTokens, rec.cachedTokens);
+      const cached = ro.zeroCached ? 0 : rec.cachedTokens;
+      const usage = usageOf(rec.promptTokens, rec.outputTokens, cached);
+      const e2eLatency = (rec.e2eMs + handoffMs) / 1000;
       if (p.stream) {
         if (p.kind === 'generate') {
-          sse({ text, output_ids: outputIds, meta_info: { ...sglangMeta(true, rec.cachedTokens), e2e_latency: rec.e2eMs / 1000 } });
+          sse({ text, output_ids: outputIds, meta_info: { ...sglangMeta(true, cached), e2e_latency: e2eLatency } });
         } else if (p.includeUsage) {
           sse({ id, object: p.kind === 'chat' ? 'chat.completion.chunk' : 'text_completion', created, model, choices: [], usage });
         }
         res.end('data: [DONE]\n\n');
         return;
       }
+      const extra = ro.extraBody?.(rec) ?? {};
       if (p.kind === 'chat') {
         sendJson(
           res,
@@ -372,6 +688,7 @@ export async function startSimServer(opts: SimServerOptions = {}): Promise<SimSe
             model,
             choices: [{ index: 0, message: { role: 'assistant', content: text }, logprobs: null, finish_reason: 'length', stop_reason: null }],
             usage,
+            ...extra,
           },
           rankHeader,
         );
@@ -386,16 +703,17 @@ export async function startSimServer(opts: SimServerOptions = {}): Promise<SimSe
             model,
             choices: [{ index: 0, text, logprobs: null, finish_reason: 'length', stop_reason: null }],
             usage,
+            ...extra,
           },
           rankHeader,
         );
       } else {
-        sendJson(res, 200, { text, output_ids: outputIds, meta_info: { ...sglangMeta(true, rec.cachedTokens), e2e_latency: rec.e2eMs / 1000 } }, rankHeader);
+        sendJson(res, 200, { text, output_ids: outputIds, meta_info: { ...sglangMeta(true, cached), e2e_latency: e2eLatency }, ...extra }, rankHeader);
       }
     };
 
     try {
-      h.driver.submit({ id, promptTokens, maxTokens }, { onToken, onFinish });
+      h.driver.submit({ id, promptTokens, maxTokens, prefilled: ro.prefilled, reportBlockIds: ro.reportBlockIds }, { onToken, onFinish });
     } catch (e) {
       if (e instanceof EngineRequestError) throw new SimHttpError(400, e.message);
       throw e;
@@ -500,6 +818,13 @@ export async function startSimServer(opts: SimServerOptions = {}): Promise<SimSe
       max_running_requests: c.maxNumSeqs,
       chunked_prefill_size: c.maxNumBatchedTokens,
       context_length: c.maxModelLen,
+      pd_role: pd?.role ?? null,
+      pd_protocol: pd?.protocol ?? null,
+      bootstrap_port: pd?.protocol === 'sglang' ? pd.sideChannelPort : null,
+      kv_side_channel_port: pd?.protocol === 'vllm' ? pd.sideChannelPort : null,
+      // SGLang's own names for the same facts.
+      disaggregation_mode: pd?.role ?? 'null',
+      disaggregation_bootstrap_port: pd?.protocol === 'sglang' ? pd.sideChannelPort : null,
       simulator: {
         engine: 'kvgate-sim',
         speed: clock.speed,
@@ -507,6 +832,17 @@ export async function startSimServer(opts: SimServerOptions = {}): Promise<SimSe
         cost_model: c.cost,
         kv_events: opts.kvEvents
           ? engines.map((h) => ({ dp_rank: h.rank, endpoint: h.publisher?.boundEndpoint, replay_endpoint: h.publisher?.boundReplayEndpoint }))
+          : null,
+        pd: pd
+          ? {
+              role: pd.role,
+              protocol: pd.protocol,
+              side_channel_port: pd.sideChannelPort,
+              side_channel_host: pd.role === 'prefill' ? pd.sideChannelHost : null,
+              engine_id: pd.engineId,
+              kv_transfer_ms_per_block: pd.kvTransferMsPerBlock,
+              transfer_timeout_secs: pd.transferTimeoutSecs,
+            }
           : null,
       },
       version: 'kvgate-sim',
@@ -535,12 +871,11 @@ export async function startSimServer(opts: SimServerOptions = {}): Promise<SimSe
       });
     });
   } catch (e) {
-    await Promise.allSettled(engines.map((h) => h.publisher?.close()));
+    await Promise.allSettled([...engines.map((h) => h.publisher?.close()), sideChannel?.close()]);
     throw e;
   }
   const port = (server.address() as AddressInfo).port;
-  const host = opts.host ?? '0.0.0.0';
-  const urlHost = host === '0.0.0.0' || host === '::' ? '127.0.0.1' : host.includes(':') ? `[${host}]` : host;
+  const urlHost = wildcardHost ? '127.0.0.1' : host.includes(':') ? `[${host}]` : host;
 
   return {
     url: `http://${urlHost}:${port}`,
@@ -549,6 +884,7 @@ export async function startSimServer(opts: SimServerOptions = {}): Promise<SimSe
     engines,
     metrics,
     tokenizer,
+    pd,
     get crashed() {
       return crashed;
     },
@@ -557,11 +893,12 @@ export async function startSimServer(opts: SimServerOptions = {}): Promise<SimSe
       closing = true;
       for (const h of engines) h.driver.stop();
       for (const r of hanging) r.destroy();
+      for (const ac of pendingHandoffs) ac.abort(new Error('server closing'));
       await new Promise<void>((resolve) => {
         server.close(() => resolve());
         for (const s of sockets) s.destroy();
       });
-      await Promise.allSettled(engines.map((h) => h.publisher?.close()));
+      await Promise.allSettled([...engines.map((h) => h.publisher?.close()), sideChannel?.close()]);
     },
   };
 }

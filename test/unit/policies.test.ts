@@ -220,3 +220,14 @@ describe('cache_aware with a prefix held by several workers', () => {
     expect(p.selectWorker(ws, ctx(text))).toBe(first);
   });
 });
+
+describe('round_robin pairs', () => {
+  it('cycles each pool on its own: 2 prefill × 2 decode workers all get traffic', () => {
+    const pre = mkWorkers(2, 'p');
+    const dec = mkWorkers(2, 'd');
+    const p = createPolicy('round_robin', deps());
+    const pairs = Array.from({ length: 4 }, () => p.selectPair(pre, dec, ctx('x'))!);
+    expect(new Set(pairs.map((x) => x.prefill.id)).size).toBe(2);
+    expect(new Set(pairs.map((x) => x.decode.id)).size).toBe(2);
+  });
+});
