@@ -99,3 +99,38 @@ describe('kvgate serve in front of kvgate sim (separate processes)', () => {
     expect(s.out).toMatch(/--max-num-seqs/);
   });
 });
+
+describe('kvgate serve --pd-disaggregation in front of kvgate sim processes', () => {
+  it.each(['sglang', 'vllm'] as const)('%s protocol: streaming and non-streaming chat', async (protocol) => {
+    const port = () => String(20_000 + Math.floor(Math.random() * 20_000));
+    const boot = [port(), port()];
+    const simArgs = (role: string, i: number) => [
+      'sim', '--host', '127.0.0.1', '--port', '0', '--speed', '20', '--pd-role', role, '--pd-protocol', protocol,
+      ...(role === 'prefill' ? (protocol === 'sglang' ? ['--bootstrap-port', boot[i]] : ['--kv-side-channel-port', '0']) : []),
+    ];
+    const sims = await Promise.all([
+      spawnKvgate(simArgs('prefill', 0), /listening on (http:\/\/\S+)/),
+      spawnKvgate(simArgs('prefill', 1), /listening on (http:\/\/\S+)/),
+      spawnKvgate(simArgs('decode', 0), /listening on (http:\/\/\S+)/),
+      spawnKvgate(simArgs('decode', 1), /listening on (http:\/\/\S+)/),
+    ]);
+    running.push(...sims);
+    const [p1, p2, d1, d2] = sims.map((s) => s.match[1]);
+    const url = await serve(['--pd-disaggregation', '--pd-protocol', protocol, '--prefill', p1, boot[0], '--prefill', p2, boot[1], '--decode', d1, '--decode', d2]);
+    const body = { model: 'kvgate-sim', messages: [{ role: 'system', content: system }, { role: 'user', content: 'Which aisle?' }], max_tokens: 8 };
+    const r = await fetch(url + '/v1/chat/completions', { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) });
+    expect(r.status).toBe(200);
+    const json = (await r.json()) as { choices: { message: { content: string } }[]; usage: { completion_tokens: number } };
+    expect(json.choices[0].message.content.length).toBeGreaterThan(0);
+    expect(json.usage.completion_tokens).toBe(8);
+    expect([d1, d2]).toContain(r.headers.get('x-kvgate-worker'));
+    expect([p1, p2]).toContain(r.headers.get('x-kvgate-prefill-worker'));
+    const s = await fetch(url + '/v1/chat/completions', { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ ...body, stream: true }) });
+    const text = await s.text();
+    expect(text.match(/^data: \{/gm)!.length).toBeGreaterThan(2);
+    expect(text).toContain('data: [DONE]');
+    const workers = (await (await fetch(url + '/workers')).json()) as { workers: { type: string; load: number }[]; stats: { prefill_count: number; decode_count: number } };
+    expect(workers.stats).toMatchObject({ prefill_count: 2, decode_count: 2 });
+    expect(workers.workers.every((w) => w.load === 0)).toBe(true);
+  });
+});
