@@ -10,7 +10,7 @@ import type { PolicyObserver, RoutingPolicy } from '../policies/policy.js';
 import type { CostModelConfig } from '../sim/cost-model.js';
 import type { KvEvent } from '../sim/kv-events.js';
 import { Engine, EngineRequestError, type EngineOptions, type RequestRecord } from '../sim/engine.js';
-import { EventQueue } from './event-queue.js';
+import { EventQueue, runEventLoop, type LabEvent } from './event-queue.js';
 import type { PdRunInfo } from './pd-cluster.js';
 import type { LabRequest } from './workload.js';
 
@@ -81,10 +81,7 @@ export interface ClusterRun {
 }
 
 /** @internal Events of the lab's discrete-event loops. */
-export type Ev =
-  | { kind: 'step'; engine: number }
-  | { kind: 'timer'; everyMs: number; fn: () => void; cancelled: { v: boolean } }
-  | { kind: 'deliver'; fn: () => void };
+export type Ev = LabEvent;
 
 /**
  * A discrete-event simulation, in virtual time, of a router in front of N simulated engines.
@@ -238,32 +235,14 @@ export function runCluster(requests: readonly LabRequest[], cfg: ClusterConfig):
     startStep(i);
   };
 
-  const progressEvery = Math.max(1, Math.floor(requests.length / 100));
-  let next = 0;
-  for (;;) {
-    const tArrival = next < requests.length ? requests[next].arrivalMs : Infinity;
-    const tEvent = queue.peekTime();
-    if (tArrival === Infinity && pendingRequests === 0) break;
-    if (tArrival <= tEvent) {
-      clock.set(Math.max(clock.now(), tArrival));
-      arrive(requests[next++]);
-      if (cfg.onProgress && next % progressEvery === 0) cfg.onProgress(next / requests.length);
-      continue;
-    }
-    const ev = queue.pop()!;
-    clock.set(Math.max(clock.now(), ev.time));
-    if (ev.item.kind === 'timer') {
-      const t = ev.item;
-      if (t.cancelled.v) continue;
-      t.fn();
-      queue.push(clock.now() + t.everyMs, t);
-      continue;
-    }
-    if (ev.item.kind === 'deliver') {
-      ev.item.fn();
-      continue;
-    }
-    const i = ev.item.engine;
+  runEventLoop({
+    requests,
+    queue,
+    clock,
+    arrive,
+    pending: () => pendingRequests,
+    onProgress: cfg.onProgress,
+    stepEnd: (i) => {
     const res = engines[i].completeStep();
     steps++;
     if (firstToken) {
@@ -284,7 +263,8 @@ export function runCluster(requests: readonly LabRequest[], cfg: ClusterConfig):
       pendingRequests--;
     }
     startStep(i);
-  }
+    },
+  });
   policy.close?.();
   cfg.onProgress?.(1);
 

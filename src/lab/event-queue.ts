@@ -60,3 +60,52 @@ export class EventQueue<T> {
     [this.items[a], this.items[b]] = [this.items[b], this.items[a]];
   }
 }
+
+/** What the lab's discrete-event loop processes besides arrivals. */
+export type LabEvent =
+  | { kind: 'step'; engine: number }
+  | { kind: 'timer'; everyMs: number; fn: () => void; cancelled: { v: boolean } }
+  | { kind: 'deliver'; fn: () => void };
+
+export interface EventLoop<R extends { arrivalMs: number }> {
+  requests: readonly R[];
+  queue: EventQueue<LabEvent>;
+  clock: { now(): number; set(t: number): void };
+  /** A request arrives (the clock is at its arrival time). */
+  arrive: (req: R) => void;
+  /** An engine's step ends (the clock is at its end time). */
+  stepEnd: (engine: number) => void;
+  /** Requests not finished yet: the loop ends when none remain and nothing more arrives. */
+  pending: () => number;
+  onProgress?: (fraction: number) => void;
+}
+
+/**
+ * Runs a simulation in virtual time: arrivals in order, interleaved with timed events (engine
+ * steps, periodic timers, delayed deliveries) by time, ties to arrivals first. Periodic timers
+ * reschedule themselves; they never keep the loop going on their own.
+ */
+export function runEventLoop<R extends { arrivalMs: number }>(o: EventLoop<R>): void {
+  const { requests, queue, clock } = o;
+  const progressEvery = Math.max(1, Math.floor(requests.length / 100));
+  let next = 0;
+  for (;;) {
+    const tArrival = next < requests.length ? requests[next].arrivalMs : Infinity;
+    if (tArrival === Infinity && o.pending() === 0) break;
+    if (tArrival <= queue.peekTime()) {
+      clock.set(Math.max(clock.now(), tArrival));
+      o.arrive(requests[next++]);
+      if (o.onProgress && next % progressEvery === 0) o.onProgress(next / requests.length);
+      continue;
+    }
+    const ev = queue.pop()!;
+    clock.set(Math.max(clock.now(), ev.time));
+    const item = ev.item;
+    if (item.kind === 'timer') {
+      if (item.cancelled.v) continue;
+      item.fn();
+      queue.push(clock.now() + item.everyMs, item);
+    } else if (item.kind === 'deliver') item.fn();
+    else o.stepEnd(item.engine);
+  }
+}

@@ -8,7 +8,7 @@ import { createPolicy } from '../policies/factory.js';
 import type { PolicyObserver, RoutingPolicy, WorkerPair } from '../policies/policy.js';
 import { Engine, EngineRequestError, type EngineOptions, type EngineStats, type RequestRecord } from '../sim/engine.js';
 import { LAB_DEFAULTS, normalise, type ClusterConfig, type ClusterRun, type Ev } from './cluster.js';
-import { EventQueue } from './event-queue.js';
+import { EventQueue, runEventLoop } from './event-queue.js';
 import type { LabRequest } from './workload.js';
 
 /**
@@ -310,32 +310,14 @@ export function runPdCluster(requests: readonly LabRequest[], cfg: PdClusterConf
     pendingRequests--;
   };
 
-  const progressEvery = Math.max(1, Math.floor(requests.length / 100));
-  let next = 0;
-  for (;;) {
-    const tArrival = next < requests.length ? requests[next].arrivalMs : Infinity;
-    const tEvent = queue.peekTime();
-    if (tArrival === Infinity && pendingRequests === 0) break;
-    if (tArrival <= tEvent) {
-      clock.set(Math.max(clock.now(), tArrival));
-      arrive(requests[next++]);
-      if (cfg.onProgress && next % progressEvery === 0) cfg.onProgress(next / requests.length);
-      continue;
-    }
-    const ev = queue.pop()!;
-    clock.set(Math.max(clock.now(), ev.time));
-    if (ev.item.kind === 'timer') {
-      const t = ev.item;
-      if (t.cancelled.v) continue;
-      t.fn();
-      queue.push(clock.now() + t.everyMs, t);
-      continue;
-    }
-    if (ev.item.kind === 'deliver') {
-      ev.item.fn();
-      continue;
-    }
-    const i = ev.item.engine;
+  runEventLoop({
+    requests,
+    queue,
+    clock,
+    arrive,
+    pending: () => pendingRequests,
+    onProgress: cfg.onProgress,
+    stepEnd: (i) => {
     const res = engines[i].completeStep();
     steps++;
     const isPrefill = i < np;
@@ -361,7 +343,8 @@ export function runPdCluster(requests: readonly LabRequest[], cfg: PdClusterConf
       }
     }
     startStep(i);
-  }
+    },
+  });
   prefillPolicy.close?.();
   if (!single) decodePolicy.close?.();
   cfg.onProgress?.(1);
