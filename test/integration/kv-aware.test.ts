@@ -116,3 +116,52 @@ describe('KV event replay', () => {
     expect(stats.inaccurate).toBe(false);
   });
 });
+
+describe('KV event subscription modes', () => {
+  it('--kv-events-bind: engines connect to kvgate; the topic names the worker', async () => {
+    const httpPort = basePort();
+    const evPort = basePort();
+    const gw = await startGateway({ workerUrls: [], policy: 'kv_aware', kvEventsBind: `tcp://127.0.0.1:${evPort}`, engineMetricsIntervalSecs: 0 });
+    cleanups.push(() => gw.close());
+    // No '*' in the endpoint: the simulated engine's PUB connects (vLLM's rule), topic as llm-d names it.
+    const sim = await startSimServer({
+      host: '127.0.0.1',
+      port: httpPort,
+      speed: 50,
+      seed: 2,
+      kvEvents: { endpoint: `tcp://127.0.0.1:${evPort}`, format: 'map', topic: `kv@127.0.0.1:${httpPort}@kvgate-sim` },
+    });
+    cleanups.push(() => sim.close());
+    const add = await fetch(gw.url + '/workers', { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ url: sim.url }) });
+    expect(add.status).toBe(201);
+    // A connecting PUB joins asynchronously: send requests until the index has the engine's blocks.
+    for (let i = 0; i < 50 && gw.kvEvents.index.blocksOf(sim.url) === 0; i++) {
+      await complete(gw.url, longText(`bound${i}`, 200));
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    expect(gw.kvEvents.index.blocksOf(sim.url)).toBeGreaterThan(0);
+    await synced(gw, sim, 0, sim.url);
+  });
+
+  it('POST /workers with kv_events_endpoint subscribes the new worker', async () => {
+    const port = basePort();
+    const sim = await startSimServer({ host: '127.0.0.1', port: 0, speed: 50, seed: 3, kvEvents: { endpoint: `tcp://*:${port}`, replayEndpoint: `tcp://*:${port + 50}`, format: 'array' } });
+    cleanups.push(() => sim.close());
+    const gw = await startGateway({ workerUrls: [], policy: 'kv_aware', engineMetricsIntervalSecs: 0 });
+    cleanups.push(() => gw.close());
+    const bad = await fetch(gw.url + '/workers', { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ url: sim.url, kv_events_endpoint: 'http://nope' }) });
+    expect(bad.status).toBe(400);
+    const add = await fetch(gw.url + '/workers', {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ url: sim.url, kv_events_endpoint: `tcp://127.0.0.1:${port}`, kv_events_replay_endpoint: `tcp://127.0.0.1:${port + 50}` }),
+    });
+    expect(add.status).toBe(201);
+    await complete(gw.url, longText('added'));
+    await synced(gw, sim, 0, sim.url);
+    expect((gw.policy as KvAwarePolicy).lastDecision!.fallback).toBe(true); // no events yet at the first request
+    await complete(gw.url, longText('added'));
+    expect((gw.policy as KvAwarePolicy).lastDecision).toMatchObject({ fallback: false });
+    expect((gw.policy as KvAwarePolicy).lastDecision!.overlapBlocks).toBeGreaterThan(0);
+  });
+});
