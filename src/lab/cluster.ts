@@ -10,7 +10,7 @@ import type { PolicyObserver, RoutingPolicy } from '../policies/policy.js';
 import type { CostModelConfig } from '../sim/cost-model.js';
 import type { KvEvent } from '../sim/kv-events.js';
 import { Engine, EngineRequestError, type EngineOptions, type RequestRecord } from '../sim/engine.js';
-import { EventQueue, runEventLoop, type LabEvent } from './event-queue.js';
+import { EventQueue, runEventLoop, scheduleEngineMetrics, stepStarter, type LabEvent } from './event-queue.js';
 import type { PdRunInfo } from './pd-cluster.js';
 import type { LabRequest } from './workload.js';
 
@@ -170,21 +170,7 @@ export function runCluster(requests: readonly LabRequest[], cfg: ClusterConfig):
   const metricsEvery = cfg.metricsIntervalMs ?? LAB_DEFAULTS.metricsIntervalMs;
   const metricsDelay = cfg.metricsDelayMs ?? LAB_DEFAULTS.metricsDelayMs;
   const usesMetrics = !cfg.pooled && (cfg.policy === 'least_kv_cache' || cfg.policy === 'least_waiting');
-  const sampleMetrics = () => {
-    const at = clock.now();
-    const snaps = engines.map((e) => e.stats());
-    queue.push(at + metricsDelay, {
-      kind: 'deliver',
-      fn: () =>
-        snaps.forEach((st, i) => {
-          workers[i].engineLoad = { running: st.running, waiting: st.waiting, kvUsage: st.kvUsage, updatedAtMs: at };
-        }),
-    });
-  };
-  if (usesMetrics) {
-    sampleMetrics();
-    queue.push(metricsEvery, { kind: 'timer', everyMs: metricsEvery, fn: sampleMetrics, cancelled: { v: false } });
-  }
+  if (usesMetrics) scheduleEngineMetrics({ queue, clock, engines, workers, everyMs: metricsEvery, delayMs: metricsDelay });
 
   const guards = new Map<string, { guard: LoadGuard; ctx: RequestContext }>();
   const placement = new Map<string, number>();
@@ -193,12 +179,7 @@ export function runCluster(requests: readonly LabRequest[], cfg: ClusterConfig):
   let pendingRequests = 0;
   let steps = 0;
 
-  const startStep = (i: number) => {
-    const e = engines[i];
-    if (e.busy) return;
-    const plan = e.step();
-    if (plan) queue.push(plan.endMs, { kind: 'step', engine: i });
-  };
+  const startStep = stepStarter(engines, queue);
 
   const arrive = (req: LabRequest) => {
     const ctx: RequestContext = {

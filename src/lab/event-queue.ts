@@ -109,3 +109,46 @@ export function runEventLoop<R extends { arrivalMs: number }>(o: EventLoop<R>): 
     else o.stepEnd(item.engine);
   }
 }
+
+interface SteppableEngine {
+  readonly busy: boolean;
+  step(): { endMs: number } | null;
+  stats(): { running: number; waiting: number; kvUsage: number };
+}
+
+/** Starts engine i's next step if it is idle, scheduling the step's end on the queue. */
+export function stepStarter(engines: readonly SteppableEngine[], queue: EventQueue<LabEvent>): (i: number) => void {
+  return (i) => {
+    const e = engines[i];
+    if (e.busy) return;
+    const plan = e.step();
+    if (plan) queue.push(plan.endMs, { kind: 'step', engine: i });
+  };
+}
+
+/**
+ * Engine metrics as a scraper would see them: every `everyMs` each engine's running/waiting/KV
+ * usage is sampled, and the router's workers see the sample `delayMs` later.
+ */
+export function scheduleEngineMetrics(o: {
+  queue: EventQueue<LabEvent>;
+  clock: { now(): number };
+  engines: readonly SteppableEngine[];
+  workers: ReadonlyArray<{ engineLoad: { running: number; waiting: number; kvUsage: number; updatedAtMs: number } | undefined }>;
+  everyMs: number;
+  delayMs: number;
+}): void {
+  const sample = () => {
+    const at = o.clock.now();
+    const snaps = o.engines.map((e) => e.stats());
+    o.queue.push(at + o.delayMs, {
+      kind: 'deliver',
+      fn: () =>
+        snaps.forEach((st, i) => {
+          o.workers[i].engineLoad = { running: st.running, waiting: st.waiting, kvUsage: st.kvUsage, updatedAtMs: at };
+        }),
+    });
+  };
+  sample();
+  o.queue.push(o.clock.now() + o.everyMs, { kind: 'timer', everyMs: o.everyMs, fn: sample, cancelled: { v: false } });
+}

@@ -8,7 +8,7 @@ import { createPolicy } from '../policies/factory.js';
 import type { PolicyObserver, RoutingPolicy, WorkerPair } from '../policies/policy.js';
 import { Engine, EngineRequestError, type EngineOptions, type EngineStats, type RequestRecord } from '../sim/engine.js';
 import { LAB_DEFAULTS, normalise, type ClusterConfig, type ClusterRun, type Ev } from './cluster.js';
-import { EventQueue, runEventLoop } from './event-queue.js';
+import { EventQueue, runEventLoop, scheduleEngineMetrics } from './event-queue.js';
 import type { LabRequest } from './workload.js';
 
 /**
@@ -185,21 +185,7 @@ export function runPdCluster(requests: readonly LabRequest[], cfg: PdClusterConf
   const metricsDelay = cfg.metricsDelayMs ?? LAB_DEFAULTS.metricsDelayMs;
   const metricNames = ['least_kv_cache', 'least_waiting'];
   const usesMetrics = metricNames.includes(prefillName) || metricNames.includes(decodeName);
-  const sampleMetrics = () => {
-    const at = clock.now();
-    const snaps = engines.map((e) => e.stats());
-    queue.push(at + metricsDelay, {
-      kind: 'deliver',
-      fn: () =>
-        snaps.forEach((st, i) => {
-          workers[i].engineLoad = { running: st.running, waiting: st.waiting, kvUsage: st.kvUsage, updatedAtMs: at };
-        }),
-    });
-  };
-  if (usesMetrics) {
-    sampleMetrics();
-    queue.push(metricsEvery, { kind: 'timer', everyMs: metricsEvery, fn: sampleMetrics, cancelled: { v: false } });
-  }
+  if (usesMetrics) scheduleEngineMetrics({ queue, clock, engines, workers, everyMs: metricsEvery, delayMs: metricsDelay });
 
   const inFlight = new Map<string, InFlight>();
   const placement = new Map<string, number>();
