@@ -41,6 +41,23 @@ export interface ClusterConfig {
 
 export const LAB_DEFAULTS = { kvEventDelayMs: 50, metricsIntervalMs: 1000, metricsDelayMs: 50 } as const;
 
+/** What the router sees of a lab request: the context the gateway would build (text built lazily). */
+export function labContext(req: LabRequest, nowMs: number): RequestContext {
+  return {
+    requestId: req.id,
+    route: 'completions',
+    model: 'lab',
+    get routingText() {
+      return req.text();
+    },
+    tokenIds: req.promptTokens,
+    headers: {},
+    stream: true,
+    maxOutputTokens: req.outputTokens,
+    arrivalMs: nowMs,
+  };
+}
+
 /** The simulated engine's events in the router's normalised form (what the ZMQ decoder yields). */
 export function normalise(events: readonly KvEvent[]): KvCacheEvent[] {
   return events.map((e): KvCacheEvent => {
@@ -182,19 +199,7 @@ export function runCluster(requests: readonly LabRequest[], cfg: ClusterConfig):
   const startStep = stepStarter(engines, queue);
 
   const arrive = (req: LabRequest) => {
-    const ctx: RequestContext = {
-      requestId: req.id,
-      route: 'completions',
-      model: 'lab',
-      get routingText() {
-        return req.text();
-      },
-      tokenIds: req.promptTokens,
-      headers: {},
-      stream: true,
-      maxOutputTokens: req.outputTokens,
-      arrivalMs: clock.now(),
-    };
+    const ctx = labContext(req, clock.now());
     const worker = policy.selectWorker(registry.forModel('lab'), ctx);
     if (!worker) throw new Error('lab: the policy chose no worker although every worker is healthy');
     const i = engineOf.get(worker)!;

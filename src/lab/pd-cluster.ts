@@ -7,7 +7,7 @@ import { Worker, type LoadGuard, type WorkerType } from '../core/worker.js';
 import { createPolicy } from '../policies/factory.js';
 import type { PolicyObserver, RoutingPolicy, WorkerPair } from '../policies/policy.js';
 import { Engine, EngineRequestError, type EngineOptions, type EngineStats, type RequestRecord } from '../sim/engine.js';
-import { LAB_DEFAULTS, normalise, type ClusterConfig, type ClusterRun, type Ev } from './cluster.js';
+import { LAB_DEFAULTS, labContext, normalise, type ClusterConfig, type ClusterRun, type Ev } from './cluster.js';
 import { EventQueue, runEventLoop, scheduleEngineMetrics } from './event-queue.js';
 import type { LabRequest } from './workload.js';
 
@@ -214,19 +214,7 @@ export function runPdCluster(requests: readonly LabRequest[], cfg: PdClusterConf
   };
 
   const arrive = (req: LabRequest) => {
-    const ctx: RequestContext = {
-      requestId: req.id,
-      route: 'completions',
-      model: 'lab',
-      get routingText() {
-        return req.text();
-      },
-      tokenIds: req.promptTokens,
-      headers: {},
-      stream: true,
-      maxOutputTokens: req.outputTokens,
-      arrivalMs: clock.now(),
-    };
+    const ctx = labContext(req, clock.now());
     const pair = selectPair(ctx);
     if (!pair) throw new Error('lab: the policy chose no (prefill, decode) pair although every worker is healthy');
     const pi = engineOf.get(pair.prefill)!;
