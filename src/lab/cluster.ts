@@ -8,7 +8,7 @@ import { Worker, type LoadGuard } from '../core/worker.js';
 import { createPolicy, type PolicyOptions } from '../policies/factory.js';
 import type { PolicyObserver, RoutingPolicy } from '../policies/policy.js';
 import type { CostModelConfig } from '../sim/cost-model.js';
-import type { KvEvent } from '../sim/kv-events.js';
+import type { KvEvent, KvEventSink } from '../sim/kv-events.js';
 import { Engine, EngineRequestError, type EngineOptions, type RequestRecord } from '../sim/engine.js';
 import { EventQueue, runEventLoop, scheduleEngineMetrics, stepStarter, type LabEvent } from './event-queue.js';
 import type { PdRunInfo } from './pd-cluster.js';
@@ -56,6 +56,27 @@ export function labContext(req: LabRequest, nowMs: number): RequestContext {
     maxOutputTokens: req.outputTokens,
     arrivalMs: nowMs,
   };
+}
+
+/**
+ * KV events as the router receives them: each engine step's batch reaches the shared block index
+ * `delayMs` after the step, and the time it arrived is kept per source (kv_aware's freshness).
+ */
+export function kvEventFeed(queue: EventQueue<Ev>, clock: { now(): number }, delayMs: number) {
+  const index = new BlockIndex();
+  const lastEventAt = new Map<string, number>();
+  const sinkFor = (source: string): KvEventSink => (events) => {
+    const batch = normalise(events);
+    queue.push(clock.now() + delayMs, {
+      kind: 'deliver',
+      fn: () => {
+        index.apply(source, batch);
+        lastEventAt.set(source, clock.now());
+      },
+    });
+  };
+  const view = { index, lastEventAtMs: (id: string) => lastEventAt.get(id), isAccurate: () => true, resetCount: () => 0 };
+  return { index, view, sinkFor };
 }
 
 /** The simulated engine's events in the router's normalised form (what the ZMQ decoder yields). */
@@ -126,25 +147,11 @@ export function runCluster(requests: readonly LabRequest[], cfg: ClusterConfig):
       cost: { ...base.cost, slowFactor: probe.config.cost.slowFactor / k },
     };
   };
-  const kvDelay = cfg.kvEventDelayMs ?? LAB_DEFAULTS.kvEventDelayMs;
   const usesEvents = !cfg.pooled && cfg.policy === 'kv_aware';
-  const index = new BlockIndex();
-  const lastEventAt = new Map<string, number>();
+  const kv = kvEventFeed(queue, clock, cfg.kvEventDelayMs ?? LAB_DEFAULTS.kvEventDelayMs);
   const engines = Array.from({ length: n }, (_, i) => {
     const opts = engineOpts(i);
-    if (usesEvents) {
-      const source = `http://engine-${i}.lab`;
-      opts.kvEventSink = (events) => {
-        const batch = normalise(events);
-        queue.push(clock.now() + kvDelay, {
-          kind: 'deliver',
-          fn: () => {
-            index.apply(source, batch);
-            lastEventAt.set(source, clock.now());
-          },
-        });
-      };
-    }
+    if (usesEvents) opts.kvEventSink = kv.sinkFor(`http://engine-${i}.lab`);
     return new Engine(opts);
   });
 
@@ -178,7 +185,7 @@ export function runCluster(requests: readonly LabRequest[], cfg: ClusterConfig):
     },
     {
       ...cfg.policyOptions,
-      kvIndex: { index, lastEventAtMs: (id) => lastEventAt.get(id), isAccurate: () => true, resetCount: () => 0 },
+      kvIndex: kv.view,
     },
   );
   const firstToken = policy.onFirstToken?.bind(policy);

@@ -1,4 +1,3 @@
-import { BlockIndex } from '../cache/block-index.js';
 import { ManualClock } from '../core/clock.js';
 import type { RequestContext } from '../core/context.js';
 import { WorkerRegistry } from '../core/registry.js';
@@ -7,7 +6,7 @@ import { Worker, type LoadGuard, type WorkerType } from '../core/worker.js';
 import { createPolicy } from '../policies/factory.js';
 import type { PolicyObserver, RoutingPolicy, WorkerPair } from '../policies/policy.js';
 import { Engine, EngineRequestError, type EngineOptions, type EngineStats, type RequestRecord } from '../sim/engine.js';
-import { LAB_DEFAULTS, labContext, normalise, type ClusterConfig, type ClusterRun, type Ev } from './cluster.js';
+import { kvEventFeed, LAB_DEFAULTS, labContext, type ClusterConfig, type ClusterRun, type Ev } from './cluster.js';
 import { EventQueue, runEventLoop, scheduleEngineMetrics } from './event-queue.js';
 import type { LabRequest } from './workload.js';
 
@@ -109,25 +108,11 @@ export function runPdCluster(requests: readonly LabRequest[], cfg: PdClusterConf
   const typeOf = (i: number): WorkerType => (i < np ? 'prefill' : 'decode');
   const urlOf = (i: number) => (i < np ? `http://prefill-${i}.lab` : `http://decode-${i - np}.lab`);
 
-  const kvDelay = cfg.kvEventDelayMs ?? LAB_DEFAULTS.kvEventDelayMs;
   const usesEvents = prefillName === 'kv_aware' || decodeName === 'kv_aware';
-  const index = new BlockIndex();
-  const lastEventAt = new Map<string, number>();
+  const kv = kvEventFeed(queue, clock, cfg.kvEventDelayMs ?? LAB_DEFAULTS.kvEventDelayMs);
   const engines = Array.from({ length: n }, (_, i) => {
     const opts: EngineOptions = { ...cfg.engine, clock, rng: new SeededRng(cfg.seed * 1000 + i + 1), cost: { ...cfg.engine.cost } };
-    if (usesEvents) {
-      const source = urlOf(i);
-      opts.kvEventSink = (events) => {
-        const batch = normalise(events);
-        queue.push(clock.now() + kvDelay, {
-          kind: 'deliver',
-          fn: () => {
-            index.apply(source, batch);
-            lastEventAt.set(source, clock.now());
-          },
-        });
-      };
-    }
+    if (usesEvents) opts.kvEventSink = kv.sinkFor(urlOf(i));
     return new Engine(opts);
   });
   const blockSize = engines[0].config.blockSize;
@@ -163,7 +148,7 @@ export function runPdCluster(requests: readonly LabRequest[], cfg: PdClusterConf
       },
       {
         ...cfg.policyOptions,
-        kvIndex: { index, lastEventAtMs: (id) => lastEventAt.get(id), isAccurate: () => true, resetCount: () => 0 },
+        kvIndex: kv.view,
       },
     );
   // One policy for both pools: its selectPair (a policy may couple the two choices). Two
