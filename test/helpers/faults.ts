@@ -12,6 +12,7 @@ import { SeededRng } from '../../src/core/rng.js';
 import { Gateway } from '../../src/server/gateway.js';
 import { startSimServer, type SimServer, type SimServerOptions } from '../../src/sim/server.js';
 import { spawnKvgate, type Spawned } from './processes.js';
+import { parseJson } from './http.js';
 
 export const MODEL = 'kvgate-sim';
 
@@ -141,13 +142,7 @@ export async function post(base: string, path: string, body: unknown, opts: { he
       signal: AbortSignal.timeout(opts.timeoutMs ?? 20_000),
     });
     const text = await res.body.text();
-    let json: any;
-    try {
-      json = JSON.parse(text);
-    } catch {
-      json = undefined;
-    }
-    return { status: res.statusCode, headers: res.headers, text, json };
+    return { status: res.statusCode, headers: res.headers, text, json: parseJson(text) };
   } catch (e) {
     return { status: 0, headers: {}, text: '', json: undefined, error: e as Error };
   }

@@ -2,6 +2,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { request } from 'undici';
 import OpenAI from 'openai';
 import { FakeWorker } from '../helpers/fake-worker.js';
+import { send } from '../helpers/http.js';
 import { startGateway, waitFor } from '../helpers/gateway.js';
 import type { Gateway } from '../../src/server/gateway.js';
 
@@ -22,20 +23,8 @@ async function gateway(overrides: Parameters<typeof startGateway>[0]): Promise<G
   return gw;
 }
 
-async function post(gw: Gateway, path: string, body: unknown, headers: Record<string, string> = {}) {
-  const res = await request(gw.url + path, {
-    method: 'POST',
-    headers: { 'content-type': 'application/json', ...headers },
-    body: typeof body === 'string' ? body : JSON.stringify(body),
-  });
-  const text = await res.body.text();
-  let json: any;
-  try {
-    json = JSON.parse(text);
-  } catch {
-    json = undefined;
-  }
-  return { status: res.statusCode, headers: res.headers, text, json };
+function post(gw: Gateway, path: string, body: unknown, headers: Record<string, string> = {}) {
+  return send(gw.url + path, { method: 'POST', body, headers });
 }
 
 const system = 'You are a meticulous assistant. '.repeat(40);

@@ -2,6 +2,7 @@ import { readFileSync } from 'node:fs';
 import { afterEach, describe, expect, it } from 'vitest';
 import { Agent, request } from 'undici';
 import { FakeWorker } from '../helpers/fake-worker.js';
+import { send } from '../helpers/http.js';
 import { startGateway, waitFor } from '../helpers/gateway.js';
 import type { Gateway } from '../../src/server/gateway.js';
 
@@ -19,20 +20,8 @@ async function gateway(overrides: Parameters<typeof startGateway>[0]) {
   cleanups.push(() => gw.close());
   return gw;
 }
-async function call(gw: Gateway, path: string, body?: unknown, headers: Record<string, string> = {}, method = body === undefined ? 'GET' : 'POST') {
-  const res = await request(gw.url + path, {
-    method: method as 'GET',
-    headers: { 'content-type': 'application/json', ...headers },
-    body: body === undefined ? undefined : JSON.stringify(body),
-  });
-  const text = await res.body.text();
-  let json: any;
-  try {
-    json = JSON.parse(text);
-  } catch {
-    json = undefined;
-  }
-  return { status: res.statusCode, headers: res.headers, json, text };
+function call(gw: Gateway, path: string, body?: unknown, headers: Record<string, string> = {}, method = body === undefined ? 'GET' : 'POST') {
+  return send(gw.url + path, { method, body, headers });
 }
 const completion = { model: 'fake-model', prompt: 'hello' };
 const metricValue = (text: string, prefix: string) =>
