@@ -1,7 +1,7 @@
 import type { Command } from 'commander';
 import { engineConfigFrom, engineOptionSpecs } from '../config/engine-options.js';
 import { addOptions, ConfigError, resolveOptions, type OptionSpec } from '../config/options.js';
-import { DEFAULT_COST_MODEL, type CostModelConfig } from '../sim/cost-model.js';
+import { DEFAULT_COST_MODEL, type CostModelConfig } from '../engine/cost-model.js';
 import {
   DEFAULT_BOOTSTRAP_PORT,
   DEFAULT_KV_SIDE_CHANNEL_PORT,

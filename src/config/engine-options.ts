@@ -1,4 +1,4 @@
-import { DEFAULT_COST_MODEL, type CostModelConfig } from '../sim/cost-model.js';
+import { DEFAULT_COST_MODEL, type CostModelConfig } from '../engine/cost-model.js';
 import { DEFAULT_ENGINE_CONFIG } from '../sim/engine.js';
 import type { LabEngineConfig } from '../lab/cluster.js';
 import type { OptionSpec } from './options.js';

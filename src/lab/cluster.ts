@@ -7,7 +7,7 @@ import { SeededRng } from '../core/rng.js';
 import { Worker, type LoadGuard } from '../core/worker.js';
 import { createPolicy, type PolicyOptions } from '../policies/factory.js';
 import type { PolicyObserver, RoutingPolicy } from '../policies/policy.js';
-import type { CostModelConfig } from '../sim/cost-model.js';
+import type { CostModelConfig } from '../engine/cost-model.js';
 import type { KvEvent, KvEventSink } from '../sim/kv-events.js';
 import { Engine, EngineRequestError, type EngineOptions, type RequestRecord } from '../sim/engine.js';
 import { EventQueue, runEventLoop, scheduleEngineMetrics, stepStarter, type LabEvent } from './event-queue.js';

@@ -1,7 +1,7 @@
 import type { RequestContext } from '../core/context.js';
 import type { Worker } from '../core/worker.js';
 import { TokenTree } from '../cache/token-tree.js';
-import { DEFAULT_COST_MODEL, prefillPairs, validateCostModel, type CostModelConfig } from '../sim/cost-model.js';
+import { DEFAULT_COST_MODEL, prefillPairs, validateCostModel, type CostModelConfig } from '../engine/cost-model.js';
 import { available, BasePolicy, type PolicyDeps } from './policy.js';
 
 /**

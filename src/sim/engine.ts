@@ -1,6 +1,6 @@
 import type { Clock } from '../core/clock.js';
 import { SeededRng, type Rng } from '../core/rng.js';
-import { DEFAULT_COST_MODEL, stepDurationMs, validateCostModel, type CostModelConfig, type StepWork } from './cost-model.js';
+import { DEFAULT_COST_MODEL, stepDurationMs, validateCostModel, type CostModelConfig, type StepWork } from '../engine/cost-model.js';
 import { BlockPool, DEFAULT_NUM_GPU_BLOCKS } from './kv-cache.js';
 import type { KvEvent, KvEventSink } from './kv-events.js';
 import { Scheduler, SimRequest } from './scheduler.js';

@@ -1,5 +1,5 @@
 import { BlockPool, hashBlock, ROOT_HASH_HI, ROOT_HASH_LO } from './kv-cache.js';
-import { prefillPairs, type StepWork } from './cost-model.js';
+import { prefillPairs, type StepWork } from '../engine/cost-model.js';
 
 /**
  * Continuous-batching scheduler modelled on vLLM V1's `Scheduler.schedule()` (FCFS policy,

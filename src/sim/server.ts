@@ -2,11 +2,12 @@ import { randomUUID } from 'node:crypto';
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import type { AddressInfo, Socket } from 'node:net';
 import { randomRng, SeededRng, type Rng } from '../core/rng.js';
-import type { CostModelConfig } from './cost-model.js';
+import type { CostModelConfig } from '../engine/cost-model.js';
 import { RealtimeDriver, ScaledClock } from './driver.js';
 import { Engine, EngineRequestError, type RequestRecord, type TokenOutput } from './engine.js';
 import { parseChat, parseCompletion, parseGenerate, SimHttpError, usageOf, type ParsedGeneration } from './http-api.js';
-import { endpointForRank, KvEventPublisher } from './kv-publisher.js';
+import { endpointForRank } from '../events/endpoints.js';
+import { KvEventPublisher } from './kv-publisher.js';
 import { SimMetrics } from './metrics.js';
 import {
   abortableSleep,

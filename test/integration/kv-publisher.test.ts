@@ -12,7 +12,8 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { encodeKvEventBatch, endpointForRank, KvEventPublisher } from '../../src/sim/kv-publisher.js';
+import { endpointForRank } from '../../src/events/endpoints.js';
+import { encodeKvEventBatch, KvEventPublisher } from '../../src/sim/kv-publisher.js';
 import type { KvEvent } from '../../src/sim/kv-events.js';
 
 const END_SEQ = 0xffff_ffff_ffff_ffffn;

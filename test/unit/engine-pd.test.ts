@@ -1,7 +1,7 @@
 import { describe, expect, it } from 'vitest';
 import { ManualClock } from '../../src/core/clock.js';
 import { SeededRng } from '../../src/core/rng.js';
-import { DEFAULT_COST_MODEL, stepDurationMs } from '../../src/sim/cost-model.js';
+import { DEFAULT_COST_MODEL, stepDurationMs } from '../../src/engine/cost-model.js';
 import { Engine, type EngineOptions, type RequestRecord, type StepPlan, type TokenOutput } from '../../src/sim/engine.js';
 import type { KvEvent } from '../../src/sim/kv-events.js';
 

@@ -11,7 +11,7 @@ import {
   PrefixLoadPolicy,
   type PrefixLoadOptions,
 } from '../../src/policies/prefix-load.js';
-import { DEFAULT_COST_MODEL } from '../../src/sim/cost-model.js';
+import { DEFAULT_COST_MODEL } from '../../src/engine/cost-model.js';
 
 const C = DEFAULT_COST_MODEL;
 const range = (from: number, n: number): number[] => Array.from({ length: n }, (_, i) => from + i);
