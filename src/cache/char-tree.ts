@@ -443,6 +443,29 @@ export class CharTree {
     }
   }
 
+  /**
+   * Every string a tenant holds that is not a prefix of a longer one it holds, as
+   * `[tenant, text]`, oldest-stamped first (so replaying them keeps the LRU order roughly).
+   * Inserting them all into an empty tree rebuilds this tree's tenant sets (replica snapshots).
+   */
+  tenantStrings(): Array<[string, string]> {
+    const out: Array<[string, string, number]> = [];
+    const stack: Array<[Node, string]> = [[this.root, '']];
+    while (stack.length > 0) {
+      const [node, prefix] = stack.pop()!;
+      const path = prefix + node.label;
+      const t = node.tenants;
+      if (node !== this.root) {
+        for (let i = 0; i < t.length; i += 2) {
+          if (!hasChildWithTenant(node, t[i])) out.push([this.tenantNames[t[i]]!, path, t[i + 1]]);
+        }
+      }
+      if (node.children !== null) for (const child of node.children.values()) stack.push([child, path]);
+    }
+    out.sort((a, b) => a[2] - b[2]);
+    return out.map(([tenant, text]) => [tenant, text]);
+  }
+
   /** Registered tenants, in registration order. */
   tenants(): string[] {
     return [...this.tenantIds.keys()];

@@ -35,7 +35,8 @@ export class LoadGuard {
     readonly worker: Worker,
     private readonly onRelease?: (worker: Worker) => void,
   ) {
-    worker.load++;
+    worker.localLoad++;
+    worker.loadObserver?.(worker);
   }
 
   get isReleased(): boolean {
@@ -45,8 +46,9 @@ export class LoadGuard {
   release(): void {
     if (this.released) return;
     this.released = true;
-    this.worker.load--;
+    this.worker.localLoad--;
     this.worker.processed++;
+    this.worker.loadObserver?.(this.worker);
     this.onRelease?.(this.worker);
   }
 }
@@ -68,8 +70,15 @@ export class Worker {
   breaker: CircuitBreaker | undefined;
   /** Until the first successful health check the worker is not routable. */
   healthy = false;
-  /** In-flight requests routed here and not yet finished. Only LoadGuard changes it. */
-  load = 0;
+  /** In-flight requests this process routed here and that have not finished. Only LoadGuard changes it. */
+  localLoad = 0;
+  /**
+   * In-flight requests other kvgate replicas routed here (replica sync; 0 without it). Set by
+   * the sync module from its peers' reports, never by policies.
+   */
+  peerLoad = 0;
+  /** Told after every change of localLoad (replica sync publishes it). */
+  loadObserver: ((worker: Worker) => void) | undefined;
   /** Requests finished (any outcome) on this worker. */
   processed = 0;
   /** Engine-reported load (vLLM/SGLang metrics), when a scraper runs. */
@@ -92,6 +101,16 @@ export class Worker {
     this.apiKey = spec.apiKey;
   }
 
+  /** In-flight requests on this worker as far as this router knows: its own plus its peers'. */
+  get load(): number {
+    return this.localLoad + this.peerLoad;
+  }
+
+  /** For tests and tools that set a load directly: sets this process's share. */
+  set load(value: number) {
+    this.localLoad = value - this.peerLoad;
+  }
+
   /** Healthy and allowed to take traffic by its circuit breaker. */
   isAvailable(): boolean {
     return this.healthy && (this.breaker === undefined || this.breaker.canExecute());
@@ -112,6 +131,7 @@ export class Worker {
       healthy: this.healthy,
       circuit_breaker: this.breaker?.state ?? null,
       load: this.load,
+      local_load: this.localLoad,
       processed: this.processed,
       last_health_error: this.lastHealthError ?? null,
       startup_failed: this.startupFailed,

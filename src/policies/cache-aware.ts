@@ -1,7 +1,7 @@
 import type { RequestContext } from '../core/context.js';
 import type { Worker } from '../core/worker.js';
 import { CharTree } from '../cache/char-tree.js';
-import { available, BasePolicy, leastLoaded, type PolicyDeps } from './policy.js';
+import { available, BasePolicy, leastLoaded, type PeerRoutingEvent, type PolicyDeps, type RoutedRecord } from './policy.js';
 
 export interface CacheAwareConfig {
   /** Minimum matched/total character ratio for prefix affinity (strictly greater). */
@@ -89,8 +89,19 @@ export class CacheAwarePolicy extends BasePolicy {
         chosen = leastLoaded(healthy);
       }
     }
-    if (chosen) tree.insert(ctx.routingText, chosen.id);
+    if (chosen) {
+      tree.insert(ctx.routingText, chosen.id);
+      this.deps.share?.routed({ model: ctx.model, workerId: chosen.id, text: ctx.routingText });
+    }
     return chosen;
+  }
+
+  applyPeer(_origin: string, event: PeerRoutingEvent): void {
+    if (event.kind === 'routed' && event.rec.text !== undefined) this.treeFor(event.rec.model).insert(event.rec.text, event.rec.workerId);
+  }
+
+  *exportHistory(): Iterable<RoutedRecord> {
+    for (const [model, tree] of this.trees) for (const [workerId, text] of tree.tenantStrings()) yield { model, workerId, text };
   }
 
   onWorkerRemoved(worker: Worker): void {

@@ -3,7 +3,7 @@ import { CharTree } from '../cache/char-tree.js';
 import { hashBlocks, LOCAL_HASH_SEED, type BlockIndex } from '../cache/block-index.js';
 import type { RequestContext } from '../core/context.js';
 import type { Worker } from '../core/worker.js';
-import { available, BasePolicy, type PolicyDeps } from './policy.js';
+import { available, BasePolicy, type PeerRoutingEvent, type PolicyDeps, type RoutedRecord } from './policy.js';
 
 /** What kv_aware reads from the KV-event side: the index and each worker's event freshness. */
 export interface KvIndexView {
@@ -67,6 +67,18 @@ interface WorkerState {
   lastCompletionMs: number;
 }
 
+/** What peer replicas have in flight on one worker (replica sync; blocks not deduplicated). */
+interface PeerLoad {
+  blocks: number;
+  pendingPrefillTokens: number;
+}
+
+interface PeerActive {
+  workerId: string;
+  blocks: number;
+  prefillTokens: number;
+}
+
 export interface KvDecision {
   worker: Worker;
   overlapBlocks: number;
@@ -116,6 +128,9 @@ export class KvAwarePolicy extends BasePolicy {
   private readonly state = new Map<string, WorkerState>();
   private readonly trees = new Map<string, CharTree>();
   private readonly seenResets = new Map<string, number>();
+  /** Peer replicas' in-flight requests, by origin then request id, and their sum per worker. */
+  private readonly peerActive = new Map<string, Map<string, PeerActive>>();
+  private readonly peerLoad = new Map<string, PeerLoad>();
   private readonly cancelEviction: (() => void) | undefined;
   /** The last decision (for metrics and tests). */
   lastDecision: KvDecision | undefined;
@@ -192,7 +207,11 @@ export class KvAwarePolicy extends BasePolicy {
       } else newBlocks = requestBlocks;
       // Load already on the worker: the blocks its in-flight requests occupy plus the prefill
       // they still have to do, and what this request adds.
-      const active = this.config.activeWeight * ((s?.blocks.size ?? 0) + newBlocks) + (s?.pendingPrefillTokens ?? 0) / bs;
+      // Peer replicas' requests on this worker count too (their blocks are not deduplicated).
+      const peer = this.peerLoad.get(w.id);
+      const active =
+        this.config.activeWeight * ((s?.blocks.size ?? 0) + (peer?.blocks ?? 0) + newBlocks) +
+        ((s?.pendingPrefillTokens ?? 0) + (peer?.pendingPrefillTokens ?? 0)) / bs;
       costs.push((this.config.overlapWeight * uncached) / bs + active);
       meta.push({ overlap, fallback: !fresh });
     }
@@ -201,8 +220,10 @@ export class KvAwarePolicy extends BasePolicy {
     const chosen = healthy[i];
     this.lastDecision = { worker: chosen, overlapBlocks: meta[i].overlap, requestBlocks, cost: costs[i], fallback: meta[i].fallback };
     this.deps.observer?.kvDecision?.(chosen, meta[i].overlap, requestBlocks, meta[i].fallback);
-    this.track(chosen, ctx.requestId, seq, Math.max(0, inputTokens - meta[i].overlap * bs));
+    const prefillTokens = Math.max(0, inputTokens - meta[i].overlap * bs);
+    this.track(chosen, ctx.requestId, seq, prefillTokens);
     if (textChars > 0) tree.insert(text, chosen.id);
+    this.deps.share?.routed({ model: ctx.model, workerId: chosen.id, requestId: ctx.requestId, text: textChars > 0 ? text : undefined, blocks: requestBlocks, prefillTokens });
     return chosen;
   }
 
@@ -212,6 +233,7 @@ export class KvAwarePolicy extends BasePolicy {
     if (!s || !a || a.prefillTokens === 0) return;
     s.pendingPrefillTokens -= a.prefillTokens;
     a.prefillTokens = 0;
+    this.deps.share?.firstToken(worker.id, ctx.requestId);
   }
 
   onRequestComplete(worker: Worker, ctx: RequestContext): void {
@@ -220,6 +242,7 @@ export class KvAwarePolicy extends BasePolicy {
     s.lastCompletionMs = this.deps.clock.now();
     const a = s.active.get(ctx.requestId);
     if (!a) return;
+    this.deps.share?.completed(worker.id, ctx.requestId);
     s.active.delete(ctx.requestId);
     s.pendingPrefillTokens -= a.prefillTokens;
     for (const h of a.seqHashes) {
@@ -227,6 +250,50 @@ export class KvAwarePolicy extends BasePolicy {
       if (n === 0) s.blocks.delete(h);
       else s.blocks.set(h, n);
     }
+  }
+
+  applyPeer(origin: string, event: PeerRoutingEvent): void {
+    if (event.kind === 'routed') {
+      const { rec } = event;
+      if (rec.text !== undefined && rec.text.length > 0) this.treeFor(rec.model).insert(rec.text, rec.workerId);
+      if (rec.requestId === undefined) return;
+      let mine = this.peerActive.get(origin);
+      if (!mine) this.peerActive.set(origin, (mine = new Map()));
+      if (mine.has(rec.requestId)) return;
+      const a: PeerActive = { workerId: rec.workerId, blocks: rec.blocks ?? 0, prefillTokens: rec.prefillTokens ?? 0 };
+      mine.set(rec.requestId, a);
+      this.addPeerLoad(a, 1);
+      return;
+    }
+    const mine = this.peerActive.get(origin);
+    const a = mine?.get(event.requestId);
+    if (!mine || !a) return;
+    if (event.kind === 'first_token') {
+      this.addPeerLoad({ ...a, blocks: 0 }, -1);
+      a.prefillTokens = 0;
+    } else {
+      mine.delete(event.requestId);
+      this.addPeerLoad(a, -1);
+    }
+  }
+
+  forgetPeer(origin: string): void {
+    const mine = this.peerActive.get(origin);
+    if (!mine) return;
+    for (const a of mine.values()) this.addPeerLoad(a, -1);
+    this.peerActive.delete(origin);
+  }
+
+  *exportHistory(): Iterable<RoutedRecord> {
+    for (const [model, tree] of this.trees) for (const [workerId, text] of tree.tenantStrings()) yield { model, workerId, text };
+  }
+
+  private addPeerLoad(a: PeerActive, sign: 1 | -1): void {
+    let p = this.peerLoad.get(a.workerId);
+    if (!p) this.peerLoad.set(a.workerId, (p = { blocks: 0, pendingPrefillTokens: 0 }));
+    p.blocks += sign * a.blocks;
+    p.pendingPrefillTokens += sign * a.prefillTokens;
+    if (p.blocks <= 0 && p.pendingPrefillTokens <= 0) this.peerLoad.delete(a.workerId);
   }
 
   onWorkerRemoved(worker: Worker): void {
@@ -242,6 +309,12 @@ export class KvAwarePolicy extends BasePolicy {
   activeOf(workerId: string): { requests: number; blocks: number; pendingPrefillTokens: number } {
     const s = this.state.get(workerId);
     return { requests: s?.active.size ?? 0, blocks: s?.blocks.size ?? 0, pendingPrefillTokens: s?.pendingPrefillTokens ?? 0 };
+  }
+
+  /** What peer replicas have in flight on a worker, as this replica was told (replica sync). */
+  peerActiveOf(workerId: string): { blocks: number; pendingPrefillTokens: number } {
+    const p = this.peerLoad.get(workerId);
+    return { blocks: p?.blocks ?? 0, pendingPrefillTokens: p?.pendingPrefillTokens ?? 0 };
   }
 
   private track(worker: Worker, requestId: string, seq: bigint[], prefillTokens: number): void {

@@ -15,9 +15,45 @@ export interface PolicyObserver {
   kvDecision?(worker: Worker, overlapBlocks: number, requestBlocks: number, fallback: boolean): void;
 }
 
+/**
+ * One routed request, as another kvgate replica needs it to mirror this replica's routing state
+ * (replica sync). A policy fills in what its own state holds.
+ */
+export interface RoutedRecord {
+  model: string;
+  workerId: string;
+  /** Set when the policy tracks the request while in flight (a first token and a completion follow). */
+  requestId?: string;
+  /** Text inserted into a character tree of routing history. */
+  text?: string;
+  /** Token ids inserted into a token tree of routing history. */
+  tokens?: ArrayLike<number>;
+  /** In-flight accounting (kv_aware): blocks the request occupies... */
+  blocks?: number;
+  /** ...and prompt tokens it still has to prefill on the worker. */
+  prefillTokens?: number;
+  /** Estimated cost charged to the worker (prefix_load's ledger), ms. */
+  costMs?: number;
+}
+
+/** Where a policy reports what it recorded about its requests, so that replicas can share it. */
+export interface RoutingShare {
+  routed(rec: RoutedRecord): void;
+  firstToken(workerId: string, requestId: string): void;
+  completed(workerId: string, requestId: string): void;
+}
+
+/** Another replica's routing event, applied to this policy's state (it routes nothing). */
+export type PeerRoutingEvent =
+  | { kind: 'routed'; rec: RoutedRecord }
+  | { kind: 'first_token'; workerId: string; requestId: string }
+  | { kind: 'completed'; workerId: string; requestId: string };
+
 export interface PolicyDeps {
   clock: Clock;
   rng: Rng;
+  /** Told what the policy recorded per request (replica sync); absent in a lone router. */
+  share?: RoutingShare;
   /** Periodic background work (tree eviction). The server passes unref'd timers, the lab its event queue. */
   schedule?: Scheduler;
   observer?: PolicyObserver;
@@ -53,6 +89,12 @@ export interface RoutingPolicy {
   onWorkerRemoved?(worker: Worker): void;
   /** Stop background timers. */
   close?(): void;
+  /** Mirror a peer replica's routing event (tree insert, in-flight accounting). */
+  applyPeer?(origin: string, event: PeerRoutingEvent): void;
+  /** A peer replica is gone: drop what it still had in flight. */
+  forgetPeer?(origin: string): void;
+  /** The routing history a joining replica needs (tree contents), as records without request ids. */
+  exportHistory?(): Iterable<RoutedRecord>;
 }
 
 export function available(candidates: readonly Worker[]): Worker[] {

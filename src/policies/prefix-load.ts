@@ -2,7 +2,7 @@ import type { RequestContext } from '../core/context.js';
 import type { Worker } from '../core/worker.js';
 import { TokenTree } from '../cache/token-tree.js';
 import { DEFAULT_COST_MODEL, prefillPairs, validateCostModel, type CostModelConfig } from '../engine/cost-model.js';
-import { available, BasePolicy, type PolicyDeps } from './policy.js';
+import { available, BasePolicy, type PeerRoutingEvent, type PolicyDeps } from './policy.js';
 
 /**
  * `prefix_load`: Preble's E2 (exploitation + exploration) request scheduler, as AIBrix ports it
@@ -297,6 +297,7 @@ export class PrefixLoadPolicy extends BasePolicy {
     }
     ledger.add(now, charged);
     if (n > 0) tree.insert(tokens, worker.id, now);
+    this.deps.share?.routed({ model: ctx.model, workerId: worker.id, tokens: byTokens && n > 0 ? tokens : undefined, text: byTokens ? undefined : ctx.routingText, costMs: charged });
 
     const observer = this.deps.observer;
     if (kind === 'rebalance') observer?.loadBalanced?.(worker);
@@ -304,6 +305,20 @@ export class PrefixLoadPolicy extends BasePolicy {
     else observer?.cacheMiss?.(n);
     this.lastDecision = { kind, workerId: worker.id, inputTokens: n, matchedTokens: best, workerMatchedTokens: m, chargedMs: charged };
     return worker;
+  }
+
+  /** A peer replica routed a request: its window history and its charged cost count here too. */
+  applyPeer(_origin: string, event: PeerRoutingEvent): void {
+    if (event.kind !== 'routed') return;
+    const { rec } = event;
+    const now = this.deps.clock.now();
+    if (rec.costMs !== undefined && rec.costMs > 0) {
+      let ledger = this.ledgers.get(rec.workerId);
+      if (!ledger) this.ledgers.set(rec.workerId, (ledger = new Ledger()));
+      ledger.add(now, rec.costMs);
+    }
+    if (rec.tokens !== undefined && rec.tokens.length > 0) this.treeFor(rec.model).insert(rec.tokens, rec.workerId, now);
+    else if (rec.text) this.treeFor(`${rec.model}\u0000chars`).insert(codePoints(rec.text), rec.workerId, now);
   }
 
   /** L(w): the estimated GPU ms of the requests routed to `workerId` in the window ending now. */

@@ -1,0 +1,242 @@
+import { xxh3 } from '@node-rs/xxhash';
+
+/**
+ * Content-addressed dictionary of prompt chunks, so replicas share routing history without
+ * shipping whole prompts.
+ *
+ * A text (or token sequence) is cut into fixed chunks from its start; each chunk is named by a
+ * chained hash (xxh3-64 of the chunk, seeded with its parent's hash), so one hash names a whole
+ * prefix. Each replica keeps every chunk it has sent or received. To send a text it names the
+ * longest prefix of chunks it knows by the last chunk's hash and count, and sends the rest as is;
+ * the receiver rebuilds the prefix from its own dictionary by walking parent links. A chunk a
+ * replica has seen was seen by its peers too (it came from, or went to, the shared subject), so
+ * a shared system prompt crosses the wire once and every later request that starts with it costs
+ * 8 bytes plus its own new suffix. A receiver missing a chunk (it joined late, or evicted it)
+ * cannot rebuild that text and says so (undefined); joining replicas fill their dictionary from
+ * a snapshot.
+ *
+ * Bounded: least recently used chunks are dropped beyond `maxUnits` (UTF-16 units or tokens).
+ */
+
+/** A sequence on the wire: [known chunk count, hash of the last known chunk (8 bytes LE) or null, the rest]. */
+export type EncodedText = [number, Uint8Array | null, string];
+export type EncodedTokens = [number, Uint8Array | null, Uint8Array];
+
+/** UTF-16 units per text chunk (one more when the boundary would split a surrogate pair). */
+export const TEXT_CHUNK = 256;
+/** Tokens per token chunk. */
+export const TOKEN_CHUNK = 64;
+/** Token chains are seeded apart from text chains, so a text and a token run never share a name. */
+const TOKEN_DOMAIN = 0x6b76_6761_7465_746bn;
+
+interface Entry {
+  parent: bigint;
+  /** A text chunk, or a token chunk. */
+  chunk: string | Uint32Array;
+}
+
+export class ChunkDictionary {
+  /** Map order is recency order (touched entries are re-inserted at the end). */
+  private readonly entries = new Map<bigint, Entry>();
+  private units = 0;
+  /** Texts and token runs that could not be rebuilt (a chunk was missing). */
+  unresolved = 0;
+
+  constructor(private readonly maxUnits = 32 * 1024 * 1024) {}
+
+  get size(): number {
+    return this.entries.size;
+  }
+
+  get storedUnits(): number {
+    return this.units;
+  }
+
+  encodeText(text: string): EncodedText {
+    const ends = textChunkEnds(text);
+    const hashes = chainText(text, ends, 0, 0n);
+    const known = this.knownPrefix(hashes);
+    this.remember(hashes, known, (i) => text.slice(i === 0 ? 0 : ends[i - 1], ends[i]));
+    const from = known === 0 ? 0 : ends[known - 1];
+    return [known, known === 0 ? null : hashBytes(hashes[known - 1]), text.slice(from)];
+  }
+
+  /** The text, or undefined when a chunk of its known prefix is not in this dictionary. */
+  decodeText(e: EncodedText): string | undefined {
+    const [known, last, rest] = e;
+    let prefix = '';
+    let parent = 0n;
+    if (known > 0) {
+      if (!last) return this.fail();
+      parent = bytesHash(last);
+      const parts = this.walk(parent, known);
+      if (!parts) return this.fail();
+      prefix = parts.join('');
+    }
+    const text = prefix + rest;
+    const ends = textChunkEnds(text);
+    const hashes = chainText(text, ends, known, parent);
+    this.remember(hashes, known, (i) => text.slice(i === 0 ? 0 : ends[i - 1], ends[i]));
+    return text;
+  }
+
+  encodeTokens(tokens: ArrayLike<number>): EncodedTokens {
+    const arr = toU32(tokens);
+    const full = Math.floor(arr.length / TOKEN_CHUNK);
+    const hashes = chainTokens(arr, full, 0, TOKEN_DOMAIN);
+    const known = this.knownPrefix(hashes);
+    this.remember(hashes, known, (i) => arr.slice(i * TOKEN_CHUNK, (i + 1) * TOKEN_CHUNK));
+    return [known, known === 0 ? null : hashBytes(hashes[known - 1]), u32Bytes(arr.subarray(known * TOKEN_CHUNK))];
+  }
+
+  decodeTokens(e: EncodedTokens): Uint32Array | undefined {
+    const [known, last, restBytes] = e;
+    if (restBytes.byteLength % 4 !== 0) return this.fail();
+    const rest = bytesU32(restBytes);
+    const out = new Uint32Array(known * TOKEN_CHUNK + rest.length);
+    let parent = TOKEN_DOMAIN;
+    if (known > 0) {
+      if (!last) return this.fail();
+      parent = bytesHash(last);
+      const parts = this.walk(parent, known);
+      if (!parts) return this.fail();
+      let at = 0;
+      for (const p of parts as Uint32Array[]) {
+        out.set(p, at);
+        at += p.length;
+      }
+    }
+    out.set(rest, known * TOKEN_CHUNK);
+    const full = Math.floor(out.length / TOKEN_CHUNK);
+    const hashes = chainTokens(out, full, known, parent);
+    this.remember(hashes, known, (i) => out.slice(i * TOKEN_CHUNK, (i + 1) * TOKEN_CHUNK));
+    return out;
+  }
+
+  /** Chunks `[0, count)` ending at `last`, oldest first; undefined if any is missing. Refreshes them. */
+  private walk(last: bigint, count: number): Array<string | Uint32Array> | undefined {
+    const parts = new Array<string | Uint32Array>(count);
+    let h = last;
+    for (let i = count - 1; i >= 0; i--) {
+      const e = this.entries.get(h);
+      if (!e) return undefined;
+      parts[i] = e.chunk;
+      this.entries.delete(h);
+      this.entries.set(h, e);
+      h = e.parent;
+    }
+    return parts;
+  }
+
+  /** How many leading chunks are known: the last known one names them all. */
+  private knownPrefix(hashes: bigint[]): number {
+    for (let i = hashes.length - 1; i >= 0; i--) {
+      if (this.entries.has(hashes[i])) return i + 1;
+    }
+    return 0;
+  }
+
+  /** Records chunks [known, hashes.length) as known, and refreshes the known ones. */
+  private remember(hashes: bigint[], known: number, chunkAt: (i: number) => string | Uint32Array): void {
+    for (let i = 0; i < hashes.length; i++) {
+      const h = hashes[i];
+      const had = this.entries.get(h);
+      if (had) {
+        this.entries.delete(h);
+        this.entries.set(h, had);
+        continue;
+      }
+      if (i < known) continue; // known by name but evicted here: cannot re-add without its chunk
+      const chunk = chunkAt(i);
+      // A flat copy, so the dictionary never pins a whole prompt string.
+      const own = typeof chunk === 'string' ? (chunk + '\0').slice(0, -1) : chunk;
+      this.entries.set(h, { parent: i === 0 ? 0n : hashes[i - 1], chunk: own });
+      this.units += own.length;
+    }
+    while (this.units > this.maxUnits && this.entries.size > 0) {
+      const [h, e] = this.entries.entries().next().value as [bigint, Entry];
+      this.entries.delete(h);
+      this.units -= e.chunk.length;
+    }
+  }
+
+  private fail(): undefined {
+    this.unresolved++;
+    return undefined;
+  }
+}
+
+/** End offsets of the full chunks of a text (the remainder after the last one is not a chunk). */
+export function textChunkEnds(text: string): number[] {
+  const ends: number[] = [];
+  let at = 0;
+  for (;;) {
+    let end = at + TEXT_CHUNK;
+    if (end > text.length) break;
+    // Never end a chunk between the halves of a surrogate pair.
+    if ((text.charCodeAt(end - 1) & 0xfc00) === 0xd800) {
+      end++;
+      if (end > text.length) break;
+    }
+    ends.push(end);
+    at = end;
+  }
+  return ends;
+}
+
+/** Chain hashes of chunks [from, ends.length), continuing from `parent` (the hash of chunk from−1). */
+function chainText(text: string, ends: number[], from: number, parent: bigint): bigint[] {
+  const out = new Array<bigint>(ends.length);
+  let h = parent;
+  for (let i = 0; i < ends.length; i++) {
+    if (i < from) {
+      out[i] = 0n; // filled below from the walk: only [from, …) are hashed here
+      continue;
+    }
+    const start = i === 0 ? 0 : ends[i - 1];
+    h = xxh3.xxh64(Buffer.from(text.slice(start, ends[i]), 'utf16le'), h);
+    out[i] = h;
+  }
+  if (from > 0) out[from - 1] = parent;
+  return out;
+}
+
+function chainTokens(tokens: Uint32Array, full: number, from: number, parent: bigint): bigint[] {
+  const out = new Array<bigint>(full);
+  let h = parent;
+  for (let i = 0; i < full; i++) {
+    if (i < from) {
+      out[i] = 0n;
+      continue;
+    }
+    const chunk = tokens.subarray(i * TOKEN_CHUNK, (i + 1) * TOKEN_CHUNK);
+    h = xxh3.xxh64(Buffer.from(chunk.buffer, chunk.byteOffset, chunk.byteLength), h);
+    out[i] = h;
+  }
+  if (from > 0) out[from - 1] = parent;
+  return out;
+}
+
+function toU32(tokens: ArrayLike<number>): Uint32Array {
+  return tokens instanceof Uint32Array ? tokens : Uint32Array.from(tokens as ArrayLike<number>);
+}
+
+function u32Bytes(a: Uint32Array): Uint8Array {
+  return new Uint8Array(a.buffer.slice(a.byteOffset, a.byteOffset + a.byteLength));
+}
+
+function bytesU32(b: Uint8Array): Uint32Array {
+  const copy = new Uint8Array(b); // aligned copy
+  return new Uint32Array(copy.buffer, 0, copy.byteLength / 4);
+}
+
+function hashBytes(h: bigint): Uint8Array {
+  const b = Buffer.alloc(8);
+  b.writeBigUInt64LE(h);
+  return new Uint8Array(b.buffer, b.byteOffset, 8);
+}
+
+function bytesHash(b: Uint8Array): bigint {
+  if (b.byteLength !== 8) return -1n;
+  return Buffer.from(b.buffer, b.byteOffset, 8).readBigUInt64LE();
+}

@@ -1,0 +1,227 @@
+import { describe, expect, it } from 'vitest';
+import { encode } from '@msgpack/msgpack';
+import { BlockIndex } from '../../src/cache/block-index.js';
+import type { RequestContext } from '../../src/core/context.js';
+import { WorkerRegistry } from '../../src/core/registry.js';
+import { SeededRng } from '../../src/core/rng.js';
+import { Worker } from '../../src/core/worker.js';
+import { CacheAwarePolicy } from '../../src/policies/cache-aware.js';
+import { KvAwarePolicy, defaultKvAwareConfig } from '../../src/policies/kv-aware.js';
+import type { RoutingPolicy } from '../../src/policies/policy.js';
+import { ChunkDictionary, TEXT_CHUNK } from '../../src/sync/chunks.js';
+import { MemoryBus, type MemoryTransport } from '../../src/sync/memory-transport.js';
+import { ReplicaSync, type AdminChange } from '../../src/sync/replica-sync.js';
+import { VirtualTime } from '../helpers/virtual-time.js';
+
+const URLS = ['http://w0:8000', 'http://w1:8000', 'http://w2:8000', 'http://w3:8000'];
+
+function ctx(text: string, id = Math.random().toString(36).slice(2), tokens?: number[]): RequestContext {
+  return { requestId: id, route: 'chat', model: 'm', routingText: text, tokenIds: tokens, headers: {}, stream: true, arrivalMs: 0 };
+}
+
+interface Replica {
+  id: string;
+  registry: WorkerRegistry;
+  policy: RoutingPolicy;
+  sync: ReplicaSync;
+  transport: MemoryTransport;
+  admin: AdminChange[];
+  logs: string[];
+}
+
+function cluster(vt: VirtualTime, bus: MemoryBus, kind: 'cache_aware' | 'kv_aware' = 'cache_aware') {
+  const make = (id: string): Replica => {
+    const registry = new WorkerRegistry();
+    for (const url of URLS) {
+      const w = new Worker({ url, modelId: 'm' });
+      w.healthy = true;
+      registry.add(w);
+    }
+    const transport = bus.transport();
+    const logs: string[] = [];
+    const admin: AdminChange[] = [];
+    const policies = new Map<string, RoutingPolicy>();
+    const log = { info: (_o: object, m: string) => logs.push(m), warn: (_o: object, m: string) => logs.push(m), error: (_o: object, m: string) => logs.push(m) };
+    let sync!: ReplicaSync;
+    const deps = {
+      clock: vt.clock,
+      rng: new SeededRng(1),
+      get share() {
+        return sync?.shareFor('main');
+      },
+    };
+    const policy =
+      kind === 'cache_aware'
+        ? new CacheAwarePolicy(deps)
+        : new KvAwarePolicy(deps, { index: new BlockIndex(), lastEventAtMs: () => undefined, isAccurate: () => false, resetCount: () => 0 }, defaultKvAwareConfig);
+    policies.set('main', policy);
+    sync = new ReplicaSync(transport, { registry, policies, clock: vt.clock, timers: vt.timers, log, applyAdmin: (c) => admin.push(c) }, { replicaId: id, flushMs: 2 });
+    sync.start();
+    return { id, registry, policy, sync, transport, admin, logs };
+  };
+  return make;
+}
+
+const systemPrompt = 'You are a careful assistant. '.repeat(150); // ~4,350 characters
+
+describe('replica sync (in-memory bus, virtual time)', () => {
+  it('shares tree inserts and in-flight load; a shared prefix costs bytes only once', () => {
+    const vt = new VirtualTime();
+    const bus = new MemoryBus((ms, fn) => vt.at(ms, fn), 1);
+    const make = cluster(vt, bus);
+    const a = make('a');
+    const b = make('b');
+    vt.advance(2000);
+    expect(a.sync.syncState).toBe('synced');
+    expect(a.sync.peerCount).toBe(1);
+
+    const first = a.policy.selectWorker(a.registry.all(), ctx(systemPrompt + 'Q1'))!;
+    vt.advance(10);
+    // b never routed this prompt, yet its tree knows where it went.
+    const onB = b.policy.selectWorker(b.registry.all(), ctx(systemPrompt + 'Q2'))!;
+    expect(onB.id).toBe(first.id);
+
+    // A third request with the same prefix crosses the wire as a chunk reference plus its suffix.
+    vt.advance(10);
+    const before = b.sync.stats.bytesSent;
+    b.policy.selectWorker(b.registry.all(), ctx(systemPrompt + 'Q3 is a new question'));
+    vt.advance(10);
+    const sent = b.sync.stats.bytesSent - before;
+    expect(sent).toBeGreaterThan(0);
+    expect(sent).toBeLessThan(TEXT_CHUNK * 2 + 200);
+
+    // Load: a request in flight on a is counted on b, and released there when it ends.
+    const guard = a.registry.get(first.id)!.acquire();
+    vt.advance(10);
+    expect(b.registry.get(first.id)!.load).toBe(1);
+    expect(b.registry.get(first.id)!.localLoad).toBe(0);
+    guard.release();
+    vt.advance(10);
+    expect(b.registry.get(first.id)!.load).toBe(0);
+  });
+
+  it('expires a silent peer’s load, and re-converges when it is back', () => {
+    const vt = new VirtualTime();
+    const bus = new MemoryBus((ms, fn) => vt.at(ms, fn), 1);
+    const make = cluster(vt, bus);
+    const a = make('a');
+    const b = make('b');
+    vt.advance(2000);
+    const w = a.registry.all()[2];
+    const g1 = w.acquire();
+    const g2 = w.acquire();
+    vt.advance(10);
+    expect(b.registry.get(w.id)!.load).toBe(2);
+    a.transport.setConnected(false); // a is cut off (NATS outage on its side)
+    vt.advance(5000);
+    expect(b.registry.get(w.id)!.load).toBe(0);
+    expect(b.sync.peerCount).toBe(0);
+    expect(b.logs.some((m) => m.includes('stopped heartbeating'))).toBe(true);
+    expect(a.sync.syncState).toBe('disconnected');
+    g1.release(); // changes while cut off are lost on the wire...
+    a.transport.setConnected(true);
+    vt.advance(3000);
+    // ...but the full state sent on reconnection restores b's view.
+    expect(b.registry.get(w.id)!.load).toBe(1);
+    expect(a.sync.syncState).toBe('synced');
+    g2.release();
+    vt.advance(10);
+    expect(b.registry.get(w.id)!.load).toBe(0);
+  });
+
+  it('a joining replica gets the shared history in a snapshot before it is ready', async () => {
+    const vt = new VirtualTime();
+    const bus = new MemoryBus((ms, fn) => vt.at(ms, fn), 1);
+    const make = cluster(vt, bus);
+    const a = make('a');
+    vt.advance(2000);
+    const placed = new Map<string, string>();
+    for (let g = 0; g < 6; g++) {
+      const text = `group ${g}: ` + `system prompt of group ${g}. `.repeat(60);
+      placed.set(text, a.policy.selectWorker(a.registry.all(), ctx(text + 'first'))!.id);
+    }
+    vt.advance(10);
+    const c = make('c');
+    let ready = false;
+    void c.sync.ready.then(() => (ready = true));
+    vt.advance(50);
+    await Promise.resolve();
+    expect(ready).toBe(true);
+    expect(c.sync.status().snapshot).toMatchObject({ from: 'a' });
+    for (const [text, id] of placed) expect(c.policy.selectWorker(c.registry.all(), ctx(text + 'second'))!.id).toBe(id);
+  });
+
+  it('refuses messages of another format version, loudly, and ignores malformed ones', () => {
+    const vt = new VirtualTime();
+    const bus = new MemoryBus((ms, fn) => vt.at(ms, fn), 1);
+    const b = cluster(vt, bus)('b');
+    vt.advance(2000);
+    b.sync.receive(encode({ v: 99, k: 'b', o: 'future', i: 'x', s: 1, l: [[URLS[0], 50]] }));
+    b.sync.receive(encode({ v: 99, k: 'b', o: 'future', i: 'x', s: 2, l: [[URLS[0], 50]] }));
+    b.sync.receive(new Uint8Array([0xc1, 0x00]));
+    expect(b.sync.stats.refusedVersion).toBe(2);
+    expect(b.sync.stats.malformed).toBe(1);
+    expect(b.logs.filter((m) => m.includes('another state format version'))).toHaveLength(1);
+    expect(b.registry.get(URLS[0])!.load).toBe(0);
+    expect(b.sync.status().refused_replicas).toEqual(['future']);
+  });
+
+  it('kv_aware: peers see in-flight blocks and pending prefill, released on first token and end', () => {
+    const vt = new VirtualTime();
+    const bus = new MemoryBus((ms, fn) => vt.at(ms, fn), 1);
+    const make = cluster(vt, bus, 'kv_aware');
+    const a = make('a');
+    const b = make('b');
+    vt.advance(2000);
+    const tokens = Array.from({ length: 640 }, (_, i) => i % 1000);
+    const c1 = ctx(systemPrompt, 'req-1', tokens);
+    const w = a.policy.selectWorker(a.registry.all(), c1)!;
+    vt.advance(10);
+    const kb = b.policy as KvAwarePolicy;
+    expect(kb.peerActiveOf(w.id)).toEqual({ blocks: 40, pendingPrefillTokens: 640 });
+    a.policy.onFirstToken!(w, c1);
+    vt.advance(10);
+    expect(kb.peerActiveOf(w.id)).toEqual({ blocks: 40, pendingPrefillTokens: 0 });
+    a.policy.onRequestComplete!(w, c1, 'success');
+    vt.advance(10);
+    expect(kb.peerActiveOf(w.id)).toEqual({ blocks: 0, pendingPrefillTokens: 0 });
+  });
+
+  it('admin changes travel with last-writer-wins', () => {
+    const vt = new VirtualTime();
+    const bus = new MemoryBus((ms, fn) => vt.at(ms, fn), 1);
+    const make = cluster(vt, bus);
+    const a = make('a');
+    const b = make('b');
+    vt.advance(2000);
+    a.sync.announceAdmin({ op: 'add', url: 'http://w9:8000', spec: { url: 'http://w9:8000' } });
+    vt.advance(10);
+    expect(b.admin.map((c) => [c.op, c.url])).toEqual([['add', 'http://w9:8000']]);
+  });
+});
+
+describe('chunk dictionary', () => {
+  it('round-trips texts and tokens, sending known prefixes by reference', () => {
+    const send = new ChunkDictionary();
+    const recv = new ChunkDictionary();
+    const t1 = 'α'.repeat(300) + '😀'.repeat(200) + 'tail';
+    const e1 = send.encodeText(t1);
+    expect(e1[0]).toBe(0);
+    expect(recv.decodeText(e1)).toBe(t1);
+    const t2 = t1 + ' and more';
+    const e2 = send.encodeText(t2);
+    expect(e2[0]).toBeGreaterThan(0);
+    expect(e2[2].length).toBeLessThan(TEXT_CHUNK + 20);
+    expect(recv.decodeText(e2)).toBe(t2);
+    const tokens = Uint32Array.from({ length: 1000 }, (_, i) => (i * 7919) % 151_000);
+    expect([...recv.decodeTokens(send.encodeTokens(tokens))!]).toEqual([...tokens]);
+    const more = Uint32Array.from([...tokens, 1, 2, 3]);
+    const e3 = send.encodeTokens(more);
+    expect(e3[0]).toBe(15);
+    expect([...recv.decodeTokens(e3)!]).toEqual([...more]);
+    // A receiver that never saw the prefix cannot rebuild it, and says so.
+    const stranger = new ChunkDictionary();
+    expect(stranger.decodeText(e2)).toBeUndefined();
+    expect(stranger.unresolved).toBe(1);
+  });
+});
