@@ -76,6 +76,21 @@ export interface ServeConfig {
   prefillPolicy: string | undefined;
   decodePolicy: string | undefined;
   pdProtocol: 'sglang' | 'vllm';
+  // Replica sync
+  replicaSync: string | undefined;
+  replicaId: string | undefined;
+  replicaSyncSubject: string;
+  replicaSyncUser: string | undefined;
+  replicaSyncPassword: string | undefined;
+  replicaSyncToken: string | undefined;
+  replicaSyncCreds: string | undefined;
+  replicaSyncTlsCa: string | undefined;
+  replicaSyncTlsCert: string | undefined;
+  replicaSyncTlsKey: string | undefined;
+  replicaSyncFlushMs: number;
+  replicaHeartbeatMs: number;
+  replicaExpirySecs: number;
+  replicaSnapshotTimeoutSecs: number;
 }
 
 const checkUrls = (urls: string[]): string | undefined => {
@@ -161,6 +176,20 @@ export const serveOptionSpecs: readonly OptionSpec[] = [
   { flag: 'decode', kind: 'list', description: 'Decode worker URL (repeatable)', default: [], argName: 'url...' },
   { flag: 'prefill-policy', kind: 'enum', description: 'Policy for the prefill pool (default: --policy)', choices: POLICY_NAMES },
   { flag: 'decode-policy', kind: 'enum', description: 'Policy for the decode pool (default: --policy)', choices: POLICY_NAMES },
+  { flag: 'replica-sync', kind: 'string', description: 'Share routing state with the other kvgate replicas over this NATS server (nats://host:port[,nats://...]); off when unset', argName: 'url', check: ((u: string) => (u.split(',').every((x) => /^(nats|tls):\/\/[^\s/]+$/.test(x.trim())) ? undefined : 'expected nats://host:port (comma-separated for a cluster)')) as never },
+  { flag: 'replica-id', kind: 'string', description: 'This replica\'s name among its peers (default: hostname:port:pid)', argName: 'id' },
+  { flag: 'replica-sync-subject', kind: 'string', description: 'NATS subject prefix shared by the replicas of one cluster', default: 'kvgate', check: ((s: string) => (/^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$/.test(s) ? undefined : 'letters, digits, _ and - separated by dots')) as never },
+  { flag: 'replica-sync-user', kind: 'string', description: 'NATS user', argName: 'user' },
+  { flag: 'replica-sync-password', kind: 'string', description: 'NATS password', argName: 'password' },
+  { flag: 'replica-sync-token', kind: 'string', description: 'NATS authentication token', argName: 'token' },
+  { flag: 'replica-sync-creds', kind: 'string', description: 'NATS credentials file (JWT + nkey seed)', argName: 'path' },
+  { flag: 'replica-sync-tls-ca', kind: 'string', description: 'CA certificate (PEM) to verify the NATS server', argName: 'path' },
+  { flag: 'replica-sync-tls-cert', kind: 'string', description: 'Client certificate (PEM) for NATS mutual TLS', argName: 'path' },
+  { flag: 'replica-sync-tls-key', kind: 'string', description: 'Client key (PEM) for NATS mutual TLS', argName: 'path' },
+  { flag: 'replica-sync-flush-ms', kind: 'number', description: 'Routing events are batched for this long before they are published', default: 2, min: 0 },
+  { flag: 'replica-heartbeat-ms', kind: 'number', description: 'A replica publishes at least this often (heartbeat)', default: 1000, min: 10 },
+  { flag: 'replica-expiry-secs', kind: 'number', description: 'A peer silent this long is dropped with its in-flight load', default: 3, min: 0, exclusiveMin: true },
+  { flag: 'replica-snapshot-timeout-secs', kind: 'number', description: 'Longest a joining replica waits for the shared state before it reports ready', default: 5, min: 0 },
   { flag: 'pd-protocol', kind: 'enum', description: 'Hand-off protocol: sglang (bootstrap room, both at once) or vllm (NIXL kv_transfer_params, prefill then decode)', default: 'sglang', choices: ['sglang', 'vllm'] },
 ];
 
@@ -210,6 +239,12 @@ export function resolveServeConfig(cli: Record<string, unknown>, env: NodeJS.Pro
   }
   for (const ep of [...o.kvEventsEndpoints, ...o.kvEventsReplayEndpoints, ...(o.kvEventsBind ? [o.kvEventsBind] : [])]) {
     if (!/^(tcp|ipc|inproc):\/\/.+/.test(ep)) throw new ConfigError(`invalid value for --kv-events-*: '${ep}' is not a ZMQ endpoint (tcp://host:port, ipc://path)`);
+  }
+  if ((o.replicaSyncTlsCert === undefined) !== (o.replicaSyncTlsKey === undefined)) {
+    throw new ConfigError('invalid value for --replica-sync-tls-cert / --replica-sync-tls-key: give both or neither');
+  }
+  if (o.replicaHeartbeatMs >= o.replicaExpirySecs * 1000) {
+    throw new ConfigError('invalid value for --replica-expiry-secs: must be longer than --replica-heartbeat-ms');
   }
   if ((o.tlsCertPath === undefined) !== (o.tlsKeyPath === undefined)) {
     throw new ConfigError('invalid value for --tls-cert-path / --tls-key-path: give both or neither');

@@ -184,3 +184,55 @@ function registerKvMetrics(kv: KvEventHub, registers: Registry[]): void {
   indexStat('kvgate_kv_index_malformed_total', 'Events rejected by the index (sizes, self references)', (s) => s.malformed);
   indexStat('kvgate_kv_index_pruned_total', 'Index nodes dropped to stay under --kv-index-max-blocks', (s) => s.pruned);
 }
+
+/** What the replica-sync metrics read (src/sync's ReplicaSync; kept structural so metrics need not import it). */
+export interface ReplicaSyncView {
+  readonly connected: boolean;
+  readonly peerCount: number;
+  readonly unresolvedTexts: number;
+  readonly stats: {
+    readonly messagesSent: number;
+    readonly bytesSent: number;
+    readonly messagesReceived: number;
+    readonly bytesReceived: number;
+    readonly routedSent: number;
+    readonly routedReceived: number;
+    readonly gaps: number;
+    readonly refusedVersion: number;
+    readonly malformed: number;
+    readonly unsent: number;
+    readonly peersExpired: number;
+  };
+}
+
+/** Replica sync: connection, peers, traffic and repairs, read at scrape time. */
+export function registerReplicaSyncMetrics(metrics: GatewayMetrics, sync: ReplicaSyncView): void {
+  const registers = [metrics.registry];
+  new Gauge({ name: 'kvgate_replica_sync_connected', help: '1 while connected to the replica-sync bus (NATS)', registers, collect() { this.set(sync.connected ? 1 : 0); } });
+  new Gauge({ name: 'kvgate_replica_peers', help: 'Peer replicas heard from within the expiry time', registers, collect() { this.set(sync.peerCount); } });
+  const counter = (name: string, help: string, read: () => number, labels?: Record<string, string>) => {
+    new Counter({
+      name,
+      help,
+      labelNames: labels ? Object.keys(labels) : [],
+      registers,
+      collect() {
+        this.reset();
+        if (labels) this.inc(labels, read());
+        else this.inc(read());
+      },
+    });
+  };
+  counter('kvgate_replica_sync_messages_sent_total', 'Replica-sync messages published', () => sync.stats.messagesSent);
+  counter('kvgate_replica_sync_bytes_sent_total', 'Replica-sync bytes published', () => sync.stats.bytesSent);
+  counter('kvgate_replica_sync_messages_received_total', 'Replica-sync messages received from peers', () => sync.stats.messagesReceived);
+  counter('kvgate_replica_sync_bytes_received_total', 'Replica-sync bytes received from peers', () => sync.stats.bytesReceived);
+  counter('kvgate_replica_sync_routed_sent_total', 'Routing records (one per routed request and policy) published', () => sync.stats.routedSent);
+  counter('kvgate_replica_sync_routed_received_total', 'Routing records applied from peers', () => sync.stats.routedReceived);
+  counter('kvgate_replica_sync_gaps_total', 'Gaps in a peer’s sequence numbers (each repaired by a state request)', () => sync.stats.gaps);
+  counter('kvgate_replica_sync_refused_total', 'Messages refused because the peer runs another state format version', () => sync.stats.refusedVersion);
+  counter('kvgate_replica_sync_malformed_total', 'Replica-sync messages that could not be decoded', () => sync.stats.malformed);
+  counter('kvgate_replica_sync_unsent_total', 'Replica-sync messages not sent (not connected)', () => sync.stats.unsent);
+  counter('kvgate_replica_sync_peers_expired_total', 'Peers dropped after missing heartbeats', () => sync.stats.peersExpired);
+  counter('kvgate_replica_sync_unresolved_total', 'Shared prompts that could not be rebuilt here (a chunk was unknown)', () => sync.unresolvedTexts);
+}

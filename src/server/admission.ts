@@ -128,4 +128,16 @@ export class KeyRateLimiter {
     }
     return { ok: false, retryAfterMs: ((1 - b.tokens) / this.rps) * 1000 };
   }
+
+  /** Charges `n` tokens another replica took for `key` (replica sync); may go below zero briefly. */
+  consume(key: string, n: number): void {
+    const t = this.now();
+    let b = this.buckets.get(key);
+    if (!b) {
+      b = { tokens: this.rps, at: t };
+      this.buckets.set(key, b);
+    }
+    b.tokens = Math.min(this.rps, b.tokens + ((t - b.at) / 1000) * this.rps) - n;
+    b.at = t;
+  }
 }

@@ -11,7 +11,7 @@ import { parseJsonObject, readBody, sendJson } from './http-util.js';
 /** Routes anyone may call (probes and metrics). */
 export const PUBLIC_ROUTES = new Set(['/health', '/liveness', '/readiness', '/metrics']);
 /** Routes that change or reveal the cluster: --admin-api-key, or loopback only without one. */
-export const ADMIN_ROUTES = new Set(['/workers', '/add_worker', '/remove_worker', '/list_workers', '/get_loads', '/flush_cache']);
+export const ADMIN_ROUTES = new Set(['/workers', '/add_worker', '/remove_worker', '/list_workers', '/get_loads', '/flush_cache', '/replicas']);
 
 export function isAdminRoute(path: string): boolean {
   return ADMIN_ROUTES.has(path) || path.startsWith('/workers/');
@@ -39,6 +39,10 @@ export interface ControlDeps {
   healthCheckTimeoutSecs: number;
   isDraining(): boolean;
   registerWorker(spec: WorkerRegistration): Promise<Worker[]>;
+  /** Told of every worker added or removed through the admin API (replica sync shares it). */
+  announce?(change: { op: 'add' | 'remove'; url: string; spec?: Record<string, unknown> }): void;
+  /** Replica sync, when on: readiness waits for its first sync and shows its status. */
+  replicas?(): { ready: boolean; status: Record<string, unknown> };
 }
 
 /**
@@ -70,22 +74,27 @@ export class ControlRoutes {
       case '/readiness': {
         expect('GET');
         if (this.deps.isDraining()) return send(503, { status: 'not_ready', reason: 'shutting down' });
+        const replicas = this.deps.replicas?.();
+        if (replicas && !replicas.ready) {
+          return send(503, { status: 'not_ready', reason: 'replica sync: waiting for the shared routing state from peers', replica_sync: replicas.status });
+        }
+        const sync = replicas ? { replica_sync: replicas.status } : {};
         const all = this.deps.registry.all();
         if (this.deps.pdMode) {
           const healthyOf = (t: WorkerType) => all.filter((w) => w.type === t && w.isAvailable()).length;
           const [p, d] = [healthyOf('prefill'), healthyOf('decode')];
           if (p === 0 || d === 0) {
             const reason = p === 0 && d === 0 ? 'no healthy prefill or decode worker' : p === 0 ? 'no healthy prefill worker' : 'no healthy decode worker';
-            return send(503, { status: 'not_ready', reason, healthy_prefill_workers: p, healthy_decode_workers: d, total_workers: all.length });
+            return send(503, { status: 'not_ready', reason, healthy_prefill_workers: p, healthy_decode_workers: d, total_workers: all.length, ...sync });
           }
-          return send(200, { status: 'ready', healthy_prefill_workers: p, healthy_decode_workers: d, total_workers: all.length });
+          return send(200, { status: 'ready', healthy_prefill_workers: p, healthy_decode_workers: d, total_workers: all.length, ...sync });
         }
         const healthy = all.filter((w) => w.isAvailable()).length;
         if (healthy === 0) {
           const reason = all.length === 0 ? 'no workers are registered' : `none of the ${all.length} workers is healthy`;
-          return send(503, { status: 'not_ready', reason, healthy_workers: 0, total_workers: all.length });
+          return send(503, { status: 'not_ready', reason, healthy_workers: 0, total_workers: all.length, ...sync });
         }
-        return send(200, { status: 'ready', healthy_workers: healthy, total_workers: all.length });
+        return send(200, { status: 'ready', healthy_workers: healthy, total_workers: all.length, ...sync });
       }
       case '/v1/models': {
         expect('GET');
@@ -128,6 +137,11 @@ export class ControlRoutes {
       case '/flush_cache':
         expect('POST');
         return send(200, await this.flushCache());
+      case '/replicas': {
+        expect('GET');
+        const replicas = this.deps.replicas?.();
+        return send(200, replicas ? replicas.status : { state: 'off' });
+      }
     }
     if (path.startsWith('/workers/')) {
       const id = decodeURIComponent(path.slice('/workers/'.length));
@@ -185,6 +199,7 @@ export class ControlRoutes {
       kvEventsReplayEndpoint: body.kv_events_replay_endpoint as string | undefined,
     });
     this.deps.log.info({ workers: workers.map((w) => w.id), healthy: workers[0].healthy }, 'worker added');
+    this.deps.announce?.({ op: 'add', url, spec: { ...body, url } });
     return [201, { status: 'added', worker: workers[0].toJSON(), workers: workers.map((w) => w.toJSON()) }];
   }
 
@@ -193,6 +208,7 @@ export class ControlRoutes {
     const removed = url ? this.deps.workers.remove(url) : [];
     if (removed.length === 0) throw errors.notFound(`No worker with URL '${rawUrl}'`, 'worker_not_found');
     this.deps.log.info({ url }, 'worker removed');
+    this.deps.announce?.({ op: 'remove', url: url! });
     return [200, { status: 'removed', removed: removed.map((w) => w.id) }];
   }
 

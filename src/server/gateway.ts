@@ -1,4 +1,5 @@
-import { randomUUID } from 'node:crypto';
+import { createHash, randomUUID } from 'node:crypto';
+import { hostname } from 'node:os';
 import { readFileSync } from 'node:fs';
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import { createServer as createTlsServer } from 'node:https';
@@ -28,12 +29,29 @@ import { Admission, KeyRateLimiter } from './admission.js';
 import { isLoopback, KeySet, readKeyFile } from './auth.js';
 import { ControlRoutes, isAdminRoute, PUBLIC_ROUTES, type WorkerRegistration } from './control.js';
 import { parseJsonObject, readBody, sendError } from './http-util.js';
+import { registerReplicaSyncMetrics } from '../metrics/gateway-metrics.js';
+import { NatsTransport } from '../sync/nats-transport.js';
+import { ReplicaSync, type AdminChange } from '../sync/replica-sync.js';
 
 const GENERATION_ROUTES: Record<string, RouteName> = {
   '/v1/chat/completions': 'chat',
   '/v1/completions': 'completions',
   '/v1/embeddings': 'embeddings',
   '/generate': 'generate',
+};
+
+/** Real-time one-shot and periodic timers that never keep the process alive (replica sync). */
+const realTimers = {
+  once(ms: number, fn: () => void): () => void {
+    const t = setTimeout(fn, ms);
+    t.unref();
+    return () => clearTimeout(t);
+  },
+  every(ms: number, fn: () => void): () => void {
+    const t = setInterval(fn, ms);
+    t.unref();
+    return () => clearInterval(t);
+  },
 };
 
 /** Real-time periodic work that never keeps the process alive. */
@@ -81,6 +99,9 @@ export class Gateway {
   private readonly apiKeys: KeySet;
   private readonly adminKeys: KeySet;
   private readonly keyLimiter: KeyRateLimiter | undefined;
+  /** Routing state shared with the other replicas (--replica-sync). */
+  readonly sync: ReplicaSync | undefined;
+  readonly replicaId: string;
   private server: Server | undefined;
   private readonly startedAt = Date.now();
   /** Responses not yet finished (for graceful shutdown). */
@@ -103,6 +124,7 @@ export class Gateway {
     this.apiKeys = new KeySet([...config.apiKey, ...(config.apiKeyFile ? readKeyFile(config.apiKeyFile) : [])]);
     this.adminKeys = new KeySet(config.adminApiKey ? [config.adminApiKey] : []);
     this.keyLimiter = config.apiKeyRateLimitRps > 0 ? new KeyRateLimiter(config.apiKeyRateLimitRps) : undefined;
+    this.replicaId = config.replicaId ?? `${hostname()}:${config.port}:${process.pid}`;
     this.kvEvents = new KvEventHub({
       clock,
       logger: this.log,
@@ -112,9 +134,44 @@ export class Gateway {
       resolveSource: (topic, dpRank) => this.resolveEventSource(topic, dpRank),
     });
     this.metrics = new GatewayMetrics(this.registry, () => (this.policy instanceof CacheAwarePolicy ? this.policy.treeChars() : new Map()), this.kvEvents);
-    const makePolicy = (name: string) => createPolicy(
+    // Replica sync (--replica-sync): policies report what they record to it; it applies peers' events.
+    const syncedPolicies = new Map<string, RoutingPolicy>();
+    if (config.replicaSync) {
+      this.sync = new ReplicaSync(
+        NatsTransport.start({
+          servers: config.replicaSync,
+          name: this.replicaId,
+          user: config.replicaSyncUser,
+          pass: config.replicaSyncPassword,
+          token: config.replicaSyncToken,
+          credsFile: config.replicaSyncCreds,
+          tlsCaFile: config.replicaSyncTlsCa,
+          tlsCertFile: config.replicaSyncTlsCert,
+          tlsKeyFile: config.replicaSyncTlsKey,
+        }),
+        {
+          registry: this.registry,
+          policies: syncedPolicies,
+          clock,
+          timers: realTimers,
+          log: this.log,
+          applyAdmin: (c) => this.applyPeerAdmin(c),
+          consumeRateLimit: (key, n) => this.keyLimiter?.consume(key, n),
+        },
+        {
+          replicaId: this.replicaId,
+          subject: config.replicaSyncSubject,
+          flushMs: config.replicaSyncFlushMs,
+          heartbeatMs: config.replicaHeartbeatMs,
+          peerExpiryMs: config.replicaExpirySecs * 1000,
+          snapshotTimeoutMs: config.replicaSnapshotTimeoutSecs * 1000,
+        },
+      );
+      registerReplicaSyncMetrics(this.metrics, this.sync);
+    }
+    const makePolicy = (name: string, role: string) => createPolicy(
       name,
-      { clock, rng, schedule: timerScheduler, observer: this.metrics.policyObserver() },
+      { clock, rng, schedule: timerScheduler, observer: this.metrics.policyObserver(), share: this.sync?.shareFor(role) },
       {
         cacheAware: {
           cacheThreshold: config.cacheThreshold,
@@ -139,9 +196,11 @@ export class Gateway {
     );
     // PD mode: one instance per pool (each falls back to --policy), so no state (round-robin
     // counters, prefix trees) is shared between the prefill and the decode pool.
-    this.policy = makePolicy(config.pdDisaggregation ? (config.prefillPolicy ?? config.policy) : config.policy);
+    this.policy = makePolicy(config.pdDisaggregation ? (config.prefillPolicy ?? config.policy) : config.policy, 'main');
     this.prefillPolicy = this.policy;
-    this.decodePolicy = config.pdDisaggregation ? makePolicy(config.decodePolicy ?? config.policy) : this.policy;
+    this.decodePolicy = config.pdDisaggregation ? makePolicy(config.decodePolicy ?? config.policy, 'decode') : this.policy;
+    syncedPolicies.set('main', this.policy);
+    if (this.decodePolicy !== this.policy) syncedPolicies.set('decode', this.decodePolicy);
     if (config.engineMetricsIntervalSecs > 0) {
       this.scraper = new EngineMetricsScraper(this.registry, { intervalMs: config.engineMetricsIntervalSecs * 1000, clock }, this.log);
     }
@@ -226,6 +285,8 @@ export class Gateway {
       healthCheckTimeoutSecs: config.healthCheckTimeoutSecs,
       isDraining: () => this.draining,
       registerWorker: (spec) => this.registerWorker(spec),
+      announce: this.sync ? (c) => this.sync!.announceAdmin(c) : undefined,
+      replicas: this.sync ? () => ({ ready: this.sync!.initialSyncDone, status: this.sync!.status() }) : undefined,
     });
   }
 
@@ -254,6 +315,8 @@ export class Gateway {
       ...c.decode.map((url) => this.registerWorker({ url, modelId: c.modelId, apiKey: c.workerApiKey, type: 'decode' })),
     ]);
     this.scraper?.start();
+    // Joins the peers: readiness answers 503 until their shared state is applied (never blocks routing).
+    this.sync?.start();
     const options = { keepAliveTimeout: 65_000, requestTimeout: 0, headersTimeout: 60_000, maxHeaderSize: c.maxHeaderSize };
     const handler = (req: IncomingMessage, res: ServerResponse) => void this.dispatch(req, res);
     const server: Server =
@@ -356,8 +419,38 @@ export class Gateway {
     return null;
   }
 
+  /** A worker added or removed through another replica's admin API. */
+  private applyPeerAdmin(c: AdminChange): void {
+    if (c.op === 'remove') {
+      const removed = this.workers.remove(c.url);
+      if (removed.length > 0) this.log.info({ url: c.url, by: c.origin }, 'worker removed by a peer replica');
+      return;
+    }
+    if (this.registry.byUrl(c.url).length > 0) return;
+    const b = c.spec ?? {};
+    const str = (v: unknown) => (typeof v === 'string' ? v : undefined);
+    const type = b.worker_type === 'prefill' || b.worker_type === 'decode' ? b.worker_type : undefined;
+    if ((type === undefined) === !!this.pd) {
+      this.log.warn({ url: c.url, by: c.origin, workerType: b.worker_type ?? 'regular' }, 'peer replica added a worker of a type this replica does not route (PD mode differs); ignored');
+      return;
+    }
+    void this.registerWorker({
+      url: c.url,
+      type,
+      modelId: str(b.model_id),
+      apiKey: str(b.api_key),
+      bootstrapPort: typeof b.bootstrap_port === 'number' ? b.bootstrap_port : null,
+      kvEventsEndpoint: str(b.kv_events_endpoint),
+      kvEventsReplayEndpoint: str(b.kv_events_replay_endpoint),
+    }).then(
+      (ws) => this.log.info({ workers: ws.map((w) => w.id), by: c.origin }, 'worker added by a peer replica'),
+      (e) => this.log.warn({ url: c.url, by: c.origin, err: (e as Error).message }, 'could not add the worker a peer replica added'),
+    );
+  }
+
   async close(): Promise<void> {
     this.draining = true;
+    await this.sync?.close();
     this.policy.close?.();
     await this.scraper?.stop();
     await this.kvEvents.close();
@@ -398,7 +491,10 @@ export class Gateway {
       if (route) {
         if (req.method !== 'POST') throw errors.methodNotAllowed(req.method ?? '?', path);
         if (this.keyLimiter) {
-          const verdict = this.keyLimiter.take(apiKey ?? `ip:${req.socket.remoteAddress ?? ''}`);
+          // Keys are hashed: the bucket id may travel to peer replicas, the key must not.
+          const bucket = createHash('sha256').update(apiKey ?? `ip:${req.socket.remoteAddress ?? ''}`).digest('base64url').slice(0, 22);
+          const verdict = this.keyLimiter.take(bucket);
+          if (verdict.ok) this.sync?.rateLimitTaken(bucket);
           if (!verdict.ok) {
             this.metrics.admissionRejected.inc({ reason: 'rate_limited' });
             res.setHeader('retry-after', String(Math.max(1, Math.ceil(verdict.retryAfterMs / 1000))));

@@ -1,4 +1,4 @@
-import { randomBytes } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import { decode, encode } from '@msgpack/msgpack';
 import type { Clock } from '../core/clock.js';
 import type { WorkerRegistry } from '../core/registry.js';
@@ -28,7 +28,7 @@ import type { SyncTransport } from './transport.js';
  * `peerExpiryMs` is dropped, with its in-flight contribution. A receiver that sees a new peer or
  * a gap in a peer's numbers asks it for its full state ('need'); the peer answers with its loads
  * and in-flight requests. A joining replica asks for a snapshot of the shared history (one peer
- * answers, through a queue group) before it reports ready. Messages of another format version
+ * that has its own state answers) before it reports ready. Messages of another format version
  * are refused and counted, loudly.
  */
 
@@ -172,6 +172,16 @@ interface WireMessage {
   sy?: boolean;
 }
 
+interface SnapshotWait {
+  inbox: string;
+  cancel: () => void;
+  entries: number;
+  done: () => void;
+  /** The peer asked, and when. */
+  asked: string | undefined;
+  askedAt: number;
+}
+
 const activeKey = (role: string, requestId: string) => `${role}\u0000${requestId}`;
 
 export class ReplicaSync {
@@ -204,8 +214,7 @@ export class ReplicaSync {
   private readonly cancels: Array<() => void> = [];
   private state: SyncState = 'connecting';
   private snapshotInfo: { from: string; entries: number; receivedAtWall: number; sentAtWall: number } | undefined;
-  private snapshotWait: { inbox: string; cancel: () => void; entries: number; done: () => void } | undefined;
-  private snapshotSub: (() => void) | undefined;
+  private snapshotWait: SnapshotWait | undefined;
   private readyResolve: (() => void) | undefined;
   readonly ready: Promise<void>;
   private isReady = false;
@@ -242,7 +251,7 @@ export class ReplicaSync {
 
     const s = this.options.subject;
     this.cancels.push(this.transport.subscribe(`${s}.events`, (d) => this.receive(d)));
-    this.cancels.push(() => this.serveSnapshots(false));
+    this.cancels.push(this.transport.subscribe(this.snapshotSubject(this.options.replicaId), (d) => this.receive(d)));
     this.cancels.push(this.deps.timers.every(this.options.heartbeatMs, () => this.tick()));
     this.transport.onStatus((up) => this.onTransportStatus(up));
     if (this.transport.connected) this.onTransportStatus(true);
@@ -317,7 +326,6 @@ export class ReplicaSync {
     this.flushTimer?.();
     this.stateTimer?.();
     this.snapshotWait?.cancel();
-    this.serveSnapshots(false);
     for (const c of this.cancels) c();
     for (const w of this.deps.registry.all()) w.loadObserver = undefined;
     await this.transport.close();
@@ -325,6 +333,11 @@ export class ReplicaSync {
   }
 
   // ---- Status -------------------------------------------------------------------------------
+
+  /** The first sync attempt is over (snapshot applied, nobody to ask, or timed out). */
+  get initialSyncDone(): boolean {
+    return this.isReady;
+  }
 
   get syncState(): SyncState {
     return this.state;
@@ -501,24 +514,19 @@ export class ReplicaSync {
     this.sendState();
   }
 
-  /** Joins (or leaves) the queue group that answers snapshot requests: one member answers each. */
-  private serveSnapshots(on: boolean): void {
-    if (!on) {
-      this.snapshotSub?.();
-      this.snapshotSub = undefined;
-    } else if (!this.snapshotSub && this.state !== 'closed') {
-      this.snapshotSub = this.transport.subscribe(`${this.options.subject}.snapshot`, (d) => this.receive(d), 'snapshot');
-    }
+  /** Where a replica takes snapshot requests (ids may hold any character; subjects may not). */
+  private snapshotSubject(replicaId: string): string {
+    return `${this.options.subject}.snapshot.${createHash('sha256').update(replicaId).digest('hex').slice(0, 16)}`;
   }
 
   /**
-   * Asks one peer for the shared history. While waiting this replica leaves the answering group
-   * (it must not be picked to answer itself). With no peer heard from within 1.5 heartbeats it
-   * is alone and goes on; otherwise it waits for the last page, or `snapshotTimeoutMs`.
+   * Asks a peer for the shared history: the first peer heard from that has its own state (its
+   * messages say so) is asked directly. With no such peer within 1.5 heartbeats this replica
+   * is alone (or starting with others) and goes on; otherwise it waits for the last page, or
+   * `snapshotTimeoutMs`.
    */
   private requestSnapshot(): void {
     this.snapshotWait?.cancel();
-    this.serveSnapshots(false);
     this.state = 'syncing';
     const inbox = `${this.options.subject}.inbox.${this.incarnation}.${randomBytes(4).toString('hex')}`;
     const unsub = this.transport.subscribe(inbox, (d) => this.receive(d));
@@ -531,23 +539,30 @@ export class ReplicaSync {
     const finish = () => {
       stop();
       if (this.state === 'syncing') this.state = this.transport.connected ? 'synced' : 'disconnected';
-      this.serveSnapshots(true);
       this.markReady();
     };
-    const wait = { inbox, cancel: stop, entries: 0, done: finish };
-    // Nobody answered, or the answer stalled: go on with what we have.
+    const wait: SnapshotWait = { inbox, cancel: stop, entries: 0, done: finish, askedAt: -Infinity, asked: undefined };
     const cancelTimeout = this.deps.timers.once(this.options.snapshotTimeoutMs, () => {
-      if (this.snapshotWait === wait) {
-        this.deps.log?.warn({ peers: this.peers.size }, 'replica sync: no snapshot within the timeout; routing on what this replica has');
-        finish();
-      }
+      if (this.snapshotWait !== wait) return;
+      this.deps.log?.warn({ peers: this.peers.size, asked: wait.asked ?? null }, 'replica sync: no snapshot within the timeout; routing on what this replica has');
+      finish();
     });
-    // Alone, or only with replicas that are starting too (nobody can answer): go on.
     const cancelAlone = this.deps.timers.once(this.options.heartbeatMs * 1.5, () => {
-      if (this.snapshotWait === wait && wait.entries === 0 && [...this.peers.values()].every((p) => !p.synced)) finish();
+      if (this.snapshotWait === wait && wait.asked === undefined) finish();
     });
     this.snapshotWait = wait;
-    this.send(`${this.options.subject}.snapshot`, { v: SYNC_FORMAT_VERSION, k: 'sr', o: this.options.replicaId, to: inbox });
+    for (const p of this.peers.values()) if (p.synced) return this.askSnapshot(p.id);
+  }
+
+  /** Sends the snapshot request to one peer (again to another if the first stays silent for a heartbeat). */
+  private askSnapshot(peerId: string): void {
+    const wait = this.snapshotWait;
+    if (!wait) return;
+    const now = this.deps.clock.now();
+    if (wait.asked !== undefined && (wait.entries > 0 || now - wait.askedAt < this.options.heartbeatMs)) return;
+    wait.asked = peerId;
+    wait.askedAt = now;
+    this.send(this.snapshotSubject(peerId), { v: SYNC_FORMAT_VERSION, k: 'sr', o: this.options.replicaId, to: wait.inbox });
   }
 
   /** Sends the shared history (every policy's trees and the admin changes) to a joining replica. */
@@ -674,6 +689,8 @@ export class ReplicaSync {
       p = { id: m.o, incarnation: String(m.i), lastSeq: 0, lastSeenMs: now, loads: new Map(), actives: new Map(), synced: false };
       this.peers.set(m.o, p);
       if (m.k !== 'st') this.need(m.o);
+      // Introduce ourselves at once: a joining peer learns who can answer its snapshot request.
+      this.stateRequested();
     } else if (m.k === 'b' && typeof m.s === 'number' && m.s !== p.lastSeq + 1) {
       this.stats.gaps++;
       this.need(m.o);
@@ -681,6 +698,7 @@ export class ReplicaSync {
     if (typeof m.s === 'number') p.lastSeq = m.s;
     p.lastSeenMs = now;
     p.synced = m.sy === true;
+    if (p.synced && this.snapshotWait) this.askSnapshot(p.id);
 
     if (m.k === 'st') {
       this.replaceState(p, m);
