@@ -50,7 +50,7 @@ export const benchOptionSpecs: readonly OptionSpec[] = [
   { flag: 'out', kind: 'string', description: 'Directory for report.json, report.md and the SVG charts', argName: 'dir' },
   { flag: 'quiet', kind: 'bool', description: 'No progress bar', default: false },
   { flag: 'live', kind: 'bool', description: 'Live mode: send the workload as real streaming requests to --target', default: false },
-  { flag: 'target', kind: 'string', description: 'Live mode: base URL of kvgate or any OpenAI-compatible endpoint', argName: 'url' },
+  { flag: 'target', kind: 'string', description: 'Live mode: base URL of kvgate or any OpenAI-compatible endpoint; several, comma-separated, are used in turn (a round-robin front over replicas)', argName: 'url' },
   { flag: 'concurrency', kind: 'int', description: 'Live mode: requests in flight at most', default: 64, min: 1 },
   { flag: 'duration-secs', kind: 'number', description: 'Live mode: stop sending after this many seconds', default: 60, min: 0, exclusiveMin: true },
   { flag: 'drain-secs', kind: 'number', description: 'Live mode: then wait this long for in-flight requests', default: 60, min: 0 },

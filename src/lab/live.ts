@@ -63,11 +63,13 @@ async function firstModel(target: string, agent: Agent, headers: Record<string, 
  * the client side. Works against kvgate or any OpenAI-compatible endpoint.
  */
 export async function runLive(o: LiveOptions): Promise<LiveResult> {
-  const target = o.target.replace(/\/+$/, '');
+  // Several targets (comma-separated) are a round-robin front, e.g. kvgate replicas behind a load balancer.
+  const targets = o.target.split(',').map((t) => t.trim().replace(/\/+$/, '')).filter(Boolean);
+  const target = targets.join(',');
   const agent = new Agent({ connections: o.concurrency + 4, headersTimeout: 0, bodyTimeout: 0 });
   const headers: Record<string, string> = { 'content-type': 'application/json' };
   if (o.apiKey) headers.authorization = `Bearer ${o.apiKey}`;
-  const model = o.model ?? (await firstModel(target, agent, headers));
+  const model = o.model ?? (await firstModel(targets[0], agent, headers));
   const reqs = o.workload.requests;
   const ttft: number[] = [];
   const e2e: number[] = [];
@@ -104,7 +106,7 @@ export async function runLive(o: LiveOptions): Promise<LiveResult> {
     let usage: Usage | undefined;
     let chunks = 0;
     try {
-      const res = await request(target + path, { method: 'POST', dispatcher: agent, headers, body: JSON.stringify(body), signal: cut.signal });
+      const res = await request(targets[i % targets.length] + path, { method: 'POST', dispatcher: agent, headers, body: JSON.stringify(body), signal: cut.signal });
       const worker = res.headers['x-kvgate-worker'];
       if (typeof worker === 'string') perWorker[worker] = (perWorker[worker] ?? 0) + 1;
       if (res.statusCode !== 200) {

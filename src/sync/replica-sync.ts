@@ -258,7 +258,15 @@ export class ReplicaSync {
     else {
       this.state = 'disconnected';
       // Never hold start-up hostage to the network: route on local state after the timeout.
-      this.cancels.push(this.deps.timers.once(this.options.snapshotTimeoutMs, () => this.markReady()));
+      this.cancels.push(
+        this.deps.timers.once(this.options.snapshotTimeoutMs, () => {
+          if (!this.transport.connected && !this.warnedDisconnected) {
+            this.warnedDisconnected = true;
+            this.deps.log?.warn({ replica: this.options.replicaId }, 'replica sync: cannot reach the sync bus (NATS); routing on local state until it can');
+          }
+          this.markReady();
+        }),
+      );
     }
   }
 
