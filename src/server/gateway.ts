@@ -26,6 +26,7 @@ import { EngineMetricsScraper } from '../metrics/engine-scraper.js';
 import { endpointForRank } from '../sim/kv-publisher.js';
 import { loadTokenizer, TokenizerRegistry } from '../tokenize/registry.js';
 import type { Worker, WorkerType } from '../core/worker.js';
+import { ServiceDiscovery } from '../discovery/service-discovery.js';
 import { Admission, KeyRateLimiter } from './admission.js';
 import { isLoopback, KeySet, readKeyFile } from './auth.js';
 import { parseJsonObject, readBody, sendError, sendJson } from './http-util.js';
@@ -91,6 +92,8 @@ export class Gateway {
   /** Responses not yet finished (for graceful shutdown). */
   private readonly inFlight = new Set<ServerResponse>();
   private draining = false;
+  /** Kubernetes pod discovery (--service-discovery). */
+  discovery: ServiceDiscovery | undefined;
 
   constructor(
     readonly config: ServeConfig,
@@ -247,6 +250,11 @@ export class Gateway {
       ...c.prefill.map((p) => this.registerWorker({ url: p.url, modelId: c.modelId, apiKey: c.workerApiKey, type: 'prefill', bootstrapPort: p.bootstrapPort })),
       ...c.decode.map((url) => this.registerWorker({ url, modelId: c.modelId, apiKey: c.workerApiKey, type: 'decode' })),
     ]);
+    if (c.serviceDiscovery) {
+      const sink = { registry: this.registry, registerWorker: (t: Parameters<Gateway['registerWorker']>[0]) => this.registerWorker({ ...t, apiKey: c.workerApiKey }), removeWorker: (url: string) => void this.workers.remove(url) };
+      this.discovery = new ServiceDiscovery(c, sink, this.log);
+      await this.discovery.start();
+    }
     this.scraper?.start();
     const options = { keepAliveTimeout: 65_000, requestTimeout: 0, headersTimeout: 60_000, maxHeaderSize: c.maxHeaderSize };
     const handler = (req: IncomingMessage, res: ServerResponse) => void this.dispatch(req, res);
@@ -325,6 +333,8 @@ export class Gateway {
     kvEventsReplayEndpoint?: string;
     type?: WorkerType;
     bootstrapPort?: number | null;
+    /** DP ranks when the worker's /get_server_info does not say (default --dp-size). */
+    dpSize?: number;
   }): Promise<Worker[]> {
     const workers = await this.workers.add({
       url: spec.url,
@@ -333,7 +343,7 @@ export class Gateway {
       type: spec.type,
       bootstrapPort: spec.bootstrapPort,
       dpAware: this.config.dpAware,
-      dpSize: this.config.dpSize,
+      dpSize: spec.dpSize ?? this.config.dpSize,
     });
     if (spec.kvEventsEndpoint) {
       for (const w of workers) {
@@ -360,6 +370,7 @@ export class Gateway {
 
   async close(): Promise<void> {
     this.draining = true;
+    await this.discovery?.stop();
     this.policy.close?.();
     await this.scraper?.stop();
     await this.kvEvents.close();
