@@ -35,13 +35,21 @@ export function loadKubeConfig(): { kc: KubeConfig; source: string } {
   const kc = new KubeConfig();
   let source: string;
   if (process.env.KUBECONFIG) source = `KUBECONFIG=${process.env.KUBECONFIG}`;
-  else if (existsSync(join(homedir(), '.kube', 'config'))) source = '~/.kube/config';
+  else if (existsSync(join(safeHomedir(), '.kube', 'config'))) source = '~/.kube/config';
   else if (process.env.KUBERNETES_SERVICE_HOST && existsSync('/var/run/secrets/kubernetes.io/serviceaccount/token')) source = 'in-cluster service account';
   else throw new Error('no Kubernetes API server found: not in a pod (no service account) and neither KUBECONFIG nor ~/.kube/config is set');
   kc.loadFromDefault();
   const cluster = kc.getCurrentCluster();
   if (!cluster) throw new Error(`no current cluster in the kubeconfig (${source})`);
   return { kc, source: `${source} (${cluster.server})` };
+}
+
+function safeHomedir(): string {
+  try {
+    return homedir();
+  } catch {
+    return '/nonexistent'; // a uid without a passwd entry and no HOME
+  }
 }
 
 class GoneError extends Error {
