@@ -228,8 +228,9 @@ export function resolveServeConfig(cli: Record<string, unknown>, env: NodeJS.Pro
     }
   }
   if (o.pdDisaggregation) {
-    if (o.prefill.length === 0 && !(sd && o.prefillSelector.length > 0)) throw new ConfigError('--pd-disaggregation needs at least one --prefill worker (or --service-discovery with --prefill-selector)');
-    if (o.decode.length === 0 && !(sd && o.decodeSelector.length > 0)) throw new ConfigError('--pd-disaggregation needs at least one --decode worker (or --service-discovery with --decode-selector)');
+    if ((o.prefill.length === 0 && !(sd && o.prefillSelector.length > 0)) || (o.decode.length === 0 && !(sd && o.decodeSelector.length > 0))) {
+      throw new ConfigError('--pd-disaggregation needs at least one --prefill and one --decode worker (each pool may instead come from --service-discovery with --prefill-selector / --decode-selector)');
+    }
     if (o.workerUrls.length > 0) throw new ConfigError('invalid value for --worker-urls: with --pd-disaggregation use --prefill and --decode');
     if (o.selector.length > 0) throw new ConfigError('invalid value for --selector: with --pd-disaggregation use --prefill-selector and --decode-selector');
   } else {
