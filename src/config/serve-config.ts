@@ -1,6 +1,7 @@
 import { normalizeUrl } from '../core/worker.js';
+import { parseModelIdFrom, parseSelector } from '../discovery/pods.js';
 import { POLICY_NAMES } from '../policies/factory.js';
-import { ConfigError, resolveOptions, type OptionSpec } from './options.js';
+import { camel, ConfigError, resolveOptions, type OptionSpec } from './options.js';
 
 export interface ServeConfig {
   host: string;
@@ -91,7 +92,24 @@ export interface ServeConfig {
   replicaHeartbeatMs: number;
   replicaExpirySecs: number;
   replicaSnapshotTimeoutSecs: number;
+  // Kubernetes service discovery
+  serviceDiscovery: boolean;
+  selector: string[];
+  prefillSelector: string[];
+  decodeSelector: string[];
+  serviceDiscoveryNamespace: string | undefined;
+  serviceDiscoveryPort: number;
+  modelIdFrom: string | undefined;
 }
+
+const checkSelector = (items: string[]): string | undefined => {
+  try {
+    parseSelector(items);
+    return undefined;
+  } catch (e) {
+    return (e as Error).message;
+  }
+};
 
 const checkUrls = (urls: string[]): string | undefined => {
   for (const u of urls) {
@@ -190,6 +208,13 @@ export const serveOptionSpecs: readonly OptionSpec[] = [
   { flag: 'replica-heartbeat-ms', kind: 'number', description: 'A replica publishes at least this often (heartbeat)', default: 1000, min: 10 },
   { flag: 'replica-expiry-secs', kind: 'number', description: 'A peer silent this long is dropped with its in-flight load', default: 3, min: 0, exclusiveMin: true },
   { flag: 'replica-snapshot-timeout-secs', kind: 'number', description: 'Longest a joining replica waits for the shared state before it reports ready', default: 5, min: 0 },
+  { flag: 'service-discovery', kind: 'bool', description: 'Discover workers from Kubernetes pods (list+watch; in-cluster service account, else KUBECONFIG or ~/.kube/config)', default: false },
+  { flag: 'selector', kind: 'list', description: 'Service discovery: label selector of worker pods, key=value... (all must match)', default: [], argName: 'key=value...', check: checkSelector as never },
+  { flag: 'prefill-selector', kind: 'list', description: 'Service discovery with --pd-disaggregation: label selector of prefill pods', default: [], argName: 'key=value...', check: checkSelector as never },
+  { flag: 'decode-selector', kind: 'list', description: 'Service discovery with --pd-disaggregation: label selector of decode pods', default: [], argName: 'key=value...', check: checkSelector as never },
+  { flag: 'service-discovery-namespace', kind: 'string', description: 'Service discovery: namespace to watch (default: all namespaces)', argName: 'name', check: ((n: string) => (/^[a-z0-9]([-a-z0-9]*[a-z0-9])?$/.test(n) && n.length <= 63 ? undefined : 'not a valid namespace name')) as never },
+  { flag: 'service-discovery-port', kind: 'int', description: "Service discovery: worker port on each pod (a pod's kvgate.io/port annotation overrides it)", default: 8000, min: 1, max: 65535 },
+  { flag: 'model-id-from', kind: 'string', description: "Service discovery: take each pod's model id from its namespace, label:<key> or annotation:<key> instead of its /v1/models", argName: 'source', check: ((v: string) => { try { parseModelIdFrom(v); return undefined; } catch (e) { return (e as Error).message; } }) as never },
   { flag: 'pd-protocol', kind: 'enum', description: 'Hand-off protocol: sglang (bootstrap room, both at once) or vllm (NIXL kv_transfer_params, prefill then decode)', default: 'sglang', choices: ['sglang', 'vllm'] },
 ];
 
@@ -224,11 +249,23 @@ export function resolveServeConfig(cli: Record<string, unknown>, env: NodeJS.Pro
   } catch (e) {
     throw new ConfigError(`invalid value for --decode: ${(e as Error).message}`);
   }
+  const sd = o.serviceDiscovery;
+  if (!sd) {
+    for (const f of ['selector', 'prefill-selector', 'decode-selector', 'service-discovery-namespace', 'model-id-from'] as const) {
+      const v = (o as unknown as Record<string, unknown>)[camel(f)];
+      if (v !== undefined && !(Array.isArray(v) && v.length === 0)) throw new ConfigError(`--${f} needs --service-discovery`);
+    }
+  }
   if (o.pdDisaggregation) {
-    if (o.prefill.length === 0 || o.decode.length === 0) throw new ConfigError('--pd-disaggregation needs at least one --prefill and one --decode worker');
+    if ((o.prefill.length === 0 && !(sd && o.prefillSelector.length > 0)) || (o.decode.length === 0 && !(sd && o.decodeSelector.length > 0))) {
+      throw new ConfigError('--pd-disaggregation needs at least one --prefill and one --decode worker (each pool may instead come from --service-discovery with --prefill-selector / --decode-selector)');
+    }
     if (o.workerUrls.length > 0) throw new ConfigError('invalid value for --worker-urls: with --pd-disaggregation use --prefill and --decode');
-  } else if (o.prefill.length > 0 || o.decode.length > 0) {
-    throw new ConfigError('--prefill/--decode need --pd-disaggregation');
+    if (o.selector.length > 0) throw new ConfigError('invalid value for --selector: with --pd-disaggregation use --prefill-selector and --decode-selector');
+  } else {
+    if (o.prefill.length > 0 || o.decode.length > 0) throw new ConfigError('--prefill/--decode need --pd-disaggregation');
+    if (o.prefillSelector.length > 0 || o.decodeSelector.length > 0) throw new ConfigError('--prefill-selector/--decode-selector need --pd-disaggregation');
+    if (sd && o.selector.length === 0) throw new ConfigError('--service-discovery needs --selector key=value (an empty selector would match no pod)');
   }
   o.workerUrls = o.workerUrls.map((u) => normalizeUrl(u));
   if (o.kvEventsEndpoints.length > 0 && o.kvEventsEndpoints.length !== o.workerUrls.length) {

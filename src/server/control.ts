@@ -26,6 +26,8 @@ export interface WorkerRegistration {
   kvEventsReplayEndpoint?: string;
   type?: WorkerType;
   bootstrapPort?: number | null;
+  /** DP ranks when the worker's /get_server_info does not say (default --dp-size). */
+  dpSize?: number;
 }
 
 export interface ControlDeps {

@@ -25,6 +25,7 @@ import { EngineMetricsScraper } from '../metrics/engine-scraper.js';
 import { endpointForRank } from '../events/endpoints.js';
 import { loadTokenizer, TokenizerRegistry } from '../tokenize/registry.js';
 import type { Worker } from '../core/worker.js';
+import { ServiceDiscovery } from '../discovery/service-discovery.js';
 import { Admission, KeyRateLimiter } from './admission.js';
 import { isLoopback, KeySet, readKeyFile } from './auth.js';
 import { ControlRoutes, isAdminRoute, PUBLIC_ROUTES, type WorkerRegistration } from './control.js';
@@ -107,6 +108,8 @@ export class Gateway {
   /** Responses not yet finished (for graceful shutdown). */
   private readonly inFlight = new Set<ServerResponse>();
   private draining = false;
+  /** Kubernetes pod discovery (--service-discovery). */
+  discovery: ServiceDiscovery | undefined;
 
   constructor(
     readonly config: ServeConfig,
@@ -314,6 +317,11 @@ export class Gateway {
       ...c.prefill.map((p) => this.registerWorker({ url: p.url, modelId: c.modelId, apiKey: c.workerApiKey, type: 'prefill', bootstrapPort: p.bootstrapPort })),
       ...c.decode.map((url) => this.registerWorker({ url, modelId: c.modelId, apiKey: c.workerApiKey, type: 'decode' })),
     ]);
+    if (c.serviceDiscovery) {
+      const sink = { registry: this.registry, registerWorker: (t: Parameters<Gateway['registerWorker']>[0]) => this.registerWorker({ ...t, apiKey: c.workerApiKey }), removeWorker: (url: string) => void this.workers.remove(url) };
+      this.discovery = new ServiceDiscovery(c, sink, this.log);
+      await this.discovery.start();
+    }
     this.scraper?.start();
     // Joins the peers: readiness answers 503 until their shared state is applied (never blocks routing).
     this.sync?.start();
@@ -394,7 +402,7 @@ export class Gateway {
       type: spec.type,
       bootstrapPort: spec.bootstrapPort,
       dpAware: this.config.dpAware,
-      dpSize: this.config.dpSize,
+      dpSize: spec.dpSize ?? this.config.dpSize,
     });
     if (spec.kvEventsEndpoint) {
       for (const w of workers) {
@@ -451,6 +459,7 @@ export class Gateway {
   async close(): Promise<void> {
     this.draining = true;
     await this.sync?.close();
+    await this.discovery?.stop();
     this.policy.close?.();
     await this.scraper?.stop();
     await this.kvEvents.close();
