@@ -73,7 +73,15 @@ export class Picker {
     const { core } = this;
     if (input.body.length > this.opts.maxPayloadSize) throw errors.payloadTooLarge(this.opts.maxPayloadSize);
     const route = input.method === 'POST' ? GENERATION_ROUTES[input.path] : undefined;
-    const ctx = this.context(input, route);
+    let ctx: RequestContext;
+    try {
+      ctx = this.context(input, route);
+    } catch (e) {
+      // An empty pool (nothing discovered yet, every pod down) is 503 for any model, as the
+      // protocol asks: the gateway may retry elsewhere, where a 404 would be final.
+      if (e instanceof GatewayError && e.code === 'model_not_found' && !core.registry.all().some((w) => w.isAvailable())) throw errors.noHealthyWorkers(undefined);
+      throw e;
+    }
     const model = ctx.model;
     let candidates = model === '' ? core.registry.all().filter((w) => w.type === 'regular') : core.registry.forModel(model);
 

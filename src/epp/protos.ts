@@ -58,18 +58,21 @@ export interface HttpBody {
   body?: Buffer;
   end_of_stream?: boolean;
 }
-/** google.protobuf.Struct as proto-loader decodes it. */
+/**
+ * google.protobuf.Struct as proto-loader decodes it. protobufjs defines the google/protobuf types
+ * itself, with camelCase field names (keepCase applies only to the vendored files).
+ */
 export interface PbStruct {
   fields?: Record<string, PbValue>;
 }
 export interface PbValue {
   kind?: string;
-  null_value?: string;
-  number_value?: number;
-  string_value?: string;
-  bool_value?: boolean;
-  struct_value?: PbStruct;
-  list_value?: { values?: PbValue[] };
+  nullValue?: string;
+  numberValue?: number;
+  stringValue?: string;
+  boolValue?: boolean;
+  structValue?: PbStruct;
+  listValue?: { values?: PbValue[] };
 }
 export type BodySendMode = 'NONE' | 'STREAMED' | 'BUFFERED' | 'BUFFERED_PARTIAL' | 'FULL_DUPLEX_STREAMED' | 'GRPC';
 export interface ProcessingRequest {
@@ -87,12 +90,12 @@ export interface ProcessingRequest {
 
 /** A JSON value as a google.protobuf.Value (what dynamic_metadata carries). */
 export function toPbValue(v: unknown): PbValue {
-  if (v === null || v === undefined) return { null_value: 'NULL_VALUE' };
-  if (typeof v === 'string') return { string_value: v };
-  if (typeof v === 'number') return { number_value: v };
-  if (typeof v === 'boolean') return { bool_value: v };
-  if (Array.isArray(v)) return { list_value: { values: v.map(toPbValue) } };
-  return { struct_value: toPbStruct(v as Record<string, unknown>) };
+  if (v === null || v === undefined) return { nullValue: 'NULL_VALUE' };
+  if (typeof v === 'string') return { stringValue: v };
+  if (typeof v === 'number') return { numberValue: v };
+  if (typeof v === 'boolean') return { boolValue: v };
+  if (Array.isArray(v)) return { listValue: { values: v.map(toPbValue) } };
+  return { structValue: toPbStruct(v as Record<string, unknown>) };
 }
 
 export function toPbStruct(o: Record<string, unknown>): PbStruct {
@@ -104,11 +107,11 @@ export function toPbStruct(o: Record<string, unknown>): PbStruct {
 /** A google.protobuf.Value as plain JSON. */
 export function fromPbValue(v: PbValue | undefined): unknown {
   if (!v) return undefined;
-  if (v.string_value !== undefined) return v.string_value;
-  if (v.number_value !== undefined) return v.number_value;
-  if (v.bool_value !== undefined) return v.bool_value;
-  if (v.struct_value !== undefined) return fromPbStruct(v.struct_value);
-  if (v.list_value !== undefined) return (v.list_value.values ?? []).map(fromPbValue);
+  if (v.stringValue !== undefined) return v.stringValue;
+  if (v.numberValue !== undefined) return v.numberValue;
+  if (v.boolValue !== undefined) return v.boolValue;
+  if (v.structValue !== undefined) return fromPbStruct(v.structValue);
+  if (v.listValue !== undefined) return (v.listValue.values ?? []).map(fromPbValue);
   return null;
 }
 
