@@ -58,7 +58,7 @@ export interface PoolWatchOptions {
  * Follows one InferencePool: a list (fieldSelector metadata.name=<name>, which gives the
  * resourceVersion) then a watch from that version; when the watch ends (timeout, 410 Gone,
  * connection loss) it lists again and resumes, with a growing delay after failures. No polling.
- * Resolves once the first list answered (the pool may not exist yet: onChange(undefined)).
+ * Resolves once the first list answered (or failed: it is retried in the background).
  */
 export class InferencePoolWatcher {
   private readonly kc: k8s.KubeConfig;
@@ -115,8 +115,9 @@ export class InferencePoolWatcher {
       return;
     }
     const path = `/apis/${GROUP}/${VERSION}/namespaces/${encodeURIComponent(namespace)}/${PLURAL}`;
-    try {
-      this.abort = await new k8s.Watch(this.kc).watch(
+    // Not awaited: start() resolves once the list answered, the watch runs on its own.
+    void new k8s.Watch(this.kc)
+      .watch(
         path,
         { fieldSelector: `metadata.name=${name}`, resourceVersion: rv, allowWatchBookmarks: true },
         (phase, obj) => {
@@ -131,13 +132,19 @@ export class InferencePoolWatcher {
         },
         (err) => {
           if (err && !this.stopped) log.warn({ err: (err as Error)?.message ?? String(err) }, 'InferencePool watch ended; listing again');
-          this.again(err ? undefined : 0);
+          this.again(err ? undefined : 200);
+        },
+      )
+      .then(
+        (ac) => {
+          this.abort = ac;
+          if (this.stopped) ac.abort();
+        },
+        (e) => {
+          log.error({ err: (e as Error).message }, 'cannot watch the InferencePool; retrying');
+          this.again();
         },
       );
-    } catch (e) {
-      log.error({ err: (e as Error).message }, 'cannot watch the InferencePool; retrying');
-      this.again();
-    }
   }
 
   private again(delayMs?: number): void {
