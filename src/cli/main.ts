@@ -3,6 +3,7 @@ import { Command } from 'commander';
 import { readFileSync } from 'node:fs';
 import { registerBenchCommand } from './bench-command.js';
 import { registerDemoCommand } from './demo-command.js';
+import { registerEppCommand } from './epp-command.js';
 import { registerServeCommand } from './serve-command.js';
 import { registerSimCommand } from './sim-command.js';
 
@@ -15,6 +16,7 @@ const program = new Command()
   .showHelpAfterError();
 
 registerServeCommand(program);
+registerEppCommand(program);
 registerSimCommand(program);
 registerBenchCommand(program);
 registerDemoCommand(program);

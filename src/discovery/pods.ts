@@ -125,6 +125,8 @@ export interface TargetOptions {
   type: WorkerType;
   /** --service-discovery-port. */
   defaultPort: number;
+  /** Several ports per pod (an InferencePool's targetPorts); overrides defaultPort. */
+  defaultPorts?: number[];
   modelIdFrom: ModelIdSource | undefined;
   /** --model-id (used when --model-id-from is not given). */
   modelId: string | undefined;
@@ -148,7 +150,7 @@ export function podTargets(pod: PodObject, opts: TargetOptions): TargetsResult {
   const ann = pod.metadata?.annotations ?? {};
   const ip = pod.status!.podIP!;
   const host = ip.includes(':') ? `[${ip}]` : ip;
-  let ports = [opts.defaultPort];
+  let ports = opts.defaultPorts && opts.defaultPorts.length > 0 ? opts.defaultPorts : [opts.defaultPort];
   if (ann[PORT_ANNOTATION] !== undefined) {
     const list = ann[PORT_ANNOTATION].split(',').map((s) => port(s));
     if (list.length > 0 && list.every((p) => p !== undefined) && new Set(list).size === list.length) ports = list as number[];

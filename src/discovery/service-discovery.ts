@@ -8,6 +8,8 @@ import { matchesSelector, parseModelIdFrom, parseSelector, podKey, podTargets, s
 export interface DiscoveryConfig {
   serviceDiscoveryNamespace: string | undefined;
   serviceDiscoveryPort: number;
+  /** Several ports on every pod (an InferencePool's targetPorts); overrides serviceDiscoveryPort. */
+  serviceDiscoveryPorts?: number[];
   selector: string[];
   prefillSelector: string[];
   decodeSelector: string[];
@@ -144,9 +146,14 @@ export class ServiceDiscovery {
     for (const w of this.watches) w.start();
   }
 
-  async stop(): Promise<void> {
+  /** Stops the watches; with `removeWorkers`, also takes out every worker this discovery added (a pool that changed or went away). */
+  async stop(removeWorkers = false): Promise<void> {
     this.stopped = true;
     await Promise.all(this.watches.map((w) => w.stop()));
+    if (removeWorkers) {
+      for (const url of [...this.registered]) this.sink.removeWorker(url);
+      this.registered.clear();
+    }
   }
 
   /** Pods currently registered, per pool type (for tests and diagnostics). */
@@ -160,7 +167,7 @@ export class ServiceDiscovery {
   }
 
   targetsOf(pod: PodObject, type: WorkerType) {
-    return podTargets(pod, { type, defaultPort: this.config.serviceDiscoveryPort, modelIdFrom: this.modelIdFrom, modelId: this.config.modelId });
+    return podTargets(pod, { type, defaultPort: this.config.serviceDiscoveryPort, defaultPorts: this.config.serviceDiscoveryPorts, modelIdFrom: this.modelIdFrom, modelId: this.config.modelId });
   }
 
   /**

@@ -1,4 +1,4 @@
-import type { IncomingMessage, ServerResponse } from 'node:http';
+import type { IncomingHttpHeaders, IncomingMessage, ServerResponse } from 'node:http';
 import type { Clock } from '../core/clock.js';
 import type { RequestContext, RouteName } from '../core/context.js';
 import { errors } from '../core/errors.js';
@@ -15,6 +15,14 @@ export interface RoutedRequest {
   requestId: string;
   rawBody: Buffer;
   body: Record<string, unknown>;
+}
+
+/** What buildContext reads of a request: the HTTP front's RoutedRequest, or the endpoint picker's. */
+export interface ContextSource {
+  route: RouteName;
+  requestId: string;
+  body: Record<string, unknown>;
+  req: { headers: IncomingHttpHeaders };
 }
 
 export type Tokenize = (route: RouteName, model: string, body: Record<string, unknown>) => ArrayLike<number> | undefined;
@@ -39,7 +47,7 @@ export function resolveModel(registry: WorkerRegistry, body: Record<string, unkn
 }
 
 /** What policies see of a request: routing text (all messages), token ids when needed, limits. */
-export function buildContext(r: RoutedRequest, model: string, clock: Clock, tokenize: Tokenize | undefined, needsTokens: boolean): RequestContext {
+export function buildContext(r: ContextSource, model: string, clock: Clock, tokenize: Tokenize | undefined, needsTokens: boolean): RequestContext {
   const routing = routingTextOf(r.route, r.body);
   if (r.body.stream !== undefined && r.body.stream !== null && typeof r.body.stream !== 'boolean') {
     throw errors.badRequest("'stream' must be a boolean", 'invalid_type', 'stream');

@@ -1,94 +1,55 @@
 import { createHash, randomUUID } from 'node:crypto';
-import { hostname } from 'node:os';
 import { readFileSync } from 'node:fs';
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import { createServer as createTlsServer } from 'node:https';
 import type { AddressInfo } from 'node:net';
-import pino, { type Logger } from 'pino';
+import type { Logger } from 'pino';
 import type { ServeConfig } from '../config/serve-config.js';
-import { systemClock, type Clock } from '../core/clock.js';
-import type { RouteName } from '../core/context.js';
 import { errors, GatewayError } from '../core/errors.js';
-import { WorkerRegistry } from '../core/registry.js';
-import { randomRng, type Rng } from '../core/rng.js';
-import { WorkerManager } from '../core/worker-manager.js';
-import { GatewayMetrics } from '../metrics/gateway-metrics.js';
-import { CacheAwarePolicy } from '../policies/cache-aware.js';
-import { createPolicy } from '../policies/factory.js';
-import type { RoutingPolicy, Scheduler } from '../policies/policy.js';
+import type { WorkerRegistry } from '../core/registry.js';
+import type { WorkerManager } from '../core/worker-manager.js';
+import type { GatewayMetrics } from '../metrics/gateway-metrics.js';
+import type { RoutingPolicy } from '../policies/policy.js';
 import { PdRouter, SplitPairPolicy } from '../routers/pd.js';
 import { RegularRouter } from '../routers/regular.js';
 import { UpstreamPools } from '../upstream/pools.js';
 import { defaultRetryConfig, type RetryConfig } from '../core/retry.js';
-import { KvEventHub } from '../events/hub.js';
-import { EngineMetricsScraper } from '../metrics/engine-scraper.js';
-import { endpointForRank } from '../events/endpoints.js';
-import { loadTokenizer, TokenizerRegistry } from '../tokenize/registry.js';
+import type { KvEventHub } from '../events/hub.js';
+import type { TokenizerRegistry } from '../tokenize/registry.js';
 import type { Worker } from '../core/worker.js';
-import { ServiceDiscovery } from '../discovery/service-discovery.js';
-import { Admission, KeyRateLimiter } from './admission.js';
+import { KeyRateLimiter, type Admission } from './admission.js';
 import { isLoopback, KeySet, readKeyFile } from './auth.js';
-import { ControlRoutes, isAdminRoute, PUBLIC_ROUTES, type WorkerRegistration } from './control.js';
+import { isAdminRoute, PUBLIC_ROUTES, type ControlRoutes, type WorkerRegistration } from './control.js';
 import { parseJsonObject, readBody, sendError } from './http-util.js';
-import { registerReplicaSyncMetrics } from '../metrics/gateway-metrics.js';
-import { NatsTransport } from '../sync/nats-transport.js';
-import { ReplicaSync, type AdminChange } from '../sync/replica-sync.js';
+import { GENERATION_ROUTES, RoutingCore, type RoutingCoreOptions } from './routing-core.js';
 
-const GENERATION_ROUTES: Record<string, RouteName> = {
-  '/v1/chat/completions': 'chat',
-  '/v1/completions': 'completions',
-  '/v1/embeddings': 'embeddings',
-  '/generate': 'generate',
-};
+export { createLogger, timerScheduler } from './routing-core.js';
 
-/** Real-time one-shot and periodic timers that never keep the process alive (replica sync). */
-const realTimers = {
-  once(ms: number, fn: () => void): () => void {
-    const t = setTimeout(fn, ms);
-    t.unref();
-    return () => clearTimeout(t);
-  },
-  every(ms: number, fn: () => void): () => void {
-    const t = setInterval(fn, ms);
-    t.unref();
-    return () => clearInterval(t);
-  },
-};
-
-/** Real-time periodic work that never keeps the process alive. */
-export const timerScheduler: Scheduler = (everyMs, fn) => {
-  const t = setInterval(fn, everyMs);
-  t.unref();
-  return () => clearInterval(t);
-};
-
-export function createLogger(config: Pick<ServeConfig, 'logLevel' | 'logFormat'>): Logger {
-  if (config.logFormat === 'pretty') {
-    return pino({ level: config.logLevel, transport: { target: 'pino-pretty', options: { colorize: true } } });
-  }
-  return pino({ level: config.logLevel });
-}
-
-export interface GatewayOptions {
-  clock?: Clock;
-  rng?: Rng;
-  logger?: Logger;
-}
+export type GatewayOptions = RoutingCoreOptions;
 
 /**
- * The composition root of `kvgate serve`: one registry, one policy, the worker manager
- * (health, model discovery), upstream pools, metrics and the HTTP front.
+ * The composition root of `kvgate serve`: the routing core shared with `kvgate epp` (registry,
+ * policies, worker manager, KV events, metrics; server/routing-core.ts), upstream pools, the
+ * routers and the HTTP front.
  */
 export class Gateway {
-  readonly registry = new WorkerRegistry();
+  readonly core: RoutingCore;
+  readonly registry: WorkerRegistry;
   readonly policy: RoutingPolicy;
   readonly metrics: GatewayMetrics;
   readonly workers: WorkerManager;
   readonly log: Logger;
   readonly admission: Admission;
   readonly kvEvents: KvEventHub;
-  readonly tokenizers = new TokenizerRegistry();
-  private readonly scraper: EngineMetricsScraper | undefined;
+  readonly tokenizers: TokenizerRegistry;
+  /** Routing state shared with the other replicas (--replica-sync). */
+  get sync() {
+    return this.core.sync;
+  }
+  /** Kubernetes pod discovery (--service-discovery), once started. */
+  get discovery() {
+    return this.core.discovery;
+  }
   private readonly pools: UpstreamPools;
   private readonly router: RegularRouter;
   private readonly control: ControlRoutes;
@@ -100,144 +61,29 @@ export class Gateway {
   private readonly apiKeys: KeySet;
   private readonly adminKeys: KeySet;
   private readonly keyLimiter: KeyRateLimiter | undefined;
-  /** Routing state shared with the other replicas (--replica-sync). */
-  readonly sync: ReplicaSync | undefined;
-  readonly replicaId: string;
   private server: Server | undefined;
   private readonly startedAt = Date.now();
   /** Responses not yet finished (for graceful shutdown). */
   private readonly inFlight = new Set<ServerResponse>();
   private draining = false;
-  /** Kubernetes pod discovery (--service-discovery). */
-  discovery: ServiceDiscovery | undefined;
 
   constructor(
     readonly config: ServeConfig,
     opts: GatewayOptions = {},
   ) {
-    this.log = opts.logger ?? createLogger(config);
-    const clock = opts.clock ?? systemClock;
-    const rng = opts.rng ?? randomRng();
+    const core = (this.core = new RoutingCore(config, opts));
+    ({ registry: this.registry, policy: this.policy, metrics: this.metrics, workers: this.workers, log: this.log } = core);
+    ({ admission: this.admission, kvEvents: this.kvEvents, tokenizers: this.tokenizers } = core);
+    ({ prefillPolicy: this.prefillPolicy, decodePolicy: this.decodePolicy } = core);
+    const { clock, rng } = core;
     this.pools = new UpstreamPools(config.connectTimeoutSecs * 1000);
-    this.admission = new Admission({
-      maxConcurrent: config.maxConcurrentRequests,
-      queueSize: config.queueSize,
-      queueTimeoutMs: config.queueTimeoutSecs * 1000,
-    });
     this.apiKeys = new KeySet([...config.apiKey, ...(config.apiKeyFile ? readKeyFile(config.apiKeyFile) : [])]);
     this.adminKeys = new KeySet(config.adminApiKey ? [config.adminApiKey] : []);
     this.keyLimiter = config.apiKeyRateLimitRps > 0 ? new KeyRateLimiter(config.apiKeyRateLimitRps) : undefined;
-    this.replicaId = config.replicaId ?? `${hostname()}:${config.port}:${process.pid}`;
-    this.kvEvents = new KvEventHub({
-      clock,
-      logger: this.log,
-      mediums: config.kvEventsMediums,
-      bind: config.kvEventsBind,
-      maxBlocks: config.kvIndexMaxBlocks,
-      resolveSource: (topic, dpRank) => this.resolveEventSource(topic, dpRank),
-    });
-    this.metrics = new GatewayMetrics(this.registry, () => (this.policy instanceof CacheAwarePolicy ? this.policy.treeChars() : new Map()), this.kvEvents);
-    // Replica sync (--replica-sync): policies report what they record to it; it applies peers' events.
-    const syncedPolicies = new Map<string, RoutingPolicy>();
-    if (config.replicaSync) {
-      this.sync = new ReplicaSync(
-        NatsTransport.start({
-          servers: config.replicaSync,
-          name: this.replicaId,
-          user: config.replicaSyncUser,
-          pass: config.replicaSyncPassword,
-          token: config.replicaSyncToken,
-          credsFile: config.replicaSyncCreds,
-          tlsCaFile: config.replicaSyncTlsCa,
-          tlsCertFile: config.replicaSyncTlsCert,
-          tlsKeyFile: config.replicaSyncTlsKey,
-        }),
-        {
-          registry: this.registry,
-          policies: syncedPolicies,
-          clock,
-          timers: realTimers,
-          log: this.log,
-          applyAdmin: (c) => this.applyPeerAdmin(c),
-          consumeRateLimit: (key, n) => this.keyLimiter?.consume(key, n),
-        },
-        {
-          replicaId: this.replicaId,
-          subject: config.replicaSyncSubject,
-          flushMs: config.replicaSyncFlushMs,
-          heartbeatMs: config.replicaHeartbeatMs,
-          peerExpiryMs: config.replicaExpirySecs * 1000,
-          snapshotTimeoutMs: config.replicaSnapshotTimeoutSecs * 1000,
-        },
-      );
-      registerReplicaSyncMetrics(this.metrics, this.sync);
-    }
-    const makePolicy = (name: string, role: string) => createPolicy(
-      name,
-      { clock, rng, schedule: timerScheduler, observer: this.metrics.policyObserver(), share: this.sync?.shareFor(role) },
-      {
-        cacheAware: {
-          cacheThreshold: config.cacheThreshold,
-          balanceAbsThreshold: config.balanceAbsThreshold,
-          balanceRelThreshold: config.balanceRelThreshold,
-          evictionIntervalSecs: config.evictionIntervalSecs,
-          maxTreeSize: config.maxTreeSize,
-        },
-        kvIndex: this.kvEvents,
-        kvAware: {
-          overlapWeight: config.kvOverlapWeight,
-          activeWeight: config.kvActiveWeight,
-          historyWeight: config.kvHistoryWeight,
-          temperature: config.routerTemperature,
-          staleAfterMs: config.kvEventsStaleSecs * 1000,
-          maxTreeSize: config.maxTreeSize,
-          evictionIntervalSecs: config.evictionIntervalSecs,
-        },
-        prefixLoad: { windowSecs: config.windowSecs },
-        engineLoad: { staleAfterMs: config.engineMetricsStaleSecs * 1000 },
-      },
-    );
-    // PD mode: one instance per pool (each falls back to --policy), so no state (round-robin
-    // counters, prefix trees) is shared between the prefill and the decode pool.
-    this.policy = makePolicy(config.pdDisaggregation ? (config.prefillPolicy ?? config.policy) : config.policy, 'main');
-    this.prefillPolicy = this.policy;
-    this.decodePolicy = config.pdDisaggregation ? makePolicy(config.decodePolicy ?? config.policy, 'decode') : this.policy;
-    syncedPolicies.set('main', this.policy);
-    if (this.decodePolicy !== this.policy) syncedPolicies.set('decode', this.decodePolicy);
-    if (config.engineMetricsIntervalSecs > 0) {
-      this.scraper = new EngineMetricsScraper(this.registry, { intervalMs: config.engineMetricsIntervalSecs * 1000, clock }, this.log);
-    }
+    if (this.keyLimiter) core.onPeerRateLimit = (key, n) => this.keyLimiter!.consume(key, n);
     this.registry.on('removed', (w) => {
-      for (const p of new Set([this.policy, this.prefillPolicy, this.decodePolicy])) p.onWorkerRemoved?.(w);
-      void this.kvEvents.removeSource(w.id);
-      this.metrics.forgetWorker(w.id);
       if (this.registry.byUrl(w.url).length === 0) void this.pools.drop(w.url);
     });
-    this.registry.on('modelChanged', (w, before) => {
-      if (before !== undefined) this.policy.onWorkerRemoved?.(w);
-    });
-    this.workers = new WorkerManager(
-      this.registry,
-      {
-        health: {
-          intervalSecs: config.healthCheckIntervalSecs,
-          timeoutSecs: config.healthCheckTimeoutSecs,
-          failureThreshold: config.healthFailureThreshold,
-          successThreshold: config.healthSuccessThreshold,
-          endpoint: config.healthCheckEndpoint,
-          startupTimeoutSecs: config.workerStartupTimeoutSecs,
-        },
-        breaker: {
-          failureThreshold: config.cbFailureThreshold,
-          successThreshold: config.cbSuccessThreshold,
-          openMs: config.cbTimeoutDurationSecs * 1000,
-          disabled: config.disableCircuitBreaker,
-        },
-        clock,
-        onBreakerTransition: (w, from, to) => this.metrics.breakerTransitions.inc({ worker: w.id, from, to }),
-      },
-      this.log,
-    );
     const retry: RetryConfig = config.disableRetries
       ? { ...defaultRetryConfig, maxAttempts: 1 }
       : {
@@ -278,53 +124,18 @@ export class Gateway {
         tokenize: (route, model, body) => this.tokenizers.tokenize(route, body, model),
       });
     }
-    this.control = new ControlRoutes({
-      registry: this.registry,
-      workers: this.workers,
-      metrics: this.metrics,
-      log: this.log,
-      pdMode: !!this.pd,
-      startedAt: this.startedAt,
-      healthCheckTimeoutSecs: config.healthCheckTimeoutSecs,
-      isDraining: () => this.draining,
-      registerWorker: (spec) => this.registerWorker(spec),
-      announce: this.sync ? (c) => this.sync!.announceAdmin(c) : undefined,
-      replicas: this.sync ? () => ({ ready: this.sync!.initialSyncDone, status: this.sync!.status() }) : undefined,
-    });
+    this.control = core.controlRoutes({ pdMode: !!this.pd, startedAt: this.startedAt, isDraining: () => this.draining });
   }
 
   /** Registers the configured workers (checking each once), then listens. */
   async start(): Promise<void> {
     const c = this.config;
-    for (const entry of c.tokenizer) {
-      const eq = entry.indexOf('=');
-      if (eq > 0 && !/^[a-zA-Z]:[\\/]/.test(entry)) await this.tokenizers.load(entry.slice(0, eq), entry.slice(eq + 1));
-      else this.tokenizers.default = await loadTokenizer(entry);
-    }
-    await this.kvEvents.start();
-    await Promise.all(
-      c.workerUrls.map((url, i) =>
-        this.registerWorker({
-          url,
-          modelId: c.modelId,
-          apiKey: c.workerApiKey,
-          kvEventsEndpoint: c.kvEventsEndpoints[i],
-          kvEventsReplayEndpoint: c.kvEventsReplayEndpoints[i],
-        }),
-      ),
-    );
-    await Promise.all([
-      ...c.prefill.map((p) => this.registerWorker({ url: p.url, modelId: c.modelId, apiKey: c.workerApiKey, type: 'prefill', bootstrapPort: p.bootstrapPort })),
-      ...c.decode.map((url) => this.registerWorker({ url, modelId: c.modelId, apiKey: c.workerApiKey, type: 'decode' })),
-    ]);
-    if (c.serviceDiscovery) {
-      const sink = { registry: this.registry, registerWorker: (t: Parameters<Gateway['registerWorker']>[0]) => this.registerWorker({ ...t, apiKey: c.workerApiKey }), removeWorker: (url: string) => void this.workers.remove(url) };
-      this.discovery = new ServiceDiscovery(c, sink, this.log);
-      await this.discovery.start();
-    }
-    this.scraper?.start();
-    // Joins the peers: readiness answers 503 until their shared state is applied (never blocks routing).
-    this.sync?.start();
+    await this.core.start();
+    await this.core.registerConfiguredWorkers();
+    await this.core.startDiscovery();
+    this.core.startScraper();
+    // Joins the peers (--replica-sync): readiness answers 503 until their shared state is applied.
+    this.core.startSync();
     const options = { keepAliveTimeout: 65_000, requestTimeout: 0, headersTimeout: 60_000, maxHeaderSize: c.maxHeaderSize };
     const handler = (req: IncomingMessage, res: ServerResponse) => void this.dispatch(req, res);
     const server: Server =
@@ -390,79 +201,14 @@ export class Gateway {
     return cut;
   }
 
-  /**
-   * Registers a worker (all its DP ranks with --dp-aware) and subscribes to its KV events:
-   * rank r of a data-parallel engine publishes on the endpoint's port + r, as vLLM does.
-   */
-  async registerWorker(spec: WorkerRegistration): Promise<Worker[]> {
-    const workers = await this.workers.add({
-      url: spec.url,
-      modelId: spec.modelId,
-      apiKey: spec.apiKey,
-      type: spec.type,
-      bootstrapPort: spec.bootstrapPort,
-      dpAware: this.config.dpAware,
-      dpSize: spec.dpSize ?? this.config.dpSize,
-    });
-    if (spec.kvEventsEndpoint) {
-      for (const w of workers) {
-        const rank = w.dpRank ?? 0;
-        await this.kvEvents.addSource(
-          w.id,
-          endpointForRank(spec.kvEventsEndpoint, rank),
-          spec.kvEventsReplayEndpoint ? endpointForRank(spec.kvEventsReplayEndpoint, rank) : undefined,
-        );
-      }
-    }
-    return workers;
-  }
-
-  /** Bind mode: the worker whose host:port the topic names (llm-d: kv@<host>:<port>@<model>), at the batch's rank. */
-  private resolveEventSource(topic: string, dpRank: number | null): { key: string } | null {
-    for (const w of this.registry.all()) {
-      const hostPort = new URL(w.url).host;
-      if (!topic.includes(hostPort)) continue;
-      if (w.dpRank === undefined || w.dpRank === (dpRank ?? 0)) return { key: w.id };
-    }
-    return null;
-  }
-
-  /** A worker added or removed through another replica's admin API. */
-  private applyPeerAdmin(c: AdminChange): void {
-    if (c.op === 'remove') {
-      const removed = this.workers.remove(c.url);
-      if (removed.length > 0) this.log.info({ url: c.url, by: c.origin }, 'worker removed by a peer replica');
-      return;
-    }
-    if (this.registry.byUrl(c.url).length > 0) return;
-    const b = c.spec ?? {};
-    const str = (v: unknown) => (typeof v === 'string' ? v : undefined);
-    const type = b.worker_type === 'prefill' || b.worker_type === 'decode' ? b.worker_type : undefined;
-    if ((type === undefined) === !!this.pd) {
-      this.log.warn({ url: c.url, by: c.origin, workerType: b.worker_type ?? 'regular' }, 'peer replica added a worker of a type this replica does not route (PD mode differs); ignored');
-      return;
-    }
-    void this.registerWorker({
-      url: c.url,
-      type,
-      modelId: str(b.model_id),
-      apiKey: str(b.api_key),
-      bootstrapPort: typeof b.bootstrap_port === 'number' ? b.bootstrap_port : null,
-      kvEventsEndpoint: str(b.kv_events_endpoint),
-      kvEventsReplayEndpoint: str(b.kv_events_replay_endpoint),
-    }).then(
-      (ws) => this.log.info({ workers: ws.map((w) => w.id), by: c.origin }, 'worker added by a peer replica'),
-      (e) => this.log.warn({ url: c.url, by: c.origin, err: (e as Error).message }, 'could not add the worker a peer replica added'),
-    );
+  /** Registers a worker (all its DP ranks with --dp-aware) and subscribes to its KV events. */
+  registerWorker(spec: WorkerRegistration): Promise<Worker[]> {
+    return this.core.registerWorker(spec);
   }
 
   async close(): Promise<void> {
     this.draining = true;
-    await this.sync?.close();
-    await this.discovery?.stop();
-    this.policy.close?.();
-    await this.scraper?.stop();
-    await this.kvEvents.close();
+    await this.core.stopBackground();
     const server = this.server;
     if (server) {
       await new Promise<void>((resolve) => {
@@ -470,7 +216,7 @@ export class Gateway {
         server.closeAllConnections();
       });
     }
-    await this.workers.close();
+    await this.core.closeWorkers();
     await this.pools.closeAll();
   }
 
@@ -500,10 +246,10 @@ export class Gateway {
       if (route) {
         if (req.method !== 'POST') throw errors.methodNotAllowed(req.method ?? '?', path);
         if (this.keyLimiter) {
-          // Keys are hashed: the bucket id may travel to peer replicas, the key must not.
+          // Keys are hashed: the bucket id may travel to peer replicas (replica sync), the key must not.
           const bucket = createHash('sha256').update(apiKey ?? `ip:${req.socket.remoteAddress ?? ''}`).digest('base64url').slice(0, 22);
           const verdict = this.keyLimiter.take(bucket);
-          if (verdict.ok) this.sync?.rateLimitTaken(bucket);
+          if (verdict.ok) this.core.sync?.rateLimitTaken(bucket);
           if (!verdict.ok) {
             this.metrics.admissionRejected.inc({ reason: 'rate_limited' });
             res.setHeader('retry-after', String(Math.max(1, Math.ceil(verdict.retryAfterMs / 1000))));

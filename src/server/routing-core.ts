@@ -1,0 +1,376 @@
+import { hostname } from 'node:os';
+import pino, { type Logger } from 'pino';
+import type { ServeConfig } from '../config/serve-config.js';
+import { systemClock, type Clock } from '../core/clock.js';
+import type { RouteName } from '../core/context.js';
+import { WorkerRegistry } from '../core/registry.js';
+import { randomRng, type Rng } from '../core/rng.js';
+import { WorkerManager } from '../core/worker-manager.js';
+import type { Worker } from '../core/worker.js';
+import { endpointForRank } from '../events/endpoints.js';
+import { KvEventHub } from '../events/hub.js';
+import { EngineMetricsScraper } from '../metrics/engine-scraper.js';
+import { GatewayMetrics, registerReplicaSyncMetrics } from '../metrics/gateway-metrics.js';
+import { ServiceDiscovery } from '../discovery/service-discovery.js';
+import { NatsTransport } from '../sync/nats-transport.js';
+import { ReplicaSync, type AdminChange } from '../sync/replica-sync.js';
+import { CacheAwarePolicy } from '../policies/cache-aware.js';
+import { createPolicy } from '../policies/factory.js';
+import type { RoutingPolicy, Scheduler } from '../policies/policy.js';
+import { loadTokenizer, TokenizerRegistry } from '../tokenize/registry.js';
+import { Admission } from './admission.js';
+import { ControlRoutes, type WorkerRegistration } from './control.js';
+
+/** OpenAI-style generation paths and the route name policies see. */
+export const GENERATION_ROUTES: Record<string, RouteName> = {
+  '/v1/chat/completions': 'chat',
+  '/v1/completions': 'completions',
+  '/v1/embeddings': 'embeddings',
+  '/generate': 'generate',
+};
+
+/** Real-time one-shot and periodic timers that never keep the process alive (replica sync). */
+const realTimers = {
+  once(ms: number, fn: () => void): () => void {
+    const t = setTimeout(fn, ms);
+    t.unref();
+    return () => clearTimeout(t);
+  },
+  every(ms: number, fn: () => void): () => void {
+    const t = setInterval(fn, ms);
+    t.unref();
+    return () => clearInterval(t);
+  },
+};
+
+/** Real-time periodic work that never keeps the process alive. */
+export const timerScheduler: Scheduler = (everyMs, fn) => {
+  const t = setInterval(fn, everyMs);
+  t.unref();
+  return () => clearInterval(t);
+};
+
+export function createLogger(config: Pick<ServeConfig, 'logLevel' | 'logFormat'>): Logger {
+  if (config.logFormat === 'pretty') {
+    return pino({ level: config.logLevel, transport: { target: 'pino-pretty', options: { colorize: true } } });
+  }
+  return pino({ level: config.logLevel });
+}
+
+export interface RoutingCoreOptions {
+  clock?: Clock;
+  rng?: Rng;
+  logger?: Logger;
+}
+
+/**
+ * What every front door of kvgate routes with, built once from the serve options: the one
+ * worker registry, the worker manager (health checks, model discovery), the routing policies,
+ * the KV-event hub, the engine-metrics scraper, tokenizers, admission control and metrics, plus
+ * worker registration and the control routes. `kvgate serve` (server/gateway.ts, an HTTP proxy)
+ * and `kvgate epp` (epp/, an Envoy ext_proc endpoint picker) each own one and differ only in how
+ * requests reach it.
+ */
+export class RoutingCore {
+  readonly registry = new WorkerRegistry();
+  readonly log: Logger;
+  readonly clock: Clock;
+  readonly rng: Rng;
+  readonly metrics: GatewayMetrics;
+  readonly kvEvents: KvEventHub;
+  readonly tokenizers = new TokenizerRegistry();
+  readonly admission: Admission;
+  readonly workers: WorkerManager;
+  /** The policy of regular mode (and of the prefill pool in PD mode). */
+  readonly policy: RoutingPolicy;
+  /** Policies for the prefill and decode pools (PD mode; both are `policy` unless set apart). */
+  readonly prefillPolicy: RoutingPolicy;
+  readonly decodePolicy: RoutingPolicy;
+  private readonly scraper: EngineMetricsScraper | undefined;
+  /** Routing state shared with the other replicas (--replica-sync); policies never see it. */
+  readonly sync: ReplicaSync | undefined;
+  readonly replicaId: string;
+  /** Charges a peer's rate-limit use (set by a front that limits per key). */
+  onPeerRateLimit: ((key: string, n: number) => void) | undefined;
+  /** Kubernetes pod discovery (--service-discovery), once started. */
+  discovery: ServiceDiscovery | undefined;
+
+  constructor(
+    readonly config: ServeConfig,
+    opts: RoutingCoreOptions = {},
+  ) {
+    this.log = opts.logger ?? createLogger(config);
+    const clock = (this.clock = opts.clock ?? systemClock);
+    const rng = (this.rng = opts.rng ?? randomRng());
+    this.admission = new Admission({
+      maxConcurrent: config.maxConcurrentRequests,
+      queueSize: config.queueSize,
+      queueTimeoutMs: config.queueTimeoutSecs * 1000,
+    });
+    this.kvEvents = new KvEventHub({
+      clock,
+      logger: this.log,
+      mediums: config.kvEventsMediums,
+      bind: config.kvEventsBind,
+      maxBlocks: config.kvIndexMaxBlocks,
+      resolveSource: (topic, dpRank) => this.resolveEventSource(topic, dpRank),
+    });
+    this.metrics = new GatewayMetrics(this.registry, () => (this.policy instanceof CacheAwarePolicy ? this.policy.treeChars() : new Map()), this.kvEvents);
+    // Replica sync (--replica-sync): policies report what they record to it; it applies peers' events.
+    this.replicaId = config.replicaId ?? `${hostname()}:${config.port}:${process.pid}`;
+    const syncedPolicies = new Map<string, RoutingPolicy>();
+    if (config.replicaSync) {
+      this.sync = new ReplicaSync(
+        NatsTransport.start({
+          servers: config.replicaSync,
+          name: this.replicaId,
+          user: config.replicaSyncUser,
+          pass: config.replicaSyncPassword,
+          token: config.replicaSyncToken,
+          credsFile: config.replicaSyncCreds,
+          tlsCaFile: config.replicaSyncTlsCa,
+          tlsCertFile: config.replicaSyncTlsCert,
+          tlsKeyFile: config.replicaSyncTlsKey,
+        }),
+        {
+          registry: this.registry,
+          policies: syncedPolicies,
+          clock,
+          timers: realTimers,
+          log: this.log,
+          applyAdmin: (c) => this.applyPeerAdmin(c),
+          consumeRateLimit: (key, n) => this.onPeerRateLimit?.(key, n),
+        },
+        {
+          replicaId: this.replicaId,
+          subject: config.replicaSyncSubject,
+          flushMs: config.replicaSyncFlushMs,
+          heartbeatMs: config.replicaHeartbeatMs,
+          peerExpiryMs: config.replicaExpirySecs * 1000,
+          snapshotTimeoutMs: config.replicaSnapshotTimeoutSecs * 1000,
+        },
+      );
+      registerReplicaSyncMetrics(this.metrics, this.sync);
+    }
+    const makePolicy = (name: string, role: string) => createPolicy(
+      name,
+      { clock, rng, schedule: timerScheduler, observer: this.metrics.policyObserver(), share: this.sync?.shareFor(role) },
+      {
+        cacheAware: {
+          cacheThreshold: config.cacheThreshold,
+          balanceAbsThreshold: config.balanceAbsThreshold,
+          balanceRelThreshold: config.balanceRelThreshold,
+          evictionIntervalSecs: config.evictionIntervalSecs,
+          maxTreeSize: config.maxTreeSize,
+        },
+        kvIndex: this.kvEvents,
+        kvAware: {
+          overlapWeight: config.kvOverlapWeight,
+          activeWeight: config.kvActiveWeight,
+          historyWeight: config.kvHistoryWeight,
+          temperature: config.routerTemperature,
+          staleAfterMs: config.kvEventsStaleSecs * 1000,
+          maxTreeSize: config.maxTreeSize,
+          evictionIntervalSecs: config.evictionIntervalSecs,
+        },
+        prefixLoad: { windowSecs: config.windowSecs },
+        engineLoad: { staleAfterMs: config.engineMetricsStaleSecs * 1000 },
+      },
+    );
+    // PD mode: one instance per pool (each falls back to --policy), so no state (round-robin
+    // counters, prefix trees) is shared between the prefill and the decode pool.
+    this.policy = makePolicy(config.pdDisaggregation ? (config.prefillPolicy ?? config.policy) : config.policy, 'main');
+    this.prefillPolicy = this.policy;
+    this.decodePolicy = config.pdDisaggregation ? makePolicy(config.decodePolicy ?? config.policy, 'decode') : this.policy;
+    syncedPolicies.set('main', this.policy);
+    if (this.decodePolicy !== this.policy) syncedPolicies.set('decode', this.decodePolicy);
+    if (config.engineMetricsIntervalSecs > 0) {
+      this.scraper = new EngineMetricsScraper(this.registry, { intervalMs: config.engineMetricsIntervalSecs * 1000, clock }, this.log);
+    }
+    this.registry.on('removed', (w) => {
+      for (const p of this.policies()) p.onWorkerRemoved?.(w);
+      void this.kvEvents.removeSource(w.id);
+      this.metrics.forgetWorker(w.id);
+    });
+    this.registry.on('modelChanged', (w, before) => {
+      if (before !== undefined) this.policy.onWorkerRemoved?.(w);
+    });
+    this.workers = new WorkerManager(
+      this.registry,
+      {
+        health: {
+          intervalSecs: config.healthCheckIntervalSecs,
+          timeoutSecs: config.healthCheckTimeoutSecs,
+          failureThreshold: config.healthFailureThreshold,
+          successThreshold: config.healthSuccessThreshold,
+          endpoint: config.healthCheckEndpoint,
+          startupTimeoutSecs: config.workerStartupTimeoutSecs,
+        },
+        breaker: {
+          failureThreshold: config.cbFailureThreshold,
+          successThreshold: config.cbSuccessThreshold,
+          openMs: config.cbTimeoutDurationSecs * 1000,
+          disabled: config.disableCircuitBreaker,
+        },
+        clock,
+        onBreakerTransition: (w, from, to) => this.metrics.breakerTransitions.inc({ worker: w.id, from, to }),
+      },
+      this.log,
+    );
+  }
+
+  /** The distinct policies in use (one, or prefill and decode apart). */
+  policies(): RoutingPolicy[] {
+    return [...new Set([this.policy, this.prefillPolicy, this.decodePolicy])];
+  }
+
+  /** Loads the --tokenizer entries and starts the KV-event hub. */
+  async start(): Promise<void> {
+    for (const entry of this.config.tokenizer) {
+      const eq = entry.indexOf('=');
+      if (eq > 0 && !/^[a-zA-Z]:[\\/]/.test(entry)) await this.tokenizers.load(entry.slice(0, eq), entry.slice(eq + 1));
+      else this.tokenizers.default = await loadTokenizer(entry);
+    }
+    await this.kvEvents.start();
+  }
+
+  /** Registers the workers the flags name (--worker-urls, --prefill, --decode), checking each once. */
+  async registerConfiguredWorkers(): Promise<void> {
+    const c = this.config;
+    await Promise.all(
+      c.workerUrls.map((url, i) =>
+        this.registerWorker({
+          url,
+          modelId: c.modelId,
+          apiKey: c.workerApiKey,
+          kvEventsEndpoint: c.kvEventsEndpoints[i],
+          kvEventsReplayEndpoint: c.kvEventsReplayEndpoints[i],
+        }),
+      ),
+    );
+    await Promise.all([
+      ...c.prefill.map((p) => this.registerWorker({ url: p.url, modelId: c.modelId, apiKey: c.workerApiKey, type: 'prefill', bootstrapPort: p.bootstrapPort })),
+      ...c.decode.map((url) => this.registerWorker({ url, modelId: c.modelId, apiKey: c.workerApiKey, type: 'decode' })),
+    ]);
+  }
+
+  /** Starts Kubernetes pod discovery (--service-discovery): list, then watch. */
+  async startDiscovery(): Promise<void> {
+    const c = this.config;
+    if (!c.serviceDiscovery) return;
+    const sink = {
+      registry: this.registry,
+      registerWorker: (t: WorkerRegistration) => this.registerWorker({ ...t, apiKey: c.workerApiKey }),
+      removeWorker: (url: string) => void this.workers.remove(url),
+    };
+    this.discovery = new ServiceDiscovery(c, sink, this.log);
+    await this.discovery.start();
+  }
+
+  /** Joins the peer replicas (--replica-sync); never blocks routing. */
+  startSync(): void {
+    this.sync?.start();
+  }
+
+  /** Starts scraping engine metrics (when --engine-metrics-interval-secs > 0). */
+  startScraper(): void {
+    this.scraper?.start();
+  }
+
+  /**
+   * Registers a worker (all its DP ranks with --dp-aware) and subscribes to its KV events:
+   * rank r of a data-parallel engine publishes on the endpoint's port + r, as vLLM does.
+   */
+  async registerWorker(spec: WorkerRegistration): Promise<Worker[]> {
+    const workers = await this.workers.add({
+      url: spec.url,
+      modelId: spec.modelId,
+      apiKey: spec.apiKey,
+      type: spec.type,
+      bootstrapPort: spec.bootstrapPort,
+      dpAware: this.config.dpAware,
+      dpSize: spec.dpSize ?? this.config.dpSize,
+    });
+    if (spec.kvEventsEndpoint) {
+      for (const w of workers) {
+        const rank = w.dpRank ?? 0;
+        await this.kvEvents.addSource(
+          w.id,
+          endpointForRank(spec.kvEventsEndpoint, rank),
+          spec.kvEventsReplayEndpoint ? endpointForRank(spec.kvEventsReplayEndpoint, rank) : undefined,
+        );
+      }
+    }
+    return workers;
+  }
+
+  /** The control routes (probes, models, metrics, worker admin API) over this core. */
+  controlRoutes(front: { pdMode: boolean; startedAt: number; isDraining(): boolean }): ControlRoutes {
+    return new ControlRoutes({
+      registry: this.registry,
+      workers: this.workers,
+      metrics: this.metrics,
+      log: this.log,
+      pdMode: front.pdMode,
+      startedAt: front.startedAt,
+      healthCheckTimeoutSecs: this.config.healthCheckTimeoutSecs,
+      isDraining: front.isDraining,
+      registerWorker: (spec) => this.registerWorker(spec),
+      announce: this.sync ? (c) => this.sync!.announceAdmin(c) : undefined,
+      replicas: this.sync ? () => ({ ready: this.sync!.initialSyncDone, status: this.sync!.status() }) : undefined,
+    });
+  }
+
+  /** A worker added or removed through another replica's admin API. */
+  private applyPeerAdmin(c: AdminChange): void {
+    if (c.op === 'remove') {
+      const removed = this.workers.remove(c.url);
+      if (removed.length > 0) this.log.info({ url: c.url, by: c.origin }, 'worker removed by a peer replica');
+      return;
+    }
+    if (this.registry.byUrl(c.url).length > 0) return;
+    const b = c.spec ?? {};
+    const str = (v: unknown) => (typeof v === 'string' ? v : undefined);
+    const type = b.worker_type === 'prefill' || b.worker_type === 'decode' ? b.worker_type : undefined;
+    if ((type === undefined) === this.config.pdDisaggregation) {
+      this.log.warn({ url: c.url, by: c.origin, workerType: b.worker_type ?? 'regular' }, 'peer replica added a worker of a type this replica does not route (PD mode differs); ignored');
+      return;
+    }
+    void this.registerWorker({
+      url: c.url,
+      type,
+      modelId: str(b.model_id),
+      apiKey: str(b.api_key),
+      bootstrapPort: typeof b.bootstrap_port === 'number' ? b.bootstrap_port : null,
+      kvEventsEndpoint: str(b.kv_events_endpoint),
+      kvEventsReplayEndpoint: str(b.kv_events_replay_endpoint),
+    }).then(
+      (ws) => this.log.info({ workers: ws.map((w) => w.id), by: c.origin }, 'worker added by a peer replica'),
+      (e) => this.log.warn({ url: c.url, by: c.origin, err: (e as Error).message }, 'could not add the worker a peer replica added'),
+    );
+  }
+
+  /** Bind mode: the worker whose host:port the topic names (llm-d: kv@<host>:<port>@<model>), at the batch's rank. */
+  private resolveEventSource(topic: string, dpRank: number | null): { key: string } | null {
+    for (const w of this.registry.all()) {
+      const hostPort = new URL(w.url).host;
+      if (!topic.includes(hostPort)) continue;
+      if (w.dpRank === undefined || w.dpRank === (dpRank ?? 0)) return { key: w.id };
+    }
+    return null;
+  }
+
+  /** Stops policy timers, the scraper and the KV-event hub (first step of a shutdown). */
+  async stopBackground(): Promise<void> {
+    await this.sync?.close();
+    await this.discovery?.stop();
+    for (const p of this.policies()) p.close?.();
+    await this.scraper?.stop();
+    await this.kvEvents.close();
+  }
+
+  /** Stops health checks and forgets the workers (last step of a shutdown). */
+  async closeWorkers(): Promise<void> {
+    await this.workers.close();
+  }
+}
