@@ -7,6 +7,7 @@ export interface ServeConfig {
   port: number;
   workerUrls: string[];
   modelId: string | undefined;
+  strictModel: boolean;
   policy: string;
   cacheThreshold: number;
   balanceAbsThreshold: number;
@@ -97,6 +98,7 @@ export const serveOptionSpecs: readonly OptionSpec[] = [
   { flag: 'port', kind: 'int', description: 'Port to listen on (0 = any free port)', default: 30000, min: 0, max: 65535 },
   { flag: 'worker-urls', kind: 'list', description: 'Engine base URLs (vLLM or SGLang OpenAI servers)', default: [], argName: 'url...', check: checkUrls as never },
   { flag: 'model-id', kind: 'string', description: "Model id for --worker-urls workers instead of asking each worker's /v1/models" },
+  { flag: 'strict-model', kind: 'bool', description: "With one model served, still answer 404 to requests naming another model (default: route them to it, as the SGLang router does)", default: false },
   { flag: 'policy', kind: 'enum', description: 'Routing policy', default: 'cache_aware', choices: POLICY_NAMES },
   { flag: 'cache-threshold', kind: 'number', description: 'cache_aware: minimum matched/total prefix ratio for affinity', default: 0.3, min: 0, max: 1 },
   { flag: 'balance-abs-threshold', kind: 'int', description: 'cache_aware: in-flight difference (max-min) above which load wins over affinity', default: 64, min: 0 },

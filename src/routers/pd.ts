@@ -11,7 +11,7 @@ import type { RequestOutcome, RoutingPolicy, WorkerPair } from '../policies/poli
 import { sendError } from '../server/http-util.js';
 import type { UpstreamPools } from '../upstream/pools.js';
 import { forwardHeaders } from '../upstream/proxy.js';
-import { buildContext, resolveModel, type RoutedRequest, type Tokenize } from './request.js';
+import { buildContext, routeModel, type RoutedRequest, type Tokenize } from './request.js';
 
 export type PdProtocol = 'sglang' | 'vllm';
 
@@ -28,6 +28,8 @@ export interface PdRouterDeps {
   totalTimeoutMs: number;
   clientAuthEnabled: boolean;
   tokenize?: Tokenize;
+  /** --strict-model (see resolveModel). */
+  strictModel?: boolean;
 }
 
 /**
@@ -141,7 +143,7 @@ export class PdRouter {
 
   async handle(r: RoutedRequest): Promise<number> {
     const { registry, pairPolicy, metrics } = this.deps;
-    const model = resolveModel(registry, r.body, ['prefill', 'decode']);
+    const model = routeModel(registry, r, ['prefill', 'decode'], this.deps.strictModel);
     const ctx = buildContext(r, model, this.deps.clock, this.deps.tokenize, !!pairPolicy.needsTokens);
     const prefillPool = registry.forModel(model, 'prefill');
     const decodePool = registry.forModel(model, 'decode');

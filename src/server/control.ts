@@ -129,6 +129,15 @@ export class ControlRoutes {
         expect('POST');
         return send(200, await this.flushCache());
     }
+    if (path.startsWith('/v1/models/')) {
+      expect('GET');
+      // OpenAI: GET /v1/models/{model}; ids may contain '/', sent raw or percent-encoded.
+      const id = decodeURIComponent(path.slice('/v1/models/'.length));
+      if (!this.deps.registry.healthyModels().includes(id)) {
+        throw new GatewayError(404, `The model '${id}' does not exist`, 'invalid_request_error', 'model_not_found', 'model');
+      }
+      return send(200, { id, object: 'model', created: Math.floor(this.deps.startedAt / 1000), owned_by: 'kvgate' });
+    }
     if (path.startsWith('/workers/')) {
       const id = decodeURIComponent(path.slice('/workers/'.length));
       const worker = this.deps.registry.get(id) ?? this.deps.registry.byUrl(safeNormalize(id) ?? '')[0];

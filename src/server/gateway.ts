@@ -200,6 +200,7 @@ export class Gateway {
       },
       clientAuthEnabled: this.apiKeys.size > 0,
       tokenize: (route, model, body) => this.tokenizers.tokenize(route, body, model),
+      strictModel: config.strictModel,
     });
     if (config.pdDisaggregation) {
       this.pd = new PdRouter({
@@ -214,6 +215,7 @@ export class Gateway {
         totalTimeoutMs: config.requestTimeoutSecs * 1000,
         clientAuthEnabled: this.apiKeys.size > 0,
         tokenize: (route, model, body) => this.tokenizers.tokenize(route, body, model),
+        strictModel: config.strictModel,
       });
     }
     this.control = new ControlRoutes({
