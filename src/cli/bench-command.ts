@@ -89,7 +89,7 @@ export function registerBenchCommand(program: Command): void {
   const cmd = program
     .command('bench')
     .description('Policy lab: replay a trace through every policy on a simulated cluster and report hit rate and latency')
-    .addHelpText('after', '\nExample: kvgate bench --workload mooncake:../shared/data/mooncake/synthetic_trace.jsonl --workers 8 --out bench-out');
+    .addHelpText('after', '\nExample: npx kvgate bench --workload mooncake:traces/mooncake/synthetic_trace.jsonl --workers 8 --out bench-out');
   addOptions(cmd, benchOptionSpecs);
   cmd.action(async (cli: Record<string, unknown>) => {
     try {

@@ -408,6 +408,8 @@ export class EngineMetricsScraper {
       if (this.lastErrors.delete(url)) this.log?.info({ url }, 'engine metrics scrape recovered');
       return updated;
     } catch (e) {
+      // Stopped while this scrape ran (shutdown): nothing is wrong with the worker.
+      if (this.abort.signal.aborted) return -1;
       this.failures++;
       const err = e as Error;
       const why = err.name === 'TimeoutError' ? `timed out after ${this.timeoutMs} ms` : err.message;
