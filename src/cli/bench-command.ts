@@ -120,8 +120,8 @@ export function registerBenchCommand(program: Command): void {
         evictionIntervalSecs: o.evictionIntervalSecs as number,
         maxTreeSize: o.maxTreeSize as number,
       };
-      const workloadAt = (rate: number) =>
-        loadWorkload(spec, {
+      const workloadAt = (rate: number, workloadSpec = spec) =>
+        loadWorkload(workloadSpec, {
           seed: o.seed as number,
           rateScale: generated ? undefined : rate,
           rps: generated && rate > 0 ? rate : undefined,
@@ -131,9 +131,12 @@ export function registerBenchCommand(program: Command): void {
       if (o.live) {
         if (!o.target) throw new ConfigError('--live needs --target URL');
         if (sweep) throw new ConfigError('--sweep is not available with --live: run one rate per invocation');
+        // A generated workload without n= or duration= lasts --duration-secs (its default n is
+        // one round, which at the given rate can end long before the duration).
+        const liveSpec = generated && !/(^|[:,])(n|duration)=/.test(spec) ? `${spec}${spec.includes(':') ? ',' : ':'}duration=${o.durationSecs as number}` : spec;
         const result = await runLive({
           target: o.target as string,
-          workload: workloadAt(rates[0]),
+          workload: workloadAt(rates[0], liveSpec),
           model: o.model as string | undefined,
           concurrency: o.concurrency as number,
           durationSecs: o.durationSecs as number,
