@@ -37,7 +37,7 @@ export const benchOptionSpecs: readonly OptionSpec[] = [
   {
     flag: 'policies',
     kind: 'list',
-    description: 'Policies to compare (round_robin and the pooled-cache bound are always added)',
+    description: 'Policies to compare (round_robin and the pooled LRU reference are always added)',
     default: ['round_robin', 'random', 'power_of_two', 'least_load', 'cache_aware', 'kv_aware', 'prefix_load'],
     check: ((v: string[]) => v.find((p) => !isPolicyName(p)) && `unknown policy '${v.find((p) => !isPolicyName(p))}' (expected ${POLICY_NAMES.join(', ')})`) as never,
   },

@@ -13,6 +13,8 @@ export interface HealthConfig {
   endpoint: string;
   /** A new worker may take this long to pass its first check before it is reported as failed. */
   startupTimeoutSecs: number;
+  /** Seconds between checks of a worker not yet healthy once (--worker-startup-check-interval; default 1). */
+  startupCheckIntervalSecs?: number;
 }
 
 export interface WorkerManagerOptions {
@@ -110,7 +112,7 @@ export class WorkerManager {
   private schedule(url: string, state: UrlState): void {
     if (this.closed || this.states.get(url) !== state) return;
     const every = this.health.intervalSecs * 1000;
-    const delay = state.everHealthy ? every : Math.min(every, STARTUP_POLL_MS);
+    const delay = state.everHealthy ? every : Math.min(every, this.health.startupCheckIntervalSecs !== undefined ? this.health.startupCheckIntervalSecs * 1000 : STARTUP_POLL_MS);
     state.timer = setTimeout(() => {
       void this.check(url).finally(() => this.schedule(url, state));
     }, delay);

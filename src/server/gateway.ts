@@ -13,7 +13,7 @@ import { randomRng, type Rng } from '../core/rng.js';
 import { WorkerManager } from '../core/worker-manager.js';
 import { GatewayMetrics } from '../metrics/gateway-metrics.js';
 import { CacheAwarePolicy } from '../policies/cache-aware.js';
-import { createPolicy } from '../policies/factory.js';
+import { createPolicy, withSessionAffinity } from '../policies/factory.js';
 import type { RoutingPolicy, Scheduler } from '../policies/policy.js';
 import { PdRouter, SplitPairPolicy } from '../routers/pd.js';
 import { RegularRouter } from '../routers/regular.js';
@@ -112,9 +112,10 @@ export class Gateway {
       resolveSource: (topic, dpRank) => this.resolveEventSource(topic, dpRank),
     });
     this.metrics = new GatewayMetrics(this.registry, () => (this.policy instanceof CacheAwarePolicy ? this.policy.treeChars() : new Map()), this.kvEvents);
-    const makePolicy = (name: string) => createPolicy(
+    const policyDeps = { clock, rng, schedule: timerScheduler, observer: this.metrics.policyObserver() };
+    const makePolicy = (name: string) => withSessionAffinity(createPolicy(
       name,
-      { clock, rng, schedule: timerScheduler, observer: this.metrics.policyObserver() },
+      policyDeps,
       {
         cacheAware: {
           cacheThreshold: config.cacheThreshold,
@@ -136,7 +137,7 @@ export class Gateway {
         prefixLoad: { windowSecs: config.windowSecs },
         engineLoad: { staleAfterMs: config.engineMetricsStaleSecs * 1000 },
       },
-    );
+    ), policyDeps, config.sessionAffinityHeader, config.sessionAffinityTtlSecs);
     // PD mode: one instance per pool (each falls back to --policy), so no state (round-robin
     // counters, prefix trees) is shared between the prefill and the decode pool.
     this.policy = makePolicy(config.pdDisaggregation ? (config.prefillPolicy ?? config.policy) : config.policy);
@@ -164,12 +165,14 @@ export class Gateway {
           successThreshold: config.healthSuccessThreshold,
           endpoint: config.healthCheckEndpoint,
           startupTimeoutSecs: config.workerStartupTimeoutSecs,
+          startupCheckIntervalSecs: config.workerStartupCheckInterval,
         },
         breaker: {
           failureThreshold: config.cbFailureThreshold,
           successThreshold: config.cbSuccessThreshold,
           openMs: config.cbTimeoutDurationSecs * 1000,
           disabled: config.disableCircuitBreaker,
+          windowMs: config.cbWindowDurationSecs * 1000,
         },
         clock,
         onBreakerTransition: (w, from, to) => this.metrics.breakerTransitions.inc({ worker: w.id, from, to }),

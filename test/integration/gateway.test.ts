@@ -249,7 +249,7 @@ describe('gateway: admin, models and metrics', () => {
     const [a, b] = await workers(2);
     const gw = await gateway({ workerUrls: [a.url] });
     let r = await post(gw, '/workers', { url: b.url });
-    expect(r.status).toBe(201);
+    expect(r.status).toBe(202);
     expect(r.json.worker.healthy).toBe(true);
     expect(r.json.worker.model).toBe('fake-model');
     r = await post(gw, '/workers', { url: b.url });
@@ -284,8 +284,19 @@ describe('gateway: admin, models and metrics', () => {
       expect(metrics).toContain(name);
     }
 
+    // The SGLang router's shape: POST answered 202 with a stable URL-safe worker_id and its location.
+    const added = (await post(gw, '/workers', { url: 'http://127.0.0.1:1' })).json;
+    expect(added).toMatchObject({ status: 'accepted', url: 'http://127.0.0.1:1', location: `/workers/${added.worker_id}` });
+    expect(added.worker_id).toMatch(/^[0-9a-f]{16}$/);
+    const one = await request(`${gw.url}/workers/${added.worker_id}`);
+    expect(one.statusCode).toBe(200);
+    expect(await one.body.json()).toMatchObject({ worker_id: added.worker_id, url: 'http://127.0.0.1:1', is_healthy: false });
+    const delNew = await request(`${gw.url}/workers/${added.worker_id}`, { method: 'DELETE' });
+    expect(delNew.statusCode).toBe(202);
+    expect(await delNew.body.json()).toMatchObject({ status: 'accepted', worker_id: added.worker_id });
+    // The older form: the URL-encoded worker URL.
     const del = await request(`${gw.url}/workers/${encodeURIComponent(b.url)}`, { method: 'DELETE' });
-    expect(del.statusCode).toBe(200);
+    expect(del.statusCode).toBe(202);
     await del.body.dump();
     const rem = await request(`${gw.url}/remove_worker?url=${encodeURIComponent(a.url)}`, { method: 'POST' });
     expect(rem.statusCode).toBe(200);
@@ -294,7 +305,7 @@ describe('gateway: admin, models and metrics', () => {
     r = await post(gw, '/v1/completions', { prompt: 'x' });
     expect(r.status).toBe(503);
     const add = await request(`${gw.url}/add_worker?url=${encodeURIComponent(a.url)}`, { method: 'POST' });
-    expect(add.statusCode).toBe(201);
+    expect(add.statusCode).toBe(200);
     await add.body.dump();
     r = await post(gw, '/v1/completions', { prompt: 'x' });
     expect(r.status).toBe(200);
