@@ -1,4 +1,5 @@
 import { Agent, request } from 'undici';
+import type { WorkerTlsOptions } from './tls.js';
 import type { Logger } from 'pino';
 import { CircuitBreaker, type BreakerConfig, type BreakerState } from './circuit-breaker.js';
 import type { Clock } from './clock.js';
@@ -22,6 +23,8 @@ export interface WorkerManagerOptions {
   breaker: BreakerConfig;
   clock: Clock;
   onBreakerTransition?: (worker: Worker, from: BreakerState, to: BreakerState) => void;
+  /** TLS to https:// workers (--ca-cert-paths, --client-cert-path/--client-key-path). */
+  tls?: WorkerTlsOptions;
 }
 
 /** While a worker has never passed a check, it is polled at least this often. */
@@ -47,7 +50,7 @@ interface UrlState {
  */
 export class WorkerManager {
   private readonly states = new Map<string, UrlState>();
-  private readonly agent = new Agent({ keepAliveTimeout: 10_000, connections: 4 });
+  private readonly agent: Agent;
   private closed = false;
   private readonly health: HealthConfig;
 
@@ -57,6 +60,12 @@ export class WorkerManager {
     private readonly log: Logger,
   ) {
     this.health = opts.health;
+    this.agent = new Agent({ keepAliveTimeout: 10_000, connections: 4, ...(opts.tls ? { connect: { ...opts.tls } } : {}) });
+  }
+
+  /** The dispatcher for admin fan-outs to workers (same TLS settings as health checks). */
+  get dispatcher(): Agent {
+    return this.agent;
   }
 
   /**

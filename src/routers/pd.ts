@@ -27,6 +27,8 @@ export interface PdRouterDeps {
   protocol: PdProtocol;
   totalTimeoutMs: number;
   clientAuthEnabled: boolean;
+  /** --forward-headers: client headers forwarded besides the default allow-list (lower-case). */
+  forwardHeaders?: ReadonlySet<string>;
   tokenize?: Tokenize;
   /** --strict-model (see resolveModel). */
   strictModel?: boolean;
@@ -332,7 +334,7 @@ export class PdRouter {
   }
 
   private headers(r: RoutedRequest, w: Worker): Record<string, string> {
-    const h = forwardHeaders(r.req.headers, r.requestId);
+    const h = forwardHeaders(r.req.headers, r.requestId, this.deps.forwardHeaders);
     h['content-type'] = 'application/json';
     if (w.apiKey) h.authorization = `Bearer ${w.apiKey}`;
     else if (this.deps.clientAuthEnabled) delete h.authorization;

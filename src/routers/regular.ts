@@ -25,6 +25,8 @@ export interface RegularRouterDeps {
   /** kvgate authenticates its clients itself: their Authorization header is not for workers. */
   clientAuthEnabled: boolean;
   /** Token ids for policies that need them (undefined when no tokenizer applies). */
+  /** --forward-headers: client headers forwarded besides the default allow-list (lower-case). */
+  forwardHeaders?: ReadonlySet<string>;
   tokenize?: Tokenize;
   /** --strict-model: the request's `model` must be served even when only one model is. */
   strictModel?: boolean;
@@ -121,7 +123,7 @@ export class RegularRouter {
   }
 
   private upstreamHeaders(r: RoutedRequest, worker: Worker): Record<string, string> {
-    const h = forwardHeaders(r.req.headers, r.requestId);
+    const h = forwardHeaders(r.req.headers, r.requestId, this.deps.forwardHeaders);
     if (worker.apiKey) h.authorization = `Bearer ${worker.apiKey}`;
     else if (this.deps.clientAuthEnabled) delete h.authorization;
     if (worker.dpRank !== undefined) h['x-data-parallel-rank'] = String(worker.dpRank);

@@ -220,7 +220,7 @@ export class ControlRoutes {
     return Promise.all(
       urls.map(async (url) => {
         try {
-          const res = await request(url + path, { method, headers: this.deps.workers.authHeaders(url), signal: AbortSignal.timeout(this.deps.healthCheckTimeoutSecs * 1000) });
+          const res = await request(url + path, { method, dispatcher: this.deps.workers.dispatcher, headers: this.deps.workers.authHeaders(url), signal: AbortSignal.timeout(this.deps.healthCheckTimeoutSecs * 1000) });
           const text = await res.body.text();
           return { url, ok: res.statusCode >= 200 && res.statusCode < 300, status: res.statusCode, value: read(res.statusCode, text) };
         } catch (e) {

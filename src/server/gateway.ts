@@ -18,6 +18,7 @@ import type { RoutingPolicy, Scheduler } from '../policies/policy.js';
 import { PdRouter, SplitPairPolicy } from '../routers/pd.js';
 import { RegularRouter } from '../routers/regular.js';
 import { UpstreamPools } from '../upstream/pools.js';
+import { loadWorkerTls } from '../core/tls.js';
 import { defaultRetryConfig, type RetryConfig } from '../core/retry.js';
 import { KvEventHub } from '../events/hub.js';
 import { EngineMetricsScraper } from '../metrics/engine-scraper.js';
@@ -94,7 +95,8 @@ export class Gateway {
     this.log = opts.logger ?? createLogger(config);
     const clock = opts.clock ?? systemClock;
     const rng = opts.rng ?? randomRng();
-    this.pools = new UpstreamPools(config.connectTimeoutSecs * 1000);
+    const tls = loadWorkerTls(config);
+    this.pools = new UpstreamPools(config.connectTimeoutSecs * 1000, undefined, tls);
     this.admission = new Admission({
       maxConcurrent: config.maxConcurrentRequests,
       queueSize: config.queueSize,
@@ -144,7 +146,7 @@ export class Gateway {
     this.prefillPolicy = this.policy;
     this.decodePolicy = config.pdDisaggregation ? makePolicy(config.decodePolicy ?? config.policy) : this.policy;
     if (config.engineMetricsIntervalSecs > 0) {
-      this.scraper = new EngineMetricsScraper(this.registry, { intervalMs: config.engineMetricsIntervalSecs * 1000, clock }, this.log);
+      this.scraper = new EngineMetricsScraper(this.registry, { intervalMs: config.engineMetricsIntervalSecs * 1000, clock, tls }, this.log);
     }
     this.registry.on('removed', (w) => {
       for (const p of new Set([this.policy, this.prefillPolicy, this.decodePolicy])) p.onWorkerRemoved?.(w);
@@ -175,6 +177,7 @@ export class Gateway {
           windowMs: config.cbWindowDurationSecs * 1000,
         },
         clock,
+        tls,
         onBreakerTransition: (w, from, to) => this.metrics.breakerTransitions.inc({ worker: w.id, from, to }),
       },
       this.log,
@@ -204,6 +207,7 @@ export class Gateway {
       clientAuthEnabled: this.apiKeys.size > 0,
       tokenize: (route, model, body) => this.tokenizers.tokenize(route, body, model),
       strictModel: config.strictModel,
+      forwardHeaders: new Set(config.forwardHeaders),
     });
     if (config.pdDisaggregation) {
       this.pd = new PdRouter({
@@ -219,6 +223,7 @@ export class Gateway {
         clientAuthEnabled: this.apiKeys.size > 0,
         tokenize: (route, model, body) => this.tokenizers.tokenize(route, body, model),
         strictModel: config.strictModel,
+        forwardHeaders: new Set(config.forwardHeaders),
       });
     }
     this.control = new ControlRoutes({
@@ -284,9 +289,45 @@ export class Gateway {
         resolve();
       });
     });
+    if (c.prometheusPort !== undefined) await this.startMetricsListener(c.prometheusPort, c.prometheusHost);
   }
 
   private boundPort = 0;
+  /** The --prometheus-port listener (GET /metrics only), when configured. */
+  private metricsServer: Server | undefined;
+  private metricsBoundPort = 0;
+
+  /** Port of the --prometheus-port listener (0 when there is none). */
+  get metricsPort(): number {
+    return this.metricsBoundPort;
+  }
+
+  /** --prometheus-port: /metrics on its own listener (the main port keeps serving it too). */
+  private async startMetricsListener(port: number, host: string): Promise<void> {
+    const server = createServer((req, res) => {
+      const path = (req.url ?? '/').split('?')[0];
+      if (path !== '/metrics' || req.method !== 'GET') {
+        sendError(res, path === '/metrics' ? errors.methodNotAllowed(req.method ?? '?', path) : errors.notFound(`No route for ${req.method} ${path}`, 'route_not_found'));
+        return;
+      }
+      void this.metrics.registry.metrics().then(
+        (text) => {
+          res.writeHead(200, { 'content-type': this.metrics.registry.contentType });
+          res.end(text);
+        },
+        (e: Error) => sendError(res, errors.internal(e.message)),
+      );
+    });
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      server.listen(port, host, () => {
+        server.removeListener('error', reject);
+        this.metricsBoundPort = (server.address() as AddressInfo).port;
+        resolve();
+      });
+    });
+    this.metricsServer = server;
+  }
 
   get port(): number {
     return this.boundPort;
@@ -366,6 +407,14 @@ export class Gateway {
     this.policy.close?.();
     await this.scraper?.stop();
     await this.kvEvents.close();
+    const metricsServer = this.metricsServer;
+    this.metricsServer = undefined;
+    if (metricsServer) {
+      await new Promise<void>((resolve) => {
+        metricsServer.close(() => resolve());
+        metricsServer.closeAllConnections();
+      });
+    }
     const server = this.server;
     if (server) {
       await new Promise<void>((resolve) => {
