@@ -39,8 +39,8 @@ async function startRouter(workerUrls: string[], policy = 'round_robin', extra: 
   const prom = await freePort();
   const cmd = ['serve', '--host', '127.0.0.1', '--port', String(port), '--policy', policy, '--prometheus-port', String(prom), '--prometheus-host', '127.0.0.1'];
   if (workerUrls.length) cmd.push('--worker-urls', ...workerUrls);
-  cmd.push(...extra, '--log-level', 'warn');
-  const proc = await spawnKvgate(cmd, /kvgate listening|"level":40/);
+  cmd.push(...extra);
+  const proc = await spawnKvgate(cmd, /kvgate listening/);
   running.push(proc);
   const url = `http://127.0.0.1:${port}`;
   for (let i = 0; i < 100; i++) {
