@@ -13,6 +13,13 @@
  *    the parent of a stored run and the block a removal names, through a per-source map
  *    engineHash → node. They are never used for matching.
  *
+ * Hybrid models (vLLM, one KV-cache group per attention kind, publishing the same block hashes
+ * per group with `group_idx` / `kv_cache_spec_kind`): a source keys engine hashes by
+ * (group, hash), so each group holds its own reference and one group's eviction never drops
+ * another's; groups whose kind is not full attention (sliding window, Mamba) are ignored, since a
+ * prefix is reusable only while the full-attention group holds it, and they never set or check
+ * the block size.
+ *
  * A source is one KV cache: a (worker, dp rank) pair, named by a string key such as
  * `http://host:8000@1`. Blocks stored in another medium (CPU_PINNED, DISK, ...) either are
  * ignored or live under the sub-source `<source>#<medium>`, which `match` leaves out unless
@@ -117,6 +124,19 @@ export function loraSeed(loraName: string | null | undefined): bigint {
   return s;
 }
 
+/** KV-cache group kinds whose blocks alone make a reusable prefix (vLLM's KVCacheSpecKind values). */
+const PREFIX_KINDS: ReadonlySet<string> = new Set(['full_attention', 'mla_attention', 'sink_full_attention']);
+
+/**
+ * A source's key for an engine hash: the hash itself for group 0 or no group (single-group
+ * engines), else (group + 1) << 64 | hash. Each KV-cache group of a hybrid model then holds its
+ * own reference to a block (they publish the same hashes), so one group's removal never drops
+ * another's.
+ */
+function groupKey(group: number | null, h: bigint): bigint {
+  return group === null || group === 0 ? h : (BigInt(group + 1) << 64n) | h;
+}
+
 /** Shared empty pair list; never mutated (see Node.ext). */
 const EMPTY: Array<number | bigint> = [];
 
@@ -196,6 +216,12 @@ export interface BlockIndexStats {
   noTokens: number;
   /** Stored/removed events in a non-GPU medium that the index ignored ('gpu-only'). */
   ignoredMedium: number;
+  /**
+   * Events of a KV-cache group that does not serve prefix reuse on its own (sliding-window,
+   * Mamba: vLLM hybrid models), ignored: they neither add blocks nor remove the full-attention
+   * group's, and never set or check the block size.
+   */
+  ignoredGroup: number;
   /** Nodes dropped by LRU pruning. */
   pruned: number;
   /** Rough heap footprint, see {@link BlockIndex.memoryBytes}. */
@@ -246,6 +272,9 @@ export class BlockIndex {
   private unknownRemoved = 0;
   private malformed = 0;
   private blockSizeMismatch = 0;
+  private ignoredGroup = 0;
+  /** Per source: KV-cache groups known (from their stored events' kind) not to be full attention. */
+  private readonly nonPrefixGroups = new Map<string, Set<number>>();
   private noTokens = 0;
   private ignoredMedium = 0;
   private pruned = 0;
@@ -315,6 +344,18 @@ export class BlockIndex {
       this.malformed++;
       return;
     }
+    const group = ev.groupIdx ?? null;
+    if (group !== null && typeof ev.kvCacheSpecKind === 'string') {
+      // Learn the group's kind (BlockRemoved carries only group_idx).
+      let non = this.nonPrefixGroups.get(source);
+      if (!PREFIX_KINDS.has(ev.kvCacheSpecKind)) {
+        if (!non) this.nonPrefixGroups.set(source, (non = new Set()));
+        non.add(group);
+        this.ignoredGroup++;
+        return;
+      }
+      non?.delete(group);
+    }
     let st: SourceState;
     if (isGpu(ev.medium)) st = this.state(source, false);
     else if (this.mediumMode === 'separate' && typeof ev.medium === 'string') st = this.state(`${source}#${ev.medium}`, true);
@@ -338,7 +379,7 @@ export class BlockIndex {
     }
     let node: Node | undefined = this.root;
     if (parentHash != null) {
-      node = st.map.get(parentHash);
+      node = st.map.get(groupKey(group, parentHash));
       if (node === undefined) {
         this.unknownParent++;
         return;
@@ -349,7 +390,7 @@ export class BlockIndex {
     node.touch = t;
     for (let i = 0; i < n; i++) {
       node = this.childOrCreate(node, local[i], t);
-      this.addRef(node, st, hashes[i]);
+      this.addRef(node, st, groupKey(group, hashes[i]));
     }
   }
 
@@ -357,6 +398,11 @@ export class BlockIndex {
     const hashes = ev.blockHashes;
     if (!Array.isArray(hashes)) {
       this.malformed++;
+      return;
+    }
+    const group = ev.groupIdx ?? null;
+    if (group !== null && this.nonPrefixGroups.get(source)?.has(group)) {
+      this.ignoredGroup++;
       return;
     }
     let name = source;
@@ -374,13 +420,14 @@ export class BlockIndex {
         this.malformed++;
         continue;
       }
-      const node = st?.map.get(h);
+      const key = groupKey(group, h);
+      const node = st?.map.get(key);
       if (st === undefined || node === undefined) {
         this.unknownRemoved++;
         continue;
       }
-      st.map.delete(h);
-      this.dropPair(node, st, h);
+      st.map.delete(key);
+      this.dropPair(node, st, key);
       this.pruneUp(node);
     }
   }
@@ -392,6 +439,7 @@ export class BlockIndex {
 
   /** Forgets `source` and its `<source>#<medium>` sub-sources entirely. */
   removeSource(source: string): void {
+    this.nonPrefixGroups.delete(source);
     for (const st of this.family(source)) {
       this.clearState(st);
       this.byName.delete(st.name);
@@ -404,7 +452,8 @@ export class BlockIndex {
   /** Known source keys (sub-sources included), in first-seen order. */
   /** The engine block hashes a source is known to hold (for checks against the engine's own state). */
   engineHashesOf(source: string): Set<bigint> {
-    return new Set(this.byName.get(source)?.map.keys() ?? []);
+    // Keys of groups > 0 carry the group above bit 64 (groupKey): report the engine hash alone.
+    return new Set([...(this.byName.get(source)?.map.keys() ?? [])].map((k) => BigInt.asUintN(64, k)));
   }
 
   sources(): string[] {
@@ -555,6 +604,7 @@ export class BlockIndex {
       unknownRemoved: this.unknownRemoved,
       malformed: this.malformed,
       blockSizeMismatch: this.blockSizeMismatch,
+      ignoredGroup: this.ignoredGroup,
       noTokens: this.noTokens,
       ignoredMedium: this.ignoredMedium,
       pruned: this.pruned,

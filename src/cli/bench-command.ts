@@ -37,7 +37,7 @@ export const benchOptionSpecs: readonly OptionSpec[] = [
   {
     flag: 'policies',
     kind: 'list',
-    description: 'Policies to compare (round_robin and the pooled-cache bound are always added)',
+    description: 'Policies to compare (round_robin and the pooled LRU reference are always added)',
     default: ['round_robin', 'random', 'power_of_two', 'least_load', 'cache_aware', 'kv_aware', 'prefix_load'],
     check: ((v: string[]) => v.find((p) => !isPolicyName(p)) && `unknown policy '${v.find((p) => !isPolicyName(p))}' (expected ${POLICY_NAMES.join(', ')})`) as never,
   },
@@ -89,7 +89,7 @@ export function registerBenchCommand(program: Command): void {
   const cmd = program
     .command('bench')
     .description('Policy lab: replay a trace through every policy on a simulated cluster and report hit rate and latency')
-    .addHelpText('after', '\nExample: kvgate bench --workload mooncake:../shared/data/mooncake/synthetic_trace.jsonl --workers 8 --out bench-out');
+    .addHelpText('after', '\nExample: npx kvgate bench --workload mooncake:traces/mooncake/synthetic_trace.jsonl --workers 8 --out bench-out');
   addOptions(cmd, benchOptionSpecs);
   cmd.action(async (cli: Record<string, unknown>) => {
     try {
@@ -120,8 +120,8 @@ export function registerBenchCommand(program: Command): void {
         evictionIntervalSecs: o.evictionIntervalSecs as number,
         maxTreeSize: o.maxTreeSize as number,
       };
-      const workloadAt = (rate: number) =>
-        loadWorkload(spec, {
+      const workloadAt = (rate: number, workloadSpec = spec) =>
+        loadWorkload(workloadSpec, {
           seed: o.seed as number,
           rateScale: generated ? undefined : rate,
           rps: generated && rate > 0 ? rate : undefined,
@@ -131,9 +131,12 @@ export function registerBenchCommand(program: Command): void {
       if (o.live) {
         if (!o.target) throw new ConfigError('--live needs --target URL');
         if (sweep) throw new ConfigError('--sweep is not available with --live: run one rate per invocation');
+        // A generated workload without n= or duration= lasts --duration-secs (its default n is
+        // one round, which at the given rate can end long before the duration).
+        const liveSpec = generated && !/(^|[:,])(n|duration)=/.test(spec) ? `${spec}${spec.includes(':') ? ',' : ':'}duration=${o.durationSecs as number}` : spec;
         const result = await runLive({
           target: o.target as string,
-          workload: workloadAt(rates[0]),
+          workload: workloadAt(rates[0], liveSpec),
           model: o.model as string | undefined,
           concurrency: o.concurrency as number,
           durationSecs: o.durationSecs as number,

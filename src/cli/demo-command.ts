@@ -69,10 +69,10 @@ export function registerDemoCommand(program: Command): void {
     const sims: SimServer[] = [];
     let gw: Gateway | undefined;
     let stopping = false;
-    const shutdown = async (code: number) => {
+    const shutdown = async (code: number, quiet = false) => {
       if (stopping) return;
       stopping = true;
-      process.stdout.write('\nshutting down…\n');
+      if (!quiet) process.stdout.write('\nshutting down…\n');
       await gw?.close();
       await Promise.all(sims.map((s) => s.close()));
       process.exit(code);
@@ -95,8 +95,13 @@ export function registerDemoCommand(program: Command): void {
       );
       await gw.start();
     } catch (e) {
-      process.stderr.write(`kvgate demo: cannot start: ${(e as Error).message}\n`);
-      await shutdown(1);
+      const err = e as NodeJS.ErrnoException;
+      const why =
+        err.code === 'EADDRINUSE'
+          ? `port ${o.port as number} on ${o.host as string} is already in use; choose another with --port N (--port 0 takes any free port)`
+          : `cannot start: ${err.message}`;
+      process.stderr.write(`kvgate demo: ${why}\n`);
+      await shutdown(1, true);
       return;
     }
     const url = gw.url;

@@ -13,7 +13,10 @@ const program = new Command()
   .name('kvgate')
   .description('Cache-aware, load-aware request router for vLLM and SGLang inference clusters')
   .version(pkg.version)
-  .showHelpAfterError();
+  // A mistyped flag or command: commander's one-line error with its "Did you mean …?" and a
+  // pointer to --help, not the whole help text (subcommands inherit these settings).
+  .showSuggestionAfterError(true)
+  .showHelpAfterError("(run with --help for every flag)");
 
 registerServeCommand(program);
 registerEppCommand(program);

@@ -28,7 +28,7 @@ export function registerServeCommand(program: Command): void {
       process.exit(1);
     }
     gateway.log.info(
-      { url: gateway.url, policy: config.policy, workers: gateway.registry.all().map((w) => ({ id: w.id, model: w.modelId, healthy: w.healthy })) },
+      { url: gateway.url, ...(gateway.metricsPort ? { metricsPort: gateway.metricsPort } : {}), policy: config.policy, workers: gateway.registry.all().map((w) => ({ id: w.id, model: w.modelId, healthy: w.healthy })) },
       'kvgate listening',
     );
     let stopping = false;

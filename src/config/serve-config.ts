@@ -8,6 +8,17 @@ export interface ServeConfig {
   port: number;
   workerUrls: string[];
   modelId: string | undefined;
+  strictModel: boolean;
+  sessionAffinityHeader: string | undefined;
+  sessionAffinityTtlSecs: number;
+  forwardHeaders: string[];
+  caCertPaths: string[];
+  clientCertPath: string | undefined;
+  clientKeyPath: string | undefined;
+  cbWindowDurationSecs: number;
+  workerStartupCheckInterval: number;
+  prometheusPort: number | undefined;
+  prometheusHost: string;
   policy: string;
   cacheThreshold: number;
   balanceAbsThreshold: number;
@@ -130,6 +141,17 @@ export const serveOptionSpecs: readonly OptionSpec[] = [
   { flag: 'port', kind: 'int', description: 'Port to listen on (0 = any free port)', default: 30000, min: 0, max: 65535 },
   { flag: 'worker-urls', kind: 'list', description: 'Engine base URLs (vLLM or SGLang OpenAI servers)', default: [], argName: 'url...', check: checkUrls as never },
   { flag: 'model-id', kind: 'string', description: "Model id for --worker-urls workers instead of asking each worker's /v1/models" },
+  { flag: 'strict-model', kind: 'bool', description: "With one model served, still answer 404 to requests naming another model (default: route them to it, as the SGLang router does)", default: false },
+  { flag: 'session-affinity-header', kind: 'string', description: 'Keep the requests carrying the same value of this header (e.g. X-Session-ID) on one worker, on top of any policy', argName: 'name' },
+  { flag: 'session-affinity-ttl-secs', kind: 'number', description: 'A session binding expires this long after its last request', default: 3600, min: 0, exclusiveMin: true },
+  { flag: 'forward-headers', kind: 'list', description: 'Request headers forwarded to workers besides the default allow-list (authorization, x-request-id*, x-correlation-id, traceparent, tracestate, x-smg-routing-key)', default: [], argName: 'name...' },
+  { flag: 'ca-cert-paths', kind: 'list', description: 'CA certificates (PEM) trusted for https:// workers (health checks, metrics scraping, proxying)', default: [], argName: 'path...' },
+  { flag: 'client-cert-path', kind: 'string', description: 'Client certificate (PEM) presented to https:// workers (mTLS)', argName: 'path' },
+  { flag: 'client-key-path', kind: 'string', description: 'Private key (PEM) of --client-cert-path', argName: 'path' },
+  { flag: 'cb-window-duration-secs', kind: 'number', description: 'Failures older than this no longer count toward --cb-failure-threshold (0 = consecutive failures, no window)', default: 120, min: 0 },
+  { flag: 'worker-startup-check-interval', kind: 'number', description: 'Seconds between health checks of a worker that has not passed its first one yet (at most --health-check-interval-secs)', default: 1, min: 0, exclusiveMin: true },
+  { flag: 'prometheus-port', kind: 'int', description: 'Serve /metrics on its own listener at this port (default: on the main port only)', min: 0, max: 65535 },
+  { flag: 'prometheus-host', kind: 'string', description: 'Address of the --prometheus-port listener', default: '0.0.0.0' },
   { flag: 'policy', kind: 'enum', description: 'Routing policy', default: 'cache_aware', choices: POLICY_NAMES },
   { flag: 'cache-threshold', kind: 'number', description: 'cache_aware: minimum matched/total prefix ratio for affinity', default: 0.3, min: 0, max: 1 },
   { flag: 'balance-abs-threshold', kind: 'int', description: 'cache_aware: in-flight difference (max-min) above which load wins over affinity', default: 64, min: 0 },
@@ -283,6 +305,10 @@ export function resolveServeConfig(cli: Record<string, unknown>, env: NodeJS.Pro
   if (o.replicaHeartbeatMs >= o.replicaExpirySecs * 1000) {
     throw new ConfigError('invalid value for --replica-expiry-secs: must be longer than --replica-heartbeat-ms');
   }
+  if ((o.clientCertPath === undefined) !== (o.clientKeyPath === undefined)) {
+    throw new ConfigError('invalid value for --client-cert-path / --client-key-path: give both or neither');
+  }
+  o.forwardHeaders = o.forwardHeaders.map((h) => h.toLowerCase());
   if ((o.tlsCertPath === undefined) !== (o.tlsKeyPath === undefined)) {
     throw new ConfigError('invalid value for --tls-cert-path / --tls-key-path: give both or neither');
   }

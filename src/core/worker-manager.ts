@@ -1,4 +1,5 @@
 import { Agent, request } from 'undici';
+import type { WorkerTlsOptions } from './tls.js';
 import type { Logger } from 'pino';
 import { CircuitBreaker, type BreakerConfig, type BreakerState } from './circuit-breaker.js';
 import type { Clock } from './clock.js';
@@ -13,6 +14,8 @@ export interface HealthConfig {
   endpoint: string;
   /** A new worker may take this long to pass its first check before it is reported as failed. */
   startupTimeoutSecs: number;
+  /** Seconds between checks of a worker not yet healthy once (--worker-startup-check-interval; default 1). */
+  startupCheckIntervalSecs?: number;
 }
 
 export interface WorkerManagerOptions {
@@ -20,6 +23,8 @@ export interface WorkerManagerOptions {
   breaker: BreakerConfig;
   clock: Clock;
   onBreakerTransition?: (worker: Worker, from: BreakerState, to: BreakerState) => void;
+  /** TLS to https:// workers (--ca-cert-paths, --client-cert-path/--client-key-path). */
+  tls?: WorkerTlsOptions;
 }
 
 /** While a worker has never passed a check, it is polled at least this often. */
@@ -45,7 +50,7 @@ interface UrlState {
  */
 export class WorkerManager {
   private readonly states = new Map<string, UrlState>();
-  private readonly agent = new Agent({ keepAliveTimeout: 10_000, connections: 4 });
+  private readonly agent: Agent;
   private closed = false;
   private readonly health: HealthConfig;
 
@@ -55,6 +60,12 @@ export class WorkerManager {
     private readonly log: Logger,
   ) {
     this.health = opts.health;
+    this.agent = new Agent({ keepAliveTimeout: 10_000, connections: 4, ...(opts.tls ? { connect: { ...opts.tls } } : {}) });
+  }
+
+  /** The dispatcher for admin fan-outs to workers (same TLS settings as health checks). */
+  get dispatcher(): Agent {
+    return this.agent;
   }
 
   /**
@@ -110,7 +121,7 @@ export class WorkerManager {
   private schedule(url: string, state: UrlState): void {
     if (this.closed || this.states.get(url) !== state) return;
     const every = this.health.intervalSecs * 1000;
-    const delay = state.everHealthy ? every : Math.min(every, STARTUP_POLL_MS);
+    const delay = state.everHealthy ? every : Math.min(every, this.health.startupCheckIntervalSecs !== undefined ? this.health.startupCheckIntervalSecs * 1000 : STARTUP_POLL_MS);
     state.timer = setTimeout(() => {
       void this.check(url).finally(() => this.schedule(url, state));
     }, delay);

@@ -1,3 +1,4 @@
+import { xxh3 } from '@node-rs/xxhash';
 export type WorkerType = 'regular' | 'prefill' | 'decode';
 
 /** Load as the engine itself reports it (scraped from its /metrics), per DP rank. */
@@ -123,7 +124,11 @@ export class Worker {
   toJSON(): Record<string, unknown> {
     return {
       id: this.id,
+      worker_id: workerIdOf(this.url),
       url: this.url,
+      model_id: this.modelId ?? null,
+      worker_type: this.type,
+      is_healthy: this.healthy,
       model: this.modelId ?? null,
       type: this.type,
       dp_rank: this.dpRank ?? null,
@@ -137,6 +142,15 @@ export class Worker {
       startup_failed: this.startupFailed,
     };
   }
+}
+
+/**
+ * The admin API's id of a worker URL (all its data-parallel ranks): stable (a function of the
+ * normalised URL only, so the same across restarts and replicas) and URL-safe (16 hex digits of
+ * xxh3-64), as the SGLang router's `worker_id` in `/workers/{worker_id}`.
+ */
+export function workerIdOf(url: string): string {
+  return xxh3.xxh64(url).toString(16).padStart(16, '0');
 }
 
 export function normalizeUrl(raw: string): string {

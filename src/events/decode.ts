@@ -8,10 +8,17 @@
  *    left off when None). An outer map `{ts, events, data_parallel_rank | attn_dp_rank}` is accepted
  *    defensively;
  *  - events, both shapes mixed freely in one batch:
- *      positional arrays tagged at [0] (vLLM ≤ 0.23, older SGLang):
- *        ["BlockStored", block_hashes, parent_block_hash, token_ids, block_size, lora_id, medium, lora_name, ...]
- *        ["BlockRemoved", block_hashes, medium, ...]      ["AllBlocksCleared", ...]
+ *      positional arrays tagged at [0] (vLLM's msgspec array_like structs, older SGLang), fields in
+ *      vLLM's declaration order (trailing defaults omitted):
+ *        ["BlockStored", block_hashes, parent_block_hash, token_ids, block_size, lora_id, medium,
+ *         lora_name, extra_keys, group_idx, kv_cache_spec_kind, kv_cache_spec_sliding_window,
+ *         locality, ownership, session_id]
+ *        ["BlockRemoved", block_hashes, medium, group_idx, locality, ownership]
+ *        ["AllBlocksCleared"]
  *      maps tagged under "type" (vLLM ≥ 0.24, newer SGLang), unknown keys ignored.
+ *    Hybrid models publish one BlockStored per KV-cache group with `group_idx` and
+ *    `kv_cache_spec_kind` (and BlockRemoved with `group_idx`); both are kept for the index.
+ *    `extra_keys` (multimodal / LoRA / salt per block) is read past and not used.
  *    Missing trailing fields take their defaults (parent/medium/lora_name null, token_ids []);
  *    extra positions / unknown keys are ignored.
  *  - block hashes: any msgpack int width (number or bigint), normalized to an unsigned 64-bit bigint
@@ -120,6 +127,14 @@ interface RawStored {
   blockSize: unknown;
   medium: unknown;
   loraName: unknown;
+  groupIdx: unknown;
+  kind: unknown;
+}
+
+/** group_idx: a non-negative integer, else null (absent, nil, nonsense). */
+function groupOf(v: unknown): number | null {
+  const g = smallInt(v);
+  return g !== null && g >= 0 ? g : null;
 }
 
 function buildStored(f: RawStored): KvCacheEvent | null {
@@ -134,13 +149,21 @@ function buildStored(f: RawStored): KvCacheEvent | null {
   if (tokenIds === null) return null;
   const blockSize = smallInt(f.blockSize);
   if (blockSize === null || blockSize <= 0) return null;
-  return { type: 'stored', blockHashes, parentBlockHash, tokenIds, blockSize, medium: optString(f.medium), loraName: optString(f.loraName) };
+  const ev: KvCacheEvent = { type: 'stored', blockHashes, parentBlockHash, tokenIds, blockSize, medium: optString(f.medium), loraName: optString(f.loraName) };
+  const groupIdx = groupOf(f.groupIdx);
+  const kind = optString(f.kind);
+  if (groupIdx !== null) ev.groupIdx = groupIdx;
+  if (kind !== null) ev.kvCacheSpecKind = kind;
+  return ev;
 }
 
-function buildRemoved(hashes: unknown, medium: unknown): KvCacheEvent | null {
+function buildRemoved(hashes: unknown, medium: unknown, group: unknown): KvCacheEvent | null {
   const blockHashes = hashList(hashes);
   if (blockHashes === null) return null;
-  return { type: 'removed', blockHashes, medium: optString(medium) };
+  const ev: KvCacheEvent = { type: 'removed', blockHashes, medium: optString(medium) };
+  const groupIdx = groupOf(group);
+  if (groupIdx !== null) ev.groupIdx = groupIdx;
+  return ev;
 }
 
 /**
@@ -152,10 +175,12 @@ function decodeEvent(raw: unknown): KvCacheEvent | null {
     switch (raw[0]) {
       case 'BlockStored':
       case 'BlockStoredWithMetadata':
-        // [tag, block_hashes, parent_block_hash, token_ids, block_size, lora_id, medium, lora_name, ...]
-        return buildStored({ hashes: raw[1], parent: raw[2], tokens: raw[3], blockSize: raw[4], medium: raw[6], loraName: raw[7] });
+        // [tag, block_hashes, parent_block_hash, token_ids, block_size, lora_id, medium, lora_name,
+        //  extra_keys, group_idx, kv_cache_spec_kind, kv_cache_spec_sliding_window, ...]
+        return buildStored({ hashes: raw[1], parent: raw[2], tokens: raw[3], blockSize: raw[4], medium: raw[6], loraName: raw[7], groupIdx: raw[9], kind: raw[10] });
       case 'BlockRemoved':
-        return buildRemoved(raw[1], raw[2]);
+        // [tag, block_hashes, medium, group_idx, ...]
+        return buildRemoved(raw[1], raw[2], raw[3]);
       case 'AllBlocksCleared':
         return { type: 'cleared' };
       default:
@@ -174,9 +199,11 @@ function decodeEvent(raw: unknown): KvCacheEvent | null {
           blockSize: m.block_size,
           medium: m.medium,
           loraName: m.lora_name,
+          groupIdx: m.group_idx,
+          kind: m.kv_cache_spec_kind,
         });
       case 'BlockRemoved':
-        return buildRemoved(m.block_hashes, m.medium);
+        return buildRemoved(m.block_hashes, m.medium, m.group_idx);
       case 'AllBlocksCleared':
         return { type: 'cleared' };
       default:

@@ -14,8 +14,15 @@ export type KvCacheEvent =
       blockSize: number;
       medium: string | null;
       loraName: string | null;
+      /**
+       * vLLM hybrid models (one KV-cache group per attention kind): the group that stored the
+       * blocks and its kind (`full_attention`, `mla_attention`, `sink_full_attention`,
+       * `sliding_window`, `sliding_window_mla`, `mamba`, `unknown`). Absent/null: one group.
+       */
+      groupIdx?: number | null;
+      kvCacheSpecKind?: string | null;
     }
-  | { type: 'removed'; blockHashes: bigint[]; medium: string | null }
+  | { type: 'removed'; blockHashes: bigint[]; medium: string | null; groupIdx?: number | null }
   | { type: 'cleared' };
 
 /** One decoded ZMQ message: `[ts, events, dp_rank]` with its sequence number. */

@@ -7,7 +7,7 @@ import { PD_DEFAULTS, runPdCluster } from './pd-cluster.js';
 import { markdownTable, summarise, type PolicyResult } from './report.js';
 import type { Workload } from './workload.js';
 
-export const POOLED = 'pooled-cache bound';
+export const POOLED = 'pooled LRU reference';
 
 const pairLabel = (prefill: string, decode: string) => (prefill === decode ? prefill : `${prefill}→${decode}`);
 
@@ -55,12 +55,12 @@ export interface BenchReport {
   rateKind: string;
   rates: number[];
   rows: PolicyResult[];
-  /** Human-readable conclusions computed from the rows (e.g. cache_aware vs bound). */
+  /** Human-readable conclusions computed from the rows (e.g. cache_aware vs the pooled LRU reference). */
   findings: string[];
 }
 
 /**
- * Runs every policy (plus the pooled-cache bound and round_robin, always) on the same
+ * Runs every policy (plus the pooled LRU reference and round_robin, always) on the same
  * workload and cluster at each rate, deterministically, and returns the report. With `pd`,
  * every policy also runs on the prefill/decode cluster, as extra rows after the aggregated ones.
  */
@@ -121,12 +121,12 @@ export async function runBench(o: BenchOptions, version: string): Promise<{ repo
   const sections: string[] = [];
   for (const rate of o.rates) {
     const at = rows.filter((r) => r.rate === rate);
-    const bound = at.find((r) => r.policy === POOLED)!.hitRate;
+    const pooled = at.find((r) => r.policy === POOLED)!.hitRate;
     const cluster = pd
       ? `${o.workers} aggregated engines vs PD ${pd.prefillWorkers} prefill + ${pd.decodeWorkers} decode engines (KV transfer ${pd.transferMsPerBlock} ms/block)`
       : `${o.workers} engines`;
     const title = `${names.get(rate)} — ${cluster}, seed ${o.seed}`;
-    sections.push(`### ${title}\n\n${markdownTable(at, { showRate: false, pooledHitRate: bound })}`);
+    sections.push(`### ${title}\n\n${markdownTable(at, { showRate: false, pooledHitRate: pooled })}`);
   }
   const markdown = [...sections, findings.length ? `\n${findings.map((f) => `- ${f}`).join('\n')}` : ''].join('\n\n');
   const report: BenchReport = {
@@ -153,16 +153,16 @@ function computeFindings(rows: PolicyResult[], rates: number[], pdAgainst: Reado
   for (const rate of rates) {
     const all = rows.filter((r) => r.rate === rate);
     const at = all.filter((r) => r.mode === 'aggregated');
-    const bound = at.find((r) => r.policy === POOLED)!;
+    const pooled = at.find((r) => r.policy === POOLED)!;
     const rr = at.find((r) => r.policy === 'round_robin')!;
     const suffix = rates.length > 1 ? ` (rate ${rate})` : '';
     out.push(`round_robin engines are ${(100 * rr.utilisation).toFixed(0)}% busy on average${suffix}.`);
     for (const r of at) {
       if (r.policy === POOLED || r.policy === 'round_robin') continue;
-      const ofBound = bound.hitRate > 0 ? r.hitRate / bound.hitRate : NaN;
+      const ofPooled = pooled.hitRate > 0 ? r.hitRate / pooled.hitRate : NaN;
       const ttftGain = r.ttftP90 > 0 ? rr.ttftP90 / r.ttftP90 : NaN;
       out.push(
-        `${r.policy}: hit rate ${(100 * r.hitRate).toFixed(1)}% = ${(100 * ofBound).toFixed(1)}% of the pooled-cache bound; TTFT p90 ${ttftGain.toFixed(2)}x ${ttftGain >= 1 ? 'better' : 'worse'} than round_robin${suffix}.`,
+        `${r.policy}: hit rate ${(100 * r.hitRate).toFixed(1)}% = ${(100 * ofPooled).toFixed(1)}% of the pooled LRU reference; TTFT p90 ${ttftGain.toFixed(2)}x ${ttftGain >= 1 ? 'better' : 'worse'} than round_robin${suffix}.`,
       );
     }
     for (const r of all) {
@@ -188,11 +188,15 @@ async function writeOutputs(dir: string, report: BenchReport, markdown: string):
   mkdirSync(dir, { recursive: true });
   writeFileSync(join(dir, 'report.json'), JSON.stringify(report, null, 2) + '\n');
   writeFileSync(join(dir, 'report.md'), markdown + '\n');
-  const last = report.rates[report.rates.length - 1];
-  const at = report.rows.filter((r) => r.rate === last);
-  const suffix = report.rates.length > 1 ? ` (${report.rateKind} ${last})` : '';
-  writeFileSync(join(dir, 'hit-rate.svg'), await hitRateChart(at, `Prefix-cache hit rate — ${report.workload}${suffix}`));
-  writeFileSync(join(dir, 'ttft-cdf.svg'), await ttftCdfChart(at, `Time to first token — ${report.workload}${suffix}`));
+  // One hit-rate and one TTFT chart per rate: hit-rate.svg for a single rate, hit-rate-<rate>.svg for each rate of a sweep.
+  for (const rate of report.rates) {
+    const at = report.rows.filter((r) => r.rate === rate);
+    const sweep = report.rates.length > 1;
+    const suffix = sweep ? ` (${report.rateKind} ${rate})` : '';
+    const file = (name: string) => join(dir, sweep ? `${name}-${rate}.svg` : `${name}.svg`);
+    writeFileSync(file('hit-rate'), await hitRateChart(at, `Prefix-cache hit rate — ${report.workload}${suffix}`));
+    writeFileSync(file('ttft-cdf'), await ttftCdfChart(at, `Time to first token — ${report.workload}${suffix}`));
+  }
   if (report.rates.length > 1) {
     writeFileSync(join(dir, 'ttft-p90-vs-rate.svg'), await sweepChart(report.rows, `TTFT p90 against load — ${report.workload}`, report.rateKind));
   }

@@ -1,3 +1,4 @@
+import { setMaxListeners } from 'node:events';
 import { Agent, request } from 'undici';
 import { quantile } from './report.js';
 import type { Workload } from './workload.js';
@@ -40,6 +41,10 @@ export interface LiveResult {
   /** Requests per worker, from the x-kvgate-worker response header (kvgate targets). */
   perWorker: Record<string, number>;
   wallSecs: number;
+  /** Seconds of arrivals sent: --duration-secs, or less when the workload ran out first. */
+  sendSecs: number;
+  /** The workload had fewer requests than --duration-secs asked for. */
+  workloadRanOut: boolean;
 }
 
 interface Usage {
@@ -85,6 +90,8 @@ export async function runLive(o: LiveOptions): Promise<LiveResult> {
   let inFlight = 0;
   const waiters: Array<() => void> = [];
   const cut = new AbortController();
+  // Every request in flight listens on this one signal: as many listeners as --concurrency.
+  setMaxListeners(0, cut.signal);
   const t0 = performance.now();
   const deadline = t0 + o.durationSecs * 1000;
   const path = o.route === 'chat' ? '/v1/chat/completions' : '/v1/completions';
@@ -172,6 +179,11 @@ export async function runLive(o: LiveOptions): Promise<LiveResult> {
       }),
     );
   }
+  const lastArrivalSecs = reqs.length > 0 ? reqs[Math.min(reqs.length, Math.max(sent, 1)) - 1].arrivalMs / 1000 : 0;
+  // Ran out: every request sent, and the arrivals stopped well before the deadline (more than
+  // three mean inter-arrival gaps before it, so a workload generated for the duration does not count).
+  const meanGapSecs = reqs.length > 1 ? lastArrivalSecs / (reqs.length - 1) : 0;
+  const ranOut = sent === reqs.length && lastArrivalSecs + 3 * meanGapSecs < o.durationSecs;
   const drain = setTimeout(() => cut.abort(), (o.drainSecs ?? 60) * 1000);
   await Promise.all(running);
   clearTimeout(drain);
@@ -199,6 +211,8 @@ export async function runLive(o: LiveOptions): Promise<LiveResult> {
     outputTokensPerSec: outTokens / wallSecs,
     perWorker,
     wallSecs,
+    sendSecs: ranOut ? lastArrivalSecs : o.durationSecs,
+    workloadRanOut: ranOut,
   };
 }
 
@@ -214,6 +228,9 @@ export function liveMarkdown(r: LiveResult): string {
     '|---|---|---|---|---|---|---|---|---|---|---|',
     `| ${r.sent} | ${r.succeeded} | ${r.failed} | ${r.hitRate === null ? '–' : `${(100 * r.hitRate).toFixed(1)}%`} | ${f(r.ttftP50)} | ${f(r.ttftP90)} | ${f(r.ttftP99)} | ${f(r.e2eP50)} | ${f(r.e2eP99)} | ${r.outputTokensPerSec.toFixed(0)} | ${f(r.slotWaitP90)} |`,
     '',
+    r.workloadRanOut
+      ? `The workload ran out after ${r.sendSecs.toFixed(1)} s of arrivals, before --duration-secs: give it more requests (n=, duration=).`
+      : `Sent arrivals for ${r.sendSecs} s (--duration-secs).`,
     errs ? `Errors: ${errs}.` : 'No errors.',
     Object.keys(r.perWorker).length ? `Requests per worker: ${Object.entries(r.perWorker).map(([w, n]) => `${w} ${n}`).join(', ')}.` : '',
   ].join('\n');

@@ -157,7 +157,7 @@ export function markdownTable(rows: readonly PolicyResult[], opts: { showRate: b
     ...(opts.showRate ? ['rate'] : []),
     'policy',
     'hit rate',
-    ...(opts.pooledHitRate !== undefined ? ['of bound'] : []),
+    ...(opts.pooledHitRate !== undefined ? ['of pooled LRU'] : []),
     'TTFT p50 (s)',
     'TTFT p90 (s)',
     'TTFT p99 (s)',

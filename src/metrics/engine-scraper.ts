@@ -1,5 +1,6 @@
 import type { Logger } from 'pino';
 import { Agent, request } from 'undici';
+import type { WorkerTlsOptions } from '../core/tls.js';
 import { systemClock, type Clock } from '../core/clock.js';
 import type { WorkerRegistry } from '../core/registry.js';
 
@@ -44,6 +45,8 @@ export interface EngineScraperOptions {
   timeoutMs?: number;
   /** Stamps `engineLoad.updatedAtMs`. Default systemClock (the policies' clock in the server). */
   clock?: Clock;
+  /** TLS to https:// workers (--ca-cert-paths, client certificate). */
+  tls?: WorkerTlsOptions;
   /** Largest /metrics body accepted (bytes). Default 16 MiB. */
   maxBodyBytes?: number;
 }
@@ -324,6 +327,7 @@ export class EngineMetricsScraper {
   /** Last error per URL currently failing. */
   readonly lastErrors = new Map<string, string>();
   private agent: Agent | undefined;
+  private readonly tls: WorkerTlsOptions | undefined;
   private timer: NodeJS.Timeout | undefined;
   private current: Promise<unknown> | undefined;
   private abort = new AbortController();
@@ -333,6 +337,7 @@ export class EngineMetricsScraper {
     options: EngineScraperOptions = {},
     private readonly log?: Logger,
   ) {
+    this.tls = options.tls;
     this.intervalMs = options.intervalMs ?? 1000;
     if (!(this.intervalMs > 0) || !Number.isFinite(this.intervalMs)) throw new RangeError(`intervalMs must be a finite number > 0 (got ${this.intervalMs})`);
     this.timeoutMs = options.timeoutMs ?? Math.min(this.intervalMs, 2000);
@@ -368,7 +373,7 @@ export class EngineMetricsScraper {
   /** One round: every distinct worker URL of the registry, in parallel. */
   async scrapeOnce(): Promise<ScrapeRoundResult> {
     if (this.abort.signal.aborted && !this.timer) this.abort = new AbortController();
-    const agent = (this.agent ??= new Agent({ keepAliveTimeout: 30_000, connections: 2 }));
+    const agent = (this.agent ??= new Agent({ keepAliveTimeout: 30_000, connections: 2, ...(this.tls ? { connect: { ...this.tls } } : {}) }));
     const urls = [...new Set(this.registry.all().map((w) => w.url))];
     const results = await Promise.all(urls.map((u) => this.scrapeUrl(u, agent)));
     this.rounds++;
@@ -408,6 +413,8 @@ export class EngineMetricsScraper {
       if (this.lastErrors.delete(url)) this.log?.info({ url }, 'engine metrics scrape recovered');
       return updated;
     } catch (e) {
+      // Stopped while this scrape ran (shutdown): nothing is wrong with the worker.
+      if (this.abort.signal.aborted) return -1;
       this.failures++;
       const err = e as Error;
       const why = err.name === 'TimeoutError' ? `timed out after ${this.timeoutMs} ms` : err.message;

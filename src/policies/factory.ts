@@ -1,3 +1,5 @@
+import { ManualPolicy } from './manual.js';
+import { SessionAffinityPolicy } from './session-affinity.js';
 import { CacheAwarePolicy, defaultCacheAwareConfig, type CacheAwareConfig } from './cache-aware.js';
 import { defaultKvAwareConfig, KvAwarePolicy, type KvAwareConfig, type KvIndexView } from './kv-aware.js';
 import { LeastKvCachePolicy, type EngineLoadPolicyConfig } from './least-kv-cache.js';
@@ -19,6 +21,7 @@ export const POLICY_NAMES = [
   'prefix_load',
   'least_kv_cache',
   'least_waiting',
+  'manual',
 ] as const;
 export type PolicyName = (typeof POLICY_NAMES)[number];
 
@@ -33,6 +36,15 @@ export interface PolicyOptions {
 
 export function isPolicyName(name: string): name is PolicyName {
   return (POLICY_NAMES as readonly string[]).includes(name);
+}
+
+/**
+ * Wraps a policy in session affinity when a header is configured (`--session-affinity-header`):
+ * usable on top of any policy.
+ */
+export function withSessionAffinity(policy: RoutingPolicy, deps: PolicyDeps, header: string | undefined, ttlSecs: number): RoutingPolicy {
+  if (!header) return policy;
+  return new SessionAffinityPolicy(deps, policy, { header: header.toLowerCase(), ttlMs: ttlSecs * 1000 });
 }
 
 /** Builds a policy by its CLI name. */
@@ -57,6 +69,9 @@ export function createPolicy(name: string, deps: PolicyDeps, options: PolicyOpti
       return new LeastKvCachePolicy(deps, options.engineLoad);
     case 'least_waiting':
       return new LeastWaitingPolicy(deps, options.engineLoad);
+    case 'manual':
+      // X-SMG-Routing-Key → consistent hash; no header → random, as the SGLang router.
+      return new ManualPolicy(deps, new RandomPolicy(deps));
     default:
       throw new Error(`unknown policy '${name}' (expected one of: ${POLICY_NAMES.join(', ')})`);
   }

@@ -11,7 +11,7 @@ import type { RequestOutcome, RoutingPolicy, WorkerPair } from '../policies/poli
 import { sendError } from '../server/http-util.js';
 import type { UpstreamPools } from '../upstream/pools.js';
 import { forwardHeaders } from '../upstream/proxy.js';
-import { buildContext, resolveModel, type RoutedRequest, type Tokenize } from './request.js';
+import { buildContext, routeModel, type RoutedRequest, type Tokenize } from './request.js';
 
 export type PdProtocol = 'sglang' | 'vllm';
 
@@ -27,7 +27,11 @@ export interface PdRouterDeps {
   protocol: PdProtocol;
   totalTimeoutMs: number;
   clientAuthEnabled: boolean;
+  /** --forward-headers: client headers forwarded besides the default allow-list (lower-case). */
+  forwardHeaders?: ReadonlySet<string>;
   tokenize?: Tokenize;
+  /** --strict-model (see resolveModel). */
+  strictModel?: boolean;
 }
 
 /**
@@ -141,7 +145,7 @@ export class PdRouter {
 
   async handle(r: RoutedRequest): Promise<number> {
     const { registry, pairPolicy, metrics } = this.deps;
-    const model = resolveModel(registry, r.body, ['prefill', 'decode']);
+    const model = routeModel(registry, r, ['prefill', 'decode'], this.deps.strictModel);
     const ctx = buildContext(r, model, this.deps.clock, this.deps.tokenize, !!pairPolicy.needsTokens);
     const prefillPool = registry.forModel(model, 'prefill');
     const decodePool = registry.forModel(model, 'decode');
@@ -330,7 +334,7 @@ export class PdRouter {
   }
 
   private headers(r: RoutedRequest, w: Worker): Record<string, string> {
-    const h = forwardHeaders(r.req.headers, r.requestId);
+    const h = forwardHeaders(r.req.headers, r.requestId, this.deps.forwardHeaders);
     h['content-type'] = 'application/json';
     if (w.apiKey) h.authorization = `Bearer ${w.apiKey}`;
     else if (this.deps.clientAuthEnabled) delete h.authorization;

@@ -11,7 +11,7 @@ import type { RoutingPolicy } from '../policies/policy.js';
 import { forwardHeaders, proxyRequest, relayHeld, type ProxyResult, type ProxyTimeouts } from '../upstream/proxy.js';
 import type { UpstreamPools } from '../upstream/pools.js';
 import { sendError } from '../server/http-util.js';
-import { buildContext, resolveModel, type RoutedRequest, type Tokenize } from './request.js';
+import { buildContext, resolveModel, routeModel, type RoutedRequest, type Tokenize } from './request.js';
 
 export interface RegularRouterDeps {
   registry: WorkerRegistry;
@@ -25,7 +25,11 @@ export interface RegularRouterDeps {
   /** kvgate authenticates its clients itself: their Authorization header is not for workers. */
   clientAuthEnabled: boolean;
   /** Token ids for policies that need them (undefined when no tokenizer applies). */
+  /** --forward-headers: client headers forwarded besides the default allow-list (lower-case). */
+  forwardHeaders?: ReadonlySet<string>;
   tokenize?: Tokenize;
+  /** --strict-model: the request's `model` must be served even when only one model is. */
+  strictModel?: boolean;
 }
 
 const NO_HOLD: ReadonlySet<number> = new Set();
@@ -43,12 +47,12 @@ export class RegularRouter {
   constructor(private readonly deps: RegularRouterDeps) {}
 
   resolveModel(body: Record<string, unknown>): string {
-    return resolveModel(this.deps.registry, body, ['regular']);
+    return resolveModel(this.deps.registry, body, ['regular'], this.deps.strictModel);
   }
 
   async handle(r: RoutedRequest): Promise<number> {
     const { registry, policy, metrics, retry } = this.deps;
-    const model = this.resolveModel(r.body);
+    const model = routeModel(this.deps.registry, r, ['regular'], this.deps.strictModel);
     const ctx = buildContext(r, model, this.deps.clock, this.deps.tokenize, !!policy.needsTokens);
     const excluded = new Set<Worker>();
     const candidates = () => registry.forModel(model).filter((w) => !excluded.has(w));
@@ -119,7 +123,7 @@ export class RegularRouter {
   }
 
   private upstreamHeaders(r: RoutedRequest, worker: Worker): Record<string, string> {
-    const h = forwardHeaders(r.req.headers, r.requestId);
+    const h = forwardHeaders(r.req.headers, r.requestId, this.deps.forwardHeaders);
     if (worker.apiKey) h.authorization = `Bearer ${worker.apiKey}`;
     else if (this.deps.clientAuthEnabled) delete h.authorization;
     if (worker.dpRank !== undefined) h['x-data-parallel-rank'] = String(worker.dpRank);

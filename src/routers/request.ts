@@ -28,22 +28,41 @@ export interface ContextSource {
 export type Tokenize = (route: RouteName, model: string, body: Record<string, unknown>) => ArrayLike<number> | undefined;
 
 /**
- * Which model a request is for: its `model` if some worker of the given types serves it, or the
- * only model served. Unknown model → 404; unknown but some worker's model not yet discovered → 503.
+ * Which model a request is for, as the SGLang router decides it: with one model served (by
+ * workers of the given types), every request goes to it whatever its `model` names, or none;
+ * the request's `model` must match a served model only when several are served or `strict`
+ * (--strict-model). Unknown model → 404; unknown but some worker's model not yet discovered → 503.
+ * A request naming another model than the one it is routed to has its `model` rewritten (body
+ * and bytes) so that engines checking the name (vLLM) serve it too.
  */
-export function resolveModel(registry: WorkerRegistry, body: Record<string, unknown>, types: readonly WorkerType[]): string {
+export function resolveModel(registry: WorkerRegistry, body: Record<string, unknown>, types: readonly WorkerType[], strict = false): string {
   const requested = body.model;
   const served = (m: string) => types.some((t) => registry.forModel(m, t).length > 0);
+  const models = registry.models().filter(served);
+  const undiscovered = registry.all().some((w) => w.modelId === undefined && types.includes(w.type));
   if (requested !== undefined && requested !== null) {
     if (typeof requested !== 'string') throw errors.badRequest("'model' must be a string", 'invalid_type', 'model');
     if (served(requested)) return requested;
-    if (registry.all().some((w) => w.modelId === undefined)) throw errors.noHealthyWorkers(requested);
+    if (!strict && models.length === 1 && !undiscovered) return models[0];
+    if (undiscovered) throw errors.noHealthyWorkers(requested);
     throw errors.modelNotFound(requested);
   }
-  const models = registry.models().filter(served);
   if (models.length === 1) return models[0];
   if (models.length === 0) throw errors.noHealthyWorkers(undefined);
   throw errors.badRequest(`'model' is required: this gateway serves ${models.length} models (${models.join(', ')})`, 'missing_field', 'model');
+}
+
+/**
+ * Resolves the model of a routed request and, when the request named another model than the
+ * one served, rewrites its `model` (parsed body and the bytes sent upstream).
+ */
+export function routeModel(registry: WorkerRegistry, r: RoutedRequest, types: readonly WorkerType[], strict = false): string {
+  const model = resolveModel(registry, r.body, types, strict);
+  if (typeof r.body.model === 'string' && r.body.model !== model) {
+    r.body = { ...r.body, model };
+    r.rawBody = Buffer.from(JSON.stringify(r.body));
+  }
+  return model;
 }
 
 /** What policies see of a request: routing text (all messages), token ids when needed, limits. */

@@ -4,7 +4,7 @@ import type { Logger } from 'pino';
 import { errors, GatewayError } from '../core/errors.js';
 import type { WorkerRegistry } from '../core/registry.js';
 import type { WorkerManager } from '../core/worker-manager.js';
-import { normalizeUrl, type Worker, type WorkerType } from '../core/worker.js';
+import { normalizeUrl, workerIdOf, type Worker, type WorkerType } from '../core/worker.js';
 import type { GatewayMetrics } from '../metrics/gateway-metrics.js';
 import { parseJsonObject, readBody, sendJson } from './http-util.js';
 
@@ -122,7 +122,9 @@ export class ControlRoutes {
         expect('POST');
         const u = url.searchParams.get('url');
         if (!u) throw errors.badRequest("query parameter 'url' is required", 'missing_field', 'url');
-        return send(...(await this.addWorker({ url: u })));
+        // The older SGLang-router alias answers 200.
+        const [, body] = await this.addWorker({ url: u });
+        return send(200, body);
       }
       case '/remove_worker': {
         expect('POST');
@@ -145,12 +147,26 @@ export class ControlRoutes {
         return send(200, replicas ? replicas.status : { state: 'off' });
       }
     }
+    if (path.startsWith('/v1/models/')) {
+      expect('GET');
+      // OpenAI: GET /v1/models/{model}; ids may contain '/', sent raw or percent-encoded.
+      const id = decodeURIComponent(path.slice('/v1/models/'.length));
+      if (!this.deps.registry.healthyModels().includes(id)) {
+        throw new GatewayError(404, `The model '${id}' does not exist`, 'invalid_request_error', 'model_not_found', 'model');
+      }
+      return send(200, { id, object: 'model', created: Math.floor(this.deps.startedAt / 1000), owned_by: 'kvgate' });
+    }
     if (path.startsWith('/workers/')) {
+      // {worker_id} (stable, URL-safe), or the older forms: a worker id (url or url@rank), URL-encoded.
       const id = decodeURIComponent(path.slice('/workers/'.length));
-      const worker = this.deps.registry.get(id) ?? this.deps.registry.byUrl(safeNormalize(id) ?? '')[0];
+      const worker =
+        this.deps.registry.all().find((w) => workerIdOf(w.url) === id) ?? this.deps.registry.get(id) ?? this.deps.registry.byUrl(safeNormalize(id) ?? '')[0];
       if (!worker) throw errors.notFound(`No worker with id '${id}'`, 'worker_not_found');
       if (method === 'GET') return send(200, worker.toJSON());
-      if (method === 'DELETE') return send(...this.removeWorker(worker.url));
+      if (method === 'DELETE') {
+        const [, removed] = this.removeWorker(worker.url);
+        return send(202, { ...(removed as object), status: 'accepted', worker_id: workerIdOf(worker.url), url: worker.url, message: 'worker removed' });
+      }
       throw errors.methodNotAllowed(method, path);
     }
     throw errors.notFound(`No route for ${method} ${path}`, 'route_not_found');
@@ -202,7 +218,10 @@ export class ControlRoutes {
     });
     this.deps.log.info({ workers: workers.map((w) => w.id), healthy: workers[0].healthy }, 'worker added');
     this.deps.announce?.({ op: 'add', url, spec: { ...body, url } });
-    return [201, { status: 'added', worker: workers[0].toJSON(), workers: workers.map((w) => w.toJSON()) }];
+    const id = workerIdOf(url);
+    // The SGLang router's shape (202 accepted, worker_id, url, location), with kvgate's state of
+    // the worker after its first health check.
+    return [202, { status: 'accepted', worker_id: id, url, location: `/workers/${id}`, worker: workers[0].toJSON(), workers: workers.map((w) => w.toJSON()) }];
   }
 
   private removeWorker(rawUrl: string): [number, unknown] {
@@ -219,7 +238,7 @@ export class ControlRoutes {
     return Promise.all(
       urls.map(async (url) => {
         try {
-          const res = await request(url + path, { method, headers: this.deps.workers.authHeaders(url), signal: AbortSignal.timeout(this.deps.healthCheckTimeoutSecs * 1000) });
+          const res = await request(url + path, { method, dispatcher: this.deps.workers.dispatcher, headers: this.deps.workers.authHeaders(url), signal: AbortSignal.timeout(this.deps.healthCheckTimeoutSecs * 1000) });
           const text = await res.body.text();
           return { url, ok: res.statusCode >= 200 && res.statusCode < 300, status: res.statusCode, value: read(res.statusCode, text) };
         } catch (e) {

@@ -13,6 +13,7 @@ import type { RoutingPolicy } from '../policies/policy.js';
 import { PdRouter, SplitPairPolicy } from '../routers/pd.js';
 import { RegularRouter } from '../routers/regular.js';
 import { UpstreamPools } from '../upstream/pools.js';
+import { loadWorkerTls } from '../core/tls.js';
 import { defaultRetryConfig, type RetryConfig } from '../core/retry.js';
 import type { KvEventHub } from '../events/hub.js';
 import type { TokenizerRegistry } from '../tokenize/registry.js';
@@ -76,7 +77,7 @@ export class Gateway {
     ({ admission: this.admission, kvEvents: this.kvEvents, tokenizers: this.tokenizers } = core);
     ({ prefillPolicy: this.prefillPolicy, decodePolicy: this.decodePolicy } = core);
     const { clock, rng } = core;
-    this.pools = new UpstreamPools(config.connectTimeoutSecs * 1000);
+    this.pools = new UpstreamPools(config.connectTimeoutSecs * 1000, undefined, loadWorkerTls(config));
     this.apiKeys = new KeySet([...config.apiKey, ...(config.apiKeyFile ? readKeyFile(config.apiKeyFile) : [])]);
     this.adminKeys = new KeySet(config.adminApiKey ? [config.adminApiKey] : []);
     this.keyLimiter = config.apiKeyRateLimitRps > 0 ? new KeyRateLimiter(config.apiKeyRateLimitRps) : undefined;
@@ -108,6 +109,8 @@ export class Gateway {
       },
       clientAuthEnabled: this.apiKeys.size > 0,
       tokenize: (route, model, body) => this.tokenizers.tokenize(route, body, model),
+      strictModel: config.strictModel,
+      forwardHeaders: new Set(config.forwardHeaders),
     });
     if (config.pdDisaggregation) {
       this.pd = new PdRouter({
@@ -122,6 +125,8 @@ export class Gateway {
         totalTimeoutMs: config.requestTimeoutSecs * 1000,
         clientAuthEnabled: this.apiKeys.size > 0,
         tokenize: (route, model, body) => this.tokenizers.tokenize(route, body, model),
+        strictModel: config.strictModel,
+        forwardHeaders: new Set(config.forwardHeaders),
       });
     }
     this.control = core.controlRoutes({ pdMode: !!this.pd, startedAt: this.startedAt, isDraining: () => this.draining });
@@ -161,9 +166,45 @@ export class Gateway {
         resolve();
       });
     });
+    if (c.prometheusPort !== undefined) await this.startMetricsListener(c.prometheusPort, c.prometheusHost);
   }
 
   private boundPort = 0;
+  /** The --prometheus-port listener (GET /metrics only), when configured. */
+  private metricsServer: Server | undefined;
+  private metricsBoundPort = 0;
+
+  /** Port of the --prometheus-port listener (0 when there is none). */
+  get metricsPort(): number {
+    return this.metricsBoundPort;
+  }
+
+  /** --prometheus-port: /metrics on its own listener (the main port keeps serving it too). */
+  private async startMetricsListener(port: number, host: string): Promise<void> {
+    const server = createServer((req, res) => {
+      const path = (req.url ?? '/').split('?')[0];
+      if (path !== '/metrics' || req.method !== 'GET') {
+        sendError(res, path === '/metrics' ? errors.methodNotAllowed(req.method ?? '?', path) : errors.notFound(`No route for ${req.method} ${path}`, 'route_not_found'));
+        return;
+      }
+      void this.metrics.registry.metrics().then(
+        (text) => {
+          res.writeHead(200, { 'content-type': this.metrics.registry.contentType });
+          res.end(text);
+        },
+        (e: Error) => sendError(res, errors.internal(e.message)),
+      );
+    });
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      server.listen(port, host, () => {
+        server.removeListener('error', reject);
+        this.metricsBoundPort = (server.address() as AddressInfo).port;
+        resolve();
+      });
+    });
+    this.metricsServer = server;
+  }
 
   get port(): number {
     return this.boundPort;
@@ -209,6 +250,14 @@ export class Gateway {
   async close(): Promise<void> {
     this.draining = true;
     await this.core.stopBackground();
+    const metricsServer = this.metricsServer;
+    this.metricsServer = undefined;
+    if (metricsServer) {
+      await new Promise<void>((resolve) => {
+        metricsServer.close(() => resolve());
+        metricsServer.closeAllConnections();
+      });
+    }
     const server = this.server;
     if (server) {
       await new Promise<void>((resolve) => {

@@ -15,7 +15,8 @@ import { ServiceDiscovery } from '../discovery/service-discovery.js';
 import { NatsTransport } from '../sync/nats-transport.js';
 import { ReplicaSync, type AdminChange } from '../sync/replica-sync.js';
 import { CacheAwarePolicy } from '../policies/cache-aware.js';
-import { createPolicy } from '../policies/factory.js';
+import { createPolicy, withSessionAffinity } from '../policies/factory.js';
+import { loadWorkerTls } from '../core/tls.js';
 import type { RoutingPolicy, Scheduler } from '../policies/policy.js';
 import { loadTokenizer, TokenizerRegistry } from '../tokenize/registry.js';
 import { Admission } from './admission.js';
@@ -152,9 +153,12 @@ export class RoutingCore {
       );
       registerReplicaSyncMetrics(this.metrics, this.sync);
     }
-    const makePolicy = (name: string, role: string) => createPolicy(
+    const tls = loadWorkerTls(config);
+    const makePolicy = (name: string, role: string) => {
+      const policyDeps = { clock, rng, schedule: timerScheduler, observer: this.metrics.policyObserver(), share: this.sync?.shareFor(role) };
+      return withSessionAffinity(createPolicy(
       name,
-      { clock, rng, schedule: timerScheduler, observer: this.metrics.policyObserver(), share: this.sync?.shareFor(role) },
+      policyDeps,
       {
         cacheAware: {
           cacheThreshold: config.cacheThreshold,
@@ -176,7 +180,8 @@ export class RoutingCore {
         prefixLoad: { windowSecs: config.windowSecs },
         engineLoad: { staleAfterMs: config.engineMetricsStaleSecs * 1000 },
       },
-    );
+    ), policyDeps, config.sessionAffinityHeader, config.sessionAffinityTtlSecs);
+    };
     // PD mode: one instance per pool (each falls back to --policy), so no state (round-robin
     // counters, prefix trees) is shared between the prefill and the decode pool.
     this.policy = makePolicy(config.pdDisaggregation ? (config.prefillPolicy ?? config.policy) : config.policy, 'main');
@@ -185,7 +190,7 @@ export class RoutingCore {
     syncedPolicies.set('main', this.policy);
     if (this.decodePolicy !== this.policy) syncedPolicies.set('decode', this.decodePolicy);
     if (config.engineMetricsIntervalSecs > 0) {
-      this.scraper = new EngineMetricsScraper(this.registry, { intervalMs: config.engineMetricsIntervalSecs * 1000, clock }, this.log);
+      this.scraper = new EngineMetricsScraper(this.registry, { intervalMs: config.engineMetricsIntervalSecs * 1000, clock, tls }, this.log);
     }
     this.registry.on('removed', (w) => {
       for (const p of this.policies()) p.onWorkerRemoved?.(w);
@@ -205,14 +210,17 @@ export class RoutingCore {
           successThreshold: config.healthSuccessThreshold,
           endpoint: config.healthCheckEndpoint,
           startupTimeoutSecs: config.workerStartupTimeoutSecs,
+          startupCheckIntervalSecs: config.workerStartupCheckInterval,
         },
         breaker: {
           failureThreshold: config.cbFailureThreshold,
           successThreshold: config.cbSuccessThreshold,
           openMs: config.cbTimeoutDurationSecs * 1000,
           disabled: config.disableCircuitBreaker,
+          windowMs: config.cbWindowDurationSecs * 1000,
         },
         clock,
+        tls,
         onBreakerTransition: (w, from, to) => this.metrics.breakerTransitions.inc({ worker: w.id, from, to }),
       },
       this.log,

@@ -1,4 +1,5 @@
 import { Pool } from 'undici';
+import type { WorkerTlsOptions } from '../core/tls.js';
 
 /** One keep-alive connection pool per worker origin. */
 export class UpstreamPools {
@@ -7,6 +8,8 @@ export class UpstreamPools {
   constructor(
     private readonly connectTimeoutMs = 10_000,
     private readonly connections = 256,
+    /** TLS to https:// workers (CAs, client certificate). */
+    private readonly tls?: WorkerTlsOptions,
   ) {}
 
   get(origin: string): Pool {
@@ -17,6 +20,7 @@ export class UpstreamPools {
         pipelining: 1,
         keepAliveTimeout: 30_000,
         connectTimeout: this.connectTimeoutMs,
+        ...(this.tls ? { connect: { ...this.tls } } : {}),
         // Timeouts are enforced by the gateway per request (total and, later, idle).
         headersTimeout: 0,
         bodyTimeout: 0,

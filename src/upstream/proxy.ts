@@ -18,11 +18,28 @@ const HOP_BY_HOP = new Set([
   'expect',
 ]);
 
-/** Request headers for the worker: the client's, minus hop-by-hop ones, plus the request id. */
-export function forwardHeaders(incoming: IncomingHttpHeaders, requestId: string): Record<string, string> {
+/** Headers that describe the request body and the answer wanted: always forwarded. */
+const CONTENT_HEADERS = new Set(['content-type', 'accept', 'accept-encoding', 'accept-language', 'user-agent']);
+
+/**
+ * Client headers forwarded to workers by default, as the SGLang router: authorization (the
+ * router drops it again when the worker has a key of its own or kvgate checks client keys),
+ * x-request-id and any x-request-id-*, x-correlation-id, the W3C trace context, and the
+ * routing-key header. Cookies and any other header stay at the gateway unless --forward-headers
+ * names them.
+ */
+export const DEFAULT_FORWARDED = ['authorization', 'x-correlation-id', 'traceparent', 'tracestate', 'x-smg-routing-key'] as const;
+
+/**
+ * Request headers for the worker: the content headers, the allow-list (DEFAULT_FORWARDED,
+ * x-request-id*, and `extra`, lower-case names from --forward-headers), plus the request id.
+ */
+export function forwardHeaders(incoming: IncomingHttpHeaders, requestId: string, extra: ReadonlySet<string> = new Set()): Record<string, string> {
   const out: Record<string, string> = {};
   for (const [k, v] of Object.entries(incoming)) {
     if (v === undefined || HOP_BY_HOP.has(k)) continue;
+    const allowed = CONTENT_HEADERS.has(k) || (DEFAULT_FORWARDED as readonly string[]).includes(k) || k.startsWith('x-request-id') || extra.has(k);
+    if (!allowed) continue;
     out[k] = Array.isArray(v) ? v.join(', ') : v;
   }
   out['x-request-id'] = requestId;

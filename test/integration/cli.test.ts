@@ -1,4 +1,6 @@
 // End to end through the real CLI: `kvgate sim` engines behind `kvgate serve`, as separate processes.
+import { createServer } from 'node:http';
+import type { AddressInfo } from 'node:net';
 import OpenAI from 'openai';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { runKvgate, spawnKvgate, type Spawned } from '../helpers/processes.js';
@@ -97,6 +99,34 @@ describe('kvgate serve in front of kvgate sim (separate processes)', () => {
     const s = await runKvgate(['sim', '--max-num-seqs', '0']);
     expect(s.code).toBe(2);
     expect(s.out).toMatch(/--max-num-seqs/);
+  });
+
+  it('a mistyped flag or command prints the one-line error with its suggestion, not the whole help', async () => {
+    for (const [args, wrong, right] of [
+      [['serve', '--polcy', 'round_robin'], "unknown option '--polcy'", '--policy'],
+      [['bench', '--durration-secs', '3'], "unknown option '--durration-secs'", '--duration-secs'],
+      [['bnch'], "unknown command 'bnch'", 'bench'],
+    ] as const) {
+      const r = await runKvgate([...args]);
+      expect(r.code).toBe(1);
+      expect(r.out).toContain(`error: ${wrong}`);
+      expect(r.out).toContain(`(Did you mean ${right}?)`);
+      expect(r.out).not.toMatch(/Usage:|Options:/);
+      expect(r.out.trim().split('\n').length).toBeLessThanOrEqual(3);
+    }
+  });
+
+  it('demo: a port already taken is one line with the --port hint, and nothing after it', async () => {
+    const taken = createServer();
+    await new Promise<void>((r) => taken.listen(0, '127.0.0.1', r));
+    const port = (taken.address() as AddressInfo).port;
+    try {
+      const r = await runKvgate(['demo', '--port', String(port), '--workers', '2', '--warmup-requests', '0']);
+      expect(r.code).toBe(1);
+      expect(r.out.trim()).toBe(`kvgate demo: port ${port} on 127.0.0.1 is already in use; choose another with --port N (--port 0 takes any free port)`);
+    } finally {
+      taken.close();
+    }
   });
 });
 

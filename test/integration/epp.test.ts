@@ -240,7 +240,6 @@ describe('kvgate epp: ext_proc endpoint picker driven as Envoy drives it', () =>
     const bad: Array<[string, string]> = [
       ['{not json', 'invalid_json'],
       [JSON.stringify({ model: 'fake-model', messages: 'nope' }), 'invalid_type'],
-      [JSON.stringify({ model: 'no-such-model', messages: [{ role: 'user', content: 'x' }] }), 'model_not_found'],
     ];
     for (const [body, code] of bad) {
       const s = new EnvoyStream(client);
@@ -256,11 +255,15 @@ describe('kvgate epp: ext_proc endpoint picker driven as Envoy drives it', () =>
       s.end();
       await s.waitEnd();
     }
-    // Still serving.
+    // Still serving; and with one model served, any model name is routed to it (as `serve` does).
     const ok = new EnvoyStream(client);
     const r = await requestPhase(ok, chat('after bad input'));
     expect(setHeaders(r.request_headers.response)['x-gateway-destination-endpoint']).toBeTruthy();
     ok.cancel();
+    const other = new EnvoyStream(client);
+    const r2 = await requestPhase(other, JSON.stringify({ model: 'no-such-model', messages: [{ role: 'user', content: 'x' }] }), 1);
+    expect(setHeaders(r2.request_headers.response)['x-gateway-destination-endpoint']).toBeTruthy();
+    other.cancel();
   });
 
   it('gRPC health: liveness always, readiness and the ext_proc service only with healthy endpoints', async () => {

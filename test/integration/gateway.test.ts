@@ -11,6 +11,12 @@ afterEach(async () => {
   while (cleanups.length) await cleanups.pop()!().catch(() => undefined);
 });
 
+const isError = (r: { json: any }, code?: string) => {
+  expect(typeof r.json.error.message).toBe('string');
+  expect(typeof r.json.error.type).toBe('string');
+  if (code) expect(r.json.error.code).toBe(code);
+};
+
 async function workers(n: number, opts: ConstructorParameters<typeof FakeWorker>[0] = {}): Promise<FakeWorker[]> {
   const ws = await Promise.all(Array.from({ length: n }, () => new FakeWorker(opts).start()));
   cleanups.push(() => Promise.all(ws.map((w) => w.close())));
@@ -183,12 +189,6 @@ describe('gateway: routing through real HTTP', () => {
 });
 
 describe('gateway: errors are OpenAI-shaped JSON and the process stays up', () => {
-  const isError = (r: { json: any }, code?: string) => {
-    expect(typeof r.json.error.message).toBe('string');
-    expect(typeof r.json.error.type).toBe('string');
-    if (code) expect(r.json.error.code).toBe(code);
-  };
-
   it('maps malformed input, size, model, health, unreachable and timeout', async () => {
     const [w] = await workers(1);
     const gw = await gateway({ workerUrls: [w.url], maxPayloadSize: 10_000 });
@@ -206,9 +206,10 @@ describe('gateway: errors are OpenAI-shaped JSON and the process stays up', () =
     r = await post(gw, '/v1/completions', { model: 'fake-model', prompt: 'x'.repeat(20_000) });
     expect(r.status).toBe(413);
     isError(r, 'payload_too_large');
-    r = await post(gw, '/v1/completions', { model: 'nope', prompt: 'x' });
-    expect(r.status).toBe(404);
-    isError(r, 'model_not_found');
+    // One model served: any name is routed to it (as the SGLang router does), rewritten for the engine.
+    r = await post(gw, '/v1/chat/completions', { model: 'gpt-4o', messages: [{ role: 'user', content: 'hi' }] });
+    expect(r.status).toBe(200);
+    expect(JSON.parse(w.received.at(-1)!.body).model).toBe('fake-model');
     r = await post(gw, '/v1/completions', { prompt: 'no model field, single-model cluster' });
     expect(r.status).toBe(200);
     r = await post(gw, '/no/such/route', {});
@@ -248,7 +249,7 @@ describe('gateway: admin, models and metrics', () => {
     const [a, b] = await workers(2);
     const gw = await gateway({ workerUrls: [a.url] });
     let r = await post(gw, '/workers', { url: b.url });
-    expect(r.status).toBe(201);
+    expect(r.status).toBe(202);
     expect(r.json.worker.healthy).toBe(true);
     expect(r.json.worker.model).toBe('fake-model');
     r = await post(gw, '/workers', { url: b.url });
@@ -283,8 +284,19 @@ describe('gateway: admin, models and metrics', () => {
       expect(metrics).toContain(name);
     }
 
+    // The SGLang router's shape: POST answered 202 with a stable URL-safe worker_id and its location.
+    const added = (await post(gw, '/workers', { url: 'http://127.0.0.1:1' })).json;
+    expect(added).toMatchObject({ status: 'accepted', url: 'http://127.0.0.1:1', location: `/workers/${added.worker_id}` });
+    expect(added.worker_id).toMatch(/^[0-9a-f]{16}$/);
+    const one = await request(`${gw.url}/workers/${added.worker_id}`);
+    expect(one.statusCode).toBe(200);
+    expect(await one.body.json()).toMatchObject({ worker_id: added.worker_id, url: 'http://127.0.0.1:1', is_healthy: false });
+    const delNew = await request(`${gw.url}/workers/${added.worker_id}`, { method: 'DELETE' });
+    expect(delNew.statusCode).toBe(202);
+    expect(await delNew.body.json()).toMatchObject({ status: 'accepted', worker_id: added.worker_id });
+    // The older form: the URL-encoded worker URL.
     const del = await request(`${gw.url}/workers/${encodeURIComponent(b.url)}`, { method: 'DELETE' });
-    expect(del.statusCode).toBe(200);
+    expect(del.statusCode).toBe(202);
     await del.body.dump();
     const rem = await request(`${gw.url}/remove_worker?url=${encodeURIComponent(a.url)}`, { method: 'POST' });
     expect(rem.statusCode).toBe(200);
@@ -293,7 +305,7 @@ describe('gateway: admin, models and metrics', () => {
     r = await post(gw, '/v1/completions', { prompt: 'x' });
     expect(r.status).toBe(503);
     const add = await request(`${gw.url}/add_worker?url=${encodeURIComponent(a.url)}`, { method: 'POST' });
-    expect(add.statusCode).toBe(201);
+    expect(add.statusCode).toBe(200);
     await add.body.dump();
     r = await post(gw, '/v1/completions', { prompt: 'x' });
     expect(r.status).toBe(200);
@@ -308,6 +320,26 @@ describe('gateway: admin, models and metrics', () => {
     expect(ra.headers['x-kvgate-worker']).toBe(a.url);
     expect(rb.headers['x-kvgate-worker']).toBe(b.url);
     expect((await post(gw, '/v1/completions', { prompt: 'x' })).status).toBe(400);
+    const r = await post(gw, '/v1/chat/completions', { model: 'gpt-4o', messages: [{ role: 'user', content: 'hi' }] });
+    expect(r.status).toBe(404);
+    isError(r, 'model_not_found');
     expect((await post(gw, '/v1/completions', { model: 'mistral', prompt: 'x' })).status).toBe(404);
+  });
+
+  it('--strict-model keeps the 404 with one model; GET /v1/models/{id} answers in the OpenAI shape', async () => {
+    const [a] = await workers(1, { model: 'org/llama-3' });
+    const gw = await gateway({ workerUrls: [a.url], strictModel: true });
+    const r = await post(gw, '/v1/completions', { model: 'gpt-4o', prompt: 'x' });
+    expect(r.status).toBe(404);
+    isError(r, 'model_not_found');
+    expect((await post(gw, '/v1/completions', { model: 'org/llama-3', prompt: 'x' })).status).toBe(200);
+    for (const path of ['/v1/models/org/llama-3', '/v1/models/org%2Fllama-3']) {
+      const m = await request(gw.url + path);
+      expect(m.statusCode).toBe(200);
+      expect(await m.body.json()).toMatchObject({ id: 'org/llama-3', object: 'model', owned_by: 'kvgate' });
+    }
+    const missing = await request(gw.url + '/v1/models/gpt-4o');
+    expect(missing.statusCode).toBe(404);
+    expect(((await missing.body.json()) as any).error).toMatchObject({ code: 'model_not_found', type: 'invalid_request_error' });
   });
 });

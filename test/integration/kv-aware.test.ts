@@ -133,7 +133,7 @@ describe('KV event subscription modes', () => {
     });
     cleanups.push(() => sim.close());
     const add = await fetch(gw.url + '/workers', { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ url: sim.url }) });
-    expect(add.status).toBe(201);
+    expect(add.status).toBe(202);
     // A connecting PUB joins asynchronously: send requests until the index has the engine's blocks.
     for (let i = 0; i < 50 && gw.kvEvents.index.blocksOf(sim.url) === 0; i++) {
       await complete(gw.url, longText(`bound${i}`, 200));
@@ -156,7 +156,7 @@ describe('KV event subscription modes', () => {
       headers: { 'content-type': 'application/json' },
       body: JSON.stringify({ url: sim.url, kv_events_endpoint: `tcp://127.0.0.1:${port}`, kv_events_replay_endpoint: `tcp://127.0.0.1:${port + 50}` }),
     });
-    expect(add.status).toBe(201);
+    expect(add.status).toBe(202);
     await complete(gw.url, longText('added'));
     await synced(gw, sim, 0, sim.url);
     expect((gw.policy as KvAwarePolicy).lastDecision!.fallback).toBe(true); // no events yet at the first request

@@ -4,6 +4,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { POOLED, runBench } from '../../src/lab/bench.js';
+import { policyColour } from '../../src/lab/charts.js';
 import { loadWorkload } from '../../src/lab/workloads/index.js';
 import type { LabEngineConfig } from '../../src/lab/cluster.js';
 
@@ -37,7 +38,7 @@ describe('policy lab', () => {
     expect(strip(c)).not.toBe(strip(a)); // the seed matters (random / power_of_two choices)
   });
 
-  it('reports every policy plus the pooled-cache bound, and the bound holds the best hit rate', async () => {
+  it('reports every policy plus the pooled LRU reference, which holds the best hit rate on this roomy workload', async () => {
     const r = await bench('shared-prefix:groups=16,system=1500,users=8,question=100,output=20,n=300', { rate: 30, engine: { numGpuBlocks: 800 } });
     expect(r.rows.map((x) => x.policy)).toEqual([POOLED, ...allPolicies]);
     const bound = r.rows[0].hitRate;
@@ -69,12 +70,24 @@ describe('policy lab', () => {
   it('kvgate bench writes the table, report.json and the SVG charts', () => {
     const out = mkdtempSync(join(tmpdir(), 'kvgate-bench-'));
     const stdout = execFileSync(process.execPath, ['dist/cli/main.js', 'bench', '--workload', `mooncake:${FIXTURE}`, '--workers', '4', '--policies', 'cache_aware,least_load', '--sweep', '2,4', '--out', out, '--quiet'], { encoding: 'utf8' });
-    expect(stdout).toMatch(/\| pooled-cache bound \|/);
+    expect(stdout).toMatch(/\| pooled LRU reference \|/);
     expect(stdout).toMatch(/\| cache_aware \|/);
     const report = JSON.parse(readFileSync(join(out, 'report.json'), 'utf8'));
     expect(report.rows).toHaveLength(2 * 4);
-    for (const f of ['hit-rate.svg', 'ttft-cdf.svg', 'ttft-p90-vs-rate.svg', 'report.md']) expect(existsSync(join(out, f))).toBe(true);
-    expect(readFileSync(join(out, 'hit-rate.svg'), 'utf8')).toMatch(/^<svg/);
+    // Every rate of the sweep gets its charts.
+    for (const f of ['hit-rate-2.svg', 'hit-rate-4.svg', 'ttft-cdf-2.svg', 'ttft-cdf-4.svg', 'ttft-p90-vs-rate.svg', 'report.md']) expect(existsSync(join(out, f))).toBe(true);
+    const svg = readFileSync(join(out, 'hit-rate-4.svg'), 'utf8');
+    expect(svg).toMatch(/^<svg/);
+    // Values on the bars, the axis scaled to the data (not 0–100%), one fixed colour per policy in every chart.
+    const at4 = report.rows.filter((r: any) => r.rate === 4);
+    for (const r of at4) expect(svg).toContain(`>${(100 * r.hitRate).toFixed(1)}%</text>`);
+    if (Math.max(...at4.map((r: any) => r.hitRate)) < 0.8) expect(svg).not.toContain('>100%</text>');
+    for (const f of ['hit-rate-2.svg', 'hit-rate-4.svg', 'ttft-cdf-2.svg', 'ttft-p90-vs-rate.svg']) {
+      const text = readFileSync(join(out, f), 'utf8');
+      expect(text).toContain(policyColour('cache_aware'));
+      expect(text).toContain(policyColour('least_load'));
+    }
+    expect(policyColour('cache_aware')).not.toBe(policyColour('least_load'));
     let err = '';
     try {
       execFileSync(process.execPath, ['dist/cli/main.js', 'bench', '--workload', 'nosuch:x'], { encoding: 'utf8', stdio: 'pipe' });

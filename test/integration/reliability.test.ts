@@ -134,7 +134,7 @@ describe('authentication', () => {
       expect((await call(gw, p, m === 'POST' ? {} : undefined, {}, m)).status).toBe(401);
     }
     r = await call(gw, '/workers', { url: b.url }, { authorization: 'Bearer admin-1' });
-    expect(r.status).toBe(201);
+    expect(r.status).toBe(202);
     expect(gw.registry.size).toBe(2);
     // The admin key is not a data-plane key when data-plane keys are configured separately.
     const m = await call(gw, '/metrics');

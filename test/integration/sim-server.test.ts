@@ -306,16 +306,21 @@ describe('kvgate sim over HTTP', () => {
     expect((await fetch(s.url + '/health')).status).toBe(200);
     expect(s.engines[0]!.engine.stats().finishedRequests).toBe(0);
 
-    const timed = async (srv: SimServer): Promise<number> => {
-      const t0 = performance.now();
-      await (await post(srv, '/v1/completions', { prompt: 'x', max_tokens: 30 })).json();
-      return performance.now() - t0;
+    // Deterministic: the same request on two engines; the engine's own step durations (busy time
+    // in model milliseconds, which the server also sleeps for) scale by the factor, whatever the
+    // machine's load. No wall-clock comparison.
+    const busy = async (srv: SimServer): Promise<number> => {
+      const r = await post(srv, '/v1/completions', { prompt: 'x', max_tokens: 30 });
+      expect(r.status).toBe(200);
+      await r.json();
+      return srv.engines[0]!.engine.stats().busyMs;
     };
-    const fast = await start({ speed: 2 });
-    const slow = await start({ speed: 2, cost: { slowFactor: 4 } });
-    const tFast = await timed(fast);
-    const tSlow = await timed(slow);
-    expect(tSlow).toBeGreaterThan(2.5 * tFast);
+    const fast = await start({ speed: 20 });
+    const slow = await start({ speed: 20, cost: { slowFactor: 4 } });
+    const bFast = await busy(fast);
+    const bSlow = await busy(slow);
+    expect(bFast).toBeGreaterThan(0);
+    expect(bSlow / bFast).toBeCloseTo(4, 6);
   });
 
   it('fault: --crash-after-requests destroys the server after N requests', async () => {

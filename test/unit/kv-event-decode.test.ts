@@ -112,7 +112,7 @@ describe('decodeKvEventBatch: legacy positional events (vLLM ≤ 0.23)', () => {
     ]);
   });
 
-  it('ignores extra trailing positions (extra_keys, group_idx, spec kind, future fields)', () => {
+  it('reads group_idx and kv_cache_spec_kind at their positions, ignores extra_keys and future fields', () => {
     const buf = payload(
       arr(3), f64(TS), arr(3),
       // 8 known + extra_keys [nil], group_idx 0, kv_cache_spec_kind, sliding_window nil, 2 unknown future fields
@@ -126,8 +126,8 @@ describe('decodeKvEventBatch: legacy positional events (vLLM ≤ 0.23)', () => {
     expect(b.malformed).toBe(0);
     expect(b.dpRank).toBe(0);
     expect(b.events).toEqual([
-      { type: 'stored', blockHashes: [42n], parentBlockHash: null, tokenIds: [5], blockSize: 1, medium: 'GPU', loraName: null },
-      { type: 'removed', blockHashes: [42n], medium: 'GPU' },
+      { type: 'stored', blockHashes: [42n], parentBlockHash: null, tokenIds: [5], blockSize: 1, medium: 'GPU', loraName: null, groupIdx: 0, kvCacheSpecKind: 'full_attention' },
+      { type: 'removed', blockHashes: [42n], medium: 'GPU', groupIdx: 1 },
       { type: 'cleared' },
     ]);
   });
@@ -161,8 +161,8 @@ describe('decodeKvEventBatch: map events tagged under "type" (vLLM ≥ 0.24)', (
       dpRank: 1,
       malformed: 0,
       events: [
-        { type: 'stored', blockHashes: [V_I64_NEG, V_BIN], parentBlockHash: V_I8_NEG, tokenIds: [1, 2, 3, 4], blockSize: 2, medium: 'GPU', loraName: null },
-        { type: 'removed', blockHashes: [V_U64_BIG], medium: null },
+        { type: 'stored', blockHashes: [V_I64_NEG, V_BIN], parentBlockHash: V_I8_NEG, tokenIds: [1, 2, 3, 4], blockSize: 2, medium: 'GPU', loraName: null, groupIdx: 0, kvCacheSpecKind: 'full_attention' },
+        { type: 'removed', blockHashes: [V_U64_BIG], medium: null, groupIdx: 3 },
         { type: 'cleared' },
       ],
     });
