@@ -1,3 +1,4 @@
+import { availableParallelism } from 'node:os';
 import { normalizeUrl } from '../core/worker.js';
 import { POLICY_NAMES } from '../policies/factory.js';
 import { ConfigError, resolveOptions, type OptionSpec } from './options.js';
@@ -76,6 +77,9 @@ export interface ServeConfig {
   prefillPolicy: string | undefined;
   decodePolicy: string | undefined;
   pdProtocol: 'sglang' | 'vllm';
+  // Several processes on one machine
+  processes: number;
+  natsServerBin: string | undefined;
 }
 
 const checkUrls = (urls: string[]): string | undefined => {
@@ -162,6 +166,8 @@ export const serveOptionSpecs: readonly OptionSpec[] = [
   { flag: 'prefill-policy', kind: 'enum', description: 'Policy for the prefill pool (default: --policy)', choices: POLICY_NAMES },
   { flag: 'decode-policy', kind: 'enum', description: 'Policy for the decode pool (default: --policy)', choices: POLICY_NAMES },
   { flag: 'pd-protocol', kind: 'enum', description: 'Hand-off protocol: sglang (bootstrap room, both at once) or vllm (NIXL kv_transfer_params, prefill then decode)', default: 'sglang', choices: ['sglang', 'vllm'] },
+  { flag: 'processes', kind: 'string', description: 'Serving processes sharing the port (auto = one per core); above 1 a supervisor forks and restarts them', default: '1', argName: 'n|auto', check: ((v: string) => (/^(auto|[1-9][0-9]{0,3})$/.test(v) ? undefined : 'expected a whole number from 1 to 9999, or auto')) as never },
+  { flag: 'nats-server-bin', kind: 'string', description: 'With --processes above 1 and no --replica-sync: the nats-server the supervisor starts (default: nats-server on PATH, else /usr/sbin/nats-server)', argName: 'path' },
 ];
 
 /** `--prefill URL [PORT] URL ...` tokens → workers: a number (or "none") after a URL is its bootstrap port. */
@@ -210,6 +216,14 @@ export function resolveServeConfig(cli: Record<string, unknown>, env: NodeJS.Pro
   }
   for (const ep of [...o.kvEventsEndpoints, ...o.kvEventsReplayEndpoints, ...(o.kvEventsBind ? [o.kvEventsBind] : [])]) {
     if (!/^(tcp|ipc|inproc):\/\/.+/.test(ep)) throw new ConfigError(`invalid value for --kv-events-*: '${ep}' is not a ZMQ endpoint (tcp://host:port, ipc://path)`);
+  }
+  const processes = String(o.processes as unknown);
+  o.processes = processes === 'auto' ? availableParallelism() : Number(processes);
+  if (o.processes > 1 && o.port === 0) {
+    throw new ConfigError('invalid value for --port: 0 (any free port) cannot be used with --processes above 1; give a fixed port, which every process serves and a restarted process binds again');
+  }
+  if (o.processes > 1 && o.kvEventsBind !== undefined) {
+    throw new ConfigError('invalid value for --kv-events-bind: with --processes above 1 each process would bind the same ZMQ endpoint; use --kv-events-endpoints (every process connects to the engines)');
   }
   if ((o.tlsCertPath === undefined) !== (o.tlsKeyPath === undefined)) {
     throw new ConfigError('invalid value for --tls-cert-path / --tls-key-path: give both or neither');

@@ -72,6 +72,8 @@ export class Gateway {
   readonly metrics: GatewayMetrics;
   readonly workers: WorkerManager;
   readonly log: Logger;
+  /** Each generation request is logged at debug level (one line when its response ends). */
+  private readonly logRequests: boolean;
   readonly admission: Admission;
   readonly kvEvents: KvEventHub;
   readonly tokenizers = new TokenizerRegistry();
@@ -97,6 +99,7 @@ export class Gateway {
     opts: GatewayOptions = {},
   ) {
     this.log = opts.logger ?? createLogger(config);
+    this.logRequests = this.log.isLevelEnabled('debug');
     const clock = opts.clock ?? systemClock;
     const rng = opts.rng ?? randomRng();
     this.pools = new UpstreamPools(config.connectTimeoutSecs * 1000);
@@ -427,8 +430,10 @@ export class Gateway {
       sendError(res, err, { 'x-request-id': requestId });
     } finally {
       if (route) {
+        const secs = (performance.now() - started) / 1000;
         this.metrics.requests.inc({ route: label, status: String(status) });
-        this.metrics.duration.observe({ route: label }, (performance.now() - started) / 1000);
+        this.metrics.duration.observe({ route: label }, secs);
+        if (this.logRequests) this.log.debug({ requestId, route: label, status, worker: res.getHeader('x-kvgate-worker'), ms: Math.round(secs * 1000) }, 'request');
       }
     }
   }
