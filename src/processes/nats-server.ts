@@ -27,7 +27,7 @@ export class NatsServerNotFoundError extends Error {
 }
 
 /** The nats-server binary: `explicit` if given, else `nats-server` on PATH, else /usr/sbin/nats-server. */
-export function findNatsServer(explicit?: string, env: NodeJS.ProcessEnv = process.env): string {
+export function findNatsServer(explicit?: string, env: NodeJS.ProcessEnv = process.env, fallback = DEBIAN_NATS_SERVER): string {
   if (explicit !== undefined) {
     if (isExecutableFile(explicit)) return explicit;
     throw new NatsServerNotFoundError(`--nats-server-bin '${explicit}' is not an executable file`);
@@ -35,9 +35,9 @@ export function findNatsServer(explicit?: string, env: NodeJS.ProcessEnv = proce
   for (const dir of (env.PATH ?? '').split(delimiter)) {
     if (dir && isExecutableFile(join(dir, 'nats-server'))) return join(dir, 'nats-server');
   }
-  if (isExecutableFile(DEBIAN_NATS_SERVER)) return DEBIAN_NATS_SERVER;
+  if (isExecutableFile(fallback)) return fallback;
   throw new NatsServerNotFoundError(
-    `no nats-server binary found (not on PATH, not at ${DEBIAN_NATS_SERVER}): install the Debian package 'nats-server' ` +
+    `no nats-server binary found (not on PATH, not at ${fallback}): install the Debian package 'nats-server' ` +
       `(apt-get install nats-server), give --nats-server-bin PATH, or run a NATS server yourself and pass --replica-sync nats://HOST:PORT`,
   );
 }
