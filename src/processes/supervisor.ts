@@ -169,9 +169,10 @@ export async function runSupervisor(config: ServeConfig, log: Logger): Promise<v
     if (live().length === 0) void finish();
   };
 
-  cluster.on('listening', (w) => {
+  cluster.on('listening', (w, address) => {
     const slot = slotOf(w);
-    if (!slot || slot.listened) return;
+    // Only the shared HTTP port counts (a process may listen on other sockets too).
+    if (!slot || slot.listened || address.port !== config.port) return;
     slot.listened = true;
     if (!ready && slots.every((s) => s.listened)) {
       ready = true;

@@ -115,7 +115,7 @@ describe('kvgate serve --processes 2', () => {
       const statuses = await Promise.all(Array.from({ length: 8 }, () => chat(port, sent++)));
       expect(statuses.every((s) => s === 200)).toBe(true);
     };
-    while (sent < 40 || (servedBy(sup.output()).size < 2 && sent < 400)) await batch();
+    while (sent < 40 || (servedBy(sup.output()).size < 2 && sent < 800)) await batch();
     const before = servedBy(sup.output());
     expect(before.size).toBe(2);
 
