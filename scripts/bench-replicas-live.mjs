@@ -7,8 +7,7 @@
 //
 // Needs nats-server (Debian package; scripts/setup-test-deps.sh installs it). Loopback only.
 import { spawn } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
-import { createServer } from 'node:net';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
@@ -24,11 +23,8 @@ const policy = opt('policy', 'cache_aware');
 const workload = opt('workload', 'shared-prefix:groups=32,system=1000,users=8,question=50,output=20,fresh=1');
 const engineArgs = ['--num-gpu-blocks', opt('num-gpu-blocks', '3000')];
 
-const natsBin = ['/usr/sbin/nats-server', '/usr/bin/nats-server', '/usr/local/bin/nats-server'].find((p) => existsSync(p));
-if (!natsBin) {
-  console.error('nats-server not found: run scripts/setup-test-deps.sh (Debian package nats-server)');
-  process.exit(1);
-}
+const { findNatsServer, NatsServer } = await import('../dist/processes/nats-server.js');
+const natsBin = findNatsServer();
 
 const procs = [];
 function start(cmd, argv, ready) {
@@ -51,16 +47,9 @@ function start(cmd, argv, ready) {
   });
 }
 const kvgate = (argv, ready) => start(process.execPath, ['dist/cli/main.js', ...argv], ready);
-function freePort() {
-  return new Promise((r) => {
-    const s = createServer();
-    s.listen(0, '127.0.0.1', () => {
-      const p = s.address().port;
-      s.close(() => r(p));
-    });
-  });
-}
+const natsServers = [];
 async function stopAll() {
+  await Promise.all(natsServers.splice(0).map((n) => n.kill('SIGTERM')));
   await Promise.all(
     procs.splice(0).map(
       (c) =>
@@ -89,9 +78,9 @@ async function mode(name, replicas, sync) {
   const simUrls = sims.map((s) => s.match[1]);
   let natsUrl;
   if (sync) {
-    const port = await freePort();
-    await start(natsBin, ['-a', '127.0.0.1', '-p', String(port)], /Server is ready/);
-    natsUrl = `nats://127.0.0.1:${port}`;
+    const nats = await NatsServer.start({ bin: natsBin, host: '127.0.0.1', port: 0 });
+    natsServers.push(nats);
+    natsUrl = nats.url;
   }
   const urls = [];
   for (let i = 0; i < replicas; i++) {

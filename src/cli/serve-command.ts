@@ -1,13 +1,21 @@
+import cluster from 'node:cluster';
 import type { Command } from 'commander';
 import { addOptions, ConfigError } from '../config/options.js';
 import { resolveServeConfig, serveOptionSpecs } from '../config/serve-config.js';
-import { Gateway } from '../server/gateway.js';
+import { isShutdownMessage, replicaIdOf, runSupervisor } from '../processes/supervisor.js';
+import { createLogger, Gateway } from '../server/gateway.js';
 
 export function registerServeCommand(program: Command): void {
   const cmd = program
     .command('serve')
     .description('Run the gateway in front of vLLM / SGLang workers')
-    .addHelpText('after', '\nEvery flag can also be set in the --config file (same name) or as KVGATE_<FLAG_IN_UPPER_SNAKE>.');
+    .addHelpText(
+      'after',
+      '\nEvery flag can also be set in the --config file (same name) or as KVGATE_<FLAG_IN_UPPER_SNAKE>.' +
+        '\nWith --processes N above 1, a supervisor forks N serving processes that share the port (node:cluster, one' +
+        '\nlistening socket; not SO_REUSEPORT) and restarts any that dies; without --replica-sync it starts a' +
+        '\nnats-server on 127.0.0.1 for them. See docs/operations.md.',
+    );
   addOptions(cmd, serveOptionSpecs);
   cmd.action(async (opts: Record<string, unknown>) => {
     let config;
@@ -20,31 +28,66 @@ export function registerServeCommand(program: Command): void {
       }
       throw e;
     }
-    const gateway = new Gateway(config);
+    // The supervisor forks; its children (cluster workers) serve and never fork themselves.
+    if (config.processes > 1 && cluster.isPrimary) {
+      await runSupervisor(config, createLogger(config).child({ role: 'supervisor' }));
+      return;
+    }
+    let stopping = false;
+    let started = false;
+    const replicaId = cluster.isWorker ? replicaIdOf(config) : undefined;
+    // A terminal's Ctrl-C reaches the supervisor and this process both; the supervisor then also
+    // asks for a drain over IPC. Whichever comes second is the same request, not a second signal.
+    let echoOf: string | undefined;
+    if (cluster.isWorker) {
+      process.on('message', (m) => {
+        if (!isShutdownMessage(m)) return;
+        if (m.now) process.exit(0);
+        if (stopping) return;
+        if (!started) process.exit(0);
+        echoOf = m.signal;
+        setTimeout(() => (echoOf = undefined), 2000).unref();
+        stop(m.signal);
+      });
+    }
+    const g = new Gateway(config, replicaId ? { logger: createLogger(config).child({ replicaId }) } : {});
     try {
-      await gateway.start();
+      await g.start();
+      started = true;
     } catch (e) {
       process.stderr.write(`kvgate serve: cannot start: ${(e as Error).message}\n`);
       process.exit(1);
     }
-    gateway.log.info(
-      { url: gateway.url, ...(gateway.metricsPort ? { metricsPort: gateway.metricsPort } : {}), policy: config.policy, workers: gateway.registry.all().map((w) => ({ id: w.id, model: w.modelId, healthy: w.healthy })) },
+    g.log.info(
+      {
+        url: g.url,
+        ...(g.metricsPort ? { metricsPort: g.metricsPort } : {}),
+        policy: config.policy,
+        workers: g.registry.all().map((w) => ({ id: w.id, model: w.modelId, healthy: w.healthy })),
+        ...(cluster.isWorker ? { processIndex: Number(process.env.KVGATE_PROCESS_INDEX ?? cluster.worker!.id - 1) } : {}),
+      },
       'kvgate listening',
     );
-    let stopping = false;
-    const stop = (signal: string) => {
+    function stop(signal: string) {
       if (stopping) {
-        gateway.log.warn({ signal }, 'second signal: exiting now');
+        g.log.warn({ signal }, 'second signal: exiting now');
         process.exit(0);
       }
       stopping = true;
-      gateway.log.info({ signal, inFlight: gateway.activeRequests, graceSecs: config.shutdownGracePeriodSecs }, 'draining: refusing new requests, letting in-flight ones finish');
-      void gateway.shutdown(config.shutdownGracePeriodSecs * 1000).then((cut) => {
-        gateway.log.info({ cut }, cut > 0 ? 'grace period over: cut the remaining requests' : 'all requests finished');
+      g.log.info({ signal, inFlight: g.activeRequests, graceSecs: config!.shutdownGracePeriodSecs }, 'draining: refusing new requests, letting in-flight ones finish');
+      void g.shutdown(config!.shutdownGracePeriodSecs * 1000).then((cut) => {
+        g.log.info({ cut }, cut > 0 ? 'grace period over: cut the remaining requests' : 'all requests finished');
         process.exit(0);
       });
+    }
+    const onSignal = (signal: string) => {
+      if (echoOf === signal) {
+        echoOf = undefined;
+        return;
+      }
+      stop(signal);
     };
-    process.on('SIGINT', () => stop('SIGINT'));
-    process.on('SIGTERM', () => stop('SIGTERM'));
+    process.on('SIGINT', () => onSignal('SIGINT'));
+    process.on('SIGTERM', () => onSignal('SIGTERM'));
   });
 }

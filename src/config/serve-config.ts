@@ -1,3 +1,4 @@
+import { availableParallelism } from 'node:os';
 import { normalizeUrl } from '../core/worker.js';
 import { parseModelIdFrom, parseSelector } from '../discovery/pods.js';
 import { POLICY_NAMES } from '../policies/factory.js';
@@ -111,6 +112,9 @@ export interface ServeConfig {
   serviceDiscoveryNamespace: string | undefined;
   serviceDiscoveryPort: number;
   modelIdFrom: string | undefined;
+  // Several processes on one machine
+  processes: number;
+  natsServerBin: string | undefined;
 }
 
 const checkSelector = (items: string[]): string | undefined => {
@@ -238,6 +242,8 @@ export const serveOptionSpecs: readonly OptionSpec[] = [
   { flag: 'service-discovery-port', kind: 'int', description: "Service discovery: worker port on each pod (a pod's kvgate.io/port annotation overrides it)", default: 8000, min: 1, max: 65535 },
   { flag: 'model-id-from', kind: 'string', description: "Service discovery: take each pod's model id from its namespace, label:<key> or annotation:<key> instead of its /v1/models", argName: 'source', check: ((v: string) => { try { parseModelIdFrom(v); return undefined; } catch (e) { return (e as Error).message; } }) as never },
   { flag: 'pd-protocol', kind: 'enum', description: 'Hand-off protocol: sglang (bootstrap room, both at once) or vllm (NIXL kv_transfer_params, prefill then decode)', default: 'sglang', choices: ['sglang', 'vllm'] },
+  { flag: 'processes', kind: 'string', description: 'Serving processes sharing the port (auto = one per core); above 1 a supervisor forks and restarts them', default: '1', argName: 'n|auto', check: ((v: string) => (/^(auto|[1-9][0-9]{0,3})$/.test(v) ? undefined : 'expected a whole number from 1 to 9999, or auto')) as never },
+  { flag: 'nats-server-bin', kind: 'string', description: 'With --processes above 1 and no --replica-sync: the nats-server the supervisor starts (default: nats-server on PATH, else /usr/sbin/nats-server)', argName: 'path' },
 ];
 
 /** `--prefill URL [PORT] URL ...` tokens → workers: a number (or "none") after a URL is its bootstrap port. */
@@ -309,6 +315,14 @@ export function resolveServeConfig(cli: Record<string, unknown>, env: NodeJS.Pro
     throw new ConfigError('invalid value for --client-cert-path / --client-key-path: give both or neither');
   }
   o.forwardHeaders = o.forwardHeaders.map((h) => h.toLowerCase());
+  const processes = String(o.processes as unknown);
+  o.processes = processes === 'auto' ? availableParallelism() : Number(processes);
+  if (o.processes > 1 && o.port === 0) {
+    throw new ConfigError('invalid value for --port: 0 (any free port) cannot be used with --processes above 1; give a fixed port, which every process serves and a restarted process binds again');
+  }
+  if (o.processes > 1 && o.kvEventsBind !== undefined) {
+    throw new ConfigError('invalid value for --kv-events-bind: with --processes above 1 each process would bind the same ZMQ endpoint; use --kv-events-endpoints (every process connects to the engines)');
+  }
   if ((o.tlsCertPath === undefined) !== (o.tlsKeyPath === undefined)) {
     throw new ConfigError('invalid value for --tls-cert-path / --tls-key-path: give both or neither');
   }

@@ -40,6 +40,8 @@ export class Gateway {
   readonly metrics: GatewayMetrics;
   readonly workers: WorkerManager;
   readonly log: Logger;
+  /** Each generation request is logged at debug level (one line when its response ends). */
+  private readonly logRequests: boolean;
   readonly admission: Admission;
   readonly kvEvents: KvEventHub;
   readonly tokenizers: TokenizerRegistry;
@@ -76,6 +78,7 @@ export class Gateway {
     ({ registry: this.registry, policy: this.policy, metrics: this.metrics, workers: this.workers, log: this.log } = core);
     ({ admission: this.admission, kvEvents: this.kvEvents, tokenizers: this.tokenizers } = core);
     ({ prefillPolicy: this.prefillPolicy, decodePolicy: this.decodePolicy } = core);
+    this.logRequests = this.log.isLevelEnabled('debug');
     const { clock, rng } = core;
     this.pools = new UpstreamPools(config.connectTimeoutSecs * 1000, undefined, loadWorkerTls(config));
     this.apiKeys = new KeySet([...config.apiKey, ...(config.apiKeyFile ? readKeyFile(config.apiKeyFile) : [])]);
@@ -325,8 +328,10 @@ export class Gateway {
       sendError(res, err, { 'x-request-id': requestId });
     } finally {
       if (route) {
+        const secs = (performance.now() - started) / 1000;
         this.metrics.requests.inc({ route: label, status: String(status) });
-        this.metrics.duration.observe({ route: label }, (performance.now() - started) / 1000);
+        this.metrics.duration.observe({ route: label }, secs);
+        if (this.logRequests) this.log.debug({ requestId, route: label, status, worker: res.getHeader('x-kvgate-worker'), ms: Math.round(secs * 1000) }, 'request');
       }
     }
   }

@@ -1,11 +1,11 @@
 // Active-active replicas end to end: a real nats-server, `kvgate sim` engines and several
 // `kvgate serve --replica-sync` processes, with this test as the round-robin load balancer.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { startNatsServer, type NatsServer } from '../helpers/nats.js';
+import { startNats, type TestNats } from '../helpers/nats.js';
 import { spawnKvgate, type Spawned } from '../helpers/processes.js';
 
 const running: Spawned[] = [];
-let nats: NatsServer;
+let nats: TestNats;
 let sims: string[] = [];
 
 interface Replica {
@@ -115,7 +115,7 @@ async function sharedPrefix(replicas: Replica[], tag: string, groups = 10, round
 }
 
 beforeAll(async () => {
-  nats = await startNatsServer();
+  nats = await startNats();
   const started = await Promise.all(
     [1, 2, 3, 4].map((seed) => spawnKvgate(['sim', '--host', '127.0.0.1', '--port', '0', '--seed', String(seed)], /listening on (http:\/\/\S+)/)),
   );
@@ -173,7 +173,7 @@ describe('kvgate serve --replica-sync (real nats-server, 4 sim engines)', () => 
     const stream = await openStream(rs[0], 'held across the outage');
     await until('load seen by the peer', () => totalLoad(rs[1]), (n) => n === 1);
 
-    await nats.kill();
+    await nats.kill('SIGKILL');
     let failed = 0;
     for (let i = 0; i < 10; i++) if ((await send(rs[i % 2], chat('during the outage', `q${i}`))).status !== 200) failed++;
     expect(failed).toBe(0);

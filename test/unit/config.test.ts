@@ -1,5 +1,5 @@
 import { mkdtempSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { availableParallelism, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { ConfigError } from '../../src/config/options.js';
@@ -62,8 +62,22 @@ describe('serve configuration', () => {
     [{ workerUrls: ['http://a:1', 'http://a:1/'] }, {}, /--worker-urls.*twice/],
     [{ healthCheckEndpoint: 'health' }, {}, /--health-check-endpoint.*start with \//],
     [{ maxPayloadSize: '0' }, {}, /--max-payload-size/],
+    [{ processes: '0' }, {}, /--processes.*whole number from 1/],
+    [{ processes: 'two' }, {}, /--processes.*or auto/],
+    [{ processes: '1.5' }, {}, /--processes/],
+    [{ processes: '2', port: '0' }, {}, /--port: 0 .*cannot be used with --processes/],
+    [{ processes: '2', kvEventsBind: 'tcp://*:5557' }, {}, /--kv-events-bind: with --processes/],
   ])('rejects %j %j naming the flag', (cli, env, re) => {
     expect(() => resolveServeConfig(cli as Record<string, unknown>, env as NodeJS.ProcessEnv)).toThrow(re);
+  });
+
+  it('--processes: a number, auto (one per core), from flag, environment or config file', () => {
+    expect(resolveServeConfig({}, {}).processes).toBe(1);
+    expect(resolveServeConfig({ processes: '3' }, {}).processes).toBe(3);
+    expect(resolveServeConfig({ processes: 'auto' }, {}).processes).toBe(availableParallelism());
+    expect(resolveServeConfig({}, { KVGATE_PROCESSES: '2' }).processes).toBe(2);
+    expect(resolveServeConfig({ config: file('p.yaml', 'processes: 4\nnats-server-bin: /opt/nats\n') }, {})).toMatchObject({ processes: 4, natsServerBin: '/opt/nats' });
+    expect(resolveServeConfig({ port: '0' }, {}).processes).toBe(1);
   });
 
   it('names the config file problem', () => {

@@ -1,0 +1,256 @@
+// npm run bench:proxy:wrk — maximum throughput and p50 latency under wrk, with nginx as the
+// upstream: nginx direct, a bare Node proxy (node:http in, undici Pool out, no logic), kvgate
+// (cache_aware) with 1 process, and kvgate with --processes 2. Needs the Debian packages wrk and
+// nginx-light (scripts/setup-test-deps.sh) and nats-server for --processes 2.
+//
+// nginx-light runs from a generated config in a temp dir (worker_processes 1, two loopback
+// ports that answer POST /v1/chat/completions with a fixed small chat completion): port A is the
+// upstream of the bare proxy and the one nginx measured directly, kvgate gets ports A and B as
+// two workers so cache_aware has a choice to make. wrk POSTs 4,000-character chat bodies (a shared
+// 3,800-character system prompt and a varying user turn).
+//
+// Options (env): BENCH_WRK_SECS (10), BENCH_WRK_WARMUP_SECS (2), BENCH_WRK_CONNECTIONS (64),
+// BENCH_WRK_THREADS (1), BENCH_ROUNDS (3)
+import { execFileSync, fork, spawn } from 'node:child_process';
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { request as httpRequest, Agent } from 'node:http';
+import { createServer } from 'node:net';
+import { cpus, tmpdir } from 'node:os';
+import { delimiter, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const here = (p) => fileURLToPath(new URL(p, import.meta.url));
+const SECS = Number(process.env.BENCH_WRK_SECS ?? 10);
+const WARMUP = Number(process.env.BENCH_WRK_WARMUP_SECS ?? 2);
+const CONNS = Number(process.env.BENCH_WRK_CONNECTIONS ?? 64);
+const THREADS = Number(process.env.BENCH_WRK_THREADS ?? 1);
+const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 3);
+
+if (!existsSync(here('../dist/cli/main.js'))) {
+  console.error('dist/ is missing: run `npm run build` first');
+  process.exit(1);
+}
+function which(name, fallbacks = []) {
+  for (const dir of (process.env.PATH ?? '').split(delimiter)) if (dir && existsSync(join(dir, name))) return join(dir, name);
+  return fallbacks.find((p) => existsSync(p));
+}
+const NGINX = which('nginx', ['/usr/sbin/nginx']);
+const WRK = which('wrk', ['/usr/bin/wrk']);
+if (!NGINX || !WRK) {
+  console.error(`missing ${[!NGINX && 'nginx (Debian package nginx-light)', !WRK && 'wrk (Debian package wrk)'].filter(Boolean).join(' and ')}: run scripts/setup-test-deps.sh as root`);
+  process.exit(1);
+}
+
+const freePort = () =>
+  new Promise((resolve, reject) => {
+    const s = createServer();
+    s.once('error', reject);
+    s.listen(0, '127.0.0.1', () => {
+      const { port } = s.address();
+      s.close(() => resolve(port));
+    });
+  });
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+const tmp = mkdtempSync(join(tmpdir(), 'kvgate-bench-wrk-'));
+const children = [];
+async function cleanup() {
+  for (const c of children.reverse()) {
+    if (c.exitCode !== null || c.signalCode !== null) continue;
+    const exited = new Promise((r) => c.once('exit', r));
+    c.kill('SIGTERM');
+    await Promise.race([exited, sleep(10_000)]);
+  }
+  rmSync(tmp, { recursive: true, force: true });
+}
+
+// --- nginx upstream ------------------------------------------------------------------------
+const completion = JSON.stringify({
+  id: 'chatcmpl-bench',
+  object: 'chat.completion',
+  model: 'bench-model',
+  choices: [{ index: 0, message: { role: 'assistant', content: 'ok' }, finish_reason: 'stop' }],
+  usage: { prompt_tokens: 1000, completion_tokens: 1, total_tokens: 1001 },
+});
+const models = JSON.stringify({ object: 'list', data: [{ id: 'bench-model', object: 'model' }] });
+// What kvgate's engine-metrics scraper reads every second (an idle vLLM).
+const engineMetrics = ['vllm:num_requests_running{model_name="bench-model"} 0', 'vllm:num_requests_waiting{model_name="bench-model"} 0', 'vllm:kv_cache_usage_perc{model_name="bench-model"} 0'].join('\\n') + '\\n';
+const [portA, portB] = [await freePort(), await freePort()];
+const server = (port) => `
+  server {
+    listen 127.0.0.1:${port};
+    default_type application/json;
+    location = /v1/chat/completions { return 200 '${completion}'; }
+    location = /v1/models { return 200 '${models}'; }
+    location = /health { return 200 '{}'; }
+    location = /metrics { default_type text/plain; return 200 '${engineMetrics}'; }
+  }`;
+writeFileSync(
+  join(tmp, 'nginx.conf'),
+  `worker_processes 1;
+daemon off;
+pid ${tmp}/nginx.pid;
+error_log ${tmp}/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path ${tmp}/client_body;
+  proxy_temp_path ${tmp}/proxy;
+  fastcgi_temp_path ${tmp}/fastcgi;
+  uwsgi_temp_path ${tmp}/uwsgi;
+  scgi_temp_path ${tmp}/scgi;
+  client_body_buffer_size 64k;
+  keepalive_requests 10000000;
+  keepalive_timeout 120s;
+${server(portA)}
+${server(portB)}
+}
+`,
+);
+
+async function waitReady(url, path = '/health', tries = 400) {
+  for (let i = 0; i < tries; i++) {
+    try {
+      const r = await fetch(url + path);
+      await r.arrayBuffer();
+      if (r.status === 200) return;
+    } catch {}
+    await sleep(50);
+  }
+  throw new Error(`${url}${path} did not become ready`);
+}
+
+function startNginx() {
+  const c = spawn(NGINX, ['-p', tmp, '-c', join(tmp, 'nginx.conf'), '-e', join(tmp, 'error.log')], { stdio: ['ignore', 'inherit', 'inherit'] });
+  children.push(c);
+  return c;
+}
+
+function forkBare(upstream) {
+  const child = fork(here('./lib/bare-proxy.mjs'), [upstream], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
+  children.push(child);
+  return new Promise((resolve, reject) => {
+    child.once('message', (m) => resolve(`http://127.0.0.1:${m.port}`));
+    child.once('exit', (code) => reject(new Error(`bare proxy exited ${code}`)));
+  });
+}
+
+async function startKvgate(processes) {
+  const port = await freePort();
+  const args = ['serve', '--host', '127.0.0.1', '--port', String(port), '--worker-urls', `http://127.0.0.1:${portA}`, `http://127.0.0.1:${portB}`, '--policy', 'cache_aware', '--log-level', 'warn', '--processes', String(processes)];
+  const c = spawn(process.execPath, [here('../dist/cli/main.js'), ...args], { stdio: ['ignore', 'inherit', 'inherit'] });
+  children.push(c);
+  const url = `http://127.0.0.1:${port}`;
+  await waitReady(url, '/readiness');
+  // With several processes, each must have checked its workers: ask until enough answers say ready.
+  for (let i = 0; i < 20; i++) await scrape(url, '/readiness');
+  return url;
+}
+
+// --- wrk ------------------------------------------------------------------------------------
+const lua = join(tmp, 'chat.lua');
+writeFileSync(
+  lua,
+  `-- 1,024 chat bodies of 4,000 characters: one shared 3,800-character system prompt, a varying user turn.
+local system = string.sub(string.rep("You are a careful assistant for an online store. Answer briefly and cite the policy section. ", 40), 1, 3800)
+local requests = {}
+local n = 0
+init = function(args)
+  for i = 0, 1023 do
+    local user = string.format("Customer %d: where is my order number %d? ", i, (i * 7919) % 100000)
+    user = user .. string.rep(".", 200 - #user)
+    local body = '{"model":"bench-model","messages":[{"role":"system","content":"' .. system .. '"},{"role":"user","content":"' .. user .. '"}],"max_tokens":16}'
+    requests[i + 1] = wrk.format("POST", "/v1/chat/completions", { ["Content-Type"] = "application/json" }, body)
+  end
+end
+request = function()
+  n = n + 1
+  return requests[(n % 1024) + 1]
+end
+`,
+);
+
+const toMs = (v, unit) => Number(v) * { us: 0.001, ms: 1, s: 1000 }[unit];
+function wrk(url, secs) {
+  const out = execFileSync(WRK, ['-t', String(THREADS), '-c', String(CONNS), '-d', `${secs}s`, '--latency', '-s', lua, url], { encoding: 'utf8' });
+  const rps = Number(out.match(/Requests\/sec:\s+([\d.]+)/)[1]);
+  const p = (q) => {
+    const m = out.match(new RegExp(`^\\s+${q}%\\s+([\\d.]+)(us|ms|s)`, 'm'));
+    return toMs(m[1], m[2]);
+  };
+  const non2xx = Number(out.match(/Non-2xx or 3xx responses: (\d+)/)?.[1] ?? 0);
+  const socketErrors = out.match(/Socket errors: (.*)/)?.[1];
+  return { rps, p50: p(50), p99: p(99), non2xx, socketErrors };
+}
+
+// --- /metrics over a fresh connection each time (with N processes, each answers from one) ----
+const fresh = new Agent({ keepAlive: false });
+function scrape(url, path = '/metrics') {
+  return new Promise((resolve, reject) => {
+    const req = httpRequest(url + path, { agent: fresh }, (res) => {
+      let text = '';
+      res.setEncoding('utf8');
+      res.on('data', (d) => (text += d));
+      res.on('end', () => resolve(text));
+    });
+    req.once('error', reject);
+    req.end();
+  });
+}
+const metric = (text, name) => Number(text.split('\n').find((l) => l.startsWith(name + ' '))?.split(' ')[1] ?? NaN);
+
+// --- run ------------------------------------------------------------------------------------
+const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
+const cpuModel = readFileSync('/proc/cpuinfo', 'utf8').match(/model name\s*:\s*(.*)/)?.[1] ?? 'unknown';
+console.log(`machine: ${cpus().length} CPUs (${cpuModel}), Node ${process.version}`);
+console.log(`wrk: ${THREADS} thread(s), ${CONNS} connections, ${SECS} s per measurement after a ${WARMUP} s warm-up; ${ROUNDS} rounds`);
+
+const names = ['nginx', 'bare', 'kvgate1', 'kvgate2'];
+const labels = { nginx: 'nginx direct', bare: 'bare Node proxy', kvgate1: 'kvgate cache_aware, 1 process', kvgate2: 'kvgate cache_aware, --processes 2' };
+const results = Object.fromEntries(names.map((n) => [n, []]));
+const scrapes = {};
+try {
+  startNginx();
+  await waitReady(`http://127.0.0.1:${portA}`);
+  await waitReady(`http://127.0.0.1:${portB}`);
+  const targets = {
+    nginx: `http://127.0.0.1:${portA}`,
+    bare: await forkBare(`http://127.0.0.1:${portA}`),
+    kvgate1: await startKvgate(1),
+    kvgate2: await startKvgate(2),
+  };
+  for (let round = 0; round < ROUNDS; round++) {
+    for (const name of names) {
+      wrk(targets[name], WARMUP);
+      const r = wrk(targets[name], SECS);
+      results[name].push(r);
+      const errs = r.non2xx || r.socketErrors ? ` non2xx=${r.non2xx} socket_errors=${r.socketErrors ?? 0}` : '';
+      console.log(`round ${round + 1} ${name.padEnd(7)} req/s=${r.rps.toFixed(0)} p50=${r.p50.toFixed(3)}ms p99=${r.p99.toFixed(3)}ms${errs}`);
+    }
+  }
+  for (const name of ['kvgate1', 'kvgate2']) {
+    scrapes[name] = [];
+    for (let i = 0; i < 8; i++) {
+      const text = await scrape(targets[name]);
+      scrapes[name].push({ hits: metric(text, 'kvgate_cache_hits_total'), misses: metric(text, 'kvgate_cache_misses_total'), lb: metric(text, 'kvgate_load_balancing_events_total') });
+    }
+  }
+} finally {
+  await cleanup();
+}
+
+const med = Object.fromEntries(names.map((n) => [n, { rps: median(results[n].map((r) => r.rps)), p50: median(results[n].map((r) => r.p50)), p99: median(results[n].map((r) => r.p99)) }]));
+console.log(`\nmedians of ${ROUNDS} rounds; body 4,000-char chat; wrk -t${THREADS} -c${CONNS} -d${SECS}s`);
+console.log('| target | max req/s | p50 (ms) | p99 (ms) |');
+console.log('|---|---|---|---|');
+for (const n of names) console.log(`| ${labels[n]} | ${med[n].rps.toFixed(0)} | ${med[n].p50.toFixed(2)} | ${med[n].p99.toFixed(2)} |`);
+console.log(`\nratios: kvgate(1 process)/bare req/s=${(med.kvgate1.rps / med.bare.rps).toFixed(2)} p50=${(med.kvgate1.p50 / med.bare.p50).toFixed(2)}; ` +
+  `processes2/processes1 req/s=${(med.kvgate2.rps / med.kvgate1.rps).toFixed(2)} p50=${(med.kvgate2.p50 / med.kvgate1.p50).toFixed(2)}`);
+console.log('\ncache_aware on kvgate /metrics after all rounds (8 scrapes, a fresh connection each; with --processes 2 each scrape is answered by one process, whose counters are its own):');
+for (const name of ['kvgate1', 'kvgate2']) {
+  const distinct = [...new Map(scrapes[name].map((s) => [`${s.hits}/${s.misses}`, s])).values()];
+  for (const s of distinct) {
+    const rate = s.hits / (s.hits + s.misses);
+    console.log(`  ${labels[name]}: kvgate_cache_hits_total=${s.hits} kvgate_cache_misses_total=${s.misses} hit_rate=${(rate * 100).toFixed(3)}% kvgate_load_balancing_events_total=${s.lb}`);
+  }
+}
