@@ -118,6 +118,12 @@ describe('kvgate serve --processes 2', () => {
     while (sent < 40 || (servedBy(sup.output()).size < 2 && sent < 800)) await batch();
     const before = servedBy(sup.output());
     expect(before.size).toBe(2);
+    // The two processes are peers through the bundled nats-server: whichever answers /replicas
+    // has heard from the other.
+    const replicas = (await (await fetch(`http://127.0.0.1:${port}/replicas`)).json()) as { state: string; connected: boolean; peers: Array<{ id: string }> };
+    expect(replicas.connected).toBe(true);
+    expect(replicas.peers).toHaveLength(1);
+    expect(listening.map((l) => l.replicaId)).toContain(replicas.peers[0].id);
 
     // SIGKILL one child: the supervisor restarts it, and requests keep succeeding meanwhile.
     const victim = childPids[0];
