@@ -7,6 +7,7 @@ import { errors, GatewayError } from '../core/errors.js';
 import type { WorkerRegistry } from '../core/registry.js';
 import type { Worker } from '../core/worker.js';
 import type { GatewayMetrics } from '../metrics/gateway-metrics.js';
+import { explainWith, type PairExplanation, type RouteExplanation } from '../policies/explain.js';
 import type { RequestOutcome, RoutingPolicy, WorkerPair } from '../policies/policy.js';
 import { sendError } from '../server/http-util.js';
 import type { UpstreamPools } from '../upstream/pools.js';
@@ -56,6 +57,12 @@ export class SplitPairPolicy implements RoutingPolicy {
     if (!p) return undefined;
     const d = this.decode.selectWorker(decode, ctx);
     return d ? { prefill: p, decode: d } : undefined;
+  }
+  explain(candidates: readonly Worker[], ctx: RequestContext): RouteExplanation {
+    return explainWith(this.prefill, candidates, ctx);
+  }
+  explainPair(prefill: readonly Worker[], decode: readonly Worker[], ctx: RequestContext): PairExplanation {
+    return { prefill: explainWith(this.prefill, prefill, ctx), decode: explainWith(this.decode, decode, ctx) };
   }
 }
 
