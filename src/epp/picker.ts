@@ -110,7 +110,7 @@ export class Picker {
       const policy = core.policy;
       const worker = policy.selectWorker(candidates, ctx);
       if (!worker) throw errors.noHealthyWorkers(model || undefined);
-      core.metrics.decisions.inc({ policy: policy.name, worker: worker.id });
+      core.metrics.decisions.inc({ policy: policy.name, worker: core.metrics.w(worker) });
       const primary = endpointOf(worker);
       // Fallbacks: the other available candidates, least loaded first. They are not run through
       // the policy (that would record affinity for workers that may never serve the request).
@@ -238,7 +238,7 @@ export class Assignment {
     if (!to) return;
     const policy = this.core.policy;
     this.guard.release();
-    this.core.metrics.processed.inc({ worker: this.served.id });
+    this.core.metrics.processed.inc({ worker: this.core.metrics.w(this.served) });
     policy.onRequestComplete?.(this.served, this.ctx, 'error');
     this.served = to;
     this.guard = to.acquire();
@@ -259,7 +259,7 @@ export class Assignment {
     if (this.timer) clearTimeout(this.timer);
     this.guard.release();
     this.releaseAdmission();
-    this.core.metrics.processed.inc({ worker: this.served.id });
+    this.core.metrics.processed.inc({ worker: this.core.metrics.w(this.served) });
     this.core.policy.onRequestComplete?.(this.served, this.ctx, outcome);
     // Passive health, as serve does: a 5xx from the worker counts against its breaker.
     if (this.status >= 500) this.served.breaker?.recordFailure();

@@ -116,7 +116,7 @@ export class RoutingCore {
       maxBlocks: config.kvIndexMaxBlocks,
       resolveSource: (topic, dpRank) => this.resolveEventSource(topic, dpRank),
     });
-    this.metrics = new GatewayMetrics(this.registry, () => (this.policy instanceof CacheAwarePolicy ? this.policy.treeChars() : new Map()), this.kvEvents);
+    this.metrics = new GatewayMetrics(this.registry, () => (this.policy instanceof CacheAwarePolicy ? this.policy.treeChars() : new Map()), this.kvEvents, { now: () => clock.now() });
     // Replica sync (--replica-sync): policies report what they record to it; it applies peers' events.
     this.replicaId = config.replicaId ?? `${hostname()}:${config.port}:${process.pid}`;
     const syncedPolicies = new Map<string, RoutingPolicy>();
@@ -221,7 +221,7 @@ export class RoutingCore {
         },
         clock,
         tls,
-        onBreakerTransition: (w, from, to) => this.metrics.breakerTransitions.inc({ worker: w.id, from, to }),
+        onBreakerTransition: (w, from, to) => this.metrics.breakerTransitions.inc({ worker: this.metrics.w(w), from, to }),
       },
       this.log,
     );
