@@ -12,6 +12,7 @@ import type { GatewayMetrics } from '../metrics/gateway-metrics.js';
 import type { RoutingPolicy } from '../policies/policy.js';
 import { PdRouter, SplitPairPolicy } from '../routers/pd.js';
 import { RegularRouter } from '../routers/regular.js';
+import type { RoutedRequest } from '../routers/request.js';
 import { UpstreamPools } from '../upstream/pools.js';
 import { loadWorkerTls } from '../core/tls.js';
 import { defaultRetryConfig, type RetryConfig } from '../core/retry.js';
@@ -59,6 +60,8 @@ export class Gateway {
   /** Policies for the prefill and decode pools (PD mode; both are `policy` unless set apart). */
   private readonly prefillPolicy: RoutingPolicy;
   private readonly decodePolicy: RoutingPolicy;
+  /** What picks (prefill, decode) pairs in PD mode. */
+  private readonly pairPolicy: RoutingPolicy;
   private readonly apiKeys: KeySet;
   private readonly adminKeys: KeySet;
   private readonly keyLimiter: KeyRateLimiter | undefined;
@@ -77,6 +80,7 @@ export class Gateway {
     ({ admission: this.admission, kvEvents: this.kvEvents, tokenizers: this.tokenizers } = core);
     ({ prefillPolicy: this.prefillPolicy, decodePolicy: this.decodePolicy } = core);
     const { clock, rng } = core;
+    this.pairPolicy = this.prefillPolicy === this.decodePolicy ? this.prefillPolicy : new SplitPairPolicy(this.prefillPolicy, this.decodePolicy);
     this.pools = new UpstreamPools(config.connectTimeoutSecs * 1000, undefined, loadWorkerTls(config));
     this.apiKeys = new KeySet([...config.apiKey, ...(config.apiKeyFile ? readKeyFile(config.apiKeyFile) : [])]);
     this.adminKeys = new KeySet(config.adminApiKey ? [config.adminApiKey] : []);
@@ -111,11 +115,13 @@ export class Gateway {
       tokenize: (route, model, body) => this.tokenizers.tokenize(route, body, model),
       strictModel: config.strictModel,
       forwardHeaders: new Set(config.forwardHeaders),
+      insight: core.insight,
     });
     if (config.pdDisaggregation) {
       this.pd = new PdRouter({
+        insight: core.insight,
         registry: this.registry,
-        pairPolicy: this.prefillPolicy === this.decodePolicy ? this.prefillPolicy : new SplitPairPolicy(this.prefillPolicy, this.decodePolicy),
+        pairPolicy: this.pairPolicy,
         prefillPolicy: this.prefillPolicy,
         decodePolicy: this.decodePolicy,
         pools: this.pools,
@@ -129,7 +135,7 @@ export class Gateway {
         forwardHeaders: new Set(config.forwardHeaders),
       });
     }
-    this.control = core.controlRoutes({ pdMode: !!this.pd, startedAt: this.startedAt, isDraining: () => this.draining });
+    this.control = core.controlRoutes({ pdMode: !!this.pd, startedAt: this.startedAt, isDraining: () => this.draining, pairPolicy: this.pairPolicy });
   }
 
   /** Registers the configured workers (checking each once), then listens. */
@@ -284,6 +290,8 @@ export class Gateway {
     const route = GENERATION_ROUTES[path];
     const label = route ?? path;
     let status = 500;
+    let routed: RoutedRequest | undefined;
+    const trace = route ? this.core.tracing?.startRequest(`POST ${path}`, req.headers, { 'http.request.method': 'POST', 'url.path': path, 'kvgate.request_id': requestId, 'kvgate.route': route, 'kvgate.policy': this.policy.name }) : undefined;
     this.inFlight.add(res);
     res.once('close', () => this.inFlight.delete(res));
     try {
@@ -309,8 +317,9 @@ export class Gateway {
         const body = parseJsonObject(raw, this.config.maxJsonDepth);
         const release = await this.admit(res);
         try {
-          const routed = { req, res, route, path, requestId, rawBody: raw, body };
-          status = await (this.pd ? this.pd.handle(routed) : this.router.handle(routed));
+          const r: RoutedRequest = { req, res, route, path, requestId, rawBody: raw, body, arrivedAt: started, trace };
+          routed = r;
+          status = await (this.pd ? this.pd.handle(r) : this.router.handle(r));
         } finally {
           release();
         }
@@ -325,8 +334,9 @@ export class Gateway {
       sendError(res, err, { 'x-request-id': requestId });
     } finally {
       if (route) {
-        this.metrics.requests.inc({ route: label, status: String(status) });
+        this.metrics.requests.inc({ route: label, status: String(status), model: routed?.model ?? '' });
         this.metrics.duration.observe({ route: label }, (performance.now() - started) / 1000);
+        trace?.end(status, routed?.model ? { 'kvgate.model': routed.model } : undefined);
       }
     }
   }
@@ -362,8 +372,11 @@ export class Gateway {
     const ac = new AbortController();
     const onClose = () => ac.abort();
     res.once('close', onClose);
+    const t0 = performance.now();
     try {
-      return await this.admission.acquire(ac.signal);
+      const release = await this.admission.acquire(ac.signal);
+      this.metrics.queueWait.observe((performance.now() - t0) / 1000);
+      return release;
     } catch (e) {
       const err = e as GatewayError;
       if (err.status === 429) {
