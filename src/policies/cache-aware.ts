@@ -116,7 +116,7 @@ export class CacheAwarePolicy extends BasePolicy {
   }
 
   explain(candidates: readonly Worker[], ctx: RequestContext): RouteExplanation {
-    const described = describeAll(candidates);
+    const described = describeAll(candidates, this.deps.clock.now());
     const healthy = available(candidates);
     if (healthy.length === 0) return noneAvailable(this.name, described);
     const tree = this.trees.get(ctx.model) ?? new CharTree();

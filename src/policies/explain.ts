@@ -62,7 +62,7 @@ export function exclusionOf(w: Worker): ExclusionReason | undefined {
 }
 
 /** The policy-independent facts about a candidate: availability, loads, engine load. */
-export function describeCandidate(w: Worker, nowMs: number = Date.now(), staleAfterMs = 5000): CandidateExplanation {
+export function describeCandidate(w: Worker, nowMs: number = performance.now(), staleAfterMs = 5000): CandidateExplanation {
   const c: CandidateExplanation = { worker: w.id, load: w.load, localLoad: w.localLoad, processed: w.processed };
   const ex = exclusionOf(w);
   if (ex) c.excluded = ex;

@@ -253,7 +253,7 @@ export class KvAwarePolicy extends BasePolicy {
 
   /** Per candidate: overlap (index, history, in-flight), prefill blocks, active load, cost; the argmin or softmax. */
   explain(candidates: readonly Worker[], ctx: RequestContext): RouteExplanation {
-    const described = describeAll(candidates);
+    const described = describeAll(candidates, this.deps.clock.now());
     const healthy = available(candidates);
     if (healthy.length === 0) return noneAvailable(this.name, described);
     const { costs, meta, requestBlocks, inputTokens, bs } = this.score(healthy, ctx, true);

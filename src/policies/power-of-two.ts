@@ -23,7 +23,7 @@ export class PowerOfTwoPolicy extends BasePolicy {
    * ordered draws (a, b), b wins when its load is lower, else a (computed for up to 256 workers).
    */
   explain(candidates: readonly Worker[], _ctx: RequestContext): RouteExplanation {
-    const described = describeAll(candidates);
+    const described = describeAll(candidates, this.deps.clock.now());
     const ws = available(candidates);
     if (ws.length === 0) return noneAvailable(this.name, described);
     const n = ws.length;

@@ -340,7 +340,7 @@ export class PrefixLoadPolicy extends BasePolicy {
 
   /** Per candidate: matched tokens, window load L, this request's prefill cost P; the E2 rule that decides. */
   explain(candidates: readonly Worker[], ctx: RequestContext): RouteExplanation {
-    const described = describeAll(candidates);
+    const described = describeAll(candidates, this.deps.clock.now());
     const healthy = available(candidates);
     if (healthy.length === 0) return noneAvailable(this.name, described);
     const now = this.deps.clock.now();

@@ -14,7 +14,7 @@ export class RandomPolicy extends BasePolicy {
 
   /** Loads only: the choice is a uniform draw (no draw is made here). */
   explain(candidates: readonly Worker[], _ctx: RequestContext): RouteExplanation {
-    const described = describeAll(candidates);
+    const described = describeAll(candidates, this.deps.clock.now());
     const n = described.filter((c) => !c.excluded).length;
     if (n === 0) return noneAvailable(this.name, described);
     for (const c of described) if (!c.excluded) c.probability = 1 / n;
