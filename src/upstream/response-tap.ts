@@ -105,16 +105,17 @@ export class ResponseTap {
       if (from < 0) return;
     }
     // A key split between the previous read and this one.
-    if (this.carry.length > 0 && from === 0) {
+    const carried = this.carry.length;
+    if (carried > 0 && from === 0) {
       const joint = Buffer.concat([this.carry, chunk.subarray(0, USAGE_KEY.length + 16)]);
       const at = joint.indexOf(USAGE_KEY);
-      if (at >= 0 && at < this.carry.length && at + USAGE_KEY.length > this.carry.length) {
+      if (at >= 0 && at < carried && at + USAGE_KEY.length > carried) {
         const next = this.startCapture(joint, at + USAGE_KEY.length);
         // The capture began inside `joint`: map its end back onto `chunk`.
-        if (next >= 0) from = next - this.carry.length;
+        if (next >= 0) from = Math.max(0, next - carried);
         else if (this.partial) {
           // Still open: what followed the key in this chunk is already in the capture.
-          const consumed = joint.length - this.carry.length;
+          const consumed = joint.length - carried;
           from = this.continueCapture(chunk, consumed);
           if (from < 0) return;
         }
