@@ -21,7 +21,7 @@ header .meta { color:var(--muted); font-size:13px; }
 header .live { margin-left:auto; font-size:13px; color:var(--muted); }
 header .live b { display:inline-block; width:9px; height:9px; border-radius:50%; background:var(--bad); margin-right:6px; }
 header .live.on b { background:var(--ok); }
-main { display:grid; grid-template-columns: minmax(0, 1.55fr) minmax(0, 1fr); gap:16px; padding:16px 22px; }
+main { display:grid; grid-template-columns: minmax(0, 1.6fr) minmax(0, 1fr); gap:16px; padding:16px 22px; }
 section { background:var(--panel); border:1px solid var(--line); border-radius:8px; padding:12px 14px; min-width:0; }
 section h2 { font-size:12px; text-transform:uppercase; letter-spacing:1px; color:var(--muted); margin:0 0 10px; font-weight:600; }
 .kpis { grid-column: 1 / -1; display:grid; grid-template-columns: repeat(4, 1fr); gap:16px; padding:0; background:none; border:none; }
@@ -32,11 +32,12 @@ section h2 { font-size:12px; text-transform:uppercase; letter-spacing:1px; color
 table { width:100%; border-collapse:collapse; font-variant-numeric: tabular-nums; }
 th { text-align:left; color:var(--muted); font-weight:500; font-size:12px; padding:4px 6px; border-bottom:1px solid var(--line); }
 td { padding:6px; border-bottom:1px solid #1d2630; vertical-align:middle; white-space:nowrap; }
-td.id { max-width:230px; overflow:hidden; text-overflow:ellipsis; }
+td.id { max-width:210px; overflow:hidden; text-overflow:ellipsis; }
+.scroll { overflow-x:auto; }
 .dot { display:inline-block; width:10px; height:10px; border-radius:50%; margin-right:7px; vertical-align:-1px; }
 .pill { display:inline-block; padding:1px 7px; border-radius:10px; font-size:12px; background:#21303f; color:var(--muted); }
 .pill.open { background:#4a1d1d; color:#ff9a94; } .pill.half_open { background:#4a3b13; color:#f2cc60; } .pill.closed { background:#17331f; color:#7ee2a0; }
-.bar { position:relative; height:8px; width:110px; background:#222d39; border-radius:4px; overflow:hidden; display:inline-block; vertical-align:middle; }
+.bar { position:relative; height:8px; width:72px; background:#222d39; border-radius:4px; overflow:hidden; display:inline-block; vertical-align:middle; }
 .bar i { position:absolute; left:0; top:0; bottom:0; background:var(--accent); border-radius:4px; }
 .bar i.local { background:#a371f7; }
 .num { display:inline-block; min-width:34px; text-align:right; margin-left:6px; }
@@ -45,8 +46,8 @@ td.id { max-width:230px; overflow:hidden; text-overflow:ellipsis; }
 .dec:hover { background:#1b2430; }
 .dec .top { display:flex; gap:10px; align-items:center; }
 .dec .time { color:var(--muted); font-size:12px; width:64px; flex:none; font-variant-numeric: tabular-nums; }
-.dec .w { font-weight:600; overflow:hidden; text-overflow:ellipsis; white-space:nowrap; min-width:0; flex:1; }
-.dec .why { color:var(--muted); font-size:12px; white-space:nowrap; }
+.dec .w { font-weight:600; white-space:nowrap; flex:none; }
+.dec .why { color:var(--muted); font-size:12px; white-space:nowrap; overflow:hidden; text-overflow:ellipsis; min-width:0; flex:1; }
 .dec .ttft { font-size:12px; width:70px; text-align:right; flex:none; font-variant-numeric: tabular-nums; }
 .dec .detail { display:none; margin:6px 0 2px 74px; font-size:12px; color:var(--muted); }
 .dec.open .detail { display:block; }
@@ -54,7 +55,7 @@ td.id { max-width:230px; overflow:hidden; text-overflow:ellipsis; }
 .tag { font-size:11px; padding:0 6px; border-radius:8px; background:#21303f; color:#9fb3c8; flex:none; }
 .tag.hit { background:#17331f; color:#7ee2a0; } .tag.miss { background:#3a2a14; color:#f2cc60; } .tag.balanced { background:#2b2145; color:#c6a6ff; }
 .groups .g { display:flex; align-items:center; gap:10px; margin:5px 0; }
-.groups .g .p { width:170px; flex:none; font-size:12px; color:var(--muted); overflow:hidden; text-overflow:ellipsis; white-space:nowrap; font-family: ui-monospace, monospace; }
+.groups .g .p { width:300px; flex:none; font-size:12px; color:var(--muted); overflow:hidden; text-overflow:ellipsis; white-space:nowrap; font-family: ui-monospace, monospace; }
 .groups .g svg { flex:1; height:14px; }
 .legend { display:flex; flex-wrap:wrap; gap:12px; margin-top:8px; font-size:12px; color:var(--muted); }
 .empty { color:var(--muted); font-size:13px; padding:10px 0; }
@@ -76,7 +77,7 @@ td.id { max-width:230px; overflow:hidden; text-overflow:ellipsis; }
   </section>
   <section>
     <h2>Workers</h2>
-    <table id="workers"><thead><tr><th>Worker</th><th>Breaker</th><th>In flight (cluster / local)</th><th>Engine queue</th><th>Engine KV</th><th>Hit rate</th><th>Prefix groups</th><th id="held-h">Cache held</th></tr></thead><tbody></tbody></table>
+    <div class="scroll"><table id="workers"><thead><tr><th>Worker</th><th>Breaker</th><th>In flight (all / here)</th><th>Engine queue</th><th>Engine KV</th><th>Hit rate</th><th>Groups</th><th id="held-h">Cache held</th></tr></thead><tbody></tbody></table></div>
   </section>
   <section>
     <h2>Live decisions <span id="feedcount" class="pill"></span></h2>
@@ -132,7 +133,7 @@ td.id { max-width:230px; overflow:hidden; text-overflow:ellipsis; }
     $('k-workers').textContent = healthy + ' / ' + s.workers.length;
     var open = s.workers.filter(function (w) { return w.breaker === 'open'; }).length;
     $('k-workers-sub').textContent = open ? open + ' breaker(s) open' : 'all breakers closed';
-    $('held-h').textContent = s.cache_held_unit ? 'Cache held (' + s.cache_held_unit + ')' : 'Cache held';
+    $('held-h').title = s.cache_held_unit ? 'Cache held per worker, in ' + s.cache_held_unit : 'Cache held (the policy keeps no prefix structure)';
     var share = (s.prefix_groups && s.prefix_groups.share) || {};
     var maxLoad = 1;
     s.workers.forEach(function (w) { if (w.load > maxLoad) maxLoad = w.load; });
@@ -144,7 +145,7 @@ td.id { max-width:230px; overflow:hidden; text-overflow:ellipsis; }
         '<td class="id" title="' + esc(w.id) + '"><span class="dot" style="background:' + dot + '"></span><span style="color:' + color(w.id) + '">■</span> ' + esc(short(w.id)) + '</td>' +
         '<td><span class="pill ' + esc(w.breaker || '') + '">' + esc(w.breaker || 'n/a') + '</span></td>' +
         '<td><span class="bar"><i style="width:' + (100 * w.load / maxLoad).toFixed(0) + '%"></i></span><span class="num">' + w.load + ' / ' + w.local_load + '</span></td>' +
-        '<td>' + (e ? e.waiting + ' waiting · ' + e.running + ' running' : '<span class="pill">no metrics</span>') + '</td>' +
+        '<td>' + (e ? e.waiting + ' wait · ' + e.running + ' run' : '<span class="pill">no metrics</span>') + '</td>' +
         '<td>' + (kv === null ? '–' : '<span class="bar"><i class="local" style="width:' + (100 * kv).toFixed(0) + '%"></i></span><span class="num">' + pct(kv) + '</span>') + '</td>' +
         '<td>' + pct(w.hit_rate) + '</td>' +
         '<td>' + (share[w.id] || 0) + '</td>' +
