@@ -4,10 +4,13 @@
 #   nats-server  — replica-sync tests and `kvgate serve --processes N` (the bundled NATS server)
 #   wrk          — `npm run bench:proxy:wrk` (HTTP load generator)
 #   nginx-light  — `npm run bench:proxy:wrk` (fixed-answer upstream)
+#   chromium     — the dashboard's browser test (driven by playwright-core, /usr/bin/chromium)
+# kubectl (for the manifest tests' `kubectl kustomize`) comes with these machines; it is checked,
+# not installed (Debian has no kubectl package).
 # Run as root (CI does). As another user it only checks, and fails naming the command to run.
 set -euo pipefail
 
-PACKAGES=(nats-server wrk nginx-light)
+PACKAGES=(nats-server wrk nginx-light chromium)
 
 installed() {
   [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null || true)" = "install ok installed" ]
@@ -27,6 +30,13 @@ for p in "${PACKAGES[@]}"; do
     missing+=("$p")
   fi
 done
+
+if command -v kubectl >/dev/null 2>&1; then
+  echo "setup-test-deps: kubectl present"
+else
+  echo "setup-test-deps: kubectl not found: the manifest tests render deploy/k8s with 'kubectl kustomize'; install kubectl (1.27 or newer) on PATH" >&2
+  exit 1
+fi
 
 [ ${#missing[@]} -eq 0 ] && exit 0
 

@@ -197,6 +197,8 @@ export interface BlockIndexOptions {
 export interface MatchOptions {
   /** Also report `<source>#<medium>` sub-sources (default false: GPU caches only). */
   mediums?: boolean;
+  /** false: a read-only look (explanations): the LRU stamps of the matched path stay as they are. */
+  touch?: boolean;
 }
 
 export interface BlockIndexStats {
@@ -481,7 +483,8 @@ export class BlockIndex {
     let node = childOf(this.root, localHashes[0]);
     if (node === undefined) return out;
     const withMediums = options?.mediums === true;
-    if (this.byId.length <= MASK_BITS) return this.matchMasked(localHashes, node, withMediums, out);
+    const touch = options?.touch !== false;
+    if (this.byId.length <= MASK_BITS) return this.matchMasked(localHashes, node, withMediums, out, touch);
     const byId = this.byId;
     const active = this.active;
     active.length = 0;
@@ -496,8 +499,8 @@ export class BlockIndex {
     }
     let nActive = active.length;
     if (nActive === 0) return out;
-    const t = ++this.clock;
-    node.touch = t;
+    const t = touch ? ++this.clock : 0;
+    if (touch) node.touch = t;
     let depth = 1;
     while (depth < n) {
       const next = childOf(node, localHashes[depth]);
@@ -506,7 +509,7 @@ export class BlockIndex {
       // Fast path: the same holders, in the same order, as the previous node (long chains stored
       // by the same sources): the still-matching set, a subset of them, cannot change.
       if (nextExt.length === ext.length && sameSources(nextExt, ext)) {
-        next.touch = t;
+        if (touch) next.touch = t;
         node = next;
         depth++;
         continue;
@@ -524,7 +527,7 @@ export class BlockIndex {
       }
       nActive = w;
       if (w === 0) return out;
-      next.touch = t;
+      if (touch) next.touch = t;
       node = next;
       depth++;
     }
@@ -533,12 +536,12 @@ export class BlockIndex {
   }
 
   /** match() while every source id has a mask bit: intersect bit sets along the path. */
-  private matchMasked(localHashes: readonly bigint[], first: Node, withMediums: boolean, out: Map<string, number>): Map<string, number> {
+  private matchMasked(localHashes: readonly bigint[], first: Node, withMediums: boolean, out: Map<string, number>, touch: boolean): Map<string, number> {
     const n = localHashes.length;
     let active = withMediums ? first.mask : first.mask & this.gpuMask;
     if (active === 0) return out;
-    const t = ++this.clock;
-    first.touch = t;
+    const t = touch ? ++this.clock : 0;
+    if (touch) first.touch = t;
     let node = first;
     let depth = 1;
     while (depth < n) {
@@ -550,7 +553,7 @@ export class BlockIndex {
         active = still;
         if (still === 0) return out;
       }
-      next.touch = t;
+      if (touch) next.touch = t;
       node = next;
       depth++;
     }

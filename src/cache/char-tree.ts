@@ -292,8 +292,9 @@ export class CharTree {
    * Longest cached prefix of `text` over all tenants, and a tenant that holds it.
    * When several tenants hold the whole match, `choose` (if given) picks among them (e.g. the
    * least loaded); otherwise the node's last returned tenant, else its first, is used.
+   * `touch` false: a read-only look (explanations): no LRU refresh, the node's last tenant kept.
    */
-  prefixMatch(text: string, choose?: (tenants: string[]) => string | undefined): PrefixMatchResult {
+  prefixMatch(text: string, choose?: (tenants: string[]) => string | undefined, touch = true): PrefixMatchResult {
     const wide = SURROGATE.test(text);
     const end = text.length;
     let node = this.root;
@@ -327,16 +328,20 @@ export class CharTree {
       const chosenAt = chosenId === undefined ? -1 : tenantIndex(tenants, chosenId);
       if (chosenAt >= 0) {
         at = chosenAt;
-        id = node.lastTenant = chosenId!;
+        id = chosenId!;
+        if (touch) node.lastTenant = id;
       }
     }
     if (at < 0 && tenants.length > 0) {
       at = 0;
-      id = node.lastTenant = tenants[0];
+      id = tenants[0];
+      if (touch) node.lastTenant = id;
     }
-    // Sampled LRU refresh: one access in 8 (by epoch) updates the stopping node's timestamp.
-    const epoch = this.epoch++;
-    if (at >= 0 && (epoch & 7) === 0) tenants[at + 1] = epoch;
+    if (touch) {
+      // Sampled LRU refresh: one access in 8 (by epoch) updates the stopping node's timestamp.
+      const epoch = this.epoch++;
+      if (at >= 0 && (epoch & 7) === 0) tenants[at + 1] = epoch;
+    }
 
     return {
       matchedChars: matched,
@@ -348,9 +353,9 @@ export class CharTree {
   /**
    * Code points of `text` matched by `tenant`'s strings alone (only descending into nodes the
    * tenant is on); 0 for an unknown tenant. Like SGLang, this counts as an access: the stopping
-   * node's timestamp for the tenant is refreshed.
+   * node's timestamp for the tenant is refreshed (unless `touch` is false: a read-only look).
    */
-  prefixMatchTenant(text: string, tenant: string): number {
+  prefixMatchTenant(text: string, tenant: string, touch = true): number {
     const id = this.tenantIds.get(tenant);
     if (id === undefined) return 0;
     const wide = SURROGATE.test(text);
@@ -375,7 +380,7 @@ export class CharTree {
       }
     }
     const at = tenantIndex(node.tenants, id);
-    if (at >= 0) node.tenants[at + 1] = this.epoch++;
+    if (touch && at >= 0) node.tenants[at + 1] = this.epoch++;
     return matched;
   }
 

@@ -117,7 +117,8 @@ export function registerDemoCommand(program: Command): void {
         `  const client = new OpenAI({ baseURL: '${url}/v1', apiKey: 'unused' });`,
         `  const stream = await client.chat.completions.create({ model: '${model}', messages: [{ role: 'user', content: 'Hello!' }], stream: true });`,
         '',
-        `Workers: ${url}/workers   Metrics: ${url}/metrics`,
+        `Dashboard: ${url}/dashboard   (live workers, decisions and where each prefix lives; open it in a browser)`,
+        `Workers: ${url}/workers   Metrics: ${url}/metrics   Why a request goes where: curl -s -X POST ${url}/debug/route -d '{"messages":[{"role":"user","content":"Hello!"}]}'`,
         '',
       ].join('\n'),
     );

@@ -1,5 +1,5 @@
 import { ConfigError, resolveOptions, type OptionSpec } from './options.js';
-import { resolveServeConfig, serveOptionSpecs, type ServeConfig } from './serve-config.js';
+import { resolveServeConfig, resolveTracesEndpoint, serveOptionSpecs, type ServeConfig } from './serve-config.js';
 
 /** `kvgate epp`: the serve options that apply to an endpoint picker, plus its own. */
 export interface EppConfig extends ServeConfig {
@@ -83,6 +83,7 @@ export function resolveEppConfig(cli: Record<string, unknown>, env: NodeJS.Proce
     fallbackEndpoints: o.fallbackEndpoints as number,
     conformanceTestHooks: o.conformanceTestHooks as boolean,
   };
+  out.otlpTracesEndpoint = resolveTracesEndpoint(out.otlpTracesEndpoint, env);
   if (out.poolName !== undefined && !/^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$/.test(out.poolName)) {
     throw new ConfigError(`invalid value for --pool-name: '${out.poolName}' is not a Kubernetes object name`);
   }

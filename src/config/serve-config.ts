@@ -35,6 +35,10 @@ export interface ServeConfig {
   maxPayloadSize: number;
   logLevel: string;
   logFormat: 'json' | 'pretty';
+  // Observability
+  explainDecisions: boolean;
+  decisionLogSampleRate: number;
+  otlpTracesEndpoint: string | undefined;
   // Reliability
   retryMaxRetries: number;
   retryInitialBackoffMs: number;
@@ -171,6 +175,9 @@ export const serveOptionSpecs: readonly OptionSpec[] = [
   { flag: 'max-payload-size', kind: 'int', description: 'Largest request body accepted, in bytes (413 above)', default: 536870912, min: 1 },
   { flag: 'log-level', kind: 'enum', description: 'Log level', default: 'info', choices: ['trace', 'debug', 'info', 'warn', 'error', 'fatal', 'silent'] },
   { flag: 'log-format', kind: 'enum', description: 'Log format', default: 'json', choices: ['json', 'pretty'] },
+  { flag: 'explain-decisions', kind: 'bool', description: 'Explain every routing decision: a compact summary in the x-kvgate-route response header (costs one extra policy evaluation per request)', default: false },
+  { flag: 'decision-log-sample-rate', kind: 'number', description: 'Share of routing decisions logged as one structured line with their explanation (0 = none, 1 = all)', default: 0, min: 0, max: 1 },
+  { flag: 'otlp-traces-endpoint', kind: 'string', description: 'Export OpenTelemetry traces (OTLP/HTTP JSON) to this URL, e.g. http://collector:4318/v1/traces (default: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT; tracing is off without either)', argName: 'url' },
   { flag: 'retry-max-retries', kind: 'int', description: 'Attempts per request in total, the first included', default: 5, min: 1, max: 100 },
   { flag: 'retry-initial-backoff-ms', kind: 'number', description: 'Delay before the first retry', default: 50, min: 0 },
   { flag: 'retry-max-backoff-ms', kind: 'number', description: 'Longest delay between attempts', default: 30000, min: 0 },
@@ -323,10 +330,25 @@ export function resolveServeConfig(cli: Record<string, unknown>, env: NodeJS.Pro
   if (o.processes > 1 && o.kvEventsBind !== undefined) {
     throw new ConfigError('invalid value for --kv-events-bind: with --processes above 1 each process would bind the same ZMQ endpoint; use --kv-events-endpoints (every process connects to the engines)');
   }
+  o.otlpTracesEndpoint = resolveTracesEndpoint(o.otlpTracesEndpoint, env);
   if ((o.tlsCertPath === undefined) !== (o.tlsKeyPath === undefined)) {
     throw new ConfigError('invalid value for --tls-cert-path / --tls-key-path: give both or neither');
   }
   return o;
+}
+
+/** --otlp-traces-endpoint, else the standard OTEL_EXPORTER_OTLP_TRACES_ENDPOINT; must be an http(s) URL. */
+export function resolveTracesEndpoint(given: string | undefined, env: NodeJS.ProcessEnv): string | undefined {
+  const v = given ?? (env.OTEL_EXPORTER_OTLP_TRACES_ENDPOINT || undefined);
+  if (v === undefined) return undefined;
+  let u: URL;
+  try {
+    u = new URL(v);
+  } catch {
+    throw new ConfigError(`invalid value for --otlp-traces-endpoint: '${v}' is not a URL`);
+  }
+  if (u.protocol !== 'http:' && u.protocol !== 'https:') throw new ConfigError(`invalid value for --otlp-traces-endpoint: '${v}' must be an http:// or https:// URL (OTLP/HTTP)`);
+  return v;
 }
 
 /** Defaults, for programmatic use (tests, demo, lab). */

@@ -198,8 +198,9 @@ export class ExtProcStream {
     const served = servedEndpointOf(m);
     const a = this.assignment;
     if (a) {
-      a.status = Number(headers[':status']) || 0;
       a.servedBy(served);
+      const ct = headers['content-type'];
+      a.responseHeaders(Number(headers[':status']) || 0, Array.isArray(ct) ? ct[0] : ct);
     }
     if (!observe) {
       const set = this.deps.conformanceTestHooks
@@ -213,7 +214,7 @@ export class ExtProcStream {
   private onResponseBody(m: ProcessingRequest, observe: boolean): void {
     const b = m.response_body!;
     const chunk = b.body ? Buffer.from(b.body) : Buffer.alloc(0);
-    if (chunk.length > 0) this.assignment?.firstToken();
+    this.assignment?.responseData(chunk);
     if (!observe) {
       if (this.responseMode === 'FULL_DUPLEX_STREAMED') {
         this.send({ response_body: { response: { body_mutation: { streamed_response: { body: chunk, end_of_stream: !!b.end_of_stream } } } } });
@@ -274,7 +275,7 @@ export class ExtProcStream {
   private sendImmediate(err: GatewayError): void {
     if (this.immediate) return;
     this.immediate = true;
-    this.deps.metrics.requests.inc({ route: 'epp', status: String(err.status) });
+    this.deps.metrics.requests.inc({ route: 'epp', status: String(err.status), model: '' });
     if (err.status === 429 || err.status === 408) this.deps.log.debug({ requestId: this.requestId, status: err.status }, 'ext_proc: shed');
     const body = Buffer.from(JSON.stringify(err.toBody()));
     this.send({
@@ -300,7 +301,7 @@ export class ExtProcStream {
     const a = this.assignment;
     if (!a || a.isFinished) return;
     a.finish(outcome);
-    this.deps.metrics.requests.inc({ route: 'epp', status: String(a.status) });
+    this.deps.metrics.requests.inc({ route: 'epp', status: String(a.status), model: a.ctx.model });
     this.deps.metrics.duration.observe({ route: 'epp' }, (performance.now() - this.started) / 1000);
   }
 

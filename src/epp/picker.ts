@@ -2,7 +2,9 @@ import type { IncomingHttpHeaders } from 'node:http';
 import type { RequestContext, RouteName } from '../core/context.js';
 import { errors, GatewayError } from '../core/errors.js';
 import type { LoadGuard, Worker } from '../core/worker.js';
+import { explainWith, withOutsideExclusions, type RouteExplanation } from '../policies/explain.js';
 import type { RequestOutcome, RoutingPolicy } from '../policies/policy.js';
+import type { ResponseTap } from '../upstream/response-tap.js';
 import { buildContext, resolveModel } from '../routers/request.js';
 import type { Release } from '../server/admission.js';
 import { parseJsonObject } from '../server/http-util.js';
@@ -105,12 +107,22 @@ export class Picker {
       }
     }
 
+    const arrivedAt = performance.now();
     const release = await this.admit(input.signal);
     try {
       const policy = core.policy;
+      const insight = core.insight;
+      const sampled = insight.sample();
+      let explanation: RouteExplanation | undefined;
+      if (insight.wantsExplanation(sampled)) {
+        const others = model === '' ? [] : core.registry.all().filter((w) => w.type === 'regular' && w.modelId !== model);
+        explanation = withOutsideExclusions(explainWith(policy, candidates, ctx), [], others);
+      }
+      core.metrics.takeNote();
       const worker = policy.selectWorker(candidates, ctx);
       if (!worker) throw errors.noHealthyWorkers(model || undefined);
-      core.metrics.decisions.inc({ policy: policy.name, worker: worker.id });
+      core.metrics.decisions.inc({ policy: policy.name, worker: core.metrics.w(worker) });
+      const { seq } = insight.decided({ requestId: input.requestId, route: route ?? 'other', ctx, policy: policy.name, worker, attempt: 0, explanation, sampled });
       const primary = endpointOf(worker);
       // Fallbacks: the other available candidates, least loaded first. They are not run through
       // the policy (that would record affinity for workers that may never serve the request).
@@ -124,7 +136,9 @@ export class Picker {
         seen.add(e);
         fallbacks.push(e);
       }
-      return new Assignment(core, ctx, worker, [primary, ...fallbacks], candidates, release, this.opts.holdTimeoutMs);
+      const a = new Assignment(core, ctx, worker, [primary, ...fallbacks], candidates, release, this.opts.holdTimeoutMs);
+      a.track(seq, arrivedAt, insight.routeHeader(explanation, worker));
+      return a;
     } catch (e) {
       release();
       throw e;
@@ -170,8 +184,11 @@ export class Picker {
   private async admit(signal: AbortSignal): Promise<Release> {
     const { admission, metrics } = this.core;
     if (!admission.enabled) return () => undefined;
+    const t0 = performance.now();
     try {
-      return await admission.acquire(signal);
+      const release = await admission.acquire(signal);
+      metrics.queueWait.observe((performance.now() - t0) / 1000);
+      return release;
     } catch (e) {
       const err = e as GatewayError;
       if (err.status === 429) metrics.admissionRejected.inc({ reason: 'queue_full' });
@@ -195,6 +212,12 @@ export class Assignment {
   private readonly timer: NodeJS.Timeout | undefined;
   /** HTTP status of the response, once the response headers arrived. */
   status = 0;
+  /** The decision's feed sequence number, the request's arrival, the x-kvgate-route summary (--explain-decisions). */
+  private seq = 0;
+  private arrivedAt = performance.now();
+  routeHeader: string | undefined;
+  /** Watches the response the gateway reports (first content, inter-token gaps, usage). */
+  private tap: ResponseTap | undefined;
 
   constructor(
     private readonly core: RoutingCore,
@@ -218,6 +241,26 @@ export class Assignment {
     return this.served;
   }
 
+  /** Ties the assignment to its decision record and starts watching the response. */
+  track(seq: number, arrivedAt: number, routeHeader: string | undefined): void {
+    this.seq = seq;
+    this.arrivedAt = arrivedAt;
+    this.routeHeader = routeHeader;
+    this.tap = this.core.insight.tap(this.ctx.model, this.served, arrivedAt);
+  }
+
+  /** The response headers passed the gateway. */
+  responseHeaders(status: number, contentType: string | undefined): void {
+    this.status = status;
+    this.tap?.headers(status, contentType);
+  }
+
+  /** A response body chunk passed the gateway. */
+  responseData(chunk: Buffer): void {
+    if (chunk.length > 0) this.firstToken();
+    this.tap?.data(chunk);
+  }
+
   get isFinished(): boolean {
     return this.finished;
   }
@@ -238,10 +281,11 @@ export class Assignment {
     if (!to) return;
     const policy = this.core.policy;
     this.guard.release();
-    this.core.metrics.processed.inc({ worker: this.served.id });
+    this.core.metrics.processed.inc({ worker: this.core.metrics.w(this.served) });
     policy.onRequestComplete?.(this.served, this.ctx, 'error');
     this.served = to;
     this.guard = to.acquire();
+    if (this.tap) this.tap = this.core.insight.tap(this.ctx.model, to, this.arrivedAt);
     if (to.isAvailable()) policy.selectWorker([to], this.ctx);
   }
 
@@ -259,11 +303,15 @@ export class Assignment {
     if (this.timer) clearTimeout(this.timer);
     this.guard.release();
     this.releaseAdmission();
-    this.core.metrics.processed.inc({ worker: this.served.id });
+    this.core.metrics.processed.inc({ worker: this.core.metrics.w(this.served) });
     this.core.policy.onRequestComplete?.(this.served, this.ctx, outcome);
     // Passive health, as serve does: a 5xx from the worker counts against its breaker.
     if (this.status >= 500) this.served.breaker?.recordFailure();
     else if (this.status > 0 && outcome === 'success') this.served.breaker?.recordSuccess();
+    if (this.tap) {
+      if (outcome === 'success') this.tap.end();
+      this.core.insight.finished(this.seq, this.ctx, this.served, this.tap, outcome === 'success' ? this.status : this.status || 0, this.arrivedAt);
+    }
   }
 }
 

@@ -1,10 +1,71 @@
-import { Counter, Gauge, Histogram, Registry } from 'prom-client';
+import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client';
+import type { RequestContext } from '../core/context.js';
 import type { WorkerRegistry } from '../core/registry.js';
+import type { Worker } from '../core/worker.js';
 import type { KvEventHub } from '../events/hub.js';
 import type { PolicyObserver } from '../policies/policy.js';
+import type { EngineUsage } from '../upstream/response-tap.js';
 
 /** Buckets from 1 ms to 4 min, as LLM requests span both. */
 const DURATION_BUCKETS = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15, 30, 45, 60, 90, 120, 180, 240];
+/** Time to first token: 5 ms to 2 min. */
+const TTFT_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 7.5, 10, 20, 30, 60, 120];
+/** Inter-token latency: 1 ms to 5 s. */
+const ITL_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5];
+/** Admission queue wait: 0 (admitted at once) to 2 min. */
+const QUEUE_BUCKETS = [0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120];
+
+/** Worker label values kept apart; beyond this many workers the rest share the label `other`. */
+export const MAX_WORKER_LABELS = 256;
+/** Characters per token assumed to convert cache_aware's character matches (avoidable prefill). */
+export const CHARS_PER_TOKEN = 4;
+
+/**
+ * Bounded `worker` label values: the first `max` workers seen keep their id, later ones are
+ * `other` (a worker that leaves frees its place). Request ids never become labels.
+ */
+export class WorkerLabels {
+  private readonly ids = new Set<string>();
+  constructor(private readonly max = MAX_WORKER_LABELS) {}
+  of(id: string): string {
+    if (this.ids.has(id)) return id;
+    if (this.ids.size < this.max) {
+      this.ids.add(id);
+      return id;
+    }
+    return 'other';
+  }
+  has(id: string): boolean {
+    return this.ids.has(id);
+  }
+  forget(id: string): void {
+    this.ids.delete(id);
+  }
+}
+
+/** What the policy observer noted about the decision just made (read right after selectWorker). */
+export interface DecisionNote {
+  /** cache_aware / prefix_load: matched and input characters (or tokens, prefix_load with a tokenizer). */
+  matched?: number;
+  input?: number;
+  /** kv_aware: blocks of the chosen worker's overlap and of the request. */
+  matchedBlocks?: number;
+  requestBlocks?: number;
+  /** kv_aware: the overlap came from routing history, not events. */
+  fallback?: boolean;
+  /** hit (prefix followed), miss (no usable match), balanced (load imbalance overrode it). */
+  kind?: 'hit' | 'miss' | 'balanced';
+  /** Prompt tokens (or characters / CHARS_PER_TOKEN) held elsewhere that the chosen worker recomputes. */
+  avoidableTokens?: number;
+}
+
+/** Per-worker totals the dashboard reads (cheap numbers, kept beside the Prometheus series). */
+export interface WorkerTotals {
+  requests: number;
+  promptTokens: number;
+  cachedTokens: number;
+  completionTokens: number;
+}
 
 /**
  * The gateway's Prometheus metrics, on a registry of its own (several gateways can live in one
@@ -13,7 +74,22 @@ const DURATION_BUCKETS = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.
  */
 export class GatewayMetrics {
   readonly registry = new Registry();
-  readonly requests: Counter<'route' | 'status'>;
+  readonly requests: Counter<'route' | 'status' | 'model'>;
+  readonly ttft: Histogram<'model' | 'worker'>;
+  readonly itl: Histogram<'model' | 'worker'>;
+  readonly e2e: Histogram<'model' | 'worker'>;
+  readonly queueWait: Histogram;
+  readonly promptTokens: Counter<'model' | 'worker'>;
+  readonly cachedTokens: Counter<'model' | 'worker'>;
+  readonly completionTokens: Counter<'model' | 'worker'>;
+  readonly avoidablePrefill: Counter<'model' | 'worker'>;
+  readonly workerLabels = new WorkerLabels();
+  /** Per-worker totals (by worker id) for the dashboard. */
+  readonly totals = new Map<string, WorkerTotals>();
+  /** The note of the decision being made (see takeNote). */
+  private note: DecisionNote = {};
+  /** cache_aware's avoidable characters, converted when the request's usage is known (settleAvoidable). */
+  private readonly pendingAvoidable = new WeakMap<RequestContext, { worker: Worker; chars: number; inputChars: number }>();
   readonly duration: Histogram<'route'>;
   readonly processed: Counter<'worker'>;
   readonly decisions: Counter<'policy' | 'worker'>;
@@ -34,9 +110,21 @@ export class GatewayMetrics {
   readonly pdErrors: Counter<'kind'>;
   readonly kvOverlap: Histogram;
 
-  constructor(workers: WorkerRegistry, treeChars: () => Map<string, number>, kv?: KvEventHub) {
+  constructor(workers: WorkerRegistry, treeChars: () => Map<string, number>, kv?: KvEventHub, opts: { processMetrics?: boolean; /** The KV-event hub's clock (ms). */ now?: () => number } = {}) {
     const registers = [this.registry];
-    this.requests = new Counter({ name: 'kvgate_requests_total', help: 'Requests answered, by route and HTTP status', labelNames: ['route', 'status'], registers });
+    // Node and process metrics (CPU, memory, heap, GC, event-loop lag, handles) on this registry.
+    if (opts.processMetrics !== false) collectDefaultMetrics({ register: this.registry });
+    const labelOf = (id: string) => this.workerLabels.of(id);
+    this.requests = new Counter({ name: 'kvgate_requests_total', help: 'Requests answered, by route, HTTP status and model (a served model, or "" when none was resolved)', labelNames: ['route', 'status', 'model'], registers });
+    this.ttft = new Histogram({ name: 'kvgate_ttft_seconds', help: 'Time from arrival at kvgate to the first content chunk of a stream (the whole answer when not streaming), successful responses', labelNames: ['model', 'worker'], buckets: TTFT_BUCKETS, registers });
+    this.itl = new Histogram({ name: 'kvgate_itl_seconds', help: 'Time between content chunks of a stream, as relayed by kvgate', labelNames: ['model', 'worker'], buckets: ITL_BUCKETS, registers });
+    this.e2e = new Histogram({ name: 'kvgate_e2e_seconds', help: 'Time from arrival at kvgate to the end of a successful response', labelNames: ['model', 'worker'], buckets: DURATION_BUCKETS, registers });
+    this.queueWait = new Histogram({ name: 'kvgate_queue_wait_seconds', help: 'Time a generation request waited for an admission slot (--max-concurrent-requests)', buckets: QUEUE_BUCKETS, registers });
+    this.promptTokens = new Counter({ name: 'kvgate_prompt_tokens_total', help: 'Prompt tokens the engines reported (usage.prompt_tokens)', labelNames: ['model', 'worker'], registers });
+    this.cachedTokens = new Counter({ name: 'kvgate_cached_tokens_total', help: 'Prompt tokens served from the engine prefix cache (usage.prompt_tokens_details.cached_tokens)', labelNames: ['model', 'worker'], registers });
+    this.completionTokens = new Counter({ name: 'kvgate_completion_tokens_total', help: 'Completion tokens the engines reported (usage.completion_tokens)', labelNames: ['model', 'worker'], registers });
+    this.avoidablePrefill = new Counter({ name: 'kvgate_avoidable_prefill_tokens_total', help: 'Prompt tokens recomputed on the chosen worker that another available worker held at decision time (estimate; see docs/operations.md)', labelNames: ['model', 'worker'], registers });
+
     this.duration = new Histogram({ name: 'kvgate_request_duration_seconds', help: 'Time from request arrival to the end of the response', labelNames: ['route'], buckets: DURATION_BUCKETS, registers });
     this.processed = new Counter({ name: 'kvgate_worker_processed_total', help: 'Requests finished per worker (any outcome)', labelNames: ['worker'], registers });
     this.decisions = new Counter({ name: 'kvgate_policy_decisions_total', help: 'Workers chosen, by policy', labelNames: ['policy', 'worker'], registers });
@@ -56,38 +144,37 @@ export class GatewayMetrics {
     this.pdPrefill = new Counter({ name: 'kvgate_pd_prefill_requests_total', help: 'PD requests per prefill worker', labelNames: ['worker'], registers });
     this.pdDecode = new Counter({ name: 'kvgate_pd_decode_requests_total', help: 'PD requests per decode worker', labelNames: ['worker'], registers });
     this.pdErrors = new Counter({ name: 'kvgate_pd_errors_total', help: 'PD requests that failed, by error code (prefill_*, decode_*, timeouts)', labelNames: ['kind'], registers });
-    if (kv) registerKvMetrics(kv, registers);
+    if (kv) registerKvMetrics(kv, registers, this.workerLabels, opts.now ?? (() => performance.now()));
     const stateValue = { closed: 0, open: 1, half_open: 2 } as const;
-    new Gauge({
-      name: 'kvgate_worker_cb_state',
-      help: 'Circuit breaker state per worker: 0 closed, 1 open, 2 half-open',
-      labelNames: ['worker'],
-      registers,
-      collect() {
-        this.reset();
-        for (const w of workers.all()) if (w.breaker) this.set({ worker: w.id }, stateValue[w.breaker.state]);
-      },
-    });
-    new Gauge({
-      name: 'kvgate_worker_load',
-      help: 'In-flight requests per worker',
-      labelNames: ['worker'],
-      registers,
-      collect() {
-        this.reset();
-        for (const w of workers.all()) this.set({ worker: w.id }, w.load);
-      },
-    });
-    new Gauge({
-      name: 'kvgate_worker_healthy',
-      help: '1 if the worker is healthy and routable',
-      labelNames: ['worker'],
-      registers,
-      collect() {
-        this.reset();
-        for (const w of workers.all()) this.set({ worker: w.id }, w.isAvailable() ? 1 : 0);
-      },
-    });
+    const labels = this.workerLabels;
+    /** A per-worker gauge whose workers beyond the label cap are folded into `other` (sum or max). */
+    const perWorker = (name: string, help: string, value: (w: Worker) => number | undefined, fold: 'sum' | 'max') =>
+      new Gauge({
+        name,
+        help,
+        labelNames: ['worker'],
+        registers,
+        collect() {
+          this.reset();
+          const out = new Map<string, number>();
+          for (const w of workers.all()) {
+            const v = value(w);
+            if (v === undefined) continue;
+            const l = labels.of(w.id);
+            const prev = out.get(l);
+            out.set(l, prev === undefined ? v : fold === 'sum' ? prev + v : Math.max(prev, v));
+          }
+          for (const [l, v] of out) this.set({ worker: l }, v);
+        },
+      });
+    perWorker('kvgate_worker_cb_state', 'Circuit breaker state per worker: 0 closed, 1 open, 2 half-open', (w) => (w.breaker ? stateValue[w.breaker.state] : undefined), 'max');
+    perWorker('kvgate_worker_load', 'In-flight requests per worker, cluster-wide (this replica and, with --replica-sync, its peers)', (w) => w.load, 'sum');
+    perWorker('kvgate_worker_local_load', 'In-flight requests per worker routed by this replica', (w) => w.localLoad, 'sum');
+    perWorker('kvgate_worker_healthy', '1 if the worker is healthy and routable (other: how many are)', (w) => (w.isAvailable() ? 1 : 0), 'sum');
+    perWorker('kvgate_worker_engine_waiting', 'Requests waiting in the engine queue (scraped from the engine /metrics)', (w) => w.engineLoad?.waiting, 'sum');
+    perWorker('kvgate_worker_engine_running', 'Requests running in the engine (scraped)', (w) => w.engineLoad?.running, 'sum');
+    perWorker('kvgate_worker_engine_kv_usage', 'Engine KV-cache usage, 0..1 (scraped)', (w) => w.engineLoad?.kvUsage, 'max');
+    let chars = new Map<string, number>();
     new Gauge({
       name: 'kvgate_tree_chars',
       help: 'Characters held per worker in the cache_aware prefix tree',
@@ -95,8 +182,13 @@ export class GatewayMetrics {
       registers,
       collect() {
         this.reset();
-        const chars = treeChars();
-        for (const w of workers.all()) this.set({ worker: w.id }, chars.get(w.id) ?? 0);
+        chars = treeChars();
+        const out = new Map<string, number>();
+        for (const w of workers.all()) {
+          const l = labels.of(w.id);
+          out.set(l, (out.get(l) ?? 0) + (chars.get(w.id) ?? 0));
+        }
+        for (const [l, v] of out) this.set({ worker: l }, v);
       },
     });
     new Gauge({
@@ -118,26 +210,135 @@ export class GatewayMetrics {
     });
   }
 
+  /** The `worker` label value of a worker (capped, see WorkerLabels). */
+  w(worker: Worker | string): string {
+    return this.workerLabels.of(typeof worker === 'string' ? worker : worker.id);
+  }
+
   policyObserver(): PolicyObserver {
     return {
-      cacheHit: () => this.cacheHits.inc(),
-      cacheMiss: () => this.cacheMisses.inc(),
-      loadBalanced: () => this.loadBalancingEvents.inc(),
+      cacheHit: (_w, matched, input) => {
+        this.cacheHits.inc();
+        this.note.kind = 'hit';
+        this.note.matched = matched;
+        this.note.input = input;
+      },
+      cacheMiss: (input) => {
+        this.cacheMisses.inc();
+        this.note.kind = 'miss';
+        this.note.input = input;
+      },
+      loadBalanced: () => {
+        this.loadBalancingEvents.inc();
+        this.note.kind = 'balanced';
+      },
       kvDecision: (worker, overlap, blocks, fallback) => {
-        this.kvDecisions.inc({ worker: worker.id, source: fallback ? 'fallback' : 'events' });
+        this.kvDecisions.inc({ worker: this.w(worker), source: fallback ? 'fallback' : 'events' });
         if (blocks > 0) this.kvOverlap.observe(overlap / blocks);
+        this.note.matchedBlocks = overlap;
+        this.note.requestBlocks = blocks;
+        this.note.fallback = fallback;
+      },
+      avoidablePrefill: (worker, ctx, est) => {
+        if (est.tokens !== undefined) {
+          this.avoidablePrefill.inc({ model: ctx.model, worker: this.w(worker) }, est.tokens);
+          this.note.avoidableTokens = est.tokens;
+        } else if (est.chars !== undefined && est.chars > 0) {
+          this.pendingAvoidable.set(ctx, { worker, chars: est.chars, inputChars: est.inputChars ?? 0 });
+          this.note.avoidableTokens = Math.round(est.chars / CHARS_PER_TOKEN);
+        }
       },
     };
   }
 
+  /** The note the policy observer took of the decision made since the last call (then cleared). */
+  takeNote(): DecisionNote {
+    const n = this.note;
+    this.note = {};
+    return n;
+  }
+
+  /**
+   * Counts a request's avoidable prefill noted in characters (cache_aware) once its usage is known:
+   * chars × prompt_tokens / input chars when the engine reported prompt tokens, else chars / 4.
+   * Called once when the request ends (any outcome); a request never settled is not counted.
+   */
+  settleAvoidable(ctx: RequestContext, promptTokens: number | undefined): void {
+    const p = this.pendingAvoidable.get(ctx);
+    if (!p) return;
+    this.pendingAvoidable.delete(ctx);
+    const tokens = promptTokens !== undefined && p.inputChars > 0 ? Math.round((p.chars * promptTokens) / p.inputChars) : Math.round(p.chars / CHARS_PER_TOKEN);
+    if (tokens > 0) this.avoidablePrefill.inc({ model: ctx.model, worker: this.w(p.worker) }, tokens);
+  }
+
+  /** The engine's usage for a request served by `worker`: token counters and the dashboard's totals. */
+  recordUsage(model: string, worker: Worker, usage: EngineUsage | undefined): void {
+    let t = this.totals.get(worker.id);
+    if (!t) this.totals.set(worker.id, (t = { requests: 0, promptTokens: 0, cachedTokens: 0, completionTokens: 0 }));
+    t.requests++;
+    if (!usage) return;
+    const labels = { model, worker: this.w(worker) };
+    if (usage.promptTokens !== undefined) {
+      this.promptTokens.inc(labels, usage.promptTokens);
+      t.promptTokens += usage.promptTokens;
+    }
+    if (usage.cachedTokens !== undefined) {
+      this.cachedTokens.inc(labels, usage.cachedTokens);
+      t.cachedTokens += usage.cachedTokens;
+    }
+    if (usage.completionTokens !== undefined) {
+      this.completionTokens.inc(labels, usage.completionTokens);
+      t.completionTokens += usage.completionTokens;
+    }
+  }
+
   forgetWorker(id: string): void {
-    this.processed.remove({ worker: id });
+    if (!this.workerLabels.has(id)) return;
+    for (const m of [this.processed, this.promptTokens, this.cachedTokens, this.completionTokens, this.avoidablePrefill, this.ttft, this.itl, this.e2e] as Array<Counter<string> | Histogram<string>>) {
+      // Series of every model for this worker (prom-client removes by exact label set).
+      for (const labels of seriesOf(m, id)) m.remove(labels);
+    }
+    this.totals.delete(id);
+    this.workerLabels.forget(id);
   }
 }
 
+/** The label sets of `metric`'s series whose worker is `id`. */
+function seriesOf(metric: Counter<string> | Histogram<string>, id: string): Array<Record<string, string>> {
+  const out: Array<Record<string, string>> = [];
+  const hashMap = (metric as unknown as { hashMap?: Record<string, { labels: Record<string, string> }> }).hashMap;
+  if (!hashMap) return [{ worker: id }];
+  for (const v of Object.values(hashMap)) if (v.labels?.worker === id) out.push(v.labels);
+  return out;
+}
+
 /** KV-event ingestion and index metrics, read from the hub at scrape time. */
-function registerKvMetrics(kv: KvEventHub, registers: Registry[]): void {
-  const perSource = (name: string, help: string, pick: (s: NonNullable<ReturnType<KvEventHub['sourceStats']>>) => number | null) =>
+function registerKvMetrics(kv: KvEventHub, registers: Registry[], labels: WorkerLabels, now: () => number): void {
+  type Stats = NonNullable<ReturnType<KvEventHub['sourceStats']>>;
+  /** Per-source values folded under the worker label cap. */
+  const fold = (pick: (s: Stats) => number | null, how: 'sum' | 'max') => {
+    const out = new Map<string, number>();
+    for (const [id, s] of kv.allSourceStats()) {
+      const v = pick(s);
+      if (v === null) continue;
+      const l = labels.of(id);
+      const prev = out.get(l);
+      out.set(l, prev === undefined ? v : how === 'sum' ? prev + v : Math.max(prev, v));
+    }
+    return out;
+  };
+  const perSourceCounter = (name: string, help: string, pick: (s: Stats) => number) =>
+    new Counter({
+      name,
+      help,
+      labelNames: ['worker'],
+      registers,
+      collect() {
+        this.reset();
+        for (const [l, v] of fold(pick, 'sum')) this.inc({ worker: l }, v);
+      },
+    });
+  const perSourceGauge = (name: string, help: string, pick: (s: Stats) => number | null) =>
     new Gauge({
       name,
       help,
@@ -145,20 +346,34 @@ function registerKvMetrics(kv: KvEventHub, registers: Registry[]): void {
       registers,
       collect() {
         this.reset();
-        for (const [id, s] of kv.allSourceStats()) {
-          const v = pick(s);
-          if (v !== null) this.set({ worker: id }, v);
-        }
+        for (const [l, v] of fold(pick, 'max')) this.set({ worker: l }, v);
       },
     });
-  perSource('kvgate_kv_events_received_total', 'KV event batches received per worker (counter)', (s) => s.received);
-  perSource('kvgate_kv_events_applied_total', 'KV event batches applied in sequence order per worker (counter)', (s) => s.applied);
-  perSource('kvgate_kv_events_replayed_total', 'KV event batches recovered through replay per worker (counter)', (s) => s.replayed);
-  perSource('kvgate_kv_events_dropped_total', 'KV event batches dropped (duplicates, or lost when replay could not recover them) per worker (counter)', (s) => s.dropped);
-  perSource('kvgate_kv_events_malformed_total', 'KV events that could not be decoded per worker (counter)', (s) => s.malformed);
-  perSource('kvgate_kv_events_restarts_total', 'Engine restarts detected from the sequence numbers per worker (counter)', (s) => s.restarts);
-  perSource('kvgate_kv_event_lag_seconds', 'Age of the last applied KV event batch when it was applied (publisher timestamp to now)', (s) => s.lastEventLagS);
-  perSource('kvgate_kv_events_inaccurate', '1 while a worker\'s index entries are known to be incomplete', (s) => (s.inaccurate ? 1 : 0));
+  perSourceCounter('kvgate_kv_events_received_total', 'KV event batches received per worker', (s) => s.received);
+  perSourceCounter('kvgate_kv_events_applied_total', 'KV event batches applied in sequence order per worker', (s) => s.applied);
+  perSourceCounter('kvgate_kv_events_replayed_total', 'KV event batches recovered through replay per worker', (s) => s.replayed);
+  perSourceCounter('kvgate_kv_events_dropped_total', 'KV event batches dropped (duplicates, or lost when replay could not recover them) per worker', (s) => s.dropped);
+  perSourceCounter('kvgate_kv_events_malformed_total', 'KV events that could not be decoded per worker', (s) => s.malformed);
+  perSourceCounter('kvgate_kv_events_restarts_total', 'Engine restarts detected from the sequence numbers per worker', (s) => s.restarts);
+  perSourceGauge('kvgate_kv_event_lag_seconds', 'Age of the last applied KV event batch when it was applied (publisher timestamp to now)', (s) => s.lastEventLagS);
+  perSourceGauge('kvgate_kv_events_inaccurate', "1 while a worker's index entries are known to be incomplete", (s) => (s.inaccurate ? 1 : 0));
+  new Gauge({
+    name: 'kvgate_kv_last_event_age_seconds',
+    help: 'Seconds since the last KV event batch arrived per worker (a silent event stream grows it)',
+    labelNames: ['worker'],
+    registers,
+    collect() {
+      this.reset();
+      const out = new Map<string, number>();
+      for (const id of kv.allSourceStats().keys()) {
+        const at = kv.lastEventAtMs(id);
+        if (at === undefined) continue;
+        const l = labels.of(id);
+        out.set(l, Math.max(out.get(l) ?? 0, Math.max(0, (now() - at) / 1000)));
+      }
+      for (const [l, v] of out) this.set({ worker: l }, v);
+    },
+  });
   new Gauge({
     name: 'kvgate_kv_indexed_blocks',
     help: 'Blocks in the KV index per worker (url or url@rank)',
@@ -166,10 +381,15 @@ function registerKvMetrics(kv: KvEventHub, registers: Registry[]): void {
     registers,
     collect() {
       this.reset();
-      for (const [id, n] of kv.index.stats().blocksPerSource) this.set({ worker: id }, n);
+      const out = new Map<string, number>();
+      for (const [id, n] of kv.index.stats().blocksPerSource) {
+        const l = labels.of(id.split('#')[0]) === id.split('#')[0] ? id : 'other';
+        out.set(l, (out.get(l) ?? 0) + n);
+      }
+      for (const [l, n] of out) this.set({ worker: l }, n);
     },
   });
-  const indexStat = (name: string, help: string, pick: (s: ReturnType<KvEventHub['index']['stats']>) => number) =>
+  const indexGauge = (name: string, help: string, pick: (s: ReturnType<KvEventHub['index']['stats']>) => number) =>
     new Gauge({
       name,
       help,
@@ -178,11 +398,21 @@ function registerKvMetrics(kv: KvEventHub, registers: Registry[]): void {
         this.set(pick(kv.index.stats()));
       },
     });
-  indexStat('kvgate_kv_index_memory_bytes', 'Estimated heap bytes of the KV block index', (s) => s.memoryBytes);
-  indexStat('kvgate_kv_index_nodes', 'Nodes (distinct block paths) in the KV block index', (s) => s.nodes);
-  indexStat('kvgate_kv_index_unknown_parent_total', 'Stored events whose parent block the worker had not stored (skipped)', (s) => s.unknownParent);
-  indexStat('kvgate_kv_index_malformed_total', 'Events rejected by the index (sizes, self references)', (s) => s.malformed);
-  indexStat('kvgate_kv_index_pruned_total', 'Index nodes dropped to stay under --kv-index-max-blocks', (s) => s.pruned);
+  const indexCounter = (name: string, help: string, pick: (s: ReturnType<KvEventHub['index']['stats']>) => number) =>
+    new Counter({
+      name,
+      help,
+      registers,
+      collect() {
+        this.reset();
+        this.inc(pick(kv.index.stats()));
+      },
+    });
+  indexGauge('kvgate_kv_index_memory_bytes', 'Estimated heap bytes of the KV block index', (s) => s.memoryBytes);
+  indexGauge('kvgate_kv_index_nodes', 'Nodes (distinct block paths) in the KV block index', (s) => s.nodes);
+  indexCounter('kvgate_kv_index_unknown_parent_total', 'Stored events whose parent block the worker had not stored (skipped)', (s) => s.unknownParent);
+  indexCounter('kvgate_kv_index_malformed_total', 'Events rejected by the index (sizes, self references)', (s) => s.malformed);
+  indexCounter('kvgate_kv_index_pruned_total', 'Index nodes dropped to stay under --kv-index-max-blocks', (s) => s.pruned);
 }
 
 /** What the replica-sync metrics read (src/sync's ReplicaSync; kept structural so metrics need not import it). */

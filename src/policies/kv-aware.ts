@@ -3,6 +3,7 @@ import { CharTree } from '../cache/char-tree.js';
 import { hashBlocks, LOCAL_HASH_SEED, type BlockIndex } from '../cache/block-index.js';
 import type { RequestContext } from '../core/context.js';
 import type { Worker } from '../core/worker.js';
+import { describeAll, noneAvailable, round, type RouteExplanation } from './explain.js';
 import { available, BasePolicy, type PeerRoutingEvent, type PolicyDeps, type RoutedRecord } from './policy.js';
 
 /** What kv_aware reads from the KV-event side: the index and each worker's event freshness. */
@@ -159,6 +160,33 @@ export class KvAwarePolicy extends BasePolicy {
   selectWorker(candidates: readonly Worker[], ctx: RequestContext): Worker | undefined {
     const healthy = available(candidates);
     if (healthy.length === 0) return undefined;
+    const sc = this.score(healthy, ctx, false);
+    const { costs, meta, requestBlocks, inputTokens, bs, seq, textChars, tree, text } = sc;
+    const i = this.config.temperature > 0 ? this.sample(costs) : this.argmin(healthy, costs);
+    const chosen = healthy[i];
+    this.lastDecision = { worker: chosen, overlapBlocks: meta[i].overlap, requestBlocks, cost: costs[i], fallback: meta[i].fallback };
+    const observer = this.deps.observer;
+    observer?.kvDecision?.(chosen, meta[i].overlap, requestBlocks, meta[i].fallback);
+    if (observer?.avoidablePrefill) {
+      // Blocks another available worker held by its engine's own (fresh) events, beyond what the chosen one has.
+      let heldElsewhere = 0;
+      for (let k = 0; k < healthy.length; k++) if (k !== i && !meta[k].fallback && meta[k].indexed > heldElsewhere) heldElsewhere = meta[k].indexed;
+      const avoidable = Math.min(inputTokens, heldElsewhere * bs) - Math.min(inputTokens, meta[i].overlap * bs);
+      if (avoidable > 0) observer.avoidablePrefill(chosen, ctx, { tokens: avoidable });
+    }
+    const prefillTokens = Math.max(0, inputTokens - meta[i].overlap * bs);
+    this.track(chosen, ctx.requestId, seq, prefillTokens);
+    if (textChars > 0) tree.insert(text, chosen.id);
+    this.deps.share?.routed({ model: ctx.model, workerId: chosen.id, requestId: ctx.requestId, text: textChars > 0 ? text : undefined, blocks: requestBlocks, prefillTokens });
+    return chosen;
+  }
+
+  /**
+   * Per available worker: overlap (and where it came from), new blocks, active load and cost.
+   * `readOnly` (explanations): no LRU touches and no forgetting of history on engine resets (a
+   * worker whose cache was reset since the last decision is scored with no history instead).
+   */
+  private score(healthy: readonly Worker[], ctx: RequestContext, readOnly: boolean) {
     const bs = this.view.index.blockSize ?? this.config.defaultBlockSize;
     const tokens = ctx.tokenIds;
     const text = ctx.routingText;
@@ -168,34 +196,39 @@ export class KvAwarePolicy extends BasePolicy {
     const requestBlocks = Math.ceil(inputTokens / bs);
     const seq = sequenceHashes(local);
     const fullBlocks = Math.floor(inputTokens / bs);
-    const overlaps = tokens ? this.view.index.match(local) : new Map<string, number>();
-    const tree = this.treeFor(ctx.model);
+    const overlaps = tokens ? this.view.index.match(local, readOnly ? { touch: false } : undefined) : new Map<string, number>();
+    const tree = readOnly ? (this.trees.get(ctx.model) ?? new CharTree()) : this.treeFor(ctx.model);
     const textChars = text.length > 0 ? [...text].length : 0;
 
     const costs: number[] = [];
-    const meta: Array<{ overlap: number; fallback: boolean }> = [];
+    const meta: Array<{ overlap: number; fallback: boolean; indexed: number; history: number; pending: number; prefillBlocks: number; active: number; newBlocks: number }> = [];
     for (const w of healthy) {
       const resets = this.view.resetCount(w.id);
+      let reset = false;
       if ((this.seenResets.get(w.id) ?? 0) !== resets) {
-        this.seenResets.set(w.id, resets);
-        for (const t of this.trees.values()) t.removeTenant(w.id);
+        reset = true;
+        if (!readOnly) {
+          this.seenResets.set(w.id, resets);
+          for (const t of this.trees.values()) t.removeTenant(w.id);
+        }
       }
       const fresh = tokens !== undefined && this.isFresh(w.id);
       const s = this.state.get(w.id);
       // Routing history (approximate): blocks of this request that went to this worker before.
-      const history = textChars > 0 ? Math.floor((tree.prefixMatchTenant(text, w.id) / textChars) * fullBlocks) : 0;
+      const history = textChars > 0 && !(readOnly && reset) ? Math.floor((tree.prefixMatchTenant(text, w.id, !readOnly) / textChars) * fullBlocks) : 0;
+      const indexed = overlaps.get(w.id) ?? 0;
       let overlap: number;
       if (fresh) {
         // The engine's own events say what it holds now. History adds affinity: a prefix the
         // engine has evicted is still best re-warmed where it lived, so prefixes stay on one
         // worker instead of spreading over all of them (which wastes the cluster's cache).
-        overlap = Math.max(overlaps.get(w.id) ?? 0, Math.floor(this.config.historyWeight * history));
+        overlap = Math.max(indexed, Math.floor(this.config.historyWeight * history));
       } else overlap = history;
       // Blocks that requests in flight on this worker are computing now will be in its cache
       // before this request's prefill gets there: count them as overlap too (their events have
       // not arrived yet, so the index cannot know).
+      let pending = 0;
       if (s && s.blocks.size > 0) {
-        let pending = 0;
         while (pending < seq.length && s.blocks.has(seq[pending])) pending++;
         if (pending > overlap) overlap = pending;
       }
@@ -213,18 +246,58 @@ export class KvAwarePolicy extends BasePolicy {
         this.config.activeWeight * ((s?.blocks.size ?? 0) + (peer?.blocks ?? 0) + newBlocks) +
         ((s?.pendingPrefillTokens ?? 0) + (peer?.pendingPrefillTokens ?? 0)) / bs;
       costs.push((this.config.overlapWeight * uncached) / bs + active);
-      meta.push({ overlap, fallback: !fresh });
+      meta.push({ overlap, fallback: !fresh, indexed: fresh ? indexed : 0, history, pending, prefillBlocks: uncached / bs, active, newBlocks });
     }
+    return { costs, meta, requestBlocks, inputTokens, bs, seq, textChars, tree, text };
+  }
 
-    const i = this.config.temperature > 0 ? this.sample(costs) : this.argmin(healthy, costs);
-    const chosen = healthy[i];
-    this.lastDecision = { worker: chosen, overlapBlocks: meta[i].overlap, requestBlocks, cost: costs[i], fallback: meta[i].fallback };
-    this.deps.observer?.kvDecision?.(chosen, meta[i].overlap, requestBlocks, meta[i].fallback);
-    const prefillTokens = Math.max(0, inputTokens - meta[i].overlap * bs);
-    this.track(chosen, ctx.requestId, seq, prefillTokens);
-    if (textChars > 0) tree.insert(text, chosen.id);
-    this.deps.share?.routed({ model: ctx.model, workerId: chosen.id, requestId: ctx.requestId, text: textChars > 0 ? text : undefined, blocks: requestBlocks, prefillTokens });
-    return chosen;
+  /** Per candidate: overlap (index, history, in-flight), prefill blocks, active load, cost; the argmin or softmax. */
+  explain(candidates: readonly Worker[], ctx: RequestContext): RouteExplanation {
+    const described = describeAll(candidates, this.deps.clock.now());
+    const healthy = available(candidates);
+    if (healthy.length === 0) return noneAvailable(this.name, described);
+    const { costs, meta, requestBlocks, inputTokens, bs } = this.score(healthy, ctx, true);
+    const cfg = this.config;
+    const byId = new Map(described.map((c) => [c.worker, c]));
+    for (let k = 0; k < healthy.length; k++) {
+      const c = byId.get(healthy[k].id)!;
+      const m = meta[k];
+      c.matchedBlocks = m.overlap;
+      c.cost = round(costs[k]);
+      c.terms = {
+        source: m.fallback ? 'history' : 'events',
+        indexed_blocks: m.indexed,
+        history_blocks: m.history,
+        in_flight_prefix_blocks: m.pending,
+        prefill_blocks: round(m.prefillBlocks),
+        prefill_term: round(cfg.overlapWeight * m.prefillBlocks),
+        active_term: round(m.active),
+        new_blocks: m.newBlocks,
+      };
+    }
+    const input = { tokens: inputTokens, blocks: requestBlocks, blockSize: bs, chars: ctx.routingText.length };
+    const formula = `cost = ${cfg.overlapWeight} × prefill blocks + active (${cfg.activeWeight} × blocks in flight + pending prefill)`;
+    if (cfg.temperature > 0) {
+      const min = Math.min(...costs);
+      const span = Math.max(...costs) - min || 1;
+      const weights = costs.map((x) => Math.exp(-((x - min) / span) / cfg.temperature));
+      const total = weights.reduce((a, b) => a + b, 0);
+      for (let k = 0; k < healthy.length; k++) byId.get(healthy[k].id)!.probability = round(weights[k] / total, 4);
+      return { policy: this.name, chosen: undefined, rule: 'softmax', detail: `${formula}; sampled from softmax(−cost, temperature ${cfg.temperature})`, deterministic: false, input, candidates: described };
+    }
+    let best = Infinity;
+    for (const x of costs) if (x < best) best = x;
+    const ties = healthy.filter((_, k) => Math.abs(costs[k] - best) <= 1e-9);
+    let chosen = ties[0];
+    let deterministic = true;
+    if (ties.length > 1) {
+      const fewest = Math.min(...ties.map((w) => this.view.index.blocksOf(w.id)));
+      const emptiest = ties.filter((w) => this.view.index.blocksOf(w.id) === fewest);
+      chosen = emptiest[0];
+      deterministic = emptiest.length === 1;
+    }
+    const detail = `${formula}; lowest cost ${round(best)}${deterministic ? '' : ` (tie among ${ties.length}: one is drawn at random)`}`;
+    return { policy: this.name, chosen: deterministic ? chosen.id : undefined, rule: 'lowest_cost', detail, deterministic, input, candidates: described };
   }
 
   onFirstToken(worker: Worker, ctx: RequestContext): void {

@@ -1,5 +1,6 @@
 import type { RequestContext } from '../core/context.js';
 import type { Worker } from '../core/worker.js';
+import { describeAll, noneAvailable, type RouteExplanation } from './explain.js';
 import { available, BasePolicy, leastLoaded, type PolicyDeps } from './policy.js';
 
 export interface EngineLoadPolicyConfig {
@@ -60,6 +61,31 @@ export abstract class EngineLoadPolicy extends BasePolicy {
       if (!best || this.better(w, best)) best = w;
     }
     return best ?? leastLoaded(healthy);
+  }
+
+  /** Engine loads (fresh or stale), in-flight loads, and the same choice selectWorker makes. */
+  explain(candidates: readonly Worker[], _ctx: RequestContext): RouteExplanation {
+    const now = this.deps.clock.now();
+    const described = describeAll(candidates, now, this.config.staleAfterMs);
+    const healthy = available(candidates);
+    if (healthy.length === 0) return noneAvailable(this.name, described);
+    let best: Worker | undefined;
+    for (const w of healthy) {
+      if (!hasFreshEngineLoad(w, now, this.config.staleAfterMs)) continue;
+      if (!best || this.better(w, best)) best = w;
+    }
+    if (best) {
+      const fresh = healthy.filter((w) => hasFreshEngineLoad(w, now, this.config.staleAfterMs)).length;
+      return { policy: this.name, chosen: best.id, rule: 'engine_load', detail: `best engine-reported load among ${fresh} workers with fresh metrics`, deterministic: true, candidates: described };
+    }
+    return {
+      policy: this.name,
+      chosen: leastLoaded(healthy)?.id,
+      rule: 'least_loaded',
+      detail: 'no worker has fresh engine metrics: fewest in-flight requests decides',
+      deterministic: true,
+      candidates: described,
+    };
   }
 }
 

@@ -1,6 +1,7 @@
 import { xxh3 } from '@node-rs/xxhash';
 import type { RequestContext } from '../core/context.js';
 import type { Worker } from '../core/worker.js';
+import { describeAll, explainPairWith, explainWith, noneAvailable, type PairExplanation, type RouteExplanation } from './explain.js';
 import { type PolicyDeps, type RequestOutcome, type RoutingPolicy, type WorkerPair } from './policy.js';
 
 /** The SGLang router's (smg) routing-key header. */
@@ -65,6 +66,22 @@ export class ManualPolicy implements RoutingPolicy {
     return p && d ? { prefill: p, decode: d } : undefined;
   }
 
+  /** With a routing key: its rendezvous worker (deterministic); without: the fallback's explanation. */
+  explain(candidates: readonly Worker[], ctx: RequestContext): RouteExplanation {
+    const key = headerValue(ctx.headers, ROUTING_KEY_HEADER);
+    if (key === undefined) {
+      const e = explainWith(this.fallback, candidates, ctx);
+      return { ...e, policy: this.name, detail: `no ${ROUTING_KEY_HEADER} header: ${e.policy} decides (${e.detail})` };
+    }
+    return explainKey(this.name, key, candidates);
+  }
+
+  explainPair(prefill: readonly Worker[], decode: readonly Worker[], ctx: RequestContext): PairExplanation {
+    const key = headerValue(ctx.headers, ROUTING_KEY_HEADER);
+    if (key === undefined) return explainPairWith(this.fallback, prefill, decode, ctx);
+    return { prefill: explainKey(this.name, key, prefill), decode: explainKey(this.name, key, decode) };
+  }
+
   onFirstToken(worker: Worker, ctx: RequestContext): void {
     this.fallback.onFirstToken?.(worker, ctx);
   }
@@ -80,4 +97,11 @@ export class ManualPolicy implements RoutingPolicy {
   close(): void {
     this.fallback.close?.();
   }
+}
+
+function explainKey(policy: string, key: string, candidates: readonly Worker[]): RouteExplanation {
+  const described = describeAll(candidates);
+  const w = rendezvous(key, candidates);
+  if (!w) return noneAvailable(policy, described);
+  return { policy, chosen: w.id, rule: 'routing_key', detail: `${ROUTING_KEY_HEADER} hashed over the available workers (rendezvous hashing)`, deterministic: true, candidates: described };
 }

@@ -2,6 +2,7 @@ import type { Clock } from '../core/clock.js';
 import type { RequestContext } from '../core/context.js';
 import type { Rng } from '../core/rng.js';
 import type { Worker } from '../core/worker.js';
+import type { PairExplanation, RouteExplanation } from './explain.js';
 
 /** Runs `fn` every `everyMs` on the policy's clock; returns a cancel function. */
 export type Scheduler = (everyMs: number, fn: () => void) => () => void;
@@ -13,6 +14,12 @@ export interface PolicyObserver {
   loadBalanced?(worker: Worker): void;
   /** kv_aware chose `worker`, holding `overlapBlocks` of the request's `requestBlocks`. */
   kvDecision?(worker: Worker, overlapBlocks: number, requestBlocks: number, fallback: boolean): void;
+  /**
+   * The chosen worker must recompute prompt tokens that another available worker held at decision
+   * time: `tokens` when the policy counts tokens (kv_aware, prefix_load), else `chars` of
+   * `inputChars` (cache_aware's character tree; the host converts, see docs/operations.md).
+   */
+  avoidablePrefill?(worker: Worker, ctx: RequestContext, est: { tokens?: number; chars?: number; inputChars?: number }): void;
 }
 
 /**
@@ -95,6 +102,15 @@ export interface RoutingPolicy {
   forgetPeer?(origin: string): void;
   /** The routing history a joining replica needs (tree contents), as records without request ids. */
   exportHistory?(): Iterable<RoutedRecord>;
+  /**
+   * What selectWorker would choose now and the components it weighed per candidate, without
+   * changing any state (no tree insert, no LRU touch, no counter advance, no RNG draw). Costs
+   * about as much as a decision: hosts call it only when asked (/debug/route, --explain-decisions,
+   * a watched dashboard, a sampled decision log).
+   */
+  explain?(candidates: readonly Worker[], ctx: RequestContext): RouteExplanation;
+  /** explain() for a (prefill, decode) pair (PD mode). */
+  explainPair?(prefill: readonly Worker[], decode: readonly Worker[], ctx: RequestContext): PairExplanation;
 }
 
 export function available(candidates: readonly Worker[]): Worker[] {
@@ -121,6 +137,11 @@ export abstract class BasePolicy implements RoutingPolicy {
   abstract readonly name: string;
   constructor(protected readonly deps: PolicyDeps) {}
   abstract selectWorker(candidates: readonly Worker[], ctx: RequestContext): Worker | undefined;
+  abstract explain(candidates: readonly Worker[], ctx: RequestContext): RouteExplanation;
+
+  explainPair(prefill: readonly Worker[], decode: readonly Worker[], ctx: RequestContext): PairExplanation {
+    return { prefill: this.explain(prefill, ctx), decode: this.explain(decode, ctx) };
+  }
 
   selectPair(prefill: readonly Worker[], decode: readonly Worker[], ctx: RequestContext): WorkerPair | undefined {
     const p = this.selectWorker(prefill, ctx);

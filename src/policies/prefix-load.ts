@@ -2,6 +2,7 @@ import type { RequestContext } from '../core/context.js';
 import type { Worker } from '../core/worker.js';
 import { TokenTree } from '../cache/token-tree.js';
 import { DEFAULT_COST_MODEL, prefillPairs, validateCostModel, type CostModelConfig } from '../engine/cost-model.js';
+import { describeAll, noneAvailable, round, type RouteExplanation } from './explain.js';
 import { available, BasePolicy, type PeerRoutingEvent, type PolicyDeps } from './policy.js';
 
 /**
@@ -172,6 +173,17 @@ class Ledger {
     return this.total;
   }
 
+  /** Sum and count of the entries after `cutoff`, without pruning (read-only). */
+  since(cutoff: number): { sum: number; count: number } {
+    let sum = 0;
+    let count = 0;
+    for (let i = this.times.length - 1; i >= this.head && this.times[i] > cutoff; i--) {
+      sum += this.costs[i];
+      count++;
+    }
+    return { sum, count };
+  }
+
   get count(): number {
     return this.times.length - this.head;
   }
@@ -220,13 +232,49 @@ export class PrefixLoadPolicy extends BasePolicy {
     if (healthy.length === 0) return undefined;
     const now = this.deps.clock.now();
     if (now - this.lastExpireMs >= this.config.expireIntervalMs) this.expire(now);
+    const d = this.decide(healthy, ctx, now, false);
+    const { kind, chosen, match, best, n, tokens, byTokens, tree } = d;
+    const worker = healthy[chosen];
+    const m = match[chosen];
+    const charged = this.chargeOf(ctx, n, m);
+    let ledger = this.ledgers.get(worker.id);
+    if (!ledger) {
+      ledger = new Ledger();
+      this.ledgers.set(worker.id, ledger);
+    }
+    ledger.add(now, charged);
+    if (n > 0) tree.insert(tokens, worker.id, now);
+    this.deps.share?.routed({ model: ctx.model, workerId: worker.id, tokens: byTokens && n > 0 ? tokens : undefined, text: byTokens ? undefined : ctx.routingText, costMs: charged });
+
+    const observer = this.deps.observer;
+    if (kind === 'rebalance') observer?.loadBalanced?.(worker);
+    else if (kind === 'exploit') observer?.cacheHit?.(worker, best, n);
+    else observer?.cacheMiss?.(n);
+    if (best > m && observer?.avoidablePrefill) {
+      // Routing history held `best` tokens on another available worker; code points count as ~¼ token.
+      if (byTokens) observer.avoidablePrefill(worker, ctx, { tokens: best - m });
+      else observer.avoidablePrefill(worker, ctx, { chars: best - m, inputChars: n });
+    }
+    this.lastDecision = { kind, workerId: worker.id, inputTokens: n, matchedTokens: best, workerMatchedTokens: m, chargedMs: charged };
+    return worker;
+  }
+
+  private chargeOf(ctx: RequestContext, n: number, m: number): number {
+    const cfg = this.config;
+    const out = cfg.outputTokens?.(ctx);
+    const d = out !== undefined && Number.isFinite(out) && out >= 0 ? out : cfg.avgOutputTokens;
+    return prefillCostMs(cfg.cost, n - m, m) + decodeCostMs(cfg.cost, n, d);
+  }
+
+  /** The decision (see the class comment). `readOnly`: ledgers are summed without pruning, no tree is created. */
+  private decide(healthy: readonly Worker[], ctx: RequestContext, now: number, readOnly: boolean) {
     const cfg = this.config;
     const cost = cfg.cost;
-
     const byTokens = ctx.tokenIds !== undefined;
     const tokens: ArrayLike<number> = ctx.tokenIds ?? codePoints(ctx.routingText);
     const n = tokens.length;
-    const tree = this.treeFor(byTokens ? ctx.model : `${ctx.model}\u0000chars`);
+    const key = byTokens ? ctx.model : `${ctx.model}\u0000chars`;
+    const tree = readOnly ? (this.trees.get(key) ?? this.emptyTree()) : this.treeFor(key);
     const { holders } = tree.match(tokens, now);
 
     // Per available worker: its match and its window load L.
@@ -241,12 +289,15 @@ export class PrefixLoadPolicy extends BasePolicy {
       match[i] = m;
       if (m > best) best = m;
       const ledger = this.ledgers.get(w.id);
-      if (ledger) {
+      if (!ledger) load[i] = 0;
+      else if (readOnly) {
+        const since = ledger.since(now - this.windowMs);
+        load[i] = since.sum;
+        windowRequests += since.count;
+      } else {
         ledger.prune(now - this.windowMs);
         load[i] = ledger.sum;
         windowRequests += ledger.count;
-      } else {
-        load[i] = 0;
       }
     }
 
@@ -275,36 +326,48 @@ export class PrefixLoadPolicy extends BasePolicy {
       chosen = argmin((i) => load[i] + prefillCostMs(cost, n - match[i], match[i]));
     }
 
+    let maxLoad = -Infinity;
+    for (let i = 0; i < k; i++) if (load[i] > maxLoad) maxLoad = load[i];
     if (k > 1 && windowRequests >= cfg.rebalanceMinRequests * k) {
-      let maxLoad = -Infinity;
-      for (let i = 0; i < k; i++) if (load[i] > maxLoad) maxLoad = load[i];
       const lightest = argmin((i) => load[i]);
       if (maxLoad > cfg.rebalanceRatio * load[lightest] + EPS_MS && chosen !== lightest) {
         kind = 'rebalance';
         chosen = lightest;
       }
     }
+    return { kind, chosen, match, load, best, n, tokens, byTokens, tree, windowRequests };
+  }
 
-    const worker = healthy[chosen];
-    const m = match[chosen];
-    const out = cfg.outputTokens?.(ctx);
-    const d = out !== undefined && Number.isFinite(out) && out >= 0 ? out : cfg.avgOutputTokens;
-    const charged = prefillCostMs(cost, n - m, m) + decodeCostMs(cost, n, d);
-    let ledger = this.ledgers.get(worker.id);
-    if (!ledger) {
-      ledger = new Ledger();
-      this.ledgers.set(worker.id, ledger);
+  /** Per candidate: matched tokens, window load L, this request's prefill cost P; the E2 rule that decides. */
+  explain(candidates: readonly Worker[], ctx: RequestContext): RouteExplanation {
+    const described = describeAll(candidates, this.deps.clock.now());
+    const healthy = available(candidates);
+    if (healthy.length === 0) return noneAvailable(this.name, described);
+    const now = this.deps.clock.now();
+    const d = this.decide(healthy, ctx, now, true);
+    const cfg = this.config;
+    const byId = new Map(described.map((c) => [c.worker, c]));
+    for (let i = 0; i < healthy.length; i++) {
+      const c = byId.get(healthy[i].id)!;
+      const p = prefillCostMs(cfg.cost, d.n - d.match[i], d.match[i]);
+      if (d.byTokens) c.matchedTokens = d.match[i];
+      else c.matchedChars = d.match[i];
+      c.cost = round(d.load[i] + p);
+      c.terms = { window_load_ms: round(d.load[i]), prefill_ms: round(p), charge_ms: round(this.chargeOf(ctx, d.n, d.match[i])) };
     }
-    ledger.add(now, charged);
-    if (n > 0) tree.insert(tokens, worker.id, now);
-    this.deps.share?.routed({ model: ctx.model, workerId: worker.id, tokens: byTokens && n > 0 ? tokens : undefined, text: byTokens ? undefined : ctx.routingText, costMs: charged });
+    const unit = d.byTokens ? 'tokens' : 'code points';
+    const detail =
+      d.kind === 'exploit'
+        ? `exploit: longest match ${d.best}/${d.n} ${unit} > ${cfg.matchThreshold}; lowest window load among its holders`
+        : d.kind === 'explore'
+          ? `explore: longest match ${d.best}/${d.n} ${unit} not above ${cfg.matchThreshold}; lowest window load + prefill cost`
+          : `rebalance: heaviest window load above ${cfg.rebalanceRatio} × the lightest's (${d.windowRequests} requests in the window)`;
+    const input = d.byTokens ? { tokens: d.n } : { chars: d.n };
+    return { policy: this.name, chosen: healthy[d.chosen].id, rule: d.kind, detail, deterministic: true, input, candidates: described };
+  }
 
-    const observer = this.deps.observer;
-    if (kind === 'rebalance') observer?.loadBalanced?.(worker);
-    else if (kind === 'exploit') observer?.cacheHit?.(worker, best, n);
-    else observer?.cacheMiss?.(n);
-    this.lastDecision = { kind, workerId: worker.id, inputTokens: n, matchedTokens: best, workerMatchedTokens: m, chargedMs: charged };
-    return worker;
+  private emptyTree(): TokenTree {
+    return new TokenTree({ windowMs: this.windowMs, bucketMs: Math.min(this.config.bucketMs, this.windowMs), maxTokens: 0 });
   }
 
   /** A peer replica routed a request: its window history and its charged cost count here too. */

@@ -1,5 +1,6 @@
 import type { RequestContext } from '../core/context.js';
 import type { Worker } from '../core/worker.js';
+import { describeAll, noneAvailable, type PairExplanation, type RouteExplanation } from './explain.js';
 import { available, BasePolicy, type WorkerPair } from './policy.js';
 
 /** Cycles through the available workers in registration order, skipping unavailable ones. */
@@ -24,6 +25,23 @@ export class RoundRobinPolicy extends BasePolicy {
     this.decodeCounter = (this.decodeCounter + 1) % 0x7fffffff;
     return { prefill: p, decode: d };
   }
+
+  /** Loads, and the worker the cycle reaches next (the counter is not advanced). */
+  explain(candidates: readonly Worker[], _ctx: RequestContext): RouteExplanation {
+    return explainCycle(this.name, candidates, this.counter);
+  }
+
+  override explainPair(prefill: readonly Worker[], decode: readonly Worker[], _ctx: RequestContext): PairExplanation {
+    return { prefill: explainCycle(this.name, prefill, this.prefillCounter), decode: explainCycle(this.name, decode, this.decodeCounter) };
+  }
+}
+
+function explainCycle(policy: string, candidates: readonly Worker[], counter: number): RouteExplanation {
+  const described = describeAll(candidates);
+  const w = pick(candidates, counter);
+  if (!w) return noneAvailable(policy, described);
+  const n = available(candidates).length;
+  return { policy, chosen: w.id, rule: 'cyclic', detail: `next in the cycle over ${n} available workers (position ${counter % n})`, deterministic: true, candidates: described };
 }
 
 function pick(candidates: readonly Worker[], counter: number): Worker | undefined {

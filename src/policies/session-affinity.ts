@@ -1,6 +1,7 @@
 import type { RequestContext } from '../core/context.js';
 import type { Worker } from '../core/worker.js';
 import { headerValue } from './manual.js';
+import { explainPairWith, explainWith, type PairExplanation, type RouteExplanation } from './explain.js';
 import type { PeerRoutingEvent, PolicyDeps, RequestOutcome, RoutedRecord, RoutingPolicy, WorkerPair } from './policy.js';
 
 export interface SessionAffinityConfig {
@@ -104,6 +105,34 @@ export class SessionAffinityPolicy implements RoutingPolicy {
     const pair = this.inner.selectPair(prefill, decode, ctx);
     if (pair) this.bind(session, { workerId: pair.decode.id, prefillId: pair.prefill.id, lastMs: now });
     return pair;
+  }
+
+  /** A live binding to an available candidate decides; else the inner policy's explanation. Never renews a binding. */
+  explain(candidates: readonly Worker[], ctx: RequestContext): RouteExplanation {
+    const e = explainWith(this.inner, candidates, ctx);
+    const session = headerValue(ctx.headers, this.config.header);
+    if (session === undefined) return e;
+    const b = this.peek(session);
+    const w = b && candidates.find((c) => c.id === b.workerId);
+    if (w && w.isAvailable()) return { ...e, chosen: w.id, rule: 'session', detail: `session bound to ${w.id} by ${this.config.header}`, deterministic: true };
+    return { ...e, detail: `${b ? 'session bound to an unavailable worker' : 'new session'}: ${e.detail}` };
+  }
+
+  explainPair(prefill: readonly Worker[], decode: readonly Worker[], ctx: RequestContext): PairExplanation {
+    const e = explainPairWith(this.inner, prefill, decode, ctx);
+    const session = headerValue(ctx.headers, this.config.header);
+    const b = session === undefined ? undefined : this.peek(session);
+    const p = b && prefill.find((c) => c.id === b.prefillId);
+    const d = b && decode.find((c) => c.id === b.workerId);
+    if (!p?.isAvailable() || !d?.isAvailable()) return e;
+    const bound = (x: RouteExplanation, id: string): RouteExplanation => ({ ...x, chosen: id, rule: 'session', detail: `session bound by ${this.config.header}`, deterministic: true });
+    return { prefill: bound(e.prefill, p.id), decode: bound(e.decode, d.id) };
+  }
+
+  /** A live binding, without renewing or dropping it. */
+  private peek(session: string): Binding | undefined {
+    const b = this.sessions.get(session);
+    return b && this.deps.clock.now() - b.lastMs <= this.config.ttlMs ? b : undefined;
   }
 
   onFirstToken(worker: Worker, ctx: RequestContext): void {

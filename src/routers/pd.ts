@@ -7,11 +7,16 @@ import { errors, GatewayError } from '../core/errors.js';
 import type { WorkerRegistry } from '../core/registry.js';
 import type { Worker } from '../core/worker.js';
 import type { GatewayMetrics } from '../metrics/gateway-metrics.js';
+import { explainWith, type PairExplanation, type RouteExplanation } from '../policies/explain.js';
 import type { RequestOutcome, RoutingPolicy, WorkerPair } from '../policies/policy.js';
 import { sendError } from '../server/http-util.js';
 import type { UpstreamPools } from '../upstream/pools.js';
 import { forwardHeaders } from '../upstream/proxy.js';
-import { buildContext, routeModel, type RoutedRequest, type Tokenize } from './request.js';
+import type { RequestInsight } from '../observability/insight.js';
+import { SpanKind, type Span } from '../observability/tracing.js';
+import { explainPairWith, withOutsideExclusions } from '../policies/explain.js';
+import type { ResponseTap } from '../upstream/response-tap.js';
+import { buildContext, routeModel, tracedTokenize, type RoutedRequest, type Tokenize } from './request.js';
 
 export type PdProtocol = 'sglang' | 'vllm';
 
@@ -32,6 +37,8 @@ export interface PdRouterDeps {
   tokenize?: Tokenize;
   /** --strict-model (see resolveModel). */
   strictModel?: boolean;
+  /** Decisions feed, explanations, latency/token metrics, trace spans. */
+  insight?: RequestInsight;
 }
 
 /**
@@ -56,6 +63,12 @@ export class SplitPairPolicy implements RoutingPolicy {
     if (!p) return undefined;
     const d = this.decode.selectWorker(decode, ctx);
     return d ? { prefill: p, decode: d } : undefined;
+  }
+  explain(candidates: readonly Worker[], ctx: RequestContext): RouteExplanation {
+    return explainWith(this.prefill, candidates, ctx);
+  }
+  explainPair(prefill: readonly Worker[], decode: readonly Worker[], ctx: RequestContext): PairExplanation {
+    return { prefill: explainWith(this.prefill, prefill, ctx), decode: explainWith(this.decode, decode, ctx) };
   }
 }
 
@@ -141,24 +154,51 @@ interface Usage {
  * retried (a hand-off cannot be replayed onto another pair safely once started).
  */
 export class PdRouter {
+  /** Each traced request's exchange span: its context is what the workers receive as traceparent. */
+  private readonly spans = new WeakMap<RoutedRequest, Span>();
   constructor(private readonly deps: PdRouterDeps) {}
 
   async handle(r: RoutedRequest): Promise<number> {
     const { registry, pairPolicy, metrics } = this.deps;
     const model = routeModel(registry, r, ['prefill', 'decode'], this.deps.strictModel);
-    const ctx = buildContext(r, model, this.deps.clock, this.deps.tokenize, !!pairPolicy.needsTokens);
+    const insight = this.deps.insight;
+    r.arrivedAt ??= performance.now();
+    const ctx = buildContext(r, model, this.deps.clock, tracedTokenize(this.deps.tokenize, r.trace), !!pairPolicy.needsTokens);
     const prefillPool = registry.forModel(model, 'prefill');
     const decodePool = registry.forModel(model, 'decode');
     if (!prefillPool.some((w) => w.isAvailable())) throw errors.unavailable(`No healthy prefill worker for model '${model}'`, 'no_available_prefill_workers');
     if (!decodePool.some((w) => w.isAvailable())) throw errors.unavailable(`No healthy decode worker for model '${model}'`, 'no_available_decode_workers');
+    const sampled = insight?.sample() ?? false;
+    let explanation: PairExplanation | undefined;
+    if (insight?.wantsExplanation(sampled)) {
+      const e = explainPairWith(pairPolicy, prefillPool, decodePool, ctx);
+      const others = (t: 'prefill' | 'decode') => registry.all().filter((w) => w.type === t && w.modelId !== model);
+      explanation = { prefill: withOutsideExclusions(e.prefill, [], others('prefill')), decode: withOutsideExclusions(e.decode, [], others('decode')) };
+    }
+    const select = r.trace?.child('select', { 'kvgate.policy': pairPolicy.name, 'kvgate.candidates': prefillPool.length + decodePool.length });
+    insight?.opts.metrics.takeNote();
     const pair = pairPolicy.selectPair(prefillPool, decodePool, ctx);
-    if (!pair) throw errors.noHealthyWorkers(model);
+    if (!pair) {
+      select?.end();
+      throw errors.noHealthyWorkers(model);
+    }
     const { prefill, decode } = pair;
-    metrics.decisions.inc({ policy: this.deps.prefillPolicy.name, worker: prefill.id });
-    metrics.decisions.inc({ policy: this.deps.decodePolicy.name, worker: decode.id });
+    const { seq } = insight ? insight.decided({ requestId: r.requestId, route: r.route, ctx, policy: pairPolicy.name, worker: decode, prefill, attempt: 0, explanation, sampled }) : { seq: 0 };
+    if (select) {
+      select.setAttributes({ 'kvgate.worker': decode.id, 'kvgate.prefill_worker': prefill.id });
+      select.end();
+    }
+    const routeHeader = insight?.routeHeader(explanation, decode, prefill);
+    if (routeHeader) r.res.setHeader('x-kvgate-route', routeHeader);
+    const tap = insight?.tap(model, decode, r.arrivedAt);
+    const exchangeSpan = r.trace?.child(`pd ${r.path}`, { 'kvgate.worker': decode.id, 'kvgate.prefill_worker': prefill.id, 'kvgate.pd_protocol': this.deps.protocol }, undefined, SpanKind.CLIENT);
+    if (exchangeSpan) this.spans.set(r, exchangeSpan);
+    let finalStatus = 0;
+    metrics.decisions.inc({ policy: this.deps.prefillPolicy.name, worker: metrics.w(prefill) });
+    metrics.decisions.inc({ policy: this.deps.decodePolicy.name, worker: metrics.w(decode) });
     metrics.pdRequests.inc({ route: r.route, protocol: this.deps.protocol });
-    metrics.pdPrefill.inc({ worker: prefill.id });
-    metrics.pdDecode.inc({ worker: decode.id });
+    metrics.pdPrefill.inc({ worker: metrics.w(prefill) });
+    metrics.pdDecode.inc({ worker: metrics.w(decode) });
 
     const prefillGuard = prefill.acquire();
     const decodeGuard = decode.acquire();
@@ -171,8 +211,9 @@ export class PdRouter {
     let outcome: RequestOutcome = 'error';
     try {
       const status =
-        this.deps.protocol === 'sglang' ? await this.sglang(r, ctx, prefill, decode, ac.signal) : await this.vllm(r, ctx, prefill, decode, ac.signal);
+        this.deps.protocol === 'sglang' ? await this.sglang(r, ctx, prefill, decode, ac.signal, tap) : await this.vllm(r, ctx, prefill, decode, ac.signal, tap);
       outcome = status < 500 ? 'success' : 'error';
+      finalStatus = status;
       return status;
     } catch (e) {
       if (ac.signal.reason instanceof Aborted) {
@@ -185,21 +226,29 @@ export class PdRouter {
       metrics.pdErrors.inc({ kind: err.code });
       if (r.res.headersSent) r.res.destroy();
       else sendError(r.res, err, this.responseHeaders(r, prefill, decode));
+      finalStatus = err.status;
       return err.status;
     } finally {
+      const usage = tap?.usage();
+      insight?.finished(seq, ctx, decode, tap, finalStatus, r.arrivedAt, usage);
+      if (exchangeSpan) {
+        exchangeSpan.setAttribute('http.response.status_code', finalStatus);
+        if (usage?.cachedTokens !== undefined) exchangeSpan.setAttribute('kvgate.cached_tokens', usage.cachedTokens);
+        exchangeSpan.end();
+      }
       clearTimeout(timer);
       r.res.removeListener('close', onClose);
       ac.abort(new Aborted()); // whatever is still open upstream ends with the response
       prefillGuard.release();
       decodeGuard.release();
-      metrics.processed.inc({ worker: prefill.id });
-      metrics.processed.inc({ worker: decode.id });
+      metrics.processed.inc({ worker: metrics.w(prefill) });
+      metrics.processed.inc({ worker: metrics.w(decode) });
       this.deps.prefillPolicy.onRequestComplete?.(prefill, ctx, outcome);
       this.deps.decodePolicy.onRequestComplete?.(decode, ctx, outcome);
     }
   }
 
-  private async sglang(r: RoutedRequest, ctx: RequestContext, prefill: Worker, decode: Worker, signal: AbortSignal): Promise<number> {
+  private async sglang(r: RoutedRequest, ctx: RequestContext, prefill: Worker, decode: Worker, signal: AbortSignal, tap?: ResponseTap): Promise<number> {
     const n = batchSize(r.body);
     const rooms = Array.from({ length: n }, newRoom);
     const send = (w: Worker) =>
@@ -228,10 +277,10 @@ export class PdRouter {
     else void pre.body.dump().catch(() => undefined);
     this.deps.prefillPolicy.onFirstToken?.(prefill, ctx);
     const dec = await this.decodeResponse(decodeP, signal);
-    return this.relay(r, dec, prefill, decode, ctx, prefillLogprobs ? (obj) => prependLogprobs(obj, prefillLogprobs!) : undefined);
+    return this.relay(r, dec, prefill, decode, ctx, prefillLogprobs ? (obj) => prependLogprobs(obj, prefillLogprobs!) : undefined, tap);
   }
 
-  private async vllm(r: RoutedRequest, ctx: RequestContext, prefill: Worker, decode: Worker, signal: AbortSignal): Promise<number> {
+  private async vllm(r: RoutedRequest, ctx: RequestContext, prefill: Worker, decode: Worker, signal: AbortSignal, tap?: ResponseTap): Promise<number> {
     let pre: Dispatcher.ResponseData;
     try {
       pre = await this.deps.pools.get(prefill.url).request({
@@ -268,7 +317,7 @@ export class PdRouter {
     });
     const dec = await this.decodeResponse(decP, signal);
     const preUsage = preJson.usage;
-    return this.relay(r, dec, prefill, decode, ctx, preUsage ? (obj) => mergeUsage(obj, preUsage) : undefined);
+    return this.relay(r, dec, prefill, decode, ctx, preUsage ? (obj) => mergeUsage(obj, preUsage) : undefined, tap);
   }
 
   private async decodeResponse(p: Promise<Dispatcher.ResponseData>, signal: AbortSignal): Promise<Dispatcher.ResponseData> {
@@ -291,9 +340,11 @@ export class PdRouter {
     decode: Worker,
     ctx: RequestContext,
     transform: ((obj: Record<string, unknown>) => void) | undefined,
+    tap?: ResponseTap,
   ): Promise<number> {
     const res = r.res;
     const type = String(dec.headers['content-type'] ?? '');
+    tap?.headers(dec.statusCode, type);
     const sse = type.includes('text/event-stream');
     const headers: Record<string, string | string[]> = { ...this.responseHeaders(r, prefill, decode) };
     for (const [k, v] of Object.entries(dec.headers as IncomingHttpHeaders)) {
@@ -306,6 +357,8 @@ export class PdRouter {
       transform(obj);
       const text = JSON.stringify(obj);
       res.writeHead(dec.statusCode, { ...headers, 'content-length': Buffer.byteLength(text) });
+      tap?.data(Buffer.from(text));
+      tap?.end();
       res.end(text);
       this.deps.decodePolicy.onFirstToken?.(decode, ctx);
       return dec.statusCode;
@@ -326,9 +379,15 @@ export class PdRouter {
         out = rewriteEvents(pending.slice(0, cut + 1), transform);
         pending = pending.slice(cut + 1);
       }
+      tap?.data(typeof out === 'string' ? Buffer.from(out) : out);
       if (!res.write(out)) await new Promise<void>((resolve) => res.once('drain', resolve));
     }
-    if (pending) res.write(rewriteEvents(pending, transform!));
+    if (pending) {
+      const rest = rewriteEvents(pending, transform!);
+      tap?.data(Buffer.from(rest));
+      res.write(rest);
+    }
+    tap?.end();
     res.end();
     return dec.statusCode;
   }
@@ -339,6 +398,8 @@ export class PdRouter {
     if (w.apiKey) h.authorization = `Bearer ${w.apiKey}`;
     else if (this.deps.clientAuthEnabled) delete h.authorization;
     if (w.dpRank !== undefined) h['x-data-parallel-rank'] = String(w.dpRank);
+    const span = this.spans.get(r);
+    if (span) r.trace!.inject(span, h);
     return h;
   }
 

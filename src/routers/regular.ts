@@ -11,7 +11,10 @@ import type { RoutingPolicy } from '../policies/policy.js';
 import { forwardHeaders, proxyRequest, relayHeld, type ProxyResult, type ProxyTimeouts } from '../upstream/proxy.js';
 import type { UpstreamPools } from '../upstream/pools.js';
 import { sendError } from '../server/http-util.js';
-import { buildContext, resolveModel, routeModel, type RoutedRequest, type Tokenize } from './request.js';
+import { explainWith, withOutsideExclusions, type RouteExplanation } from '../policies/explain.js';
+import type { RequestInsight } from '../observability/insight.js';
+import { SpanKind, SpanStatusCode } from '../observability/tracing.js';
+import { buildContext, resolveModel, routeModel, tracedTokenize, type RoutedRequest, type Tokenize } from './request.js';
 
 export interface RegularRouterDeps {
   registry: WorkerRegistry;
@@ -30,6 +33,8 @@ export interface RegularRouterDeps {
   tokenize?: Tokenize;
   /** --strict-model: the request's `model` must be served even when only one model is. */
   strictModel?: boolean;
+  /** Decisions feed, explanations, latency/token metrics of exchanges, trace spans. */
+  insight?: RequestInsight;
 }
 
 const NO_HOLD: ReadonlySet<number> = new Set();
@@ -52,23 +57,46 @@ export class RegularRouter {
 
   async handle(r: RoutedRequest): Promise<number> {
     const { registry, policy, metrics, retry } = this.deps;
+    const insight = this.deps.insight;
+    r.arrivedAt ??= performance.now();
     const model = routeModel(this.deps.registry, r, ['regular'], this.deps.strictModel);
-    const ctx = buildContext(r, model, this.deps.clock, this.deps.tokenize, !!policy.needsTokens);
+    const ctx = buildContext(r, model, this.deps.clock, tracedTokenize(this.deps.tokenize, r.trace), !!policy.needsTokens);
     const excluded = new Set<Worker>();
     const candidates = () => registry.forModel(model).filter((w) => !excluded.has(w));
-    let last: { worker: Worker; result: ProxyResult } | undefined;
+    let last: { worker: Worker; result: ProxyResult & { routeHeader?: string } } | undefined;
     // --request-timeout-secs bounds the whole request, retries and backoff included.
     const deadline = performance.now() + this.deps.timeouts.totalMs;
 
     for (let attempt = 0; attempt < retry.maxAttempts; attempt++) {
-      const worker = policy.selectWorker(candidates(), ctx);
-      if (!worker) break;
-      metrics.decisions.inc({ policy: policy.name, worker: worker.id });
+      const cands = candidates();
+      const sampled = insight?.sample() ?? false;
+      let explanation: RouteExplanation | undefined;
+      if (insight?.wantsExplanation(sampled)) {
+        const others = registry.all().filter((w) => w.type === 'regular' && w.modelId !== model);
+        explanation = withOutsideExclusions(explainWith(policy, cands, ctx), [...excluded], others);
+      }
+      const select = r.trace?.child('select', { 'kvgate.policy': policy.name, 'kvgate.attempt': attempt, 'kvgate.candidates': cands.length });
+      insight?.opts.metrics.takeNote();
+      const worker = policy.selectWorker(cands, ctx);
+      if (!worker) {
+        select?.end();
+        break;
+      }
+      metrics.decisions.inc({ policy: policy.name, worker: metrics.w(worker) });
+      const { seq, note } = insight ? insight.decided({ requestId: r.requestId, route: r.route, ctx, policy: policy.name, worker, attempt, explanation, sampled }) : { seq: 0, note: undefined };
+      if (select) {
+        select.setAttribute('kvgate.worker', worker.id);
+        if (note?.matchedBlocks !== undefined) select.setAttribute('kvgate.matched_blocks', note.matchedBlocks);
+        if (note?.requestBlocks !== undefined) select.setAttribute('kvgate.request_blocks', note.requestBlocks);
+        if (note?.matched !== undefined) select.setAttribute('kvgate.matched_prefix', note.matched);
+        select.end();
+      }
       const remainingMs = deadline - performance.now();
       excluded.add(worker);
       // Another attempt is possible only if attempts and time remain and another worker could take it.
       const canRetry = attempt + 1 < retry.maxAttempts && candidates().some((w) => w.isAvailable());
-      const result = await this.exchange(r, ctx, worker, canRetry, remainingMs);
+      const routeHeader = insight?.routeHeader(explanation, worker);
+      const result = await this.exchange(r, ctx, worker, canRetry, remainingMs, seq, attempt, routeHeader);
       last = { worker, result };
       const retryable = !!result.held || (!!result.error && result.status !== 0 && result.outcome !== 'aborted');
       if (!canRetry || !retryable || r.res.destroyed) break;
@@ -83,7 +111,8 @@ export class RegularRouter {
     const { worker, result } = last;
     const failed = !!result.held || !!result.error || RETRYABLE_STATUSES.has(result.status);
     if (failed && excluded.size > 1) metrics.retriesExhausted.inc({ route: r.route });
-    const headers = { 'x-request-id': r.requestId, 'x-kvgate-worker': worker.id };
+    const headers: Record<string, string> = { 'x-request-id': r.requestId, 'x-kvgate-worker': worker.id };
+    if (result.routeHeader) headers['x-kvgate-route'] = result.routeHeader;
     if (result.held) {
       relayHeld(r.res, result.held, headers);
       return result.held.status;
@@ -96,30 +125,62 @@ export class RegularRouter {
   }
 
   /** One attempt on one worker: guard, proxy, breaker, metrics. */
-  private async exchange(r: RoutedRequest, ctx: RequestContext, worker: Worker, canRetry: boolean, remainingMs: number): Promise<ProxyResult> {
-    const { policy, pools, metrics } = this.deps;
+  private async exchange(
+    r: RoutedRequest,
+    ctx: RequestContext,
+    worker: Worker,
+    canRetry: boolean,
+    remainingMs: number,
+    seq: number,
+    attempt: number,
+    routeHeader: string | undefined,
+  ): Promise<ProxyResult & { routeHeader?: string }> {
+    const { policy, pools, metrics, insight } = this.deps;
     const guard = worker.acquire();
     let result: ProxyResult | undefined;
+    const headers = this.upstreamHeaders(r, worker);
+    const startedAt = performance.now();
+    const span = r.trace?.child(`upstream ${r.path}`, { 'kvgate.worker': worker.id, 'kvgate.attempt': attempt, 'server.address': worker.url }, undefined, SpanKind.CLIENT);
+    // The worker continues kvgate's trace (not the client's span, which is this span's ancestor).
+    if (span) r.trace!.inject(span, headers);
+    const tap = insight?.tap(ctx.model, worker, r.arrivedAt!, span ? { rt: r.trace!, attempt: span, startedAt } : undefined);
+    const extra: Record<string, string> = { 'x-request-id': r.requestId, 'x-kvgate-worker': worker.id };
+    if (routeHeader) extra['x-kvgate-route'] = routeHeader;
     try {
       result = await proxyRequest({
         pool: pools.get(worker.url),
         path: r.path,
-        headers: this.upstreamHeaders(r, worker),
+        headers,
         body: bodyFor(r, worker),
         res: r.res,
-        extraResponseHeaders: { 'x-request-id': r.requestId, 'x-kvgate-worker': worker.id },
+        extraResponseHeaders: extra,
         timeouts: { ...this.deps.timeouts, totalMs: Math.max(1, Math.min(this.deps.timeouts.totalMs, remainingMs)) },
         holdStatuses: canRetry ? RETRYABLE_STATUSES : NO_HOLD,
         onFirstByte: policy.onFirstToken ? () => policy.onFirstToken!(worker, ctx) : undefined,
+        tap,
       });
     } finally {
       guard.release();
-      metrics.processed.inc({ worker: worker.id });
+      metrics.processed.inc({ worker: metrics.w(worker) });
       policy.onRequestComplete?.(worker, ctx, result?.outcome ?? 'error');
+      const status = result ? (result.held?.status ?? (result.error ? result.error.status : result.status)) : 0;
+      const usage = tap?.usage();
+      if (insight) insight.finished(seq, ctx, worker, tap, status, r.arrivedAt!, usage);
+      if (span) {
+        span.setAttribute('http.response.status_code', status);
+        if (result?.failure) span.setAttribute('kvgate.failure', result.failure);
+        if (usage?.cachedTokens !== undefined) span.setAttribute('kvgate.cached_tokens', usage.cachedTokens);
+        if (usage?.promptTokens !== undefined) span.setAttribute('kvgate.prompt_tokens', usage.promptTokens);
+        if (usage?.completionTokens !== undefined) span.setAttribute('kvgate.completion_tokens', usage.completionTokens);
+        if (status >= 500 || status === 0) span.setStatus({ code: SpanStatusCode.ERROR });
+        span.end();
+        r.trace!.span.setAttribute('kvgate.worker', worker.id);
+        if (usage?.cachedTokens !== undefined) r.trace!.span.setAttribute('kvgate.cached_tokens', usage.cachedTokens);
+      }
     }
     if (result.outcome === 'aborted') metrics.clientAborts.inc({ route: r.route });
     recordOutcome(worker, result, metrics);
-    return result;
+    return routeHeader ? { ...result, routeHeader } : result;
   }
 
   private upstreamHeaders(r: RoutedRequest, worker: Worker): Record<string, string> {
@@ -143,7 +204,7 @@ function bodyFor(r: RoutedRequest, worker: Worker): Buffer {
 
 /** Passive health: the exchange's outcome feeds the worker's circuit breaker and the metrics. */
 function recordOutcome(worker: Worker, result: ProxyResult, metrics: GatewayMetrics): void {
-  if (result.failure) metrics.upstreamErrors.inc({ worker: worker.id, kind: result.failure });
+  if (result.failure) metrics.upstreamErrors.inc({ worker: metrics.w(worker), kind: result.failure });
   if (result.outcome === 'aborted') return; // the client left: says nothing about the worker (counted by the caller)
   const status = result.held?.status ?? result.status;
   const failed = !!result.failure || status >= 500 || status === 0;

@@ -4,6 +4,7 @@ import type { RequestContext, RouteName } from '../core/context.js';
 import { errors } from '../core/errors.js';
 import type { WorkerRegistry } from '../core/registry.js';
 import type { WorkerType } from '../core/worker.js';
+import type { RequestTrace } from '../observability/tracing.js';
 import { routingTextOf } from '../server/routing-text.js';
 
 /** A generation request as the HTTP front hands it to a router. */
@@ -15,6 +16,12 @@ export interface RoutedRequest {
   requestId: string;
   rawBody: Buffer;
   body: Record<string, unknown>;
+  /** performance.now() when the request arrived (TTFT and end-to-end latency count from it). */
+  arrivedAt?: number;
+  /** The request's trace (tracing on). */
+  trace?: RequestTrace;
+  /** The model the request was routed to, once resolved (set by routeModel; metrics label). */
+  model?: string;
 }
 
 /** What buildContext reads of a request: the HTTP front's RoutedRequest, or the endpoint picker's. */
@@ -58,6 +65,7 @@ export function resolveModel(registry: WorkerRegistry, body: Record<string, unkn
  */
 export function routeModel(registry: WorkerRegistry, r: RoutedRequest, types: readonly WorkerType[], strict = false): string {
   const model = resolveModel(registry, r.body, types, strict);
+  r.model = model;
   if (typeof r.body.model === 'string' && r.body.model !== model) {
     r.body = { ...r.body, model };
     r.rawBody = Buffer.from(JSON.stringify(r.body));
@@ -89,4 +97,19 @@ function maxOutputTokens(body: Record<string, unknown>): number | undefined {
   const sp = body.sampling_params as Record<string, unknown> | undefined;
   const v = body.max_completion_tokens ?? body.max_tokens ?? (sp && typeof sp === 'object' ? sp.max_new_tokens : undefined);
   return typeof v === 'number' && Number.isInteger(v) && v > 0 ? v : undefined;
+}
+
+/** `tokenize` inside a `tokenize` span of the request's trace (as is without tracing). */
+export function tracedTokenize(tokenize: Tokenize | undefined, trace: RequestTrace | undefined): Tokenize | undefined {
+  if (!tokenize || !trace) return tokenize;
+  return (route, model, body) => {
+    const span = trace.child('tokenize', { 'kvgate.model': model });
+    try {
+      const ids = tokenize(route, model, body);
+      span.setAttribute('kvgate.prompt_tokens', ids?.length ?? 0);
+      return ids;
+    } finally {
+      span.end();
+    }
+  };
 }

@@ -11,7 +11,7 @@ import { parseJsonObject, readBody, sendJson } from './http-util.js';
 /** Routes anyone may call (probes and metrics). */
 export const PUBLIC_ROUTES = new Set(['/health', '/liveness', '/readiness', '/metrics']);
 /** Routes that change or reveal the cluster: --admin-api-key, or loopback only without one. */
-export const ADMIN_ROUTES = new Set(['/workers', '/add_worker', '/remove_worker', '/list_workers', '/get_loads', '/flush_cache', '/replicas']);
+export const ADMIN_ROUTES = new Set(['/workers', '/add_worker', '/remove_worker', '/list_workers', '/get_loads', '/flush_cache', '/replicas', '/debug/route', '/dashboard', '/dashboard/state', '/dashboard/events']);
 
 export function isAdminRoute(path: string): boolean {
   return ADMIN_ROUTES.has(path) || path.startsWith('/workers/');
@@ -45,6 +45,8 @@ export interface ControlDeps {
   announce?(change: { op: 'add' | 'remove'; url: string; spec?: Record<string, unknown> }): void;
   /** Replica sync, when on: readiness waits for its first sync and shows its status. */
   replicas?(): { ready: boolean; status: Record<string, unknown> };
+  /** Further routes (debug, dashboard): answers and returns the status, or undefined for a path it does not serve. */
+  extra?(req: IncomingMessage, res: ServerResponse, path: string, requestId: string): Promise<number | undefined>;
 }
 
 /**
@@ -58,6 +60,8 @@ export class ControlRoutes {
   /** Health, models, metrics and admin routes. Returns the status sent. */
   async handle(req: IncomingMessage, res: ServerResponse, path: string, requestId: string): Promise<number> {
     const method = req.method ?? 'GET';
+    const extra = await this.deps.extra?.(req, res, path, requestId);
+    if (extra !== undefined) return extra;
     const h = { 'x-request-id': requestId };
     const url = new URL(req.url!, 'http://x');
     const send = (status: number, body: unknown) => {

@@ -12,6 +12,7 @@ import type { GatewayMetrics } from '../metrics/gateway-metrics.js';
 import type { RoutingPolicy } from '../policies/policy.js';
 import { PdRouter, SplitPairPolicy } from '../routers/pd.js';
 import { RegularRouter } from '../routers/regular.js';
+import type { RoutedRequest } from '../routers/request.js';
 import { UpstreamPools } from '../upstream/pools.js';
 import { loadWorkerTls } from '../core/tls.js';
 import { defaultRetryConfig, type RetryConfig } from '../core/retry.js';
@@ -61,6 +62,8 @@ export class Gateway {
   /** Policies for the prefill and decode pools (PD mode; both are `policy` unless set apart). */
   private readonly prefillPolicy: RoutingPolicy;
   private readonly decodePolicy: RoutingPolicy;
+  /** What picks (prefill, decode) pairs in PD mode. */
+  private readonly pairPolicy: RoutingPolicy;
   private readonly apiKeys: KeySet;
   private readonly adminKeys: KeySet;
   private readonly keyLimiter: KeyRateLimiter | undefined;
@@ -80,6 +83,7 @@ export class Gateway {
     ({ prefillPolicy: this.prefillPolicy, decodePolicy: this.decodePolicy } = core);
     this.logRequests = this.log.isLevelEnabled('debug');
     const { clock, rng } = core;
+    this.pairPolicy = this.prefillPolicy === this.decodePolicy ? this.prefillPolicy : new SplitPairPolicy(this.prefillPolicy, this.decodePolicy);
     this.pools = new UpstreamPools(config.connectTimeoutSecs * 1000, undefined, loadWorkerTls(config));
     this.apiKeys = new KeySet([...config.apiKey, ...(config.apiKeyFile ? readKeyFile(config.apiKeyFile) : [])]);
     this.adminKeys = new KeySet(config.adminApiKey ? [config.adminApiKey] : []);
@@ -114,11 +118,13 @@ export class Gateway {
       tokenize: (route, model, body) => this.tokenizers.tokenize(route, body, model),
       strictModel: config.strictModel,
       forwardHeaders: new Set(config.forwardHeaders),
+      insight: core.insight,
     });
     if (config.pdDisaggregation) {
       this.pd = new PdRouter({
+        insight: core.insight,
         registry: this.registry,
-        pairPolicy: this.prefillPolicy === this.decodePolicy ? this.prefillPolicy : new SplitPairPolicy(this.prefillPolicy, this.decodePolicy),
+        pairPolicy: this.pairPolicy,
         prefillPolicy: this.prefillPolicy,
         decodePolicy: this.decodePolicy,
         pools: this.pools,
@@ -132,7 +138,7 @@ export class Gateway {
         forwardHeaders: new Set(config.forwardHeaders),
       });
     }
-    this.control = core.controlRoutes({ pdMode: !!this.pd, startedAt: this.startedAt, isDraining: () => this.draining });
+    this.control = core.controlRoutes({ pdMode: !!this.pd, startedAt: this.startedAt, isDraining: () => this.draining, pairPolicy: this.pairPolicy });
   }
 
   /** Registers the configured workers (checking each once), then listens. */
@@ -287,6 +293,8 @@ export class Gateway {
     const route = GENERATION_ROUTES[path];
     const label = route ?? path;
     let status = 500;
+    let routed: RoutedRequest | undefined;
+    const trace = route ? this.core.tracing?.startRequest(`POST ${path}`, req.headers, { 'http.request.method': 'POST', 'url.path': path, 'kvgate.request_id': requestId, 'kvgate.route': route, 'kvgate.policy': this.policy.name }) : undefined;
     this.inFlight.add(res);
     res.once('close', () => this.inFlight.delete(res));
     try {
@@ -312,8 +320,9 @@ export class Gateway {
         const body = parseJsonObject(raw, this.config.maxJsonDepth);
         const release = await this.admit(res);
         try {
-          const routed = { req, res, route, path, requestId, rawBody: raw, body };
-          status = await (this.pd ? this.pd.handle(routed) : this.router.handle(routed));
+          const r: RoutedRequest = { req, res, route, path, requestId, rawBody: raw, body, arrivedAt: started, trace };
+          routed = r;
+          status = await (this.pd ? this.pd.handle(r) : this.router.handle(r));
         } finally {
           release();
         }
@@ -329,8 +338,9 @@ export class Gateway {
     } finally {
       if (route) {
         const secs = (performance.now() - started) / 1000;
-        this.metrics.requests.inc({ route: label, status: String(status) });
+        this.metrics.requests.inc({ route: label, status: String(status), model: routed?.model ?? '' });
         this.metrics.duration.observe({ route: label }, secs);
+        trace?.end(status, routed?.model ? { 'kvgate.model': routed.model } : undefined);
         if (this.logRequests) this.log.debug({ requestId, route: label, status, worker: res.getHeader('x-kvgate-worker'), ms: Math.round(secs * 1000) }, 'request');
       }
     }
@@ -367,8 +377,11 @@ export class Gateway {
     const ac = new AbortController();
     const onClose = () => ac.abort();
     res.once('close', onClose);
+    const t0 = performance.now();
     try {
-      return await this.admission.acquire(ac.signal);
+      const release = await this.admission.acquire(ac.signal);
+      this.metrics.queueWait.observe((performance.now() - t0) / 1000);
+      return release;
     } catch (e) {
       const err = e as GatewayError;
       if (err.status === 429) {

@@ -19,8 +19,13 @@ import { createPolicy, withSessionAffinity } from '../policies/factory.js';
 import { loadWorkerTls } from '../core/tls.js';
 import type { RoutingPolicy, Scheduler } from '../policies/policy.js';
 import { loadTokenizer, TokenizerRegistry } from '../tokenize/registry.js';
+import { DecisionFeed } from '../observability/decision-feed.js';
+import { RequestInsight } from '../observability/insight.js';
+import { Tracing } from '../observability/tracing.js';
+import { KvAwarePolicy } from '../policies/kv-aware.js';
 import { Admission } from './admission.js';
 import { ControlRoutes, type WorkerRegistration } from './control.js';
+import { InsightRoutes } from './insight-routes.js';
 
 /** OpenAI-style generation paths and the route name policies see. */
 export const GENERATION_ROUTES: Record<string, RouteName> = {
@@ -95,6 +100,12 @@ export class RoutingCore {
   onPeerRateLimit: ((key: string, n: number) => void) | undefined;
   /** Kubernetes pod discovery (--service-discovery), once started. */
   discovery: ServiceDiscovery | undefined;
+  /** Recent decisions for the dashboard. */
+  readonly feed = new DecisionFeed();
+  /** Decisions, explanations, exchange metrics (fronts report through it). */
+  readonly insight: RequestInsight;
+  /** OpenTelemetry tracing (--otlp-traces-endpoint), when on. */
+  readonly tracing: Tracing | undefined;
 
   constructor(
     readonly config: ServeConfig,
@@ -116,7 +127,7 @@ export class RoutingCore {
       maxBlocks: config.kvIndexMaxBlocks,
       resolveSource: (topic, dpRank) => this.resolveEventSource(topic, dpRank),
     });
-    this.metrics = new GatewayMetrics(this.registry, () => (this.policy instanceof CacheAwarePolicy ? this.policy.treeChars() : new Map()), this.kvEvents);
+    this.metrics = new GatewayMetrics(this.registry, () => (this.policy instanceof CacheAwarePolicy ? this.policy.treeChars() : new Map()), this.kvEvents, { now: () => clock.now() });
     // Replica sync (--replica-sync): policies report what they record to it; it applies peers' events.
     this.replicaId = config.replicaId ?? `${hostname()}:${config.port}:${process.pid}`;
     const syncedPolicies = new Map<string, RoutingPolicy>();
@@ -192,7 +203,18 @@ export class RoutingCore {
     if (config.engineMetricsIntervalSecs > 0) {
       this.scraper = new EngineMetricsScraper(this.registry, { intervalMs: config.engineMetricsIntervalSecs * 1000, clock, tls }, this.log);
     }
+    this.insight = new RequestInsight({
+      metrics: this.metrics,
+      feed: this.feed,
+      log: this.log,
+      explainDecisions: config.explainDecisions,
+      decisionLogSampleRate: config.decisionLogSampleRate,
+    });
+    if (config.otlpTracesEndpoint) {
+      this.tracing = new Tracing({ endpoint: config.otlpTracesEndpoint, attributes: { 'service.instance.id': this.replicaId } });
+    }
     this.registry.on('removed', (w) => {
+      this.feed.forgetWorker(w.id);
       for (const p of this.policies()) p.onWorkerRemoved?.(w);
       void this.kvEvents.removeSource(w.id);
       this.metrics.forgetWorker(w.id);
@@ -221,7 +243,7 @@ export class RoutingCore {
         },
         clock,
         tls,
-        onBreakerTransition: (w, from, to) => this.metrics.breakerTransitions.inc({ worker: w.id, from, to }),
+        onBreakerTransition: (w, from, to) => this.metrics.breakerTransitions.inc({ worker: this.metrics.w(w), from, to }),
       },
       this.log,
     );
@@ -312,9 +334,41 @@ export class RoutingCore {
     return workers;
   }
 
-  /** The control routes (probes, models, metrics, worker admin API) over this core. */
-  controlRoutes(front: { pdMode: boolean; startedAt: number; isDraining(): boolean }): ControlRoutes {
+  /** /debug/route and the dashboard over this core. `pairPolicy`: the PD front's pair policy. */
+  insightRoutes(pairPolicy: RoutingPolicy = this.policy): InsightRoutes {
+    const c = this.config;
+    return new InsightRoutes({
+      registry: this.registry,
+      metrics: this.metrics,
+      feed: this.feed,
+      clock: this.clock,
+      pdMode: c.pdDisaggregation,
+      policy: this.policy,
+      decodePolicy: this.decodePolicy,
+      pairPolicy,
+      tokenize: (route, model, body) => this.tokenizers.tokenize(route, body, model),
+      strictModel: c.strictModel,
+      maxPayloadSize: c.maxPayloadSize,
+      maxJsonDepth: c.maxJsonDepth,
+      cacheHeld: () => this.cacheHeld(),
+      replicas: this.sync ? () => this.sync!.status() : undefined,
+      replicaId: this.replicaId,
+    });
+  }
+
+  /** What the policy's own structures hold per worker (cache_aware tree chars, kv_aware indexed blocks). */
+  private cacheHeld(): { unit: string; perWorker: Map<string, number> } | undefined {
+    const p = innermost(this.policy);
+    if (p instanceof CacheAwarePolicy) return { unit: 'tree chars', perWorker: p.treeChars() };
+    if (p instanceof KvAwarePolicy) return { unit: 'indexed blocks', perWorker: this.kvEvents.index.stats().blocksPerSource };
+    return undefined;
+  }
+
+  /** The control routes (probes, models, metrics, worker admin API, debug and dashboard) over this core. */
+  controlRoutes(front: { pdMode: boolean; startedAt: number; isDraining(): boolean; pairPolicy?: RoutingPolicy }): ControlRoutes {
+    const insight = this.insightRoutes(front.pairPolicy);
     return new ControlRoutes({
+      extra: (req, res, path, requestId) => insight.handle(req, res, path, requestId),
       registry: this.registry,
       workers: this.workers,
       metrics: this.metrics,
@@ -370,6 +424,8 @@ export class RoutingCore {
 
   /** Stops policy timers, the scraper and the KV-event hub (first step of a shutdown). */
   async stopBackground(): Promise<void> {
+    this.feed.close();
+    await this.tracing?.shutdown().catch((e: Error) => this.log.warn({ err: e.message }, 'trace export at shutdown failed'));
     await this.sync?.close();
     await this.discovery?.stop();
     for (const p of this.policies()) p.close?.();
@@ -381,4 +437,10 @@ export class RoutingCore {
   async closeWorkers(): Promise<void> {
     await this.workers.close();
   }
+}
+
+/** The policy under wrappers (session affinity, manual's fallback is not unwrapped). */
+function innermost(p: RoutingPolicy): RoutingPolicy {
+  const inner = (p as unknown as { inner?: RoutingPolicy }).inner;
+  return inner ? innermost(inner) : p;
 }

@@ -2,6 +2,7 @@ import type { IncomingHttpHeaders, OutgoingHttpHeaders, ServerResponse } from 'n
 import type { Dispatcher, Pool } from 'undici';
 import { errors, GatewayError } from '../core/errors.js';
 import type { RequestOutcome } from '../policies/policy.js';
+import type { ResponseTap } from './response-tap.js';
 
 const HOP_BY_HOP = new Set([
   'connection',
@@ -88,6 +89,8 @@ export interface ProxyOptions {
   holdStatuses?: ReadonlySet<number>;
   /** Called once when the first body byte arrives (streams: the first token). */
   onFirstByte?: () => void;
+  /** Watches the relayed answer (first content chunk, inter-token gaps, usage); never changes it. */
+  tap?: ResponseTap;
 }
 
 export interface HeldResponse {
@@ -210,6 +213,7 @@ export function proxyRequest(opts: ProxyOptions): Promise<ProxyResult> {
             return;
           }
           status = statusCode;
+          opts.tap?.headers(statusCode, (headers as IncomingHttpHeaders)['content-type']);
           res.writeHead(statusCode, responseHeaders(headers as IncomingHttpHeaders, opts.extraResponseHeaders));
         },
         onResponseData(c, chunk) {
@@ -223,6 +227,7 @@ export function proxyRequest(opts: ProxyOptions): Promise<ProxyResult> {
             firstByte = true;
             opts.onFirstByte?.();
           }
+          opts.tap?.data(chunk);
           if (!res.write(chunk)) {
             c.pause();
             res.once('drain', onDrain);
@@ -235,6 +240,7 @@ export function proxyRequest(opts: ProxyOptions): Promise<ProxyResult> {
             return settle({ status: 0, outcome: 'error', held: { status: h.status, headers: h.headers, body: Buffer.concat(h.chunks) } });
           }
           if (!firstByte) opts.onFirstByte?.();
+          opts.tap?.end();
           res.end();
           settle({ status, outcome: status >= 500 ? 'error' : 'success' });
         },

@@ -85,7 +85,7 @@ describe('kvgate serve with the SGLang router fixture flags', () => {
     expect(models.data[0]).toMatchObject({ id: 'mock-model', object: 'model' });
     expect((await fetch(r.url + '/v1/models/mock-model')).status).toBe(200);
     const metrics = await (await fetch(r.promUrl + '/metrics')).text();
-    expect(metrics).toContain('kvgate_requests_total{route="chat",status="200"}');
+    expect(metrics).toContain('kvgate_requests_total{route="chat",status="200",model="mock-model"}');
   });
 
   it('two models served: a request naming neither gets the 404', async () => {
