@@ -62,6 +62,15 @@ export const benchOptionSpecs: readonly OptionSpec[] = [
   { flag: 'prefill-policy', kind: 'enum', description: 'PD rows: policy of the prefill pool (default: each policy under test)', choices: POLICY_NAMES },
   { flag: 'decode-policy', kind: 'enum', description: 'PD rows: policy of the decode pool (default: each policy under test)', choices: POLICY_NAMES },
   { flag: 'kv-transfer-ms-per-block', kind: 'number', description: 'PD rows: KV transfer time per KV block, prefill to decode (0.08 ms = a 2 MiB block at ~25 GB/s)', default: PD_DEFAULTS.transferMsPerBlock, min: 0 },
+  { flag: 'router-replicas', kind: 'int', description: 'Router replicas behind a round-robin front (arrival i to replica i mod R), each with its own policy, loads and replica sync', default: LAB_DEFAULTS.routerReplicas, min: 1, max: 256 },
+  {
+    flag: 'replica-sync-delay-ms',
+    kind: 'string',
+    description: "Replica sync: peers' routing events and loads arrive this long after they happen (network + batching), or 'off' (replicas share nothing)",
+    default: String(LAB_DEFAULTS.replicaSyncDelayMs),
+    argName: 'ms|off',
+    check: ((v: string) => (v === 'off' || (/^\d+(\.\d+)?$/.test(v) && Number(v) >= 0) ? undefined : `expected a number of ms >= 0 or 'off' (got '${v}')`)) as never,
+  },
   { flag: 'kv-event-delay-ms', kind: 'number', description: 'KV events reach the router this long after the engine step (kv_aware)', default: LAB_DEFAULTS.kvEventDelayMs, min: 0 },
   { flag: 'metrics-interval-ms', kind: 'number', description: 'Engine metrics are sampled this often (least_kv_cache, least_waiting)', default: LAB_DEFAULTS.metricsIntervalMs, min: 1 },
   { flag: 'metrics-delay-ms', kind: 'number', description: '...and seen by the router this long after sampling', default: LAB_DEFAULTS.metricsDelayMs, min: 0 },
@@ -168,6 +177,12 @@ export function registerBenchCommand(program: Command): void {
             transferMsPerBlock: o.kvTransferMsPerBlock as number,
           }
         : undefined;
+      const routerReplicas = o.routerReplicas as number;
+      if (routerReplicas > 1 && pd) {
+        throw new ConfigError('--router-replicas > 1 is not modelled with PD rows (--prefill-workers/--decode-workers) yet: run the PD rows with one router replica');
+      }
+      const syncFlag = String(o.replicaSyncDelayMs);
+      const replicaSyncDelayMs = syncFlag === 'off' ? ('off' as const) : Number(syncFlag);
       const version = (JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string }).version;
       const { markdown } = await runBench(
         {
@@ -177,6 +192,8 @@ export function registerBenchCommand(program: Command): void {
           policyOptions: { cacheAware, ...policyOptions },
           lab: { kvEventDelayMs: o.kvEventDelayMs as number, metricsIntervalMs: o.metricsIntervalMs as number, metricsDelayMs: o.metricsDelayMs as number },
           engine: engineConfigFrom(o),
+          routerReplicas,
+          replicaSyncDelayMs,
           seed: o.seed as number,
           rates,
           rateKind,
