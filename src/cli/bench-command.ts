@@ -4,7 +4,7 @@ import { join } from 'node:path';
 import { addOptions, ConfigError, resolveOptions, type OptionSpec } from '../config/options.js';
 import { engineConfigFrom, engineOptionSpecs } from '../config/engine-options.js';
 import { serveOptionSpecs } from '../config/serve-config.js';
-import { isPolicyName, POLICY_NAMES } from '../policies/factory.js';
+import { isPolicyName, POLICY_NAMES, type PolicyOptions } from '../policies/factory.js';
 import { runBench } from '../lab/bench.js';
 import { LAB_DEFAULTS } from '../lab/cluster.js';
 import { PD_DEFAULTS } from '../lab/pd-cluster.js';
@@ -78,6 +78,29 @@ export const benchOptionSpecs: readonly OptionSpec[] = [
   ...engineOptionSpecs,
 ];
 
+/** The policies' options from resolved bench options (also used by scripts/bench-replicas.mjs). */
+export function benchPolicyOptions(o: Record<string, unknown>): PolicyOptions {
+  return {
+    cacheAware: {
+      cacheThreshold: o.cacheThreshold as number,
+      balanceAbsThreshold: o.balanceAbsThreshold as number,
+      balanceRelThreshold: o.balanceRelThreshold as number,
+      evictionIntervalSecs: o.evictionIntervalSecs as number,
+      maxTreeSize: o.maxTreeSize as number,
+    },
+    kvAware: {
+      overlapWeight: o.kvOverlapWeight as number,
+      activeWeight: o.kvActiveWeight as number,
+      historyWeight: o.kvHistoryWeight as number,
+      temperature: o.routerTemperature as number,
+      maxTreeSize: o.maxTreeSize as number,
+      evictionIntervalSecs: o.evictionIntervalSecs as number,
+    },
+    prefixLoad: { windowSecs: o.windowSecs as number },
+    engineLoad: { staleAfterMs: (o.engineMetricsStaleSecs as number) * 1000 },
+  };
+}
+
 let printer: ((label: string, fraction: number) => void) | undefined;
 function progressPrinter(): (label: string, fraction: number) => void {
   if (printer) return printer;
@@ -110,25 +133,7 @@ export function registerBenchCommand(program: Command): void {
       const sweep = (o.sweep as string[] | undefined)?.map(Number);
       const rates = sweep ?? [generated ? ((o.rps as number | undefined) ?? 0) : (o.rateScale as number)];
       const timeWindow = o.timeWindow ? ((o.timeWindow as string).split(':').map(Number) as [number, number]) : undefined;
-      const policyOptions = {
-        kvAware: {
-          overlapWeight: o.kvOverlapWeight as number,
-          activeWeight: o.kvActiveWeight as number,
-          historyWeight: o.kvHistoryWeight as number,
-          temperature: o.routerTemperature as number,
-          maxTreeSize: o.maxTreeSize as number,
-          evictionIntervalSecs: o.evictionIntervalSecs as number,
-        },
-        prefixLoad: { windowSecs: o.windowSecs as number },
-        engineLoad: { staleAfterMs: (o.engineMetricsStaleSecs as number) * 1000 },
-      };
-      const cacheAware = {
-        cacheThreshold: o.cacheThreshold as number,
-        balanceAbsThreshold: o.balanceAbsThreshold as number,
-        balanceRelThreshold: o.balanceRelThreshold as number,
-        evictionIntervalSecs: o.evictionIntervalSecs as number,
-        maxTreeSize: o.maxTreeSize as number,
-      };
+      const policyOptions = benchPolicyOptions(o);
       const workloadAt = (rate: number) =>
         loadWorkload(spec, {
           seed: o.seed as number,
@@ -189,7 +194,7 @@ export function registerBenchCommand(program: Command): void {
           workers: o.workers as number,
           pd,
           policies: o.policies as string[],
-          policyOptions: { cacheAware, ...policyOptions },
+          policyOptions,
           lab: { kvEventDelayMs: o.kvEventDelayMs as number, metricsIntervalMs: o.metricsIntervalMs as number, metricsDelayMs: o.metricsDelayMs as number },
           engine: engineConfigFrom(o),
           routerReplicas,
