@@ -13,6 +13,7 @@
 // appended to OUT/results.jsonl as they finish; a rerun skips rows already there (delete the
 // file to start over). OUT/table.md is written at the end.
 
+import { spawnSync } from 'node:child_process';
 import { appendFileSync, existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
@@ -70,38 +71,57 @@ const engine = engineConfigFrom(defaults);
 const policyOptions = benchPolicyOptions(defaults);
 const lab = { kvEventDelayMs: defaults.kvEventDelayMs, metricsIntervalMs: defaults.metricsIntervalMs, metricsDelayMs: defaults.metricsDelayMs };
 
+/** One row, run in this process (the parent runs each row in a fresh child: heaps stay small). */
+function runRow(wname, policy, R, sync) {
+  const w = WORKLOADS[wname];
+  const spec = w.spec.replace('../shared/', join(ROOT, '..', 'shared') + '/');
+  const wl = loadWorkload(spec, { seed, rateScale: w.rateScale, rps: w.rps });
+  const t0 = Date.now();
+  const run = runCluster(wl.requests, { workers, policy, policyOptions, engine, seed, ...lab, routerReplicas: R, replicaSyncDelayMs: sync });
+  const s = summarise(run, w.rateScale ?? w.rps);
+  return {
+    workload: wname,
+    policy,
+    replicas: R,
+    sync,
+    requests: s.requests,
+    hitRate: s.hitRate,
+    ttftP50: s.ttftP50,
+    ttftP90: s.ttftP90,
+    ttftP99: s.ttftP99,
+    syncBytesPerRequest: s.syncBytesPerRequest,
+    syncMessages: run.replicas?.sync?.messages ?? null,
+    wallSecs: (Date.now() - t0) / 1000,
+    heapMB: Math.round(process.memoryUsage().heapUsed / 1e6),
+  };
+}
+
+const one = args.indexOf('--one');
+if (one >= 0) {
+  const [wname, policy, R, sync] = args.slice(one + 1, one + 5);
+  process.stdout.write(JSON.stringify(runRow(wname, policy, Number(R), sync === 'off' ? 'off' : Number(sync))) + '\n');
+  process.exit(0);
+}
+
 const started = Date.now();
 for (const wname of workloads) {
   const w = WORKLOADS[wname];
   if (!w) throw new Error(`unknown workload '${wname}' (expected ${Object.keys(WORKLOADS).join(', ')})`);
-  const spec = w.spec.replace('../shared/', join(ROOT, '..', 'shared') + '/');
-  const wl = loadWorkload(spec, { seed, rateScale: w.rateScale, rps: w.rps });
   const wStart = Date.now();
   for (const policy of policies) {
     for (const R of replicas) {
       for (const sync of R === 1 ? ['off'] : [delay, 'off']) {
         const key = `${wname}|${policy}|${R}|${sync}`;
         if (done.has(key)) continue;
-        const t0 = Date.now();
-        const run = runCluster(wl.requests, { workers, policy, policyOptions, engine, seed, ...lab, routerReplicas: R, replicaSyncDelayMs: sync });
-        const s = summarise(run, w.rateScale ?? w.rps);
-        const row = {
-          workload: wname,
-          policy,
-          replicas: R,
-          sync,
-          requests: s.requests,
-          hitRate: s.hitRate,
-          ttftP50: s.ttftP50,
-          ttftP90: s.ttftP90,
-          ttftP99: s.ttftP99,
-          syncBytesPerRequest: s.syncBytesPerRequest,
-          syncMessages: run.replicas?.sync?.messages ?? null,
-          wallSecs: (Date.now() - t0) / 1000,
-        };
+        const child = spawnSync(process.execPath, ['--max-old-space-size=12288', fileURLToPath(import.meta.url), '--one', wname, policy, String(R), String(sync)], {
+          encoding: 'utf8',
+          stdio: ['ignore', 'pipe', 'inherit'],
+        });
+        if (child.status !== 0) throw new Error(`${key}: the run failed (exit ${child.status ?? child.signal})`);
+        const row = JSON.parse(child.stdout.trim().split('\n').pop());
         appendFileSync(resultsFile, JSON.stringify(row) + '\n');
         done.set(key, row);
-        console.error(`${wname} ${policy} R=${R} sync=${sync}: hit ${(100 * s.hitRate).toFixed(1)}% TTFT p90 ${s.ttftP90.toFixed(3)} s (${row.wallSecs.toFixed(1)} s)`);
+        console.error(`${wname} ${policy} R=${R} sync=${sync}: hit ${(100 * row.hitRate).toFixed(1)}% TTFT p90 ${row.ttftP90.toFixed(3)} s (${row.wallSecs.toFixed(1)} s, heap ${row.heapMB} MB)`);
       }
     }
   }

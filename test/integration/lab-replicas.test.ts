@@ -79,5 +79,12 @@ describe('lab: router replicas', () => {
       err = String((e as { stderr: string }).stderr);
     }
     expect(err).toContain("expected a number of ms >= 0 or 'off'");
+    err = '';
+    try {
+      execFileSync(process.execPath, ['dist/cli/main.js', 'bench', '--workload', 'random:n=10', '--router-replicas', '2', '--prefill-workers', '1', '--decode-workers', '1'], { encoding: 'utf8', stdio: 'pipe' });
+    } catch (e) {
+      err = String((e as { stderr: string }).stderr);
+    }
+    expect(err).toContain('--router-replicas > 1 is not modelled with PD rows');
   });
 });
