@@ -103,6 +103,9 @@ export async function runBench(o: BenchOptions, version: string): Promise<{ repo
         onProgress: o.progress ? (f) => o.progress!(label, f) : undefined,
       });
       rows.push(summarise(run, rate));
+      // Let the run's replica syncs finish closing (their close() resolves on the next turns),
+      // so the next run does not start while they still hold their trees and dictionaries.
+      await new Promise((r) => setImmediate(r));
     }
     if (pd) {
       // One PD row per distinct (prefill, decode) policy pair, in the order of the policies.

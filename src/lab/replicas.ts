@@ -52,7 +52,12 @@ export interface RouterReplicas {
   bus?: MemoryBus;
   /** The replica that routes arrival i. */
   front(i: number): RouterReplica;
-  /** Stops every replica's sync (heartbeats, flush timers). Call when the workload is done. */
+  /**
+   * Stops every replica's sync (heartbeats, flush timers). Call when the workload is done.
+   * ReplicaSync.close() is async: until the caller yields to the event loop, its pending
+   * continuation keeps the sync (chunk dictionary, policies' trees) alive. A caller that runs
+   * many clusters should yield between runs (runBench does).
+   */
   close(): void;
 }
 
