@@ -4,7 +4,7 @@ import { join } from 'node:path';
 import { addOptions, ConfigError, resolveOptions, type OptionSpec } from '../config/options.js';
 import { engineConfigFrom, engineOptionSpecs } from '../config/engine-options.js';
 import { serveOptionSpecs } from '../config/serve-config.js';
-import { isPolicyName, POLICY_NAMES } from '../policies/factory.js';
+import { isPolicyName, POLICY_NAMES, type PolicyOptions } from '../policies/factory.js';
 import { runBench } from '../lab/bench.js';
 import { LAB_DEFAULTS } from '../lab/cluster.js';
 import { PD_DEFAULTS } from '../lab/pd-cluster.js';
@@ -62,12 +62,44 @@ export const benchOptionSpecs: readonly OptionSpec[] = [
   { flag: 'prefill-policy', kind: 'enum', description: 'PD rows: policy of the prefill pool (default: each policy under test)', choices: POLICY_NAMES },
   { flag: 'decode-policy', kind: 'enum', description: 'PD rows: policy of the decode pool (default: each policy under test)', choices: POLICY_NAMES },
   { flag: 'kv-transfer-ms-per-block', kind: 'number', description: 'PD rows: KV transfer time per KV block, prefill to decode (0.08 ms = a 2 MiB block at ~25 GB/s)', default: PD_DEFAULTS.transferMsPerBlock, min: 0 },
+  { flag: 'router-replicas', kind: 'int', description: 'Router replicas behind a round-robin front (arrival i to replica i mod R), each with its own policy, loads and replica sync', default: LAB_DEFAULTS.routerReplicas, min: 1, max: 256 },
+  {
+    flag: 'replica-sync-delay-ms',
+    kind: 'string',
+    description: "Replica sync: peers' routing events and loads arrive this long after they happen (network + batching), or 'off' (replicas share nothing)",
+    default: String(LAB_DEFAULTS.replicaSyncDelayMs),
+    argName: 'ms|off',
+    check: ((v: string) => (v === 'off' || (/^\d+(\.\d+)?$/.test(v) && Number(v) >= 0) ? undefined : `expected a number of ms >= 0 or 'off' (got '${v}')`)) as never,
+  },
   { flag: 'kv-event-delay-ms', kind: 'number', description: 'KV events reach the router this long after the engine step (kv_aware)', default: LAB_DEFAULTS.kvEventDelayMs, min: 0 },
   { flag: 'metrics-interval-ms', kind: 'number', description: 'Engine metrics are sampled this often (least_kv_cache, least_waiting)', default: LAB_DEFAULTS.metricsIntervalMs, min: 1 },
   { flag: 'metrics-delay-ms', kind: 'number', description: '...and seen by the router this long after sampling', default: LAB_DEFAULTS.metricsDelayMs, min: 0 },
   ...serveOptionSpecs.filter((s) => policyFlags.includes(s.flag)),
   ...engineOptionSpecs,
 ];
+
+/** The policies' options from resolved bench options (also used by scripts/bench-replicas.mjs). */
+export function benchPolicyOptions(o: Record<string, unknown>): PolicyOptions {
+  return {
+    cacheAware: {
+      cacheThreshold: o.cacheThreshold as number,
+      balanceAbsThreshold: o.balanceAbsThreshold as number,
+      balanceRelThreshold: o.balanceRelThreshold as number,
+      evictionIntervalSecs: o.evictionIntervalSecs as number,
+      maxTreeSize: o.maxTreeSize as number,
+    },
+    kvAware: {
+      overlapWeight: o.kvOverlapWeight as number,
+      activeWeight: o.kvActiveWeight as number,
+      historyWeight: o.kvHistoryWeight as number,
+      temperature: o.routerTemperature as number,
+      maxTreeSize: o.maxTreeSize as number,
+      evictionIntervalSecs: o.evictionIntervalSecs as number,
+    },
+    prefixLoad: { windowSecs: o.windowSecs as number },
+    engineLoad: { staleAfterMs: (o.engineMetricsStaleSecs as number) * 1000 },
+  };
+}
 
 let printer: ((label: string, fraction: number) => void) | undefined;
 function progressPrinter(): (label: string, fraction: number) => void {
@@ -101,25 +133,8 @@ export function registerBenchCommand(program: Command): void {
       const sweep = (o.sweep as string[] | undefined)?.map(Number);
       const rates = sweep ?? [generated ? ((o.rps as number | undefined) ?? 0) : (o.rateScale as number)];
       const timeWindow = o.timeWindow ? ((o.timeWindow as string).split(':').map(Number) as [number, number]) : undefined;
-      const policyOptions = {
-        kvAware: {
-          overlapWeight: o.kvOverlapWeight as number,
-          activeWeight: o.kvActiveWeight as number,
-          historyWeight: o.kvHistoryWeight as number,
-          temperature: o.routerTemperature as number,
-          maxTreeSize: o.maxTreeSize as number,
-          evictionIntervalSecs: o.evictionIntervalSecs as number,
-        },
-        prefixLoad: { windowSecs: o.windowSecs as number },
-        engineLoad: { staleAfterMs: (o.engineMetricsStaleSecs as number) * 1000 },
-      };
-      const cacheAware = {
-        cacheThreshold: o.cacheThreshold as number,
-        balanceAbsThreshold: o.balanceAbsThreshold as number,
-        balanceRelThreshold: o.balanceRelThreshold as number,
-        evictionIntervalSecs: o.evictionIntervalSecs as number,
-        maxTreeSize: o.maxTreeSize as number,
-      };
+      const policyOptions = benchPolicyOptions(o);
+      const cacheAware = policyOptions.cacheAware!;
       const workloadAt = (rate: number, workloadSpec = spec) =>
         loadWorkload(workloadSpec, {
           seed: o.seed as number,
@@ -171,15 +186,23 @@ export function registerBenchCommand(program: Command): void {
             transferMsPerBlock: o.kvTransferMsPerBlock as number,
           }
         : undefined;
+      const routerReplicas = o.routerReplicas as number;
+      if (routerReplicas > 1 && pd) {
+        throw new ConfigError('--router-replicas > 1 is not modelled with PD rows (--prefill-workers/--decode-workers) yet: run the PD rows with one router replica');
+      }
+      const syncFlag = String(o.replicaSyncDelayMs);
+      const replicaSyncDelayMs = syncFlag === 'off' ? ('off' as const) : Number(syncFlag);
       const version = (JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string }).version;
       const { markdown } = await runBench(
         {
           workers: o.workers as number,
           pd,
           policies: o.policies as string[],
-          policyOptions: { cacheAware, ...policyOptions },
+          policyOptions,
           lab: { kvEventDelayMs: o.kvEventDelayMs as number, metricsIntervalMs: o.metricsIntervalMs as number, metricsDelayMs: o.metricsDelayMs as number },
           engine: engineConfigFrom(o),
+          routerReplicas,
+          replicaSyncDelayMs,
           seed: o.seed as number,
           rates,
           rateKind,

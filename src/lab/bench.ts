@@ -2,7 +2,7 @@ import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import type { PolicyOptions } from '../policies/factory.js';
 import { hitRateChart, sweepChart, ttftCdfChart } from './charts.js';
-import { runCluster, type LabEngineConfig } from './cluster.js';
+import { LAB_DEFAULTS, runCluster, type LabEngineConfig } from './cluster.js';
 import { PD_DEFAULTS, runPdCluster } from './pd-cluster.js';
 import { markdownTable, summarise, type PolicyResult } from './report.js';
 import type { Workload } from './workload.js';
@@ -33,6 +33,9 @@ export interface BenchOptions {
   seed: number;
   /** Delays of the router's view (KV events, engine metrics). */
   lab?: { kvEventDelayMs?: number; metricsIntervalMs?: number; metricsDelayMs?: number };
+  /** Router replicas behind a round-robin front (default 1), and their sync delay (ms) or 'off' (default 5). */
+  routerReplicas?: number;
+  replicaSyncDelayMs?: number | 'off';
   /** Rates to run at; one entry = a single run. */
   rates: number[];
   /** 'rate-scale' (trace time compressed by the factor) or 'rps' (generator arrival rate). */
@@ -48,6 +51,10 @@ export interface BenchReport {
   workload: string;
   notes: string[];
   workers: number;
+  /** Router replicas behind a round-robin front (the pooled LRU reference always runs with one). */
+  router_replicas: number;
+  /** Their replica sync delay (ms), or 'off' (replicas share nothing); 'off' with one replica. */
+  replica_sync_delay_ms: number | 'off';
   seed: number;
   engine: LabEngineConfig;
   /** The PD cluster of the PD rows, if any. */
@@ -66,6 +73,11 @@ export interface BenchReport {
  */
 export async function runBench(o: BenchOptions, version: string): Promise<{ report: BenchReport; markdown: string }> {
   const policies = [...new Set(['round_robin', ...o.policies])];
+  const replicas = o.routerReplicas ?? LAB_DEFAULTS.routerReplicas;
+  const syncDelay = replicas > 1 ? (o.replicaSyncDelayMs ?? LAB_DEFAULTS.replicaSyncDelayMs) : 'off';
+  if (replicas > 1 && o.pd) {
+    throw new RangeError('router replicas are not modelled on PD clusters yet: use --router-replicas 1 with --prefill-workers/--decode-workers');
+  }
   const pd = o.pd && { ...o.pd, transferMsPerBlock: o.pd.transferMsPerBlock ?? PD_DEFAULTS.transferMsPerBlock };
   const rows: PolicyResult[] = [];
   /** PD row → the aggregated policy it is compared with (the policy under test). */
@@ -86,9 +98,14 @@ export async function runBench(o: BenchOptions, version: string): Promise<{ repo
         engine: o.engine,
         seed: o.seed,
         ...o.lab,
+        routerReplicas: replicas,
+        replicaSyncDelayMs: syncDelay,
         onProgress: o.progress ? (f) => o.progress!(label, f) : undefined,
       });
       rows.push(summarise(run, rate));
+      // Let the run's replica syncs finish closing (their close() resolves on the next turns),
+      // so the next run does not start while they still hold their trees and dictionaries.
+      await new Promise((r) => setImmediate(r));
     }
     if (pd) {
       // One PD row per distinct (prefill, decode) policy pair, in the order of the policies.
@@ -124,9 +141,9 @@ export async function runBench(o: BenchOptions, version: string): Promise<{ repo
     const pooled = at.find((r) => r.policy === POOLED)!.hitRate;
     const cluster = pd
       ? `${o.workers} aggregated engines vs PD ${pd.prefillWorkers} prefill + ${pd.decodeWorkers} decode engines (KV transfer ${pd.transferMsPerBlock} ms/block)`
-      : `${o.workers} engines`;
+      : `${o.workers} engines${replicas > 1 ? `, ${replicasLabel(replicas, syncDelay)}` : ''}`;
     const title = `${names.get(rate)} — ${cluster}, seed ${o.seed}`;
-    sections.push(`### ${title}\n\n${markdownTable(at, { showRate: false, pooledHitRate: pooled })}`);
+    sections.push(`### ${title}\n\n${markdownTable(at, { showRate: false, pooledHitRate: pooled, showSync: replicas > 1 && syncDelay !== 'off' })}`);
   }
   const markdown = [...sections, findings.length ? `\n${findings.map((f) => `- ${f}`).join('\n')}` : ''].join('\n\n');
   const report: BenchReport = {
@@ -134,6 +151,8 @@ export async function runBench(o: BenchOptions, version: string): Promise<{ repo
     workload: names.get(o.rates[0])!.replace(/ rateScale=[\d.]+| rps=[\d.]+/g, ''),
     notes,
     workers: o.workers,
+    router_replicas: replicas,
+    replica_sync_delay_ms: syncDelay,
     seed: o.seed,
     engine: o.engine,
     ...(pd ? { pd } : {}),
@@ -144,6 +163,11 @@ export async function runBench(o: BenchOptions, version: string): Promise<{ repo
   };
   if (o.out) await writeOutputs(o.out, report, markdown);
   return { report, markdown };
+}
+
+/** "4 router replicas (sync delay 5 ms)" / "4 router replicas (no sync)". */
+export function replicasLabel(replicas: number, syncDelay: number | 'off'): string {
+  return `${replicas} router replica${replicas === 1 ? '' : 's'} (${syncDelay === 'off' ? 'no sync' : `sync delay ${syncDelay} ms`})`;
 }
 
 function computeFindings(rows: PolicyResult[], rates: number[], pdAgainst: ReadonlyMap<PolicyResult, string>): string[] {

@@ -2,9 +2,8 @@ import { BlockIndex } from '../cache/block-index.js';
 import { ManualClock } from '../core/clock.js';
 import type { KvCacheEvent } from '../events/types.js';
 import type { RequestContext } from '../core/context.js';
-import { WorkerRegistry } from '../core/registry.js';
 import { SeededRng } from '../core/rng.js';
-import { Worker, type LoadGuard } from '../core/worker.js';
+import type { LoadGuard } from '../core/worker.js';
 import { createPolicy, type PolicyOptions } from '../policies/factory.js';
 import type { PolicyObserver, RoutingPolicy } from '../policies/policy.js';
 import type { CostModelConfig } from '../engine/cost-model.js';
@@ -12,6 +11,7 @@ import type { KvEvent, KvEventSink } from '../sim/kv-events.js';
 import { Engine, EngineRequestError, type EngineOptions, type RequestRecord } from '../sim/engine.js';
 import { EventQueue, runEventLoop, scheduleEngineMetrics, stepStarter, type LabEvent } from './event-queue.js';
 import type { PdRunInfo } from './pd-cluster.js';
+import { buildRouterReplicas, type RouterReplica } from './replicas.js';
 import type { LabRequest } from './workload.js';
 
 /** Engine settings shared by every engine of a simulated cluster (the `kvgate sim` flags). */
@@ -39,9 +39,13 @@ export interface ClusterConfig {
   metricsIntervalMs?: number;
   /** ...and seen by the router this long after sampling (ms). */
   metricsDelayMs?: number;
+  /** Router replicas behind a round-robin front (replicas.ts); default 1. */
+  routerReplicas?: number;
+  /** Their replica sync's delivery delay (ms), or 'off': the replicas share nothing. Default 5. */
+  replicaSyncDelayMs?: number | 'off';
 }
 
-export const LAB_DEFAULTS = { kvEventDelayMs: 50, metricsIntervalMs: 1000, metricsDelayMs: 50 } as const;
+export const LAB_DEFAULTS = { kvEventDelayMs: 50, metricsIntervalMs: 1000, metricsDelayMs: 50, routerReplicas: 1, replicaSyncDelayMs: 5 } as const;
 
 /** What the router sees of a lab request: the context the gateway would build (text built lazily). */
 export function labContext(req: LabRequest, nowMs: number): RequestContext {
@@ -118,6 +122,16 @@ export interface ClusterRun {
    * decode engines, and each record is the request as the client sees it (see pd-cluster.ts).
    */
   pd?: PdRunInfo;
+  /** Router replicas of the run (1 unless --router-replicas). */
+  replicas?: ReplicaRunInfo;
+}
+
+export interface ReplicaRunInfo {
+  count: number;
+  /** Sync bus delay (ms), or 'off'. */
+  syncDelayMs: number | 'off';
+  /** Sync traffic published on the bus until the last request finished (each message counted once, not per receiver). */
+  sync?: { messages: number; bytes: number; routedRecords: number };
 }
 
 /** @internal Events of the lab's discrete-event loops. */
@@ -157,48 +171,70 @@ export function runCluster(requests: readonly LabRequest[], cfg: ClusterConfig):
     return new Engine(opts);
   });
 
-  const registry = new WorkerRegistry();
-  const workers = engines.map((_, i) => {
-    const w = new Worker({ url: `http://engine-${i}.lab`, modelId: 'lab' });
-    w.healthy = true;
-    return registry.add(w);
-  });
-  const engineOf = new Map<Worker, number>(workers.map((w, i) => [w, i]));
-
+  const replicaCount = cfg.pooled ? 1 : (cfg.routerReplicas ?? LAB_DEFAULTS.routerReplicas);
+  const syncDelayMs = cfg.replicaSyncDelayMs ?? LAB_DEFAULTS.replicaSyncDelayMs;
   const decisions = { cacheHits: 0, cacheMisses: 0, loadBalanced: 0 };
   const observer: PolicyObserver = {
     cacheHit: () => decisions.cacheHits++,
     cacheMiss: () => decisions.cacheMisses++,
     loadBalanced: () => decisions.loadBalanced++,
   };
-  const policy: RoutingPolicy = createPolicy(
-    cfg.pooled ? 'round_robin' : cfg.policy,
-    {
-      clock,
-      rng: new SeededRng(cfg.seed),
-      observer,
-      schedule: (everyMs, fn) => {
-        const cancelled = { v: false };
-        queue.push(clock.now() + everyMs, { kind: 'timer', everyMs, fn, cancelled });
-        return () => {
-          cancelled.v = true;
-        };
-      },
-    },
-    {
-      ...cfg.policyOptions,
-      kvIndex: kv.view,
-    },
-  );
-  const firstToken = policy.onFirstToken?.bind(policy);
+  // KV events: every replica subscribes to every engine's events, so each would build the same
+  // index from the same stream; one shared index (kv.view) is equivalent and cheaper.
+  const routers = buildRouterReplicas({
+    count: replicaCount,
+    syncDelayMs,
+    queue,
+    clock,
+    workerSpecs: engines.map((_, i) => ({ url: `http://engine-${i}.lab` })),
+    makePolicy: (r, share): RoutingPolicy =>
+      createPolicy(
+        cfg.pooled ? 'round_robin' : cfg.policy,
+        {
+          clock,
+          // Replica 0 draws from the run's seed (one replica = the run without replicas).
+          rng: new SeededRng(r === 0 ? cfg.seed : cfg.seed + 7919 * r),
+          observer,
+          get share() {
+            return share();
+          },
+          schedule: (everyMs, fn) => {
+            const cancelled = { v: false };
+            queue.push(clock.now() + everyMs, { kind: 'timer', everyMs, fn, cancelled });
+            return () => {
+              cancelled.v = true;
+            };
+          },
+        },
+        {
+          ...cfg.policyOptions,
+          kvIndex: kv.view,
+        },
+      ),
+  });
+  const firstTokens = routers.replicas[0].policy.onFirstToken !== undefined;
 
   // Engine metrics as a scraper would see them: sampled periodically, visible after a delay.
   const metricsEvery = cfg.metricsIntervalMs ?? LAB_DEFAULTS.metricsIntervalMs;
   const metricsDelay = cfg.metricsDelayMs ?? LAB_DEFAULTS.metricsDelayMs;
   const usesMetrics = !cfg.pooled && (cfg.policy === 'least_kv_cache' || cfg.policy === 'least_waiting');
-  if (usesMetrics) scheduleEngineMetrics({ queue, clock, engines, workers, everyMs: metricsEvery, delayMs: metricsDelay });
+  if (usesMetrics) {
+    // Every replica scrapes the engines; they see the same samples at the same time.
+    const workers =
+      routers.replicas.length === 1
+        ? routers.replicas[0].workers
+        : engines.map((_, i) => ({
+            get engineLoad() {
+              return routers.replicas[0].workers[i].engineLoad;
+            },
+            set engineLoad(v) {
+              for (const r of routers.replicas) r.workers[i].engineLoad = v;
+            },
+          }));
+    scheduleEngineMetrics({ queue, clock, engines, workers, everyMs: metricsEvery, delayMs: metricsDelay });
+  }
 
-  const guards = new Map<string, { guard: LoadGuard; ctx: RequestContext }>();
+  const guards = new Map<string, { guard: LoadGuard; ctx: RequestContext; router: RouterReplica }>();
   const placement = new Map<string, number>();
   const records: RequestRecord[] = [];
   const rejected: Array<{ id: string; reason: string }> = [];
@@ -207,11 +243,14 @@ export function runCluster(requests: readonly LabRequest[], cfg: ClusterConfig):
 
   const startStep = stepStarter(engines, queue);
 
+  let arrivals = 0;
   const arrive = (req: LabRequest) => {
     const ctx = labContext(req, clock.now());
-    const worker = policy.selectWorker(registry.forModel('lab'), ctx);
+    const router = routers.front(arrivals++);
+    const policy = router.policy;
+    const worker = policy.selectWorker(router.registry.forModel('lab'), ctx);
     if (!worker) throw new Error('lab: the policy chose no worker although every worker is healthy');
-    const i = engineOf.get(worker)!;
+    const i = router.engineOf.get(worker)!;
     const guard = worker.acquire();
     try {
       engines[i].submit({ id: req.id, promptTokens: req.promptTokens, maxTokens: req.outputTokens });
@@ -225,7 +264,7 @@ export function runCluster(requests: readonly LabRequest[], cfg: ClusterConfig):
       throw e;
     }
     placement.set(req.id, i);
-    guards.set(req.id, { guard, ctx });
+    guards.set(req.id, { guard, ctx, router });
     pendingRequests++;
     startStep(i);
   };
@@ -240,11 +279,12 @@ export function runCluster(requests: readonly LabRequest[], cfg: ClusterConfig):
     stepEnd: (i) => {
     const res = engines[i].completeStep();
     steps++;
-    if (firstToken) {
+    // First tokens and completions go to the replica that routed the request.
+    if (firstTokens) {
       for (const o of res.outputs) {
         if (o.index !== 0) continue;
         const g = guards.get(o.id);
-        if (g) firstToken(g.guard.worker, g.ctx);
+        if (g) g.router.policy.onFirstToken?.(g.guard.worker, g.ctx);
       }
     }
     for (const rec of res.finished) {
@@ -252,7 +292,7 @@ export function runCluster(requests: readonly LabRequest[], cfg: ClusterConfig):
       if (g) {
         guards.delete(rec.id);
         g.guard.release();
-        policy.onRequestComplete?.(g.guard.worker, g.ctx, 'success');
+        g.router.policy.onRequestComplete?.(g.guard.worker, g.ctx, 'success');
       }
       records.push(rec);
       pendingRequests--;
@@ -260,7 +300,17 @@ export function runCluster(requests: readonly LabRequest[], cfg: ClusterConfig):
     startStep(i);
     },
   });
-  policy.close?.();
+  // The loop ends when the last request has finished (periodic timers such as the syncs'
+  // heartbeats never keep it going); read the sync traffic, then stop every replica.
+  const bus = routers.bus;
+  const replicas: ReplicaRunInfo = {
+    count: replicaCount,
+    syncDelayMs: replicaCount > 1 ? syncDelayMs : 'off',
+    ...(bus
+      ? { sync: { messages: bus.messages, bytes: bus.bytes, routedRecords: routers.replicas.reduce((s, r) => s + (r.sync?.stats.routedSent ?? 0), 0) } }
+      : {}),
+  };
+  routers.close();
   cfg.onProgress?.(1);
 
   return {
@@ -275,5 +325,6 @@ export function runCluster(requests: readonly LabRequest[], cfg: ClusterConfig):
     endMs: clock.now(),
     wallMs: performance.now() - wallStart,
     steps,
+    replicas,
   };
 }

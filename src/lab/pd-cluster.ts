@@ -98,6 +98,7 @@ export function runPdCluster(requests: readonly LabRequest[], cfg: PdClusterConf
   if (!Number.isInteger(np) || np < 1 || !Number.isInteger(nd) || nd < 1) {
     throw new RangeError(`lab: a PD cluster needs at least one prefill and one decode engine (got ${np} + ${nd})`);
   }
+  if ((cfg.routerReplicas ?? 1) > 1) throw new RangeError('lab: router replicas are not modelled on PD clusters yet (use one router replica)');
   const prefillName = cfg.prefillPolicy ?? cfg.policy;
   const decodeName = cfg.decodePolicy ?? cfg.policy;
   const perBlock = cfg.transferMsPerBlock ?? PD_DEFAULTS.transferMsPerBlock;

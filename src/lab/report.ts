@@ -31,6 +31,10 @@ export interface PolicyResult {
   mode: 'aggregated' | 'pd';
   /** PD rows: the cluster and the hand-off. */
   pd?: PdSummary;
+  /** Router replicas in front of the cluster (1 = one router). */
+  routerReplicas: number;
+  /** Replica sync traffic per finished request: bytes published on the bus (each message once); null without sync. */
+  syncBytesPerRequest: number | null;
   /** For cache_aware: decisions by branch. */
   decisions: ClusterRun['decisions'];
   /** Virtual seconds simulated and wall seconds it took. */
@@ -119,6 +123,8 @@ export function summarise(run: ClusterRun, rate: number): PolicyResult {
     preemptions: run.preemptions,
     mode: run.pd ? 'pd' : 'aggregated',
     ...(run.pd ? { pd: pdSummary(run.pd, busy, span) } : {}),
+    routerReplicas: run.replicas?.count ?? 1,
+    syncBytesPerRequest: run.replicas?.sync && recs.length > 0 ? run.replicas.sync.bytes / recs.length : null,
     decisions: run.decisions,
     simulatedSecs: run.endMs / 1000,
     wallSecs: run.wallMs / 1000,
@@ -152,7 +158,7 @@ const secs = (x: number) => (Number.isNaN(x) ? '–' : x < 10 ? x.toFixed(3) : x
 const millis = (x: number) => (Number.isNaN(x) ? '–' : x < 100 ? x.toFixed(2) : x.toFixed(0));
 
 /** One Markdown table of every row, in the order given. */
-export function markdownTable(rows: readonly PolicyResult[], opts: { showRate: boolean; pooledHitRate?: number }): string {
+export function markdownTable(rows: readonly PolicyResult[], opts: { showRate: boolean; pooledHitRate?: number; showSync?: boolean }): string {
   const head = [
     ...(opts.showRate ? ['rate'] : []),
     'policy',
@@ -169,6 +175,7 @@ export function markdownTable(rows: readonly PolicyResult[], opts: { showRate: b
     'imbalance',
     'busy',
     'preempt',
+    ...(opts.showSync ? ['sync B/req'] : []),
   ];
   const lines = [`| ${head.join(' | ')} |`, `|${head.map(() => '---').join('|')}|`];
   for (const r of rows) {
@@ -188,6 +195,7 @@ export function markdownTable(rows: readonly PolicyResult[], opts: { showRate: b
       r.imbalance.toFixed(2),
       pct(r.utilisation),
       String(r.preemptions),
+      ...(opts.showSync ? [r.syncBytesPerRequest === null ? '–' : r.syncBytesPerRequest.toFixed(0)] : []),
     ];
     lines.push(`| ${cells.join(' | ')} |`);
   }
