@@ -6,6 +6,7 @@ import { engineConfigFrom, engineOptionSpecs } from '../config/engine-options.js
 import { serveOptionSpecs } from '../config/serve-config.js';
 import { isPolicyName, POLICY_NAMES } from '../policies/factory.js';
 import { runBench } from '../lab/bench.js';
+import type { MediumMode } from '../cache/block-index.js';
 import { LAB_DEFAULTS } from '../lab/cluster.js';
 import { PD_DEFAULTS } from '../lab/pd-cluster.js';
 import { liveMarkdown, runLive } from '../lab/live.js';
@@ -20,6 +21,9 @@ const policyFlags = [
   'kv-overlap-weight',
   'kv-active-weight',
   'kv-history-weight',
+  'kv-host-hit-weight',
+  'kv-disk-hit-weight',
+  'kv-events-mediums',
   'router-temperature',
   'window-secs',
   'engine-metrics-stale-secs',
@@ -106,6 +110,8 @@ export function registerBenchCommand(program: Command): void {
           overlapWeight: o.kvOverlapWeight as number,
           activeWeight: o.kvActiveWeight as number,
           historyWeight: o.kvHistoryWeight as number,
+          hostHitWeight: o.kvHostHitWeight as number,
+          diskHitWeight: o.kvDiskHitWeight as number,
           temperature: o.routerTemperature as number,
           maxTreeSize: o.maxTreeSize as number,
           evictionIntervalSecs: o.evictionIntervalSecs as number,
@@ -178,7 +184,7 @@ export function registerBenchCommand(program: Command): void {
           pd,
           policies: o.policies as string[],
           policyOptions: { cacheAware, ...policyOptions },
-          lab: { kvEventDelayMs: o.kvEventDelayMs as number, metricsIntervalMs: o.metricsIntervalMs as number, metricsDelayMs: o.metricsDelayMs as number },
+          lab: { kvEventDelayMs: o.kvEventDelayMs as number, metricsIntervalMs: o.metricsIntervalMs as number, metricsDelayMs: o.metricsDelayMs as number, kvMediums: o.kvEventsMediums as MediumMode },
           engine: engineConfigFrom(o),
           seed: o.seed as number,
           rates,

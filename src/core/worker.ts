@@ -82,6 +82,12 @@ export class Worker {
   loadObserver: ((worker: Worker) => void) | undefined;
   /** Requests finished (any outcome) on this worker. */
   processed = 0;
+  /**
+   * LoRA adapters the engine serves (the entries of its `GET /v1/models` with a `parent`, as vLLM
+   * and SGLang list them), refreshed with each model check. A request naming one is routed among
+   * this model's workers, keyed by the adapter (see RequestContext.loraName).
+   */
+  loraAdapters: readonly string[] = [];
   /** Engine-reported load (vLLM/SGLang metrics), when a scraper runs. */
   engineLoad: EngineLoad | undefined;
   consecutiveHealthFailures = 0;
@@ -132,6 +138,7 @@ export class Worker {
       model: this.modelId ?? null,
       type: this.type,
       dp_rank: this.dpRank ?? null,
+      lora_adapters: this.loraAdapters.length > 0 ? this.loraAdapters : undefined,
       bootstrap_port: this.type === 'prefill' ? this.bootstrapPort : undefined,
       healthy: this.healthy,
       circuit_breaker: this.breaker?.state ?? null,

@@ -146,7 +146,7 @@ export class PdRouter {
   async handle(r: RoutedRequest): Promise<number> {
     const { registry, pairPolicy, metrics } = this.deps;
     const model = routeModel(registry, r, ['prefill', 'decode'], this.deps.strictModel);
-    const ctx = buildContext(r, model, this.deps.clock, this.deps.tokenize, !!pairPolicy.needsTokens);
+    const ctx = buildContext(r, model, this.deps.clock, this.deps.tokenize, !!pairPolicy.needsTokens, registry);
     const prefillPool = registry.forModel(model, 'prefill');
     const decodePool = registry.forModel(model, 'decode');
     if (!prefillPool.some((w) => w.isAvailable())) throw errors.unavailable(`No healthy prefill worker for model '${model}'`, 'no_available_prefill_workers');

@@ -53,9 +53,11 @@ export class RegularRouter {
   async handle(r: RoutedRequest): Promise<number> {
     const { registry, policy, metrics, retry } = this.deps;
     const model = routeModel(this.deps.registry, r, ['regular'], this.deps.strictModel);
-    const ctx = buildContext(r, model, this.deps.clock, this.deps.tokenize, !!policy.needsTokens);
+    const ctx = buildContext(r, model, this.deps.clock, this.deps.tokenize, !!policy.needsTokens, this.deps.registry);
     const excluded = new Set<Worker>();
-    const candidates = () => registry.forModel(model).filter((w) => !excluded.has(w));
+    // A LoRA request goes to the workers that list its adapter.
+    const lora = ctx.loraName;
+    const candidates = () => registry.forModel(model).filter((w) => !excluded.has(w) && (lora === undefined || w.loraAdapters.includes(lora)));
     let last: { worker: Worker; result: ProxyResult } | undefined;
     // --request-timeout-secs bounds the whole request, retries and backoff included.
     const deadline = performance.now() + this.deps.timeouts.totalMs;

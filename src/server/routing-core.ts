@@ -172,6 +172,8 @@ export class RoutingCore {
           overlapWeight: config.kvOverlapWeight,
           activeWeight: config.kvActiveWeight,
           historyWeight: config.kvHistoryWeight,
+          hostHitWeight: config.kvHostHitWeight,
+          diskHitWeight: config.kvDiskHitWeight,
           temperature: config.routerTemperature,
           staleAfterMs: config.kvEventsStaleSecs * 1000,
           maxTreeSize: config.maxTreeSize,
