@@ -421,7 +421,10 @@ export class BlockIndex {
     }
     let node: Node | undefined = this.root;
     if (parentHash != null) {
-      node = st.map.get(groupKey(group, parentHash));
+      const pk = groupKey(group, parentHash);
+      node = st.map.get(pk);
+      // A tier's run may continue a block another tier of the same worker holds (same path).
+      if (node === undefined && this.mediumSources > 0) for (const f of this.family(source)) if ((node = f.map.get(pk)) !== undefined) break;
       if (node === undefined) {
         this.unknownParent++;
         return;
