@@ -11,6 +11,7 @@ import {
   type PdRole,
 } from '../sim/pd.js';
 import { DEFAULT_FAULTS, startSimServer, type FaultOptions, type SimServerOptions } from '../sim/server.js';
+import { publisherShouldBind } from '../sim/kv-publisher.js';
 
 /**
  * `kvgate sim`: run simulated vLLM engines behind an OpenAI/vLLM/SGLang-compatible HTTP API.
@@ -175,6 +176,17 @@ export function registerSimCommand(program: Command): Command {
               : ` kv-transfer-ms-per-block=${server.pd.kvTransferMsPerBlock}`)
           : ''),
     );
+    // Say which side of the ZMQ pair the publisher is (vLLM's rule): a router must take the other.
+    for (const [rank, h] of server.engines.entries()) {
+      const pub = h.publisher;
+      if (!pub) continue;
+      const who = server.engines.length > 1 ? `KV events (rank ${rank})` : 'KV events';
+      if (publisherShouldBind(pub.endpoint)) {
+        log(`${who}: publisher BINDS ${pub.boundEndpoint ?? pub.endpoint}; a router CONNECTS to it (kvgate serve --kv-events-endpoints tcp://<this host>:<port>)`);
+      } else {
+        log(`${who}: publisher CONNECTS to ${pub.endpoint}; something must BIND there (kvgate serve --kv-events-bind ${pub.endpoint.replace(/^tcp:\/\/[^:]+:/, 'tcp://*:')}), or no event arrives`);
+      }
+    }
     let stopping = false;
     const stop = (signal: string): void => {
       if (stopping) return;

@@ -88,6 +88,8 @@ export class Worker {
    * this model's workers, keyed by the adapter (see RequestContext.loraName).
    */
   loraAdapters: readonly string[] = [];
+  /** Its KV-event subscription's state (written by the KV-event hub's silence check; GET /workers `kv_events`). */
+  kvEvents: object | undefined;
   /** Engine-reported load (vLLM/SGLang metrics), when a scraper runs. */
   engineLoad: EngineLoad | undefined;
   consecutiveHealthFailures = 0;
@@ -139,6 +141,7 @@ export class Worker {
       type: this.type,
       dp_rank: this.dpRank ?? null,
       lora_adapters: this.loraAdapters.length > 0 ? this.loraAdapters : undefined,
+      kv_events: this.kvEvents,
       bootstrap_port: this.type === 'prefill' ? this.bootstrapPort : undefined,
       healthy: this.healthy,
       circuit_breaker: this.breaker?.state ?? null,

@@ -160,6 +160,16 @@ function registerKvMetrics(kv: KvEventHub, registers: Registry[]): void {
   perSource('kvgate_kv_event_lag_seconds', 'Age of the last applied KV event batch when it was applied (publisher timestamp to now)', (s) => s.lastEventLagS);
   perSource('kvgate_kv_events_inaccurate', '1 while a worker\'s index entries are known to be incomplete', (s) => (s.inaccurate ? 1 : 0));
   new Gauge({
+    name: 'kvgate_kv_events_silent',
+    help: '1 while a worker completes requests but its KV-event subscription delivers nothing (misconfigured publisher/subscriber: see the log)',
+    labelNames: ['worker'],
+    registers,
+    collect() {
+      this.reset();
+      for (const [id, silent] of kv.silentSources()) this.set({ worker: id }, silent ? 1 : 0);
+    },
+  });
+  new Gauge({
     name: 'kvgate_kv_indexed_blocks',
     help: 'Blocks in the KV index per worker (url or url@rank)',
     labelNames: ['worker'],

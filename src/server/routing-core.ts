@@ -115,6 +115,8 @@ export class RoutingCore {
       bind: config.kvEventsBind,
       maxBlocks: config.kvIndexMaxBlocks,
       resolveSource: (topic, dpRank) => this.resolveEventSource(topic, dpRank),
+      workers: () => this.registry.all(),
+      staleAfterMs: config.kvEventsStaleSecs * 1000,
     });
     this.metrics = new GatewayMetrics(this.registry, () => (this.policy instanceof CacheAwarePolicy ? this.policy.treeChars() : new Map()), this.kvEvents);
     // Replica sync (--replica-sync): policies report what they record to it; it applies peers' events.
