@@ -115,6 +115,7 @@ export function resolveSimOptions(raw: Record<string, unknown>, env: NodeJS.Proc
     model: str('model'),
     blockSize: engine.blockSize,
     numGpuBlocks: engine.numGpuBlocks,
+    cpuOffloadBlocks: engine.cpuOffloadBlocks,
     maxNumSeqs: engine.maxNumSeqs,
     maxNumBatchedTokens: engine.maxNumBatchedTokens,
     maxModelLen: engine.maxModelLen,
@@ -166,7 +167,7 @@ export function registerSimCommand(program: Command): Command {
     const c = server.engines[0]!.engine.config;
     log(
       `listening on ${server.url} (port ${server.port}) model=${server.model} dp=${server.engines.length} ` +
-        `blocks=${c.numGpuBlocks}x${c.blockSize} max-num-seqs=${c.maxNumSeqs} max-num-batched-tokens=${c.maxNumBatchedTokens} ` +
+        `blocks=${c.numGpuBlocks}x${c.blockSize}${c.cpuOffloadBlocks > 0 ? ` cpu-offload-blocks=${c.cpuOffloadBlocks}` : ''} max-num-seqs=${c.maxNumSeqs} max-num-batched-tokens=${c.maxNumBatchedTokens} ` +
         `speed=${options.speed} tokenizer=${server.tokenizer.name}` +
         (options.kvEvents ? ` kv-events=${server.engines.map((h) => h.publisher?.boundEndpoint).join(',')}` : '') +
         (server.pd
