@@ -200,7 +200,7 @@ export const serveOptionSpecs: readonly OptionSpec[] = [
   { flag: 'kv-events-endpoints', kind: 'list', description: 'ZMQ PUB endpoint of each --worker-urls entry, same order (rank r of a DP worker: port + r)', default: [], argName: 'url...' },
   { flag: 'kv-events-replay-endpoints', kind: 'list', description: 'ZMQ replay (ROUTER) endpoint of each --worker-urls entry, same order', default: [], argName: 'url...' },
   { flag: 'kv-events-bind', kind: 'string', description: 'Bind one SUB that engines connect to (topic must name the worker host:port)', argName: 'url' },
-  { flag: 'kv-events-mediums', kind: 'enum', description: 'Events for CPU/disk tiers: ignore them, or index them apart from GPU', default: 'gpu-only', choices: ['gpu-only', 'separate'] },
+  { flag: 'kv-events-mediums', kind: 'enum', description: 'Events for CPU/disk tiers: ignore them, or index them apart from GPU (kv_aware credits them with --kv-host-hit-weight / --kv-disk-hit-weight; see docs/benchmarks.md)', default: 'separate', choices: ['gpu-only', 'separate'] },
   { flag: 'kv-events-stale-secs', kind: 'number', description: 'kv_aware: events this much older than a worker\'s last finished request count as stale (approximate fallback)', default: 5, min: 0, exclusiveMin: true },
   { flag: 'kv-index-max-blocks', kind: 'int', description: 'Largest KV block index (nodes); LRU leaves are pruned beyond it', default: 1000000, min: 1000 },
   { flag: 'kv-overlap-weight', kind: 'number', description: 'kv_aware: weight of the prefill blocks still needed (see docs/benchmarks.md for why 4, not Dynamo\'s 1)', default: 4, min: 0 },
