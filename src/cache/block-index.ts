@@ -167,11 +167,48 @@ class Node {
   ) {}
 }
 
+/** Storage tier of a KV medium: GPU (HBM), host memory, or disk/remote storage. */
+export type KvTier = 'gpu' | 'host' | 'disk';
+
+/**
+ * Tier of a `medium` string as engines report it: null/"GPU" → gpu; "CPU", "CPU_PINNED",
+ * "CPU_TIER1", "HOST", ... (vLLM's OffloadingConnector, SGLang HiCache's host pool) → host;
+ * anything else ("DISK", "STORAGE", "EXTERNAL", "CPU_TIER2" = SGLang HiCache's storage layer,
+ * LMCache backends) → disk.
+ */
+export function mediumTier(medium: string | null | undefined): KvTier {
+  if (isGpu(medium)) return 'gpu';
+  const m = (medium as string).toUpperCase();
+  if (m === 'CPU_TIER2') return 'disk';
+  if (m.startsWith('CPU') || m === 'HOST' || m === 'DRAM') return 'host';
+  return 'disk';
+}
+
+/** Weights of blocks held only in host memory or on disk, next to a GPU block's 1 (kv_aware). */
+export interface TierWeights {
+  host: number;
+  disk: number;
+}
+
+/**
+ * The key an adapter's blocks are hashed under: its name, or `lora_id:<n>` when the engine sends
+ * only the integer id (never matched by a request, which names adapters; but kept apart from the
+ * base model's blocks). null = base model.
+ */
+export function loraKeyOf(loraName: string | null | undefined, loraId?: number | null): string | null {
+  if (typeof loraName === 'string' && loraName !== '') return loraName;
+  if (typeof loraId === 'number' && loraId > 0) return `lora_id:${loraId}`;
+  return null;
+}
+
 interface SourceState {
   name: string;
   id: number;
   /** A `<source>#<medium>` sub-source: left out of match() by default. */
   medium: boolean;
+  /** The source this (sub-)source belongs to: its own name for a GPU source. */
+  base: string;
+  tier: KvTier;
   /** Engine hash → node. */
   map: Map<bigint, Node>;
   /** Distinct nodes holding the source. */
@@ -260,6 +297,8 @@ export class BlockIndex {
   private gpuMask = 0;
 
   private nodeCount = 0;
+  /** `<source>#<medium>` sub-sources known. */
+  private mediumSources = 0;
   private refCount = 0;
   private multiKid = 0;
   private multiKidEntries = 0;
@@ -367,6 +406,9 @@ export class BlockIndex {
     }
     if (n === 0) return;
     if (tokens.length === 0) {
+      // CPU/disk-offload stores (vLLM's OffloadingConnector) carry no tokens: the blocks are
+      // ones this worker already stored, found by their engine hashes (llm-d's dual keys).
+      if (st.medium && this.storeByEngineHash(source, st, group, hashes)) return;
       this.noTokens++;
       return;
     }
@@ -381,19 +423,44 @@ export class BlockIndex {
     }
     let node: Node | undefined = this.root;
     if (parentHash != null) {
-      node = st.map.get(groupKey(group, parentHash));
+      const pk = groupKey(group, parentHash);
+      node = st.map.get(pk);
+      // A tier's run may continue a block another tier of the same worker holds (same path).
+      if (node === undefined && this.mediumSources > 0) for (const f of this.family(source)) if ((node = f.map.get(pk)) !== undefined) break;
       if (node === undefined) {
         this.unknownParent++;
         return;
       }
     }
-    const local = hashBlocks(tokens, bs, ev.loraName == null ? LOCAL_HASH_SEED : loraSeed(ev.loraName));
+    const lora = loraKeyOf(ev.loraName, ev.loraId);
+    const local = hashBlocks(tokens, bs, lora === null ? LOCAL_HASH_SEED : loraSeed(lora));
     const t = ++this.clock;
     node.touch = t;
     for (let i = 0; i < n; i++) {
       node = this.childOrCreate(node, local[i], t);
       this.addRef(node, st, groupKey(group, hashes[i]));
     }
+  }
+
+  /**
+   * A tokenless store in a sub-source: each engine hash is looked up in the worker's other
+   * (sub-)sources; found ones are referenced by `st` too. False when none was found.
+   */
+  private storeByEngineHash(source: string, st: SourceState, group: number | null, hashes: readonly bigint[]): boolean {
+    const family = this.family(source).filter((f) => f !== st);
+    let found = 0;
+    const t = ++this.clock;
+    for (const h of hashes) {
+      const key = groupKey(group, h);
+      let node: Node | undefined;
+      for (const f of family) if ((node = f.map.get(key)) !== undefined) break;
+      if (node === undefined) continue;
+      node.touch = t;
+      this.addRef(node, st, key);
+      found++;
+    }
+    if (found < hashes.length) this.unknownParent += hashes.length - found;
+    return found > 0;
   }
 
   private applyRemoved(source: string, ev: Extract<KvCacheEvent, { type: 'removed' }>): void {
@@ -445,6 +512,7 @@ export class BlockIndex {
     for (const st of this.family(source)) {
       this.clearState(st);
       this.byName.delete(st.name);
+      if (st.medium) this.mediumSources--;
       this.byId[st.id] = undefined;
       this.freeIds.push(st.id);
       if (st.id < MASK_BITS) this.gpuMask &= ~(1 << st.id);
@@ -569,6 +637,55 @@ export class BlockIndex {
     }
   }
 
+  /**
+   * Overlap over every tier a worker's blocks live in: for each GPU source (worker), the longest
+   * run of leading blocks of `localHashes` that it holds in ANY tier (GPU, or its
+   * `<source>#<medium>` sub-sources), each block counted by the best tier holding it (GPU 1,
+   * host `weights.host`, disk `weights.disk`). A block held only in a tier of weight 0 ends the
+   * run. With no sub-sources (or both weights 0) this is match() restricted to GPU sources.
+   * Sources with nothing matched are absent. Dynamo's tiered overlap (its host/disk hit weights)
+   * and llm-d's per-tier block weights, over the union of tiers.
+   */
+  matchTiered(localHashes: readonly bigint[], weights: TierWeights, options?: MatchOptions): Map<string, number> {
+    if (this.mediumSources === 0 || (weights.host <= 0 && weights.disk <= 0)) return this.match(localHashes, options);
+    const touch = options?.touch !== false;
+    const out = new Map<string, number>();
+    const n = localHashes.length;
+    if (n === 0 || this.nodeCount === 0) return out;
+    const byId = this.byId;
+    const weightOf = (tier: KvTier) => (tier === 'gpu' ? 1 : tier === 'host' ? weights.host : weights.disk);
+    /** Still-matching workers (base source names) and their weighted overlap so far. */
+    let alive: Map<string, number> | null = null;
+    const t = ++this.clock;
+    let node: Node | undefined = this.root;
+    for (let depth = 0; depth < n; depth++) {
+      node = childOf(node, localHashes[depth]);
+      if (node === undefined) break;
+      if (touch) node.touch = t;
+      const best = new Map<string, number>();
+      const ext = node.ext;
+      for (let k = 0; k < ext.length; k += 2) {
+        const st = byId[ext[k] as number]!;
+        const w = weightOf(st.tier);
+        if (w <= 0) continue;
+        if (alive !== null && !alive.has(st.base)) continue;
+        if ((best.get(st.base) ?? 0) < w) best.set(st.base, w);
+      }
+      const next = new Map<string, number>();
+      if (alive === null) for (const [b, w] of best) next.set(b, w);
+      else
+        for (const [b, score] of alive) {
+          const w = best.get(b);
+          if (w === undefined) out.set(b, score);
+          else next.set(b, score + w);
+        }
+      alive = next;
+      if (alive.size === 0) break;
+    }
+    if (alive !== null) for (const [b, score] of alive) out.set(b, score);
+    return out;
+  }
+
   /** hashBlocks(tokens, blockSize, loraSeed(loraName)) then match(); empty while blockSize is unknown. */
   matchTokens(tokens: ArrayLike<number>, loraName?: string | null, options?: MatchOptions): Map<string, number> {
     if (this.bs === null) return new Map();
@@ -682,7 +799,10 @@ export class BlockIndex {
     let st = this.byName.get(name);
     if (st === undefined) {
       const id = this.freeIds.length > 0 ? this.freeIds.pop()! : this.byId.length;
-      st = { name, id, medium, map: new Map(), blocks: 0 };
+      const hash = medium ? name.lastIndexOf('#') : -1;
+      const base = hash > 0 ? name.slice(0, hash) : name;
+      st = { name, id, medium, base, tier: medium ? mediumTier(name.slice(hash + 1)) : 'gpu', map: new Map(), blocks: 0 };
+      if (medium) this.mediumSources++;
       this.byName.set(name, st);
       this.byId[id] = st;
       if (!medium && id < MASK_BITS) this.gpuMask |= 1 << id;

@@ -6,6 +6,7 @@ import { engineConfigFrom, engineOptionSpecs } from '../config/engine-options.js
 import { serveOptionSpecs } from '../config/serve-config.js';
 import { isPolicyName, POLICY_NAMES, type PolicyOptions } from '../policies/factory.js';
 import { runBench } from '../lab/bench.js';
+import type { MediumMode } from '../cache/block-index.js';
 import { LAB_DEFAULTS } from '../lab/cluster.js';
 import { PD_DEFAULTS } from '../lab/pd-cluster.js';
 import { liveMarkdown, runLive } from '../lab/live.js';
@@ -20,6 +21,9 @@ const policyFlags = [
   'kv-overlap-weight',
   'kv-active-weight',
   'kv-history-weight',
+  'kv-host-hit-weight',
+  'kv-disk-hit-weight',
+  'kv-events-mediums',
   'router-temperature',
   'window-secs',
   'engine-metrics-stale-secs',
@@ -199,7 +203,7 @@ export function registerBenchCommand(program: Command): void {
           pd,
           policies: o.policies as string[],
           policyOptions,
-          lab: { kvEventDelayMs: o.kvEventDelayMs as number, metricsIntervalMs: o.metricsIntervalMs as number, metricsDelayMs: o.metricsDelayMs as number },
+          lab: { kvEventDelayMs: o.kvEventDelayMs as number, metricsIntervalMs: o.metricsIntervalMs as number, metricsDelayMs: o.metricsDelayMs as number, kvMediums: o.kvEventsMediums as MediumMode },
           engine: engineConfigFrom(o),
           routerReplicas,
           replicaSyncDelayMs,

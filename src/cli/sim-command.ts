@@ -11,6 +11,7 @@ import {
   type PdRole,
 } from '../sim/pd.js';
 import { DEFAULT_FAULTS, startSimServer, type FaultOptions, type SimServerOptions } from '../sim/server.js';
+import { publisherShouldBind } from '../sim/kv-publisher.js';
 
 /**
  * `kvgate sim`: run simulated vLLM engines behind an OpenAI/vLLM/SGLang-compatible HTTP API.
@@ -114,6 +115,7 @@ export function resolveSimOptions(raw: Record<string, unknown>, env: NodeJS.Proc
     model: str('model'),
     blockSize: engine.blockSize,
     numGpuBlocks: engine.numGpuBlocks,
+    cpuOffloadBlocks: engine.cpuOffloadBlocks,
     maxNumSeqs: engine.maxNumSeqs,
     maxNumBatchedTokens: engine.maxNumBatchedTokens,
     maxModelLen: engine.maxModelLen,
@@ -165,7 +167,7 @@ export function registerSimCommand(program: Command): Command {
     const c = server.engines[0]!.engine.config;
     log(
       `listening on ${server.url} (port ${server.port}) model=${server.model} dp=${server.engines.length} ` +
-        `blocks=${c.numGpuBlocks}x${c.blockSize} max-num-seqs=${c.maxNumSeqs} max-num-batched-tokens=${c.maxNumBatchedTokens} ` +
+        `blocks=${c.numGpuBlocks}x${c.blockSize}${c.cpuOffloadBlocks > 0 ? ` cpu-offload-blocks=${c.cpuOffloadBlocks}` : ''} max-num-seqs=${c.maxNumSeqs} max-num-batched-tokens=${c.maxNumBatchedTokens} ` +
         `speed=${options.speed} tokenizer=${server.tokenizer.name}` +
         (options.kvEvents ? ` kv-events=${server.engines.map((h) => h.publisher?.boundEndpoint).join(',')}` : '') +
         (server.pd
@@ -175,6 +177,17 @@ export function registerSimCommand(program: Command): Command {
               : ` kv-transfer-ms-per-block=${server.pd.kvTransferMsPerBlock}`)
           : ''),
     );
+    // Say which side of the ZMQ pair the publisher is (vLLM's rule): a router must take the other.
+    for (const [rank, h] of server.engines.entries()) {
+      const pub = h.publisher;
+      if (!pub) continue;
+      const who = server.engines.length > 1 ? `KV events (rank ${rank})` : 'KV events';
+      if (publisherShouldBind(pub.endpoint)) {
+        log(`${who}: publisher BINDS ${pub.boundEndpoint ?? pub.endpoint}; a router CONNECTS to it (kvgate serve --kv-events-endpoints tcp://<this host>:<port>)`);
+      } else {
+        log(`${who}: publisher CONNECTS to ${pub.endpoint}; something must BIND there (kvgate serve --kv-events-bind ${pub.endpoint.replace(/^tcp:\/\/[^:]+:/, 'tcp://*:')}), or no event arrives`);
+      }
+    }
     let stopping = false;
     const stop = (signal: string): void => {
       if (stopping) return;

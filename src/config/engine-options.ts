@@ -13,6 +13,8 @@ export const engineOptionSpecs: readonly OptionSpec[] = [
   { flag: 'max-num-seqs', kind: 'int', description: 'Maximum running requests per engine', default: DEFAULT_ENGINE_CONFIG.maxNumSeqs, min: 1 },
   { flag: 'max-num-batched-tokens', kind: 'int', description: 'Token budget per scheduler step (chunked prefill)', default: DEFAULT_ENGINE_CONFIG.maxNumBatchedTokens, min: 1 },
   { flag: 'max-model-len', kind: 'int', description: 'Longest prompt + output accepted', default: DEFAULT_ENGINE_CONFIG.maxModelLen, min: 1 },
+  { flag: 'cpu-offload-blocks', kind: 'int', description: 'Blocks of a simulated CPU-offload tier (vLLM OffloadingConnector: GPU blocks written through to a host LRU, events with medium "CPU"); 0 = none', default: DEFAULT_ENGINE_CONFIG.cpuOffloadBlocks, min: 0 },
+  { flag: 'host-load-block-ms', kind: 'number', description: 'Step cost: per block loaded from the CPU-offload tier instead of recomputed (ms)', default: DEFAULT_COST_MODEL.hostLoadBlockMs, min: 0 },
   { flag: 'overhead-ms', kind: 'number', description: 'Step cost: fixed time per step (ms)', default: DEFAULT_COST_MODEL.overheadMs, min: 0 },
   { flag: 'prefill-token-ms', kind: 'number', description: 'Step cost: per prefill token (ms)', default: DEFAULT_COST_MODEL.prefillTokenMs, min: 0 },
   { flag: 'prefill-attention-ms', kind: 'number', description: 'Step cost: per causal (query, key) pair in prefill (ms)', default: DEFAULT_COST_MODEL.prefillAttentionMs, min: 0 },
@@ -27,6 +29,7 @@ export function engineConfigFrom(o: Record<string, unknown>): LabEngineConfig {
     prefillAttentionMs: o.prefillAttentionMs as number,
     decodeSeqMs: o.decodeSeqMs as number,
     decodeContextTokenMs: o.decodeContextTokenMs as number,
+    hostLoadBlockMs: o.hostLoadBlockMs as number,
   };
   return {
     blockSize: o.blockSize as number,
@@ -34,6 +37,7 @@ export function engineConfigFrom(o: Record<string, unknown>): LabEngineConfig {
     maxNumSeqs: o.maxNumSeqs as number,
     maxNumBatchedTokens: o.maxNumBatchedTokens as number,
     maxModelLen: o.maxModelLen as number,
+    cpuOffloadBlocks: o.cpuOffloadBlocks as number,
     cost,
   };
 }

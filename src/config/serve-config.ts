@@ -79,6 +79,8 @@ export interface ServeConfig {
   kvOverlapWeight: number;
   kvActiveWeight: number;
   kvHistoryWeight: number;
+  kvHostHitWeight: number;
+  kvDiskHitWeight: number;
   routerTemperature: number;
   tokenizer: string[];
   dpAware: boolean;
@@ -209,11 +211,13 @@ export const serveOptionSpecs: readonly OptionSpec[] = [
   { flag: 'kv-events-endpoints', kind: 'list', description: 'ZMQ PUB endpoint of each --worker-urls entry, same order (rank r of a DP worker: port + r)', default: [], argName: 'url...' },
   { flag: 'kv-events-replay-endpoints', kind: 'list', description: 'ZMQ replay (ROUTER) endpoint of each --worker-urls entry, same order', default: [], argName: 'url...' },
   { flag: 'kv-events-bind', kind: 'string', description: 'Bind one SUB that engines connect to (topic must name the worker host:port)', argName: 'url' },
-  { flag: 'kv-events-mediums', kind: 'enum', description: 'Events for CPU/disk tiers: ignore them, or index them apart from GPU', default: 'gpu-only', choices: ['gpu-only', 'separate'] },
+  { flag: 'kv-events-mediums', kind: 'enum', description: 'Events for CPU/disk tiers: ignore them, or index them apart from GPU (kv_aware credits them with --kv-host-hit-weight / --kv-disk-hit-weight; see docs/benchmarks.md)', default: 'separate', choices: ['gpu-only', 'separate'] },
   { flag: 'kv-events-stale-secs', kind: 'number', description: 'kv_aware: events this much older than a worker\'s last finished request count as stale (approximate fallback)', default: 5, min: 0, exclusiveMin: true },
   { flag: 'kv-index-max-blocks', kind: 'int', description: 'Largest KV block index (nodes); LRU leaves are pruned beyond it', default: 1000000, min: 1000 },
   { flag: 'kv-overlap-weight', kind: 'number', description: 'kv_aware: weight of the prefill blocks still needed (see docs/benchmarks.md for why 4, not Dynamo\'s 1)', default: 4, min: 0 },
   { flag: 'kv-active-weight', kind: 'number', description: 'kv_aware: weight of the blocks in-flight requests occupy', default: 0.1, min: 0 },
+  { flag: 'kv-host-hit-weight', kind: 'number', description: 'kv_aware: a prefix block held only in host memory (CPU offload tier) counts this much of a GPU block (with --kv-events-mediums separate)', default: 0.75, min: 0, max: 1 },
+  { flag: 'kv-disk-hit-weight', kind: 'number', description: 'kv_aware: a prefix block held only on disk/remote storage counts this much of a GPU block (with --kv-events-mediums separate)', default: 0.25, min: 0, max: 1 },
   { flag: 'kv-history-weight', kind: 'number', description: 'kv_aware: how much routing history counts next to engine events (affinity)', default: 1, min: 0, max: 1 },
   { flag: 'router-temperature', kind: 'number', description: 'kv_aware: 0 = lowest cost wins; > 0 samples a softmax over normalised costs', default: 0, min: 0 },
   { flag: 'tokenizer', kind: 'list', description: 'Hugging Face tokenizer.json (or its directory) for every model, or MODEL=PATH per model; default: the simulator\'s tokenizer', default: [], argName: 'path...' },

@@ -8,6 +8,11 @@ export interface RequestContext {
   readonly route: RouteName;
   /** Model named in the request, resolved to a served model. */
   readonly model: string;
+  /**
+   * LoRA adapter the request names (its `model` is an adapter a worker of `model` lists), or
+   * undefined for the base model. Engines key an adapter's KV blocks apart from the base model's.
+   */
+  readonly loraName?: string;
   /** The text used for prefix affinity (all chat messages in order, the prompt, or /generate text). */
   readonly routingText: string;
   /** Token ids when the router knows them (tokenizer configured, or /generate input_ids). */

@@ -176,7 +176,11 @@ export class WorkerManager {
           return undefined;
         });
         if (model === undefined) ok = false;
-        else for (const w of this.registry.byUrl(url)) this.registry.setModel(w, model);
+        else
+          for (const w of this.registry.byUrl(url)) {
+            this.registry.setModel(w, model.id);
+            w.loraAdapters = model.adapters;
+          }
       }
       if (this.states.get(url) !== state) return; // removed meanwhile
       this.record(url, state, ok, why);
@@ -221,7 +225,11 @@ export class WorkerManager {
     return key ? { authorization: `Bearer ${key}` } : {};
   }
 
-  private async discoverModel(url: string): Promise<string> {
+  /**
+   * The worker's model (the first `/v1/models` entry without a `parent`, else the first) and its
+   * LoRA adapters (entries whose `parent` names that model: vLLM's and SGLang's listing).
+   */
+  private async discoverModel(url: string): Promise<{ id: string; adapters: string[] }> {
     const res = await request(url + '/v1/models', {
       method: 'GET',
       dispatcher: this.agent,
@@ -232,9 +240,12 @@ export class WorkerManager {
       await res.body.dump();
       throw new Error(`status ${res.statusCode}`);
     }
-    const body = (await res.body.json()) as { data?: Array<{ id?: unknown }> };
-    const id = body?.data?.[0]?.id;
+    const body = (await res.body.json()) as { data?: Array<{ id?: unknown; parent?: unknown }> };
+    const data = Array.isArray(body?.data) ? body.data.filter((m) => m !== null && typeof m === 'object') : [];
+    const base = data.find((m) => m.parent === undefined || m.parent === null) ?? data[0];
+    const id = base?.id;
     if (typeof id !== 'string' || id.length === 0) throw new Error('no model listed');
-    return id;
+    const adapters = data.filter((m) => m.parent === id && typeof m.id === 'string' && m.id !== id).map((m) => m.id as string);
+    return { id, adapters };
   }
 }

@@ -82,6 +82,14 @@ export class Worker {
   loadObserver: ((worker: Worker) => void) | undefined;
   /** Requests finished (any outcome) on this worker. */
   processed = 0;
+  /**
+   * LoRA adapters the engine serves (the entries of its `GET /v1/models` with a `parent`, as vLLM
+   * and SGLang list them), refreshed with each model check. A request naming one is routed among
+   * this model's workers, keyed by the adapter (see RequestContext.loraName).
+   */
+  loraAdapters: readonly string[] = [];
+  /** Its KV-event subscription's state (written by the KV-event hub's silence check; GET /workers `kv_events`). */
+  kvEvents: object | undefined;
   /** Engine-reported load (vLLM/SGLang metrics), when a scraper runs. */
   engineLoad: EngineLoad | undefined;
   consecutiveHealthFailures = 0;
@@ -132,6 +140,8 @@ export class Worker {
       model: this.modelId ?? null,
       type: this.type,
       dp_rank: this.dpRank ?? null,
+      lora_adapters: this.loraAdapters.length > 0 ? this.loraAdapters : undefined,
+      kv_events: this.kvEvents,
       bootstrap_port: this.type === 'prefill' ? this.bootstrapPort : undefined,
       healthy: this.healthy,
       circuit_breaker: this.breaker?.state ?? null,

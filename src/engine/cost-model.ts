@@ -35,6 +35,9 @@
  *   Cross-check: a full cache (27 251 blocks × 16 = 436 k tokens) attended by 256 decodes costs
  *   6 + 256·0.03 + 436 016·5e-5 ≈ 35.5 ms per step; Dynamo's mocker decode polynomial gives
  *   5.74 ms at an empty cache and ≈ 34 ms at a full one.
+ * - hostLoadBlockMs 0.08: with the simulated CPU-offload tier (`--cpu-offload-blocks`), loading
+ *   one block (16 tokens × 128 KiB = 2 MiB) back from pinned host memory over PCIe 5 at ~25 GB/s
+ *   achieved. Recomputing the same block costs 16 × 0.05 = 0.8 ms plus attention, ~10× more.
  */
 export interface CostModelConfig {
   /** Fixed cost of every step (ms). */
@@ -47,6 +50,8 @@ export interface CostModelConfig {
   decodeSeqMs: number;
   /** Cost per context token attended by a decode sequence (ms). */
   decodeContextTokenMs: number;
+  /** Cost per KV block loaded from the host (CPU-offload) tier instead of recomputed (ms). */
+  hostLoadBlockMs: number;
   /** Fault knob: multiplies every step's duration (1 = healthy). */
   slowFactor: number;
 }
@@ -57,6 +62,7 @@ export const DEFAULT_COST_MODEL: Readonly<CostModelConfig> = Object.freeze({
   prefillAttentionMs: 1.0e-6,
   decodeSeqMs: 0.03,
   decodeContextTokenMs: 5.0e-5,
+  hostLoadBlockMs: 0.08,
   slowFactor: 1,
 });
 
@@ -68,6 +74,8 @@ export interface StepWork {
   decodeSeqs: number;
   /** Σ over decode sequences of their context length (tokens whose KV is read). */
   decodeContextTokens: number;
+  /** Blocks loaded from the host (CPU-offload) tier (absent = 0). */
+  hostLoadBlocks?: number;
 }
 
 /** Causal attention pairs of a prefill chunk of `chunk` new tokens after `past` cached tokens. */
@@ -82,7 +90,8 @@ export function stepDurationMs(c: CostModelConfig, w: StepWork): number {
       c.prefillTokenMs * w.prefillTokens +
       c.prefillAttentionMs * w.prefillPairs +
       c.decodeSeqMs * w.decodeSeqs +
-      c.decodeContextTokenMs * w.decodeContextTokens)
+      c.decodeContextTokenMs * w.decodeContextTokens +
+      (c.hostLoadBlockMs ?? 0) * (w.hostLoadBlocks ?? 0))
   );
 }
 

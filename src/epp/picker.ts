@@ -153,7 +153,7 @@ export class Picker {
       const body = parseJsonObject(input.body, this.opts.maxJsonDepth);
       const model = resolveModel(core.registry, body, ['regular']);
       const tokenize = (r: RouteName, m: string, b: Record<string, unknown>) => core.tokenizers.tokenize(r, b, m);
-      return buildContext({ route, requestId: input.requestId, body, req: { headers: input.headers } }, model, core.clock, tokenize, !!core.policy.needsTokens);
+      return buildContext({ route, requestId: input.requestId, body, req: { headers: input.headers } }, model, core.clock, tokenize, !!core.policy.needsTokens, core.registry);
     }
     // Headers-only requests and other paths: no routing text. The model is the body's `model`
     // when it names a served one, else the only model served, else any worker may serve.

@@ -18,7 +18,11 @@
  *      maps tagged under "type" (vLLM ≥ 0.24, newer SGLang), unknown keys ignored.
  *    Hybrid models publish one BlockStored per KV-cache group with `group_idx` and
  *    `kv_cache_spec_kind` (and BlockRemoved with `group_idx`); both are kept for the index.
- *    `extra_keys` (multimodal / LoRA / salt per block) is read past and not used.
+ *    `extra_keys` (multimodal / LoRA / salt per block) is read past and not used. `lora_name` (vLLM)
+ *    and the integer `lora_id` (vLLM's deprecated field, SGLang) are both kept: the index keys an
+ *    adapter's blocks apart from the base model's and from other adapters'.
+ *    SGLang's newer events are the same maps (tag under "type"); its HiCache tiers come as
+ *    `medium` ("CPU_PINNED", "CPU_TIER1", "DISK", ...).
  *    Missing trailing fields take their defaults (parent/medium/lora_name null, token_ids []);
  *    extra positions / unknown keys are ignored.
  *  - block hashes: any msgpack int width (number or bigint), normalized to an unsigned 64-bit bigint
@@ -127,6 +131,7 @@ interface RawStored {
   blockSize: unknown;
   medium: unknown;
   loraName: unknown;
+  loraId: unknown;
   groupIdx: unknown;
   kind: unknown;
 }
@@ -150,6 +155,8 @@ function buildStored(f: RawStored): KvCacheEvent | null {
   const blockSize = smallInt(f.blockSize);
   if (blockSize === null || blockSize <= 0) return null;
   const ev: KvCacheEvent = { type: 'stored', blockHashes, parentBlockHash, tokenIds, blockSize, medium: optString(f.medium), loraName: optString(f.loraName) };
+  const loraId = smallInt(f.loraId);
+  if (loraId !== null) ev.loraId = loraId;
   const groupIdx = groupOf(f.groupIdx);
   const kind = optString(f.kind);
   if (groupIdx !== null) ev.groupIdx = groupIdx;
@@ -177,7 +184,7 @@ function decodeEvent(raw: unknown): KvCacheEvent | null {
       case 'BlockStoredWithMetadata':
         // [tag, block_hashes, parent_block_hash, token_ids, block_size, lora_id, medium, lora_name,
         //  extra_keys, group_idx, kv_cache_spec_kind, kv_cache_spec_sliding_window, ...]
-        return buildStored({ hashes: raw[1], parent: raw[2], tokens: raw[3], blockSize: raw[4], medium: raw[6], loraName: raw[7], groupIdx: raw[9], kind: raw[10] });
+        return buildStored({ hashes: raw[1], parent: raw[2], tokens: raw[3], blockSize: raw[4], medium: raw[6], loraName: raw[7], loraId: raw[5], groupIdx: raw[9], kind: raw[10] });
       case 'BlockRemoved':
         // [tag, block_hashes, medium, group_idx, ...]
         return buildRemoved(raw[1], raw[2], raw[3]);
@@ -199,6 +206,7 @@ function decodeEvent(raw: unknown): KvCacheEvent | null {
           blockSize: m.block_size,
           medium: m.medium,
           loraName: m.lora_name,
+          loraId: m.lora_id,
           groupIdx: m.group_idx,
           kind: m.kv_cache_spec_kind,
         });

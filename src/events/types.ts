@@ -15,6 +15,11 @@ export type KvCacheEvent =
       medium: string | null;
       loraName: string | null;
       /**
+       * Deprecated integer adapter id (vLLM `lora_id`, SGLang `lora_id`). Used only to keep an
+       * adapter's blocks apart when the engine sends no `lora_name`.
+       */
+      loraId?: number | null;
+      /**
        * vLLM hybrid models (one KV-cache group per attention kind): the group that stored the
        * blocks and its kind (`full_attention`, `mla_attention`, `sink_full_attention`,
        * `sliding_window`, `sliding_window_mla`, `mamba`, `unknown`). Absent/null: one group.

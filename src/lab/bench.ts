@@ -1,3 +1,4 @@
+import type { MediumMode } from '../cache/block-index.js';
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import type { PolicyOptions } from '../policies/factory.js';
@@ -32,7 +33,7 @@ export interface BenchOptions {
   engine: LabEngineConfig;
   seed: number;
   /** Delays of the router's view (KV events, engine metrics). */
-  lab?: { kvEventDelayMs?: number; metricsIntervalMs?: number; metricsDelayMs?: number };
+  lab?: { kvEventDelayMs?: number; metricsIntervalMs?: number; metricsDelayMs?: number; kvMediums?: MediumMode };
   /** Router replicas behind a round-robin front (default 1), and their sync delay (ms) or 'off' (default 5). */
   routerReplicas?: number;
   replicaSyncDelayMs?: number | 'off';

@@ -1,4 +1,4 @@
-import { BlockIndex } from '../cache/block-index.js';
+import { BlockIndex, type MediumMode } from '../cache/block-index.js';
 import { ManualClock } from '../core/clock.js';
 import type { KvCacheEvent } from '../events/types.js';
 import type { RequestContext } from '../core/context.js';
@@ -35,6 +35,8 @@ export interface ClusterConfig {
   onProgress?: (fraction: number) => void;
   /** KV events reach the router's index this long after the engine step that produced them (ms). */
   kvEventDelayMs?: number;
+  /** CPU/disk-tier events: ignored by the router's index (default) or indexed apart ('separate'). */
+  kvMediums?: MediumMode;
   /** Engine metrics (running, waiting, KV usage) are sampled this often (ms)... */
   metricsIntervalMs?: number;
   /** ...and seen by the router this long after sampling (ms). */
@@ -68,8 +70,8 @@ export function labContext(req: LabRequest, nowMs: number): RequestContext {
  * KV events as the router receives them: each engine step's batch reaches the shared block index
  * `delayMs` after the step, and the time it arrived is kept per source (kv_aware's freshness).
  */
-export function kvEventFeed(queue: EventQueue<Ev>, clock: { now(): number }, delayMs: number) {
-  const index = new BlockIndex();
+export function kvEventFeed(queue: EventQueue<Ev>, clock: { now(): number }, delayMs: number, mediums?: MediumMode) {
+  const index = new BlockIndex({ mediums });
   const lastEventAt = new Map<string, number>();
   const sinkFor = (source: string): KvEventSink => (events) => {
     const batch = normalise(events);
@@ -90,7 +92,7 @@ export function normalise(events: readonly KvEvent[]): KvCacheEvent[] {
   return events.map((e): KvCacheEvent => {
     switch (e.type) {
       case 'BlockStored':
-        return { type: 'stored', blockHashes: e.blockHashes, parentBlockHash: e.parentBlockHash, tokenIds: e.tokenIds, blockSize: e.blockSize, medium: e.medium, loraName: e.loraName };
+        return { type: 'stored', blockHashes: e.blockHashes, parentBlockHash: e.parentBlockHash, tokenIds: e.tokenIds, blockSize: e.blockSize, medium: e.medium, loraName: e.loraName, loraId: e.loraId };
       case 'BlockRemoved':
         return { type: 'removed', blockHashes: e.blockHashes, medium: e.medium };
       case 'AllBlocksCleared':
@@ -164,7 +166,7 @@ export function runCluster(requests: readonly LabRequest[], cfg: ClusterConfig):
     };
   };
   const usesEvents = !cfg.pooled && cfg.policy === 'kv_aware';
-  const kv = kvEventFeed(queue, clock, cfg.kvEventDelayMs ?? LAB_DEFAULTS.kvEventDelayMs);
+  const kv = kvEventFeed(queue, clock, cfg.kvEventDelayMs ?? LAB_DEFAULTS.kvEventDelayMs, cfg.kvMediums);
   const engines = Array.from({ length: n }, (_, i) => {
     const opts = engineOpts(i);
     if (usesEvents) opts.kvEventSink = kv.sinkFor(`http://engine-${i}.lab`);

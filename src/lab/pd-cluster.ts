@@ -110,7 +110,7 @@ export function runPdCluster(requests: readonly LabRequest[], cfg: PdClusterConf
   const urlOf = (i: number) => (i < np ? `http://prefill-${i}.lab` : `http://decode-${i - np}.lab`);
 
   const usesEvents = prefillName === 'kv_aware' || decodeName === 'kv_aware';
-  const kv = kvEventFeed(queue, clock, cfg.kvEventDelayMs ?? LAB_DEFAULTS.kvEventDelayMs);
+  const kv = kvEventFeed(queue, clock, cfg.kvEventDelayMs ?? LAB_DEFAULTS.kvEventDelayMs, cfg.kvMediums);
   const engines = Array.from({ length: n }, (_, i) => {
     const opts: EngineOptions = { ...cfg.engine, clock, rng: new SeededRng(cfg.seed * 1000 + i + 1), cost: { ...cfg.engine.cost } };
     if (usesEvents) opts.kvEventSink = kv.sinkFor(urlOf(i));

@@ -375,6 +375,16 @@ function registerKvMetrics(kv: KvEventHub, registers: Registry[], labels: Worker
     },
   });
   new Gauge({
+    name: 'kvgate_kv_events_silent',
+    help: '1 while a worker completes requests but its KV-event subscription delivers nothing (misconfigured publisher/subscriber: see the log)',
+    labelNames: ['worker'],
+    registers,
+    collect() {
+      this.reset();
+      for (const [id, silent] of kv.silentSources()) this.set({ worker: id }, silent ? 1 : 0);
+    },
+  });
+  new Gauge({
     name: 'kvgate_kv_indexed_blocks',
     help: 'Blocks in the KV index per worker (url or url@rank)',
     labelNames: ['worker'],

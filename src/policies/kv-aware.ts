@@ -1,6 +1,6 @@
 import { xxh3 } from '@node-rs/xxhash';
 import { CharTree } from '../cache/char-tree.js';
-import { hashBlocks, LOCAL_HASH_SEED, type BlockIndex } from '../cache/block-index.js';
+import { hashBlocks, LOCAL_HASH_SEED, loraSeed, type BlockIndex } from '../cache/block-index.js';
 import type { RequestContext } from '../core/context.js';
 import type { Worker } from '../core/worker.js';
 import { describeAll, noneAvailable, round, type RouteExplanation } from './explain.js';
@@ -37,6 +37,13 @@ export interface KvAwareConfig {
    * block sent to a worker before counts as held there even after the engine evicted it).
    */
   historyWeight: number;
+  /**
+   * A prefix block the worker holds only in host memory (CPU offload tier) counts this much of a
+   * GPU block in its overlap; on disk/remote storage, `diskHitWeight` (Dynamo: 0.75 and 0.25).
+   * Needs `--kv-events-mediums separate` (tier events indexed); 0 = not credited.
+   */
+  hostHitWeight: number;
+  diskHitWeight: number;
   /** Block size when the index has not learnt it from events yet. */
   defaultBlockSize: number;
   /** Approximate fallback tree: characters kept per worker. */
@@ -50,6 +57,8 @@ export const defaultKvAwareConfig: KvAwareConfig = {
   temperature: 0,
   staleAfterMs: 5000,
   historyWeight: 1,
+  hostHitWeight: 0.75,
+  diskHitWeight: 0.25,
   defaultBlockSize: 16,
   maxTreeSize: 67_108_864,
   evictionIntervalSecs: 120,
@@ -177,7 +186,9 @@ export class KvAwarePolicy extends BasePolicy {
     const prefillTokens = Math.max(0, inputTokens - meta[i].overlap * bs);
     this.track(chosen, ctx.requestId, seq, prefillTokens);
     if (textChars > 0) tree.insert(text, chosen.id);
-    this.deps.share?.routed({ model: ctx.model, workerId: chosen.id, requestId: ctx.requestId, text: textChars > 0 ? text : undefined, blocks: requestBlocks, prefillTokens });
+    // The tree key (model, or model + adapter) goes to peers as the record's model: they insert under the same key.
+    const treeKey = ctx.loraName ? `${ctx.model}\u0000lora:${ctx.loraName}` : ctx.model;
+    this.deps.share?.routed({ model: treeKey, workerId: chosen.id, requestId: ctx.requestId, text: textChars > 0 ? text : undefined, blocks: requestBlocks, prefillTokens });
     return chosen;
   }
 
@@ -191,13 +202,18 @@ export class KvAwarePolicy extends BasePolicy {
     const tokens = ctx.tokenIds;
     const text = ctx.routingText;
     // Without token ids (no tokenizer for this model) every worker is judged on the text tree.
-    const local = tokens ? hashBlocks(tokens, bs) : [];
+    // A LoRA request's blocks are keyed by its adapter, as the engines key them.
+    const local = tokens ? hashBlocks(tokens, bs, loraSeed(ctx.loraName)) : [];
     const inputTokens = tokens ? tokens.length : Math.ceil([...text].length / 4);
     const requestBlocks = Math.ceil(inputTokens / bs);
     const seq = sequenceHashes(local);
     const fullBlocks = Math.floor(inputTokens / bs);
-    const overlaps = tokens ? this.view.index.match(local, readOnly ? { touch: false } : undefined) : new Map<string, number>();
-    const tree = readOnly ? (this.trees.get(ctx.model) ?? new CharTree()) : this.treeFor(ctx.model);
+    const overlaps = tokens
+      ? this.view.index.matchTiered(local, { host: this.config.hostHitWeight ?? 0, disk: this.config.diskHitWeight ?? 0 }, readOnly ? { touch: false } : undefined)
+      : new Map<string, number>();
+    // Routing history per model, and per adapter of a model (peers get the same key).
+    const treeKey = ctx.loraName ? `${ctx.model}\u0000lora:${ctx.loraName}` : ctx.model;
+    const tree = readOnly ? (this.trees.get(treeKey) ?? new CharTree()) : this.treeFor(treeKey);
     const textChars = text.length > 0 ? [...text].length : 0;
 
     const costs: number[] = [];

@@ -163,7 +163,7 @@ export class PdRouter {
     const model = routeModel(registry, r, ['prefill', 'decode'], this.deps.strictModel);
     const insight = this.deps.insight;
     r.arrivedAt ??= performance.now();
-    const ctx = buildContext(r, model, this.deps.clock, tracedTokenize(this.deps.tokenize, r.trace), !!pairPolicy.needsTokens);
+    const ctx = buildContext(r, model, this.deps.clock, tracedTokenize(this.deps.tokenize, r.trace), !!pairPolicy.needsTokens, registry);
     const prefillPool = registry.forModel(model, 'prefill');
     const decodePool = registry.forModel(model, 'decode');
     if (!prefillPool.some((w) => w.isAvailable())) throw errors.unavailable(`No healthy prefill worker for model '${model}'`, 'no_available_prefill_workers');

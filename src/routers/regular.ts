@@ -60,9 +60,11 @@ export class RegularRouter {
     const insight = this.deps.insight;
     r.arrivedAt ??= performance.now();
     const model = routeModel(this.deps.registry, r, ['regular'], this.deps.strictModel);
-    const ctx = buildContext(r, model, this.deps.clock, tracedTokenize(this.deps.tokenize, r.trace), !!policy.needsTokens);
+    const ctx = buildContext(r, model, this.deps.clock, tracedTokenize(this.deps.tokenize, r.trace), !!policy.needsTokens, this.deps.registry);
     const excluded = new Set<Worker>();
-    const candidates = () => registry.forModel(model).filter((w) => !excluded.has(w));
+    // A LoRA request goes to the workers that list its adapter.
+    const lora = ctx.loraName;
+    const candidates = () => registry.forModel(model).filter((w) => !excluded.has(w) && (lora === undefined || w.loraAdapters.includes(lora)));
     let last: { worker: Worker; result: ProxyResult & { routeHeader?: string } } | undefined;
     // --request-timeout-secs bounds the whole request, retries and backoff included.
     const deadline = performance.now() + this.deps.timeouts.totalMs;

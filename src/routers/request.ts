@@ -50,6 +50,8 @@ export function resolveModel(registry: WorkerRegistry, body: Record<string, unkn
   if (requested !== undefined && requested !== null) {
     if (typeof requested !== 'string') throw errors.badRequest("'model' must be a string", 'invalid_type', 'model');
     if (served(requested)) return requested;
+    const base = adapterBase(registry, requested, types);
+    if (base !== undefined) return base;
     if (!strict && models.length === 1 && !undiscovered) return models[0];
     if (undiscovered) throw errors.noHealthyWorkers(requested);
     throw errors.modelNotFound(requested);
@@ -59,14 +61,28 @@ export function resolveModel(registry: WorkerRegistry, body: Record<string, unkn
   throw errors.badRequest(`'model' is required: this gateway serves ${models.length} models (${models.join(', ')})`, 'missing_field', 'model');
 }
 
+/** The model whose workers list `name` as a LoRA adapter, if any (first found). */
+export function adapterBase(registry: WorkerRegistry, name: string, types: readonly WorkerType[]): string | undefined {
+  for (const w of registry.all()) if (w.modelId !== undefined && types.includes(w.type) && w.loraAdapters.includes(name)) return w.modelId;
+  return undefined;
+}
+
+/** The LoRA adapter a request names for `model` (its `model` is an adapter of it), else undefined. */
+export function loraOf(registry: WorkerRegistry, body: Record<string, unknown>, model: string): string | undefined {
+  const name = body.model;
+  if (typeof name !== 'string' || name === model) return undefined;
+  return registry.forModel(model).some((w) => w.loraAdapters.includes(name)) ? name : undefined;
+}
+
 /**
  * Resolves the model of a routed request and, when the request named another model than the
- * one served, rewrites its `model` (parsed body and the bytes sent upstream).
+ * one served (and not one of its LoRA adapters), rewrites its `model` (parsed body and the
+ * bytes sent upstream).
  */
 export function routeModel(registry: WorkerRegistry, r: RoutedRequest, types: readonly WorkerType[], strict = false): string {
   const model = resolveModel(registry, r.body, types, strict);
   r.model = model;
-  if (typeof r.body.model === 'string' && r.body.model !== model) {
+  if (typeof r.body.model === 'string' && r.body.model !== model && loraOf(registry, r.body, model) === undefined) {
     r.body = { ...r.body, model };
     r.rawBody = Buffer.from(JSON.stringify(r.body));
   }
@@ -74,16 +90,22 @@ export function routeModel(registry: WorkerRegistry, r: RoutedRequest, types: re
 }
 
 /** What policies see of a request: routing text (all messages), token ids when needed, limits. */
-export function buildContext(r: ContextSource, model: string, clock: Clock, tokenize: Tokenize | undefined, needsTokens: boolean): RequestContext {
+/**
+ * `registry` (optional) lets the context name the LoRA adapter the request asks for (its `model`
+ * is an adapter a worker of `model` lists).
+ */
+export function buildContext(r: ContextSource, model: string, clock: Clock, tokenize: Tokenize | undefined, needsTokens: boolean, registry?: WorkerRegistry): RequestContext {
   const routing = routingTextOf(r.route, r.body);
   if (r.body.stream !== undefined && r.body.stream !== null && typeof r.body.stream !== 'boolean') {
     throw errors.badRequest("'stream' must be a boolean", 'invalid_type', 'stream');
   }
   const tokenIds = routing.tokenIds ?? (needsTokens ? tokenize?.(r.route, model, r.body) : undefined);
+  const lora = typeof r.body.model === 'string' && r.body.model !== model ? r.body.model : undefined;
   return {
     requestId: r.requestId,
     route: r.route,
     model,
+    loraName: lora !== undefined && registry?.forModel(model).some((w) => w.loraAdapters.includes(lora)) ? lora : undefined,
     routingText: routing.text,
     tokenIds,
     headers: r.req.headers,

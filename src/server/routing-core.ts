@@ -126,6 +126,8 @@ export class RoutingCore {
       bind: config.kvEventsBind,
       maxBlocks: config.kvIndexMaxBlocks,
       resolveSource: (topic, dpRank) => this.resolveEventSource(topic, dpRank),
+      workers: () => this.registry.all(),
+      staleAfterMs: config.kvEventsStaleSecs * 1000,
     });
     this.metrics = new GatewayMetrics(this.registry, () => (this.policy instanceof CacheAwarePolicy ? this.policy.treeChars() : new Map()), this.kvEvents, { now: () => clock.now() });
     // Replica sync (--replica-sync): policies report what they record to it; it applies peers' events.
@@ -183,6 +185,8 @@ export class RoutingCore {
           overlapWeight: config.kvOverlapWeight,
           activeWeight: config.kvActiveWeight,
           historyWeight: config.kvHistoryWeight,
+          hostHitWeight: config.kvHostHitWeight,
+          diskHitWeight: config.kvDiskHitWeight,
           temperature: config.routerTemperature,
           staleAfterMs: config.kvEventsStaleSecs * 1000,
           maxTreeSize: config.maxTreeSize,

@@ -50,6 +50,11 @@ export interface EngineConfig {
   maxModelLen: number;
   /** Generated pseudo tokens are uniform in [0, vocabSize). Llama 3: 128256. */
   vocabSize: number;
+  /**
+   * Blocks of the simulated CPU-offload tier (0 = none; see HostCache in kv-cache.ts). vLLM's
+   * `--kv-transfer-config '{"kv_connector":"OffloadingConnector",...,"cpu_bytes_to_use":…}'`.
+   */
+  cpuOffloadBlocks: number;
   cost: CostModelConfig;
 }
 
@@ -60,6 +65,7 @@ export const DEFAULT_ENGINE_CONFIG: Readonly<Omit<EngineConfig, 'cost'>> = Objec
   maxNumBatchedTokens: 8192,
   maxModelLen: 131_072,
   vocabSize: 128_256,
+  cpuOffloadBlocks: 0,
 });
 
 export interface EngineOptions extends Partial<Omit<EngineConfig, 'cost'>> {
@@ -202,7 +208,7 @@ export class Engine {
   private seq = 0;
   private lastEndMs = -Infinity;
   private inFlight: StepPlan | null = null;
-  private readonly work: StepWork = { prefillTokens: 0, prefillPairs: 0, decodeSeqs: 0, decodeContextTokens: 0 };
+  private readonly work: StepWork = { prefillTokens: 0, prefillPairs: 0, decodeSeqs: 0, decodeContextTokens: 0, hostLoadBlocks: 0 };
   private promptTokens = 0;
   private generationTokens = 0;
   private finishedCount = 0;
@@ -223,17 +229,19 @@ export class Engine {
       maxNumBatchedTokens: opts.maxNumBatchedTokens ?? DEFAULT_ENGINE_CONFIG.maxNumBatchedTokens,
       maxModelLen: opts.maxModelLen ?? DEFAULT_ENGINE_CONFIG.maxModelLen,
       vocabSize: opts.vocabSize ?? DEFAULT_ENGINE_CONFIG.vocabSize,
+      cpuOffloadBlocks: opts.cpuOffloadBlocks ?? DEFAULT_ENGINE_CONFIG.cpuOffloadBlocks,
       cost,
     };
     for (const k of ['blockSize', 'numGpuBlocks', 'maxNumSeqs', 'maxNumBatchedTokens', 'maxModelLen', 'vocabSize'] as const) {
       const v = config[k];
       if (!Number.isInteger(v) || v < 1) throw new RangeError(`engine: ${k} must be a positive integer (got ${String(v)})`);
     }
+    if (!Number.isInteger(config.cpuOffloadBlocks) || config.cpuOffloadBlocks < 0) throw new RangeError(`engine: cpuOffloadBlocks must be an integer >= 0 (got ${String(config.cpuOffloadBlocks)})`);
     this.config = Object.freeze(config);
     this.clock = opts.clock;
     this.rng = opts.rng ?? new SeededRng(0);
     this.sink = opts.kvEventSink;
-    this.pool = new BlockPool(config.numGpuBlocks, config.blockSize, this.sink !== undefined);
+    this.pool = new BlockPool(config.numGpuBlocks, config.blockSize, this.sink !== undefined, config.cpuOffloadBlocks);
     this.sched = new Scheduler(this.pool, config);
   }
 

@@ -149,6 +149,66 @@ class HashIndex {
 
 // ---------------------------------------------------------------------------------------------
 
+/** Host (CPU) medium, as vLLM's OffloadingConnector reports it in KV events. */
+export const MEDIUM_CPU = 'CPU';
+
+/**
+ * Simulated CPU-offload tier (off unless `--cpu-offload-blocks N` > 0), after vLLM's
+ * OffloadingConnector with its CPU backend: every block cached on the GPU is also written to a
+ * bounded host LRU of N blocks (write-through, keyed by the same block hash), which emits
+ * `BlockStored` with medium "CPU", no parent and EMPTY token ids (as vLLM's connector does: a
+ * router resolves those blocks through the GPU events it already has), and `BlockRemoved`
+ * "CPU" when its LRU evicts. A request whose next prefix blocks are missing on the GPU but held
+ * here loads them (priced per block by the cost model's hostLoadBlockMs) instead of recomputing.
+ */
+export class HostCache {
+  /** Block hash → true, in LRU order (first = least recently used). */
+  private readonly lru = new Map<bigint, true>();
+
+  constructor(
+    readonly capacity: number,
+    private readonly emit: ((e: KvEvent) => void) | null,
+  ) {}
+
+  get size(): number {
+    return this.lru.size;
+  }
+
+  has(h: bigint): boolean {
+    return this.lru.has(h);
+  }
+
+  /** Marks blocks as just used (they are loaded back to the GPU). */
+  touch(h: bigint): void {
+    if (this.lru.delete(h)) this.lru.set(h, true);
+  }
+
+  /** Writes blocks to the host tier (LRU-evicting beyond capacity), with their events. */
+  offload(hashes: readonly bigint[], blockSize: number): void {
+    let stored: bigint[] | null = null;
+    for (const h of hashes) {
+      if (this.lru.delete(h)) {
+        this.lru.set(h, true);
+        continue;
+      }
+      this.lru.set(h, true);
+      (stored ??= []).push(h);
+    }
+    if (stored && this.emit) this.emit({ type: 'BlockStored', blockHashes: stored, parentBlockHash: null, tokenIds: [], blockSize, loraId: null, medium: MEDIUM_CPU, loraName: null });
+    let removed: bigint[] | null = null;
+    while (this.lru.size > this.capacity) {
+      const oldest = this.lru.keys().next().value as bigint;
+      this.lru.delete(oldest);
+      (removed ??= []).push(oldest);
+    }
+    if (removed && this.emit) this.emit({ type: 'BlockRemoved', blockHashes: removed, medium: MEDIUM_CPU });
+  }
+
+  clear(): void {
+    this.lru.clear();
+  }
+}
+
 export class BlockPool {
   readonly numBlocks: number;
   readonly blockSize: number;
@@ -171,11 +231,16 @@ export class BlockPool {
   /** Events produced since the last {@link takeEvents}; only collected when enabled. */
   private events: KvEvent[] = [];
 
+  /** The CPU-offload tier, when the engine has one (`hostBlocks` > 0). */
+  readonly host: HostCache | null;
+
   constructor(
     numBlocks: number,
     blockSize: number,
     private readonly eventsEnabled: boolean,
+    hostBlocks = 0,
   ) {
+    this.host = hostBlocks > 0 ? new HostCache(hostBlocks, eventsEnabled ? (e) => this.events.push(e) : null) : null;
     this.numBlocks = numBlocks;
     this.blockSize = blockSize;
     this.refCount = new Int32Array(numBlocks);
@@ -299,6 +364,12 @@ export class BlockPool {
       }
     }
     if (runHashes) this.storedEvent(runFirst, runHashes, hashHi, hashLo, tokens);
+    if (this.host !== null && to > from) {
+      // Write-through to the host tier (after the GPU events, so a router knows the blocks).
+      const hashes: bigint[] = [];
+      for (let i = from; i < to; i++) hashes.push(toBigHash(hashHi[i]!, hashLo[i]!));
+      this.host.offload(hashes, this.blockSize);
+    }
   }
 
   private storedEvent(
@@ -329,6 +400,7 @@ export class BlockPool {
     for (let b = 0; b < this.numBlocks; b++) this.hashed[b] = 0;
     this.cache.clear();
     this.hashedCount = 0;
+    this.host?.clear();
     if (this.eventsEnabled) this.events.push({ type: 'AllBlocksCleared' });
   }
 

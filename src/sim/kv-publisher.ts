@@ -115,7 +115,8 @@ function nonNegativeInt(name: string, v: number): number {
 }
 
 export class KvEventPublisher {
-  private readonly endpoint: string;
+  /** The configured PUB endpoint (bound or connected to, per publisherShouldBind). */
+  readonly endpoint: string;
   private readonly replayEndpointOpt: string | undefined;
   private readonly format: KvWireFormat;
   private readonly dpRank: number;

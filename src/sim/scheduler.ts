@@ -1,4 +1,4 @@
-import { BlockPool, hashBlock, ROOT_HASH_HI, ROOT_HASH_LO } from './kv-cache.js';
+import { BlockPool, hashBlock, ROOT_HASH_HI, ROOT_HASH_LO, toBigHash } from './kv-cache.js';
 import { prefillPairs, type StepWork } from '../engine/cost-model.js';
 
 /**
@@ -187,6 +187,8 @@ export interface SchedulerCounters {
   importedTokens: number;
   /** Tokens priced as prefill work, over all steps. */
   prefillTokensComputed: number;
+  /** Prompt tokens loaded from the CPU-offload tier instead of recomputed (0 without one). */
+  hostHitTokens: number;
 }
 
 export class Scheduler {
@@ -201,6 +203,7 @@ export class Scheduler {
     prefilledAdmissions: 0,
     importedTokens: 0,
     prefillTokensComputed: 0,
+    hostHitTokens: 0,
   };
   private readonly scratch = new Uint32Array(2);
   private readonly hitBlocks: number[] = [];
@@ -223,6 +226,7 @@ export class Scheduler {
     work.prefillPairs = 0;
     work.decodeSeqs = 0;
     work.decodeContextTokens = 0;
+    work.hostLoadBlocks = 0;
     let preempted = 0;
 
     // 1. Running requests.
@@ -262,18 +266,31 @@ export class Scheduler {
           hits.push(blk);
           if (this.pool.isFree(blk)) evictableHits++;
         }
-        const hitTokens = hits.length * blockSize;
+        // Then the blocks the CPU-offload tier holds: loaded back instead of recomputed.
+        let hostHits = 0;
+        const host = this.pool.host;
+        if (host !== null && !req.prefilled) {
+          while (hits.length + hostHits < maxHit && host.has(toBigHash(req.hashHi[hits.length + hostHits]!, req.hashLo[hits.length + hostHits]!))) hostHits++;
+        }
+        const gpuHitTokens = hits.length * blockSize;
+        const hitTokens = gpuHitTokens + hostHits * blockSize;
         // A prefilled request imports the KV of every prompt token but the last, which is
         // scheduled as a decode-like 1-token step that samples the first output token (vLLM's
         // NIXL path does the same: a fully loaded prompt has its last token recomputed).
         const base = req.prefilled ? req.numTokens - 1 : hitTokens;
         const numNew = req.prefilled ? 1 : Math.min(req.numTokens - hitTokens, budget);
+        // (needBlocks includes the host-loaded blocks: they get fresh GPU blocks.)
         const needBlocks = Math.ceil((base + numNew) / blockSize) - hits.length;
         if (needBlocks + evictableHits > this.pool.numFree) break;
         for (const blk of hits) this.pool.touch(blk);
         req.blocks.push(...hits);
         req.numComputed = base;
         req.numCachedBlocks = hits.length;
+        if (hostHits > 0) {
+          for (let b = hits.length; b < hits.length + hostHits; b++) host!.touch(toBigHash(req.hashHi[b]!, req.hashLo[b]!));
+          work.hostLoadBlocks = (work.hostLoadBlocks ?? 0) + hostHits;
+          this.counters.hostHitTokens += hostHits * blockSize;
+        }
         if (req.prefilled) {
           req.importedTokens += base - hitTokens;
           this.counters.prefilledAdmissions++;
@@ -287,7 +304,7 @@ export class Scheduler {
           req.cachedTokens = hitTokens;
         }
         this.counters.prefixCacheQueries += req.numTokens;
-        this.counters.prefixCacheHits += hitTokens;
+        this.counters.prefixCacheHits += gpuHitTokens;
         running.push(req);
         this.commit(req, numNew, work);
         budget -= numNew;

@@ -78,6 +78,8 @@ export interface SimServerOptions {
   model?: string;
   blockSize?: number;
   numGpuBlocks?: number;
+  /** Blocks of the simulated CPU-offload tier (0 = none). */
+  cpuOffloadBlocks?: number;
   maxNumSeqs?: number;
   maxNumBatchedTokens?: number;
   maxModelLen?: number;
@@ -238,6 +240,7 @@ export async function startSimServer(opts: SimServerOptions = {}): Promise<SimSe
         rng: opts.seed === undefined ? randomRng() : new SeededRng(opts.seed + rank),
         blockSize: opts.blockSize,
         numGpuBlocks: opts.numGpuBlocks,
+        cpuOffloadBlocks: opts.cpuOffloadBlocks,
         maxNumSeqs: opts.maxNumSeqs,
         maxNumBatchedTokens: opts.maxNumBatchedTokens,
         maxModelLen: opts.maxModelLen,

@@ -2,10 +2,10 @@
 // one shared port, the nats-server it starts for them, restart of a killed process, and a clean
 // SIGTERM. Needs the Debian package nats-server (scripts/setup-test-deps.sh).
 import { request as httpRequest, Agent } from 'node:http';
-import { createServer } from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { findNatsServer } from '../../src/processes/nats-server.js';
 import { runKvgate, spawnKvgate, type Spawned } from '../helpers/processes.js';
+import { freePort } from '../helpers/ports.js';
 
 const running: Spawned[] = [];
 let sim: string;
@@ -19,16 +19,6 @@ afterAll(async () => {
   await Promise.all(running.map((p) => p.stop()));
 });
 
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = createServer();
-    s.once('error', reject);
-    s.listen(0, '127.0.0.1', () => {
-      const port = (s.address() as { port: number }).port;
-      s.close(() => resolve(port));
-    });
-  });
-}
 
 // A new TCP connection per request, so the kernel picks the accepting process each time.
 const noKeepAlive = new Agent({ keepAlive: false });

@@ -7,10 +7,10 @@
  * workers shaped like the router's FastAPI mock worker (test/helpers/sglang-mock-worker.ts).
  */
 import { readFileSync } from 'node:fs';
-import { createServer } from 'node:net';
 import { afterAll, describe, expect, it } from 'vitest';
 import { SglangMockWorker } from '../helpers/sglang-mock-worker.js';
 import { spawnKvgate, type Spawned } from '../helpers/processes.js';
+import { freePort } from '../helpers/ports.js';
 
 const running: Spawned[] = [];
 const workers: SglangMockWorker[] = [];
@@ -19,14 +19,7 @@ afterAll(async () => {
   await Promise.all(workers.map((w) => w.close()));
 });
 
-async function freePort(): Promise<number> {
-  const s = createServer();
-  await new Promise<void>((r) => s.listen(0, '127.0.0.1', r));
-  const port = (s.address() as { port: number }).port;
-  await new Promise<void>((r) => s.close(() => r()));
-  return port;
-}
-
+async 
 async function mock(opts: ConstructorParameters<typeof SglangMockWorker>[0] = {}): Promise<SglangMockWorker> {
   const w = await new SglangMockWorker(opts).start();
   workers.push(w);
