@@ -4,6 +4,7 @@ import type { AddressInfo } from 'node:net';
 import OpenAI from 'openai';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { runKvgate, spawnKvgate, type Spawned } from '../helpers/processes.js';
+import { freePort } from '../helpers/ports.js';
 
 const running: Spawned[] = [];
 let simA: string;
@@ -132,8 +133,7 @@ describe('kvgate serve in front of kvgate sim (separate processes)', () => {
 
 describe('kvgate serve --pd-disaggregation in front of kvgate sim processes', () => {
   it.each(['sglang', 'vllm'] as const)('%s protocol: streaming and non-streaming chat', async (protocol) => {
-    const port = () => String(20_000 + Math.floor(Math.random() * 20_000));
-    const boot = [port(), port()];
+    const boot = [String(await freePort()), String(await freePort())];
     const simArgs = (role: string, i: number) => [
       'sim', '--host', '127.0.0.1', '--port', '0', '--speed', '20', '--pd-role', role, '--pd-protocol', protocol,
       ...(role === 'prefill' ? (protocol === 'sglang' ? ['--bootstrap-port', boot[i]] : ['--kv-side-channel-port', '0']) : []),

@@ -5,16 +5,16 @@ import { startSimServer, type SimServer } from '../../src/sim/server.js';
 import type { Gateway } from '../../src/server/gateway.js';
 import type { KvAwarePolicy } from '../../src/policies/kv-aware.js';
 import { startGateway, waitFor } from '../helpers/gateway.js';
+import { freePortRange } from '../helpers/ports.js';
 
 const cleanups: Array<() => Promise<unknown>> = [];
 afterEach(async () => {
   while (cleanups.length) await cleanups.pop()!().catch(() => undefined);
 });
 
-const basePort = () => 20_000 + Math.floor(Math.random() * 20_000);
 
 async function cluster(format: 'array' | 'map', dp: number) {
-  const port = basePort();
+  const port = await freePortRange(Math.max(2, dp));
   const sim = await startSimServer({
     host: '127.0.0.1',
     port: 0,
@@ -119,8 +119,8 @@ describe('KV event replay', () => {
 
 describe('KV event subscription modes', () => {
   it('--kv-events-bind: engines connect to kvgate; the topic names the worker', async () => {
-    const httpPort = basePort();
-    const evPort = basePort();
+    const httpPort = await freePortRange(2);
+    const evPort = await freePortRange(2);
     const gw = await startGateway({ workerUrls: [], policy: 'kv_aware', kvEventsBind: `tcp://127.0.0.1:${evPort}`, engineMetricsIntervalSecs: 0 });
     cleanups.push(() => gw.close());
     // No '*' in the endpoint: the simulated engine's PUB connects (vLLM's rule), topic as llm-d names it.
@@ -144,7 +144,7 @@ describe('KV event subscription modes', () => {
   });
 
   it('POST /workers with kv_events_endpoint subscribes the new worker', async () => {
-    const port = basePort();
+    const port = await freePortRange(2);
     const sim = await startSimServer({ host: '127.0.0.1', port: 0, speed: 50, seed: 3, kvEvents: { endpoint: `tcp://*:${port}`, replayEndpoint: `tcp://*:${port + 50}`, format: 'array' } });
     cleanups.push(() => sim.close());
     const gw = await startGateway({ workerUrls: [], policy: 'kv_aware', engineMetricsIntervalSecs: 0 });

@@ -4,6 +4,7 @@ import { decode } from '@msgpack/msgpack';
 import { resolveSimOptions } from '../../src/cli/sim-command.js';
 import { ConfigError } from '../../src/config/options.js';
 import { startSimServer, type SimServer, type SimServerOptions } from '../../src/sim/server.js';
+import { freePortRange } from '../helpers/ports.js';
 
 const servers: SimServer[] = [];
 afterEach(async () => {
@@ -364,7 +365,7 @@ describe('kvgate sim over HTTP', () => {
   });
 
   it('publishes KV events per DP rank on port + rank (vLLM wire format)', async () => {
-    const base = 30_000 + Math.floor(Math.random() * 20_000);
+    const base = await freePortRange(2);
     const s = await start({ dataParallelSize: 2, kvEvents: { endpoint: `tcp://*:${base}`, format: 'map' } });
     const sub = new zmq.Subscriber({ receiveTimeout: 5000 });
     sub.connect(`tcp://127.0.0.1:${base + 1}`);
