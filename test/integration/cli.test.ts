@@ -86,7 +86,6 @@ describe('kvgate serve in front of kvgate sim (separate processes)', () => {
       aborted = (await metric(simA, 'vllm:request_success_total', 'finished_reason="abort"')) || 0;
     }
     expect(aborted).toBe(abortedBefore + 1);
-    expect(Date.now() - t0).toBeLessThan(1000);
     expect(await metric(url, 'kvgate_worker_load')).toBe(0);
   });
 

@@ -122,9 +122,7 @@ describe('gateway: routing through real HTTP', () => {
       expect(chunk.choices[0].delta.content).toBe(`tok${n} `);
       if (++n === 5) break; // leaving the loop aborts the SDK's request
     }
-    const t0 = Date.now();
     await waitFor(() => w.abortedEarly === 1, 1000, 'upstream abort');
-    expect(Date.now() - t0).toBeLessThan(1000);
     await waitFor(() => gw.registry.all()[0].load === 0, 1000, 'load release');
     const metrics = await request(gw.url + '/metrics').then((r) => r.body.text());
     expect(metrics).toMatch(/kvgate_client_aborts_total\{route="chat"\} 1/);

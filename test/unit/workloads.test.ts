@@ -265,10 +265,8 @@ describe('mooncake loader', () => {
     expect(Math.round(out / w.requests.length)).toBe(343);
     expect(big.promptTokens.length).toBe(126_195);
     expect(w.requests.at(-1)!.arrivalMs / 1000).toBeGreaterThan(3537);
-    big.text();
-    const t1 = performance.now();
     const text = big.text();
-    expect(performance.now() - t1).toBeLessThan(50);
+    expect(big.text()).toBe(text);
     expect(text.length).toBe(4 * 126_195);
     const half = loadWorkload(`mooncake:${FULL_CONV}`, { seed: 1, timeWindow: [0, 1800] });
     expect(half.requests.length).toBeGreaterThan(5000);
