@@ -79,6 +79,8 @@ export class FakeKubeApi {
   readonly requests: RequestLog[] = [];
   /** Watch events written to clients (BOOKMARK and ERROR included). */
   eventsSent = 0;
+  /** InferencePools served (inference.networking.k8s.io/v1), by namespace/name; their watches stay open and quiet. */
+  readonly inferencePools = new Map<string, Record<string, unknown>>();
 
   constructor() {
     this.server = createServer((req, res) => this.handle(req, res));
@@ -275,10 +277,25 @@ export class FakeKubeApi {
     res.end(JSON.stringify({ kind: 'Status', apiVersion: 'v1', metadata: {}, status: 'Failure', message, reason, code }));
   }
 
+  /** InferencePool list (fieldSelector metadata.name=…) or a watch that stays open without events. */
+  private inferencePoolList(res: ServerResponse, namespace: string, query: Record<string, string>): void {
+    const name = /^metadata\.name=(.+)$/.exec(query.fieldSelector ?? '')?.[1];
+    if (query.watch === 'true' || query.watch === '1') {
+      res.writeHead(200, { 'content-type': 'application/json', 'transfer-encoding': 'chunked' });
+      res.flushHeaders();
+      return;
+    }
+    const items = [...this.inferencePools.entries()].filter(([k]) => k.startsWith(`${namespace}/`) && (name === undefined || k === `${namespace}/${name}`)).map(([, v]) => v);
+    res.writeHead(200, { 'content-type': 'application/json' });
+    res.end(JSON.stringify({ kind: 'InferencePoolList', apiVersion: 'inference.networking.k8s.io/v1', metadata: { resourceVersion: String(this.rv) }, items }));
+  }
+
   private handle(req: IncomingMessage, res: ServerResponse): void {
     const u = new URL(req.url ?? '/', 'http://x');
     const query = Object.fromEntries(u.searchParams.entries());
     this.requests.push({ path: u.pathname, query });
+    const ip = /^\/apis\/inference\.networking\.k8s\.io\/v1\/namespaces\/([^/]+)\/inferencepools$/.exec(u.pathname);
+    if (req.method === 'GET' && ip) return this.inferencePoolList(res, decodeURIComponent(ip[1]), query);
     const m = /^\/api\/v1\/(?:namespaces\/([^/]+)\/)?pods$/.exec(u.pathname);
     if (req.method !== 'GET' || !m) return this.status(res, 404, 'NotFound', `the server could not find the requested resource (${req.method} ${u.pathname})`);
     const namespace = m[1] === undefined ? undefined : decodeURIComponent(m[1]);
