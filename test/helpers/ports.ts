@@ -1,25 +1,22 @@
 import { createServer } from 'node:net';
 
-/** A TCP port free on 127.0.0.1 right now (the OS picks it; another process could still take it). */
+/** A TCP port free on 127.0.0.1 now, for another process to bind (see freePortRange). */
 export function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = createServer();
-    s.once('error', reject);
-    s.listen(0, '127.0.0.1', () => {
-      const port = (s.address() as { port: number }).port;
-      s.close(() => resolve(port));
-    });
-  });
+  return freePortRange(1);
 }
 
-/** A base port such that base … base+n−1 are all free on 127.0.0.1 now (for per-rank ports). */
+/**
+ * A base port such that base … base+n−1 are all free on 127.0.0.1 now (for per-rank ports).
+ * Drawn from 10000–30999, below Linux's ephemeral range (32768–60999), so the outgoing
+ * connections of a busy test run cannot take it between this check and the bind.
+ */
 export async function freePortRange(n: number): Promise<number> {
   for (let attempt = 0; attempt < 50; attempt++) {
-    const base = await freePort();
+    const base = 10_000 + Math.floor(Math.random() * (21_000 - n));
     if (base + n - 1 > 65535) continue;
     const held: Array<import('node:net').Server> = [];
     let ok = true;
-    for (let i = 1; i < n && ok; i++) {
+    for (let i = 0; i < n && ok; i++) {
       ok = await new Promise<boolean>((resolve) => {
         const s = createServer();
         s.once('error', () => resolve(false));

@@ -19,7 +19,6 @@ afterAll(async () => {
   await Promise.all(workers.map((w) => w.close()));
 });
 
-async 
 async function mock(opts: ConstructorParameters<typeof SglangMockWorker>[0] = {}): Promise<SglangMockWorker> {
   const w = await new SglangMockWorker(opts).start();
   workers.push(w);
