@@ -11,7 +11,7 @@ import type { RequestOutcome, RoutingPolicy, WorkerPair } from '../policies/poli
 import { sendError } from '../server/http-util.js';
 import type { UpstreamPools } from '../upstream/pools.js';
 import { forwardHeaders } from '../upstream/proxy.js';
-import { buildContext, routeModel, type RoutedRequest, type Tokenize } from './request.js';
+import { buildContext, contextFor, type TokenSource, routeModel, type RoutedRequest, type Tokenize } from './request.js';
 
 export type PdProtocol = 'sglang' | 'vllm';
 
@@ -30,6 +30,8 @@ export interface PdRouterDeps {
   /** --forward-headers: client headers forwarded besides the default allow-list (lower-case). */
   forwardHeaders?: ReadonlySet<string>;
   tokenize?: Tokenize;
+  /** Token ids for policies that need them, off the event loop (replaces `tokenize` when set). */
+  tokens?: TokenSource;
   /** --strict-model (see resolveModel). */
   strictModel?: boolean;
 }
@@ -146,7 +148,14 @@ export class PdRouter {
   async handle(r: RoutedRequest): Promise<number> {
     const { registry, pairPolicy, metrics } = this.deps;
     const model = routeModel(registry, r, ['prefill', 'decode'], this.deps.strictModel);
-    const ctx = buildContext(r, model, this.deps.clock, this.deps.tokenize, !!pairPolicy.needsTokens);
+    const built = this.deps.tokens
+      ? contextFor(r, model, this.deps.clock, this.deps.tokens, !!pairPolicy.needsTokens, r.res)
+      : buildContext(r, model, this.deps.clock, this.deps.tokenize, !!pairPolicy.needsTokens);
+    const ctx = built instanceof Promise ? await built : built;
+    if (r.res.destroyed) {
+      metrics.clientAborts.inc({ route: r.route });
+      return 0;
+    }
     const prefillPool = registry.forModel(model, 'prefill');
     const decodePool = registry.forModel(model, 'decode');
     if (!prefillPool.some((w) => w.isAvailable())) throw errors.unavailable(`No healthy prefill worker for model '${model}'`, 'no_available_prefill_workers');

@@ -11,7 +11,7 @@ import type { RoutingPolicy } from '../policies/policy.js';
 import { forwardHeaders, proxyRequest, relayHeld, type ProxyResult, type ProxyTimeouts } from '../upstream/proxy.js';
 import type { UpstreamPools } from '../upstream/pools.js';
 import { sendError } from '../server/http-util.js';
-import { buildContext, resolveModel, routeModel, type RoutedRequest, type Tokenize } from './request.js';
+import { buildContext, contextFor, type TokenSource, resolveModel, routeModel, type RoutedRequest, type Tokenize } from './request.js';
 
 export interface RegularRouterDeps {
   registry: WorkerRegistry;
@@ -28,8 +28,12 @@ export interface RegularRouterDeps {
   /** --forward-headers: client headers forwarded besides the default allow-list (lower-case). */
   forwardHeaders?: ReadonlySet<string>;
   tokenize?: Tokenize;
+  /** Token ids for policies that need them, off the event loop (replaces `tokenize` when set). */
+  tokens?: TokenSource;
   /** --strict-model: the request's `model` must be served even when only one model is. */
   strictModel?: boolean;
+  /** Seconds a request waited for an upstream connection (set when --max-connections-per-worker caps the pools). */
+  connectionWait?: (seconds: number) => void;
 }
 
 const NO_HOLD: ReadonlySet<number> = new Set();
@@ -44,7 +48,12 @@ const NO_HOLD: ReadonlySet<number> = new Set();
  * Resolves with the status sent to the client (0 if the client left first).
  */
 export class RegularRouter {
-  constructor(private readonly deps: RegularRouterDeps) {}
+  private readonly connectionWait: ((ms: number) => void) | undefined;
+
+  constructor(private readonly deps: RegularRouterDeps) {
+    const observe = deps.connectionWait;
+    this.connectionWait = observe ? (ms) => observe(ms / 1000) : undefined;
+  }
 
   resolveModel(body: Record<string, unknown>): string {
     return resolveModel(this.deps.registry, body, ['regular'], this.deps.strictModel);
@@ -53,7 +62,14 @@ export class RegularRouter {
   async handle(r: RoutedRequest): Promise<number> {
     const { registry, policy, metrics, retry } = this.deps;
     const model = routeModel(this.deps.registry, r, ['regular'], this.deps.strictModel);
-    const ctx = buildContext(r, model, this.deps.clock, this.deps.tokenize, !!policy.needsTokens);
+    const built = this.deps.tokens
+      ? contextFor(r, model, this.deps.clock, this.deps.tokens, !!policy.needsTokens, r.res)
+      : buildContext(r, model, this.deps.clock, this.deps.tokenize, !!policy.needsTokens);
+    const ctx = built instanceof Promise ? await built : built;
+    if (r.res.destroyed) {
+      metrics.clientAborts.inc({ route: r.route });
+      return 0;
+    }
     const excluded = new Set<Worker>();
     const candidates = () => registry.forModel(model).filter((w) => !excluded.has(w));
     let last: { worker: Worker; result: ProxyResult } | undefined;
@@ -111,6 +127,7 @@ export class RegularRouter {
         timeouts: { ...this.deps.timeouts, totalMs: Math.max(1, Math.min(this.deps.timeouts.totalMs, remainingMs)) },
         holdStatuses: canRetry ? RETRYABLE_STATUSES : NO_HOLD,
         onFirstByte: policy.onFirstToken ? () => policy.onFirstToken!(worker, ctx) : undefined,
+        onConnection: this.connectionWait,
       });
     } finally {
       guard.release();
