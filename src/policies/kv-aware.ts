@@ -1,5 +1,5 @@
 import { xxh3 } from '@node-rs/xxhash';
-import { CharTree } from '../cache/char-tree.js';
+import { CharTree, codePointLength } from '../cache/char-tree.js';
 import { hashBlocks, LOCAL_HASH_SEED, type BlockIndex } from '../cache/block-index.js';
 import type { RequestContext } from '../core/context.js';
 import type { Worker } from '../core/worker.js';
@@ -164,13 +164,13 @@ export class KvAwarePolicy extends BasePolicy {
     const text = ctx.routingText;
     // Without token ids (no tokenizer for this model) every worker is judged on the text tree.
     const local = tokens ? hashBlocks(tokens, bs) : [];
-    const inputTokens = tokens ? tokens.length : Math.ceil([...text].length / 4);
+    const inputTokens = tokens ? tokens.length : Math.ceil(codePointLength(text) / 4);
     const requestBlocks = Math.ceil(inputTokens / bs);
     const seq = sequenceHashes(local);
     const fullBlocks = Math.floor(inputTokens / bs);
     const overlaps = tokens ? this.view.index.match(local) : new Map<string, number>();
     const tree = this.treeFor(ctx.model);
-    const textChars = text.length > 0 ? [...text].length : 0;
+    const textChars = text.length > 0 ? codePointLength(text) : 0;
 
     const costs: number[] = [];
     const meta: Array<{ overlap: number; fallback: boolean }> = [];

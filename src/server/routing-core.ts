@@ -130,6 +130,7 @@ export class RoutingCore {
     this.requestTokens = new RequestTokens(this.tokenizers, {
       maxRoutingMs: config.maxRoutingMs,
       maxChars: config.maxTokenizeChars,
+      inlineChars: config.inlineTokenizeChars,
       onFallback: (reason) => this.hotPath.tokenizeFallbacks.inc({ reason }),
       onCancelled: () => this.hotPath.tokenizeCancelled.inc(),
       onTokenized: (where, secs) => this.hotPath.tokenizeSeconds.observe({ where }, secs),

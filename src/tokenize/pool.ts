@@ -14,7 +14,8 @@ import type { TokenCacheOptions } from './registry.js';
  *
  * Why not piscina: aborting a running piscina task terminates its thread, which would throw away
  * the loaded tokenizer (seconds to load) and its caches; and piscina has no task affinity. Here:
- * - each thread runs one task at a time; the queue is kept here, per thread;
+ * - each thread runs one task at a time; the queue is kept here, per thread, shortest prompt
+ *   first (a long prompt waits for the --max-routing-ms budget, not a short one for a long one);
  * - a task goes to the thread chosen by a hash of its prompt's start (`affinity`), so the turns of
  *   a conversation meet the segment and whole-prompt caches of the thread that saw the earlier
  *   turns, unless that thread has 2 more tasks waiting than the least busy one;
@@ -42,6 +43,8 @@ export interface PoolRequest {
 
 interface Task {
   id: number;
+  /** Prompt length: the queue is shortest first. */
+  size: number;
   msg: PoolTask;
   resolve(ids: Uint32Array | undefined): void;
   reject(e: Error): void;
@@ -119,13 +122,16 @@ export class TokenizePool {
     this.nextId = this.nextId >= 0x7fffffff ? 1 : this.nextId + 1;
     this.counters.tasks++;
     return new Promise((resolve, reject) => {
-      const task: Task = { id, msg: { id, route: req.route, model: req.model, raw: req.raw, body: req.raw ? undefined : req.body }, resolve, reject, signal };
+      const task: Task = { id, size: req.affinity.length, msg: { id, route: req.route, model: req.model, raw: req.raw, body: req.raw ? undefined : req.body }, resolve, reject, signal };
       const slot = this.pick(req.affinity);
       if (signal) {
         task.onAbort = () => this.cancel(task);
         signal.addEventListener('abort', task.onAbort, { once: true });
       }
-      slot.queue.push(task);
+      // Shortest first: a short prompt does not wait behind queued long ones.
+      let at = slot.queue.length;
+      while (at > 0 && slot.queue[at - 1].size > task.size) at--;
+      slot.queue.splice(at, 0, task);
       this.pump(slot);
     });
   }

@@ -15,6 +15,11 @@ export interface RequestTokensOptions {
   maxRoutingMs: number;
   /** --max-tokenize-chars: longer prompts are routed by text, not tokenized. */
   maxChars: number;
+  /**
+   * --inline-tokenize-chars: prompts up to this long are tokenized on the event loop (well under
+   * a millisecond), so short requests never wait behind long ones in the threads' queues.
+   */
+  inlineChars?: number;
   onFallback?: (reason: FallbackReason) => void;
   onCancelled?: () => void;
   onTokenized?: (where: 'pool' | 'inline', seconds: number) => void;
@@ -57,7 +62,7 @@ export class RequestTokens {
     }
     const started = performance.now();
     const pool = o.pool;
-    if (!pool || !o.pooled?.has(this.tokenizers.get(t.model))) {
+    if (!pool || t.text.length <= (o.inlineChars ?? 0) || !o.pooled?.has(this.tokenizers.get(t.model))) {
       const ids = this.tokenizers.tokenize(t.route, t.body, t.model);
       o.onTokenized?.('inline', (performance.now() - started) / 1000);
       return ids;
