@@ -1,15 +1,30 @@
 // The baseline for bench:proxy: node:http in, an undici Pool out, no logic at all. Like kvgate it
 // buffers the request body and sends it with a content-length, so the comparison is like for like.
+// argv: upstream URL (or several, comma-separated: round robin), then optionally the connection cap ('unlimited' for none; default 256).
+// Answers IPC 'stats' with its event-loop lag p99 and utilisation since the previous 'stats'.
 import { createServer } from 'node:http';
+import { monitorEventLoopDelay, performance } from 'node:perf_hooks';
 import { pipeline } from 'node:stream/promises';
 import { Pool } from 'undici';
 
-const upstream = process.argv[2];
-const pool = new Pool(upstream, { connections: 256, headersTimeout: 0, bodyTimeout: 0 });
+const cap = process.argv[3] === 'unlimited' ? null : Number(process.argv[3] ?? 256);
+const pools = process.argv[2].split(',').map((u) => new Pool(u, { connections: cap, headersTimeout: 0, bodyTimeout: 0 }));
+let next = 0;
+const delay = monitorEventLoopDelay({ resolution: 10 });
+delay.enable();
+let elu = performance.eventLoopUtilization();
+process.on('message', (m) => {
+  if (m !== 'stats') return;
+  const now = performance.eventLoopUtilization();
+  process.send({ stats: { lagP99Ms: Math.max(0, delay.percentile(99) / 1e6 - 10), elu: performance.eventLoopUtilization(now, elu).utilization } });
+  elu = now;
+  delay.reset();
+});
 const server = createServer(async (req, res) => {
   try {
     const chunks = [];
     for await (const c of req) chunks.push(c);
+    const pool = pools[next++ % pools.length];
     const up = await pool.request({ path: req.url, method: req.method, headers: { 'content-type': 'application/json' }, body: Buffer.concat(chunks) });
     res.writeHead(up.statusCode, { 'content-type': up.headers['content-type'] });
     await pipeline(up.body, res);

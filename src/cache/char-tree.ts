@@ -51,6 +51,11 @@ function isLow(unit: number): boolean {
 }
 
 /** Code points in s[from, to); a lone surrogate counts as one code point, like codePointAt. */
+/** Code points of a string, without building an array of them (`[...s].length` allocates one per character). */
+export function codePointLength(s: string): number {
+  return SURROGATE.test(s) ? countCodePoints(s, 0, s.length) : s.length;
+}
+
 function countCodePoints(s: string, from: number, to: number): number {
   let n = to - from;
   for (let i = from; i < to - 1; i++) {

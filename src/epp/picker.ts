@@ -5,7 +5,7 @@ import type { LoadGuard, Worker } from '../core/worker.js';
 import { explainWith, withOutsideExclusions, type RouteExplanation } from '../policies/explain.js';
 import type { RequestOutcome, RoutingPolicy } from '../policies/policy.js';
 import type { ResponseTap } from '../upstream/response-tap.js';
-import { buildContext, resolveModel } from '../routers/request.js';
+import { contextFor, resolveModel } from '../routers/request.js';
 import type { Release } from '../server/admission.js';
 import { parseJsonObject } from '../server/http-util.js';
 import { GENERATION_ROUTES, type RoutingCore } from '../server/routing-core.js';
@@ -77,7 +77,8 @@ export class Picker {
     const route = input.method === 'POST' ? GENERATION_ROUTES[input.path] : undefined;
     let ctx: RequestContext;
     try {
-      ctx = this.context(input, route);
+      const built = this.context(input, route);
+      ctx = built instanceof Promise ? await built : built;
     } catch (e) {
       // An empty pool (nothing discovered yet, every pod down) is 503 for any model, as the
       // protocol asks: the gateway may retry elsewhere, where a 404 would be final.
@@ -146,14 +147,15 @@ export class Picker {
   }
 
   /** The routing context, built as the HTTP front builds it. */
-  private context(input: PickInput, route: RouteName | undefined): RequestContext {
+  private context(input: PickInput, route: RouteName | undefined): RequestContext | Promise<RequestContext> {
     const { core } = this;
     const c = core.config;
     if (route && input.body.length > 0) {
       const body = parseJsonObject(input.body, this.opts.maxJsonDepth);
       const model = resolveModel(core.registry, body, ['regular']);
-      const tokenize = (r: RouteName, m: string, b: Record<string, unknown>) => core.tokenizers.tokenize(r, b, m);
-      return buildContext({ route, requestId: input.requestId, body, req: { headers: input.headers } }, model, core.clock, tokenize, !!core.policy.needsTokens, core.registry);
+      // Token ids off the event loop (tokenizer threads, --max-routing-ms), as the HTTP front.
+      const source = { route, requestId: input.requestId, body, rawBody: input.body, req: { headers: input.headers } };
+      return contextFor(source, model, core.clock, core.requestTokens, !!core.policy.needsTokens, input.signal, core.registry);
     }
     // Headers-only requests and other paths: no routing text. The model is the body's `model`
     // when it names a served one, else the only model served, else any worker may serve.

@@ -1,5 +1,5 @@
 import { xxh3 } from '@node-rs/xxhash';
-import { CharTree } from '../cache/char-tree.js';
+import { CharTree, codePointLength } from '../cache/char-tree.js';
 import { hashBlocks, LOCAL_HASH_SEED, loraSeed, type BlockIndex } from '../cache/block-index.js';
 import type { RequestContext } from '../core/context.js';
 import type { Worker } from '../core/worker.js';
@@ -204,7 +204,7 @@ export class KvAwarePolicy extends BasePolicy {
     // Without token ids (no tokenizer for this model) every worker is judged on the text tree.
     // A LoRA request's blocks are keyed by its adapter, as the engines key them.
     const local = tokens ? hashBlocks(tokens, bs, loraSeed(ctx.loraName)) : [];
-    const inputTokens = tokens ? tokens.length : Math.ceil([...text].length / 4);
+    const inputTokens = tokens ? tokens.length : Math.ceil(codePointLength(text) / 4);
     const requestBlocks = Math.ceil(inputTokens / bs);
     const seq = sequenceHashes(local);
     const fullBlocks = Math.floor(inputTokens / bs);
@@ -214,7 +214,7 @@ export class KvAwarePolicy extends BasePolicy {
     // Routing history per model, and per adapter of a model (peers get the same key).
     const treeKey = ctx.loraName ? `${ctx.model}\u0000lora:${ctx.loraName}` : ctx.model;
     const tree = readOnly ? (this.trees.get(treeKey) ?? new CharTree()) : this.treeFor(treeKey);
-    const textChars = text.length > 0 ? [...text].length : 0;
+    const textChars = text.length > 0 ? codePointLength(text) : 0;
 
     const costs: number[] = [];
     const meta: Array<{ overlap: number; fallback: boolean; indexed: number; history: number; pending: number; prefillBlocks: number; active: number; newBlocks: number }> = [];

@@ -16,7 +16,7 @@ import type { RequestInsight } from '../observability/insight.js';
 import { SpanKind, type Span } from '../observability/tracing.js';
 import { explainPairWith, withOutsideExclusions } from '../policies/explain.js';
 import type { ResponseTap } from '../upstream/response-tap.js';
-import { buildContext, routeModel, tracedTokenize, type RoutedRequest, type Tokenize } from './request.js';
+import { buildContext, contextFor, type TokenSource, routeModel, tracedTokenize, type RoutedRequest, type Tokenize } from './request.js';
 
 export type PdProtocol = 'sglang' | 'vllm';
 
@@ -35,6 +35,8 @@ export interface PdRouterDeps {
   /** --forward-headers: client headers forwarded besides the default allow-list (lower-case). */
   forwardHeaders?: ReadonlySet<string>;
   tokenize?: Tokenize;
+  /** Token ids for policies that need them, off the event loop (replaces `tokenize` when set). */
+  tokens?: TokenSource;
   /** --strict-model (see resolveModel). */
   strictModel?: boolean;
   /** Decisions feed, explanations, latency/token metrics, trace spans. */
@@ -163,7 +165,14 @@ export class PdRouter {
     const model = routeModel(registry, r, ['prefill', 'decode'], this.deps.strictModel);
     const insight = this.deps.insight;
     r.arrivedAt ??= performance.now();
-    const ctx = buildContext(r, model, this.deps.clock, tracedTokenize(this.deps.tokenize, r.trace), !!pairPolicy.needsTokens, registry);
+    const built = this.deps.tokens
+      ? contextFor(r, model, this.deps.clock, this.deps.tokens, !!pairPolicy.needsTokens, r.res, registry, r.trace)
+      : buildContext(r, model, this.deps.clock, tracedTokenize(this.deps.tokenize, r.trace), !!pairPolicy.needsTokens, registry);
+    const ctx = built instanceof Promise ? await built : built;
+    if (r.res.destroyed) {
+      metrics.clientAborts.inc({ route: r.route });
+      return 0;
+    }
     const prefillPool = registry.forModel(model, 'prefill');
     const decodePool = registry.forModel(model, 'decode');
     if (!prefillPool.some((w) => w.isAvailable())) throw errors.unavailable(`No healthy prefill worker for model '${model}'`, 'no_available_prefill_workers');

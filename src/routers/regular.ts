@@ -14,7 +14,7 @@ import { sendError } from '../server/http-util.js';
 import { explainWith, withOutsideExclusions, type RouteExplanation } from '../policies/explain.js';
 import type { RequestInsight } from '../observability/insight.js';
 import { SpanKind, SpanStatusCode } from '../observability/tracing.js';
-import { buildContext, resolveModel, routeModel, tracedTokenize, type RoutedRequest, type Tokenize } from './request.js';
+import { buildContext, contextFor, type TokenSource, resolveModel, routeModel, tracedTokenize, type RoutedRequest, type Tokenize } from './request.js';
 
 export interface RegularRouterDeps {
   registry: WorkerRegistry;
@@ -31,10 +31,14 @@ export interface RegularRouterDeps {
   /** --forward-headers: client headers forwarded besides the default allow-list (lower-case). */
   forwardHeaders?: ReadonlySet<string>;
   tokenize?: Tokenize;
+  /** Token ids for policies that need them, off the event loop (replaces `tokenize` when set). */
+  tokens?: TokenSource;
   /** --strict-model: the request's `model` must be served even when only one model is. */
   strictModel?: boolean;
   /** Decisions feed, explanations, latency/token metrics of exchanges, trace spans. */
   insight?: RequestInsight;
+  /** Seconds a request waited for an upstream connection (set when --max-connections-per-worker caps the pools). */
+  connectionWait?: (seconds: number) => void;
 }
 
 const NO_HOLD: ReadonlySet<number> = new Set();
@@ -49,7 +53,12 @@ const NO_HOLD: ReadonlySet<number> = new Set();
  * Resolves with the status sent to the client (0 if the client left first).
  */
 export class RegularRouter {
-  constructor(private readonly deps: RegularRouterDeps) {}
+  private readonly connectionWait: ((ms: number) => void) | undefined;
+
+  constructor(private readonly deps: RegularRouterDeps) {
+    const observe = deps.connectionWait;
+    this.connectionWait = observe ? (ms) => observe(ms / 1000) : undefined;
+  }
 
   resolveModel(body: Record<string, unknown>): string {
     return resolveModel(this.deps.registry, body, ['regular'], this.deps.strictModel);
@@ -60,7 +69,14 @@ export class RegularRouter {
     const insight = this.deps.insight;
     r.arrivedAt ??= performance.now();
     const model = routeModel(this.deps.registry, r, ['regular'], this.deps.strictModel);
-    const ctx = buildContext(r, model, this.deps.clock, tracedTokenize(this.deps.tokenize, r.trace), !!policy.needsTokens, this.deps.registry);
+    const built = this.deps.tokens
+      ? contextFor(r, model, this.deps.clock, this.deps.tokens, !!policy.needsTokens, r.res, this.deps.registry, r.trace)
+      : buildContext(r, model, this.deps.clock, tracedTokenize(this.deps.tokenize, r.trace), !!policy.needsTokens, this.deps.registry);
+    const ctx = built instanceof Promise ? await built : built;
+    if (r.res.destroyed) {
+      metrics.clientAborts.inc({ route: r.route });
+      return 0;
+    }
     const excluded = new Set<Worker>();
     // A LoRA request goes to the workers that list its adapter.
     const lora = ctx.loraName;
@@ -160,6 +176,7 @@ export class RegularRouter {
         holdStatuses: canRetry ? RETRYABLE_STATUSES : NO_HOLD,
         onFirstByte: policy.onFirstToken ? () => policy.onFirstToken!(worker, ctx) : undefined,
         tap,
+        onConnection: this.connectionWait,
       });
     } finally {
       guard.release();

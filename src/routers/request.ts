@@ -35,6 +35,24 @@ export interface ContextSource {
 export type Tokenize = (route: RouteName, model: string, body: Record<string, unknown>) => ArrayLike<number> | undefined;
 
 /**
+ * Token ids for policies that need them, possibly computed off the event loop (a Promise):
+ * tokenize/request-tokens.ts. Undefined: route by text.
+ */
+export interface TokenSource {
+  tokens(
+    t: { route: RouteName; model: string; body: Record<string, unknown>; raw?: Uint8Array; text: string },
+    signal?: AbortSignal,
+  ): ArrayLike<number> | undefined | Promise<ArrayLike<number> | undefined>;
+}
+
+/** What can tell that the client left (the HTTP response). */
+export interface Closable {
+  readonly destroyed: boolean;
+  once(event: 'close', fn: () => void): unknown;
+  removeListener(event: 'close', fn: () => void): unknown;
+}
+
+/**
  * Which model a request is for, as the SGLang router decides it: with one model served (by
  * workers of the given types), every request goes to it whatever its `model` names, or none;
  * the request's `model` must match a served model only when several are served or `strict`
@@ -113,6 +131,69 @@ export function buildContext(r: ContextSource, model: string, clock: Clock, toke
     maxOutputTokens: maxOutputTokens(r.body),
     arrivalMs: clock.now(),
   };
+}
+
+/**
+ * buildContext with the token ids of a TokenSource, for a policy that needs them. The policy
+ * interface stays synchronous: token ids are ready (or given up on, see --max-routing-ms) before
+ * the policy is called. Synchronous (no Promise, no extra work) when the policy needs no tokens,
+ * the request carries its token ids, or the source answers inline. The work stops when `client`
+ * closes first.
+ */
+export function contextFor(
+  r: ContextSource & { rawBody?: Uint8Array },
+  model: string,
+  clock: Clock,
+  source: TokenSource | undefined,
+  needsTokens: boolean,
+  client?: Closable | AbortSignal,
+  registry?: WorkerRegistry,
+  trace?: RequestTrace,
+): RequestContext | Promise<RequestContext> {
+  const ctx = buildContext(r, model, clock, undefined, false, registry);
+  if (!needsTokens || !source || ctx.tokenIds !== undefined) return ctx;
+  const span = trace?.child('tokenize', { 'kvgate.model': model });
+  const done = (ids: ArrayLike<number> | undefined) => {
+    if (span) {
+      span.setAttribute('kvgate.prompt_tokens', ids?.length ?? 0);
+      span.end();
+    }
+  };
+  let ac: AbortController | undefined;
+  let onClose: (() => void) | undefined;
+  if (client instanceof AbortSignal) {
+    ac = { signal: client } as AbortController;
+    client = undefined;
+  } else if (client) {
+    ac = new AbortController();
+    if (client.destroyed) ac.abort();
+    else client.once('close', (onClose = () => ac!.abort()));
+  }
+  let got: ReturnType<TokenSource['tokens']>;
+  try {
+    got = source.tokens({ route: r.route, model, body: r.body, raw: r.rawBody, text: ctx.routingText }, ac?.signal);
+  } catch (e) {
+    if (onClose) client!.removeListener('close', onClose);
+    done(undefined);
+    throw e;
+  }
+  if (!(got instanceof Promise)) {
+    if (onClose) client!.removeListener('close', onClose);
+    done(got);
+    return got === undefined ? ctx : { ...ctx, tokenIds: got };
+  }
+  return got.then(
+    (ids) => {
+      if (onClose) client!.removeListener('close', onClose);
+      done(ids);
+      return ids === undefined ? ctx : { ...ctx, tokenIds: ids };
+    },
+    (e: unknown) => {
+      if (onClose) client!.removeListener('close', onClose);
+      done(undefined);
+      throw e;
+    },
+  );
 }
 
 function maxOutputTokens(body: Record<string, unknown>): number | undefined {

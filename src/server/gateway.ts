@@ -84,7 +84,7 @@ export class Gateway {
     this.logRequests = this.log.isLevelEnabled('debug');
     const { clock, rng } = core;
     this.pairPolicy = this.prefillPolicy === this.decodePolicy ? this.prefillPolicy : new SplitPairPolicy(this.prefillPolicy, this.decodePolicy);
-    this.pools = new UpstreamPools(config.connectTimeoutSecs * 1000, undefined, loadWorkerTls(config));
+    this.pools = new UpstreamPools(config.connectTimeoutSecs * 1000, config.maxConnectionsPerWorker ?? null, loadWorkerTls(config));
     this.apiKeys = new KeySet([...config.apiKey, ...(config.apiKeyFile ? readKeyFile(config.apiKeyFile) : [])]);
     this.adminKeys = new KeySet(config.adminApiKey ? [config.adminApiKey] : []);
     this.keyLimiter = config.apiKeyRateLimitRps > 0 ? new KeyRateLimiter(config.apiKeyRateLimitRps) : undefined;
@@ -116,9 +116,11 @@ export class Gateway {
       },
       clientAuthEnabled: this.apiKeys.size > 0,
       tokenize: (route, model, body) => this.tokenizers.tokenize(route, body, model),
+      tokens: core.requestTokens,
       strictModel: config.strictModel,
       forwardHeaders: new Set(config.forwardHeaders),
       insight: core.insight,
+      connectionWait: this.pools.capped ? (s) => core.hotPath.connectionWait.observe(s) : undefined,
     });
     if (config.pdDisaggregation) {
       this.pd = new PdRouter({
@@ -134,6 +136,7 @@ export class Gateway {
         totalTimeoutMs: config.requestTimeoutSecs * 1000,
         clientAuthEnabled: this.apiKeys.size > 0,
         tokenize: (route, model, body) => this.tokenizers.tokenize(route, body, model),
+        tokens: core.requestTokens,
         strictModel: config.strictModel,
         forwardHeaders: new Set(config.forwardHeaders),
       });

@@ -18,7 +18,10 @@ import { CacheAwarePolicy } from '../policies/cache-aware.js';
 import { createPolicy, withSessionAffinity } from '../policies/factory.js';
 import { loadWorkerTls } from '../core/tls.js';
 import type { RoutingPolicy, Scheduler } from '../policies/policy.js';
-import { loadTokenizer, TokenizerRegistry } from '../tokenize/registry.js';
+import { loadTokenizerEntries, TokenizerRegistry } from '../tokenize/registry.js';
+import { TokenizePool } from '../tokenize/pool.js';
+import { RequestTokens } from '../tokenize/request-tokens.js';
+import { HotPathMetrics } from '../metrics/hot-path-metrics.js';
 import { DecisionFeed } from '../observability/decision-feed.js';
 import { RequestInsight } from '../observability/insight.js';
 import { Tracing } from '../observability/tracing.js';
@@ -85,6 +88,12 @@ export class RoutingCore {
   readonly metrics: GatewayMetrics;
   readonly kvEvents: KvEventHub;
   readonly tokenizers = new TokenizerRegistry();
+  /** Token ids for the policies that need them: tokenizer threads, --max-routing-ms, --max-tokenize-chars. */
+  readonly requestTokens: RequestTokens;
+  /** The tokenizer threads (--tokenize-threads), once started, when a policy needs tokens. */
+  tokenizePool: TokenizePool | undefined;
+  /** Event-loop health, tokenization and connection-wait metrics. */
+  readonly hotPath: HotPathMetrics;
   readonly admission: Admission;
   readonly workers: WorkerManager;
   /** The policy of regular mode (and of the prefill pool in PD mode). */
@@ -130,6 +139,15 @@ export class RoutingCore {
       staleAfterMs: config.kvEventsStaleSecs * 1000,
     });
     this.metrics = new GatewayMetrics(this.registry, () => (this.policy instanceof CacheAwarePolicy ? this.policy.treeChars() : new Map()), this.kvEvents, { now: () => clock.now() });
+    this.hotPath = new HotPathMetrics(this.metrics.registry, () => this.tokenizePool?.pending ?? 0);
+    this.requestTokens = new RequestTokens(this.tokenizers, {
+      maxRoutingMs: config.maxRoutingMs,
+      maxChars: config.maxTokenizeChars,
+      inlineChars: config.inlineTokenizeChars,
+      onFallback: (reason) => this.hotPath.tokenizeFallbacks.inc({ reason }),
+      onCancelled: () => this.hotPath.tokenizeCancelled.inc(),
+      onTokenized: (where, secs) => this.hotPath.tokenizeSeconds.observe({ where }, secs),
+    });
     // Replica sync (--replica-sync): policies report what they record to it; it applies peers' events.
     this.replicaId = config.replicaId ?? `${hostname()}:${config.port}:${process.pid}`;
     const syncedPolicies = new Map<string, RoutingPolicy>();
@@ -258,12 +276,16 @@ export class RoutingCore {
     return [...new Set([this.policy, this.prefillPolicy, this.decodePolicy])];
   }
 
-  /** Loads the --tokenizer entries and starts the KV-event hub. */
+  /**
+   * Loads the --tokenizer entries (and, when a policy needs token ids, starts the tokenizer
+   * threads holding the same tokenizers) and starts the KV-event hub.
+   */
   async start(): Promise<void> {
-    for (const entry of this.config.tokenizer) {
-      const eq = entry.indexOf('=');
-      if (eq > 0 && !/^[a-zA-Z]:[\\/]/.test(entry)) await this.tokenizers.load(entry.slice(0, eq), entry.slice(eq + 1));
-      else this.tokenizers.default = await loadTokenizer(entry);
+    const loaded = await loadTokenizerEntries(this.tokenizers, this.config.tokenizer);
+    if (this.config.tokenizeThreads > 0 && this.policies().some((p) => p.needsTokens)) {
+      this.tokenizePool = await TokenizePool.start({ threads: this.config.tokenizeThreads, entries: this.config.tokenizer });
+      // The threads hold the same tokenizers: the loaded ones and the default (loaded, or the built-in chunk tokenizer).
+      this.requestTokens.usePool(this.tokenizePool, new Set([...loaded, this.tokenizers.default]));
     }
     await this.kvEvents.start();
   }
@@ -435,6 +457,8 @@ export class RoutingCore {
     for (const p of this.policies()) p.close?.();
     await this.scraper?.stop();
     await this.kvEvents.close();
+    await this.tokenizePool?.close();
+    this.hotPath.close();
   }
 
   /** Stops health checks and forgets the workers (last step of a shutdown). */

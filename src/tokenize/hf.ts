@@ -5,7 +5,7 @@ import { Tokenizer as CoreTokenizer } from '@huggingface/tokenizers';
 import { errors } from '../core/errors.js';
 import { conversationOf, cutAfterFinalMessage, detectContentFormat } from './chat.js';
 import { LruCache } from './lru.js';
-import type { ChatContentFormat, ChatMessage, ChatRenderOptions, EncodeOptions, Tokenizer } from './tokenizer.js';
+import { EncodeCancelled, type ChatContentFormat, type ChatMessage, type ChatRenderOptions, type EncodeOptions, type Tokenizer } from './tokenizer.js';
 
 /**
  * A Hugging Face tokenizer: tokenizer.json run by @huggingface/tokenizers, and the chat template
@@ -149,7 +149,8 @@ export class HfTokenizer implements Tokenizer {
 
   encodeIds(text: string, opts?: EncodeOptions): Uint32Array {
     const add = opts?.addSpecialTokens ?? true;
-    if (this.segmentCaching && !(add && this.addsSpecialTokens)) return this.encodeSegments(text);
+    if (this.segmentCaching && !(add && this.addsSpecialTokens)) return this.encodeSegments(text, opts?.shouldStop);
+    if (opts?.shouldStop?.()) throw new EncodeCancelled();
     return Uint32Array.from(this.core.encode(text, { add_special_tokens: add }).ids);
   }
 
@@ -335,7 +336,7 @@ export class HfTokenizer implements Tokenizer {
     return Uint32Array.from(ids);
   }
 
-  private encodeSegments(text: string): Uint32Array {
+  private encodeSegments(text: string, shouldStop?: () => boolean): Uint32Array {
     const parts = this.split(text);
     const pieces: (Uint32Array | number)[] = [];
     let total = 0;
@@ -348,6 +349,7 @@ export class HfTokenizer implements Tokenizer {
       }
       let ids = this.segments.get(s);
       if (ids === undefined) {
+        if (shouldStop?.()) throw new EncodeCancelled();
         ids = Uint32Array.from(this.core.encode(s, { add_special_tokens: false }).ids);
         // Copy the key: a slice of `text` would keep the whole text alive while cached.
         this.segments.set((' ' + s).slice(1), ids, s.length);

@@ -1,5 +1,6 @@
 /** Tokenizers shared by the simulator and the gateway. */
 export type { ChatContentFormat, ChatContentPart, ChatMessage, ChatRenderOptions, EncodeOptions, Tokenizer } from './tokenizer.js';
+export { EncodeCancelled } from './tokenizer.js';
 export { ChunkTokenizer } from './chunk.js';
 export { HfTokenizer, type HfTokenizerOptions } from './hf.js';
 export { conversationOf, detectContentFormat, flattenContent, hasMediaContent, toolsOf } from './chat.js';

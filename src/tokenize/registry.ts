@@ -41,7 +41,7 @@ export class TokenCache {
     this.maxTokens = opts.maxTokens ?? 1_000_000;
   }
 
-  encode(tokenizer: Tokenizer, text: string, addSpecialTokens: boolean): Uint32Array {
+  encode(tokenizer: Tokenizer, text: string, addSpecialTokens: boolean, shouldStop?: () => boolean): Uint32Array {
     let pair = this.caches.get(tokenizer);
     if (pair === undefined) {
       pair = [new LruCache(this.maxEntries, this.maxTokens), new LruCache(this.maxEntries, this.maxTokens)];
@@ -54,7 +54,7 @@ export class TokenCache {
       return hit.slice();
     }
     this.counters.misses++;
-    const ids = tokenizer.encodeIds(text, { addSpecialTokens });
+    const ids = tokenizer.encodeIds(text, { addSpecialTokens, shouldStop });
     // Weighed by tokens, or by characters / 4 if more, so that the keys are bounded too.
     lru.set(text, ids.slice(), Math.max(1, ids.length, text.length >> 2));
     return ids;
@@ -88,8 +88,11 @@ function idsOf(v: readonly unknown[], field: string): Uint32Array {
   return out;
 }
 
+/** Polled between pieces of an encode; true stops it (EncodeCancelled). */
+let stopHook: (() => boolean) | undefined;
+
 function encodeText(tokenizer: Tokenizer, text: string, addSpecialTokens: boolean, cache: TokenCache | undefined): Uint32Array {
-  return cache ? cache.encode(tokenizer, text, addSpecialTokens) : tokenizer.encodeIds(text, { addSpecialTokens });
+  return cache ? cache.encode(tokenizer, text, addSpecialTokens, stopHook) : tokenizer.encodeIds(text, { addSpecialTokens, shouldStop: stopHook });
 }
 
 /**
@@ -157,8 +160,19 @@ function chatIds(body: Json, tokenizer: Tokenizer, cache: TokenCache | undefined
  * Returns undefined when the request can't be reproduced (a chat with image/audio/video parts or
  * its own `chat_template`, or a tokenizer without a chat template): the router then routes by
  * text. Throws a 400 GatewayError for malformed fields. Token ids come back as a fresh array.
+ * `shouldStop` is polled between the pieces of a long encode (EncodeCancelled when it says so).
  */
-export function tokenizeRequest(route: RouteName, body: Json, tokenizer: Tokenizer, cache?: TokenCache): Uint32Array | undefined {
+export function tokenizeRequest(route: RouteName, body: Json, tokenizer: Tokenizer, cache?: TokenCache, shouldStop?: () => boolean): Uint32Array | undefined {
+  const outer = stopHook;
+  stopHook = shouldStop;
+  try {
+    return tokenizeRoute(route, body, tokenizer, cache);
+  } finally {
+    stopHook = outer;
+  }
+}
+
+function tokenizeRoute(route: RouteName, body: Json, tokenizer: Tokenizer, cache: TokenCache | undefined): Uint32Array | undefined {
   switch (route) {
     case 'chat':
       return chatIds(body, tokenizer, cache, true);
@@ -239,8 +253,22 @@ export class TokenizerRegistry {
   }
 
   /** `tokenizeRequest` with the tokenizer of `model` (default: the body's `model`) and this registry's cache. */
-  tokenize(route: RouteName, body: Json, model?: string): Uint32Array | undefined {
+  tokenize(route: RouteName, body: Json, model?: string, shouldStop?: () => boolean): Uint32Array | undefined {
     const m = model ?? (typeof body['model'] === 'string' ? body['model'] : undefined);
-    return tokenizeRequest(route, body, this.get(m), this.cache);
+    return tokenizeRequest(route, body, this.get(m), this.cache, shouldStop);
   }
+}
+
+/**
+ * Loads `--tokenizer` entries into a registry: `PATH` sets the default tokenizer, `MODEL=PATH`
+ * one model's. Returns the tokenizers loaded (the tokenizer threads load the same entries).
+ */
+export async function loadTokenizerEntries(registry: TokenizerRegistry, entries: readonly string[]): Promise<Tokenizer[]> {
+  const loaded: Tokenizer[] = [];
+  for (const entry of entries) {
+    const eq = entry.indexOf('=');
+    if (eq > 0 && !/^[a-zA-Z]:[\\/]/.test(entry)) loaded.push(await registry.load(entry.slice(0, eq), entry.slice(eq + 1)));
+    else loaded.push((registry.default = await loadTokenizer(entry)));
+  }
+  return loaded;
 }

@@ -46,6 +46,20 @@ export interface EncodeOptions {
    * has no special tokens and ignores this.
    */
   addSpecialTokens?: boolean;
+  /**
+   * Polled between the pieces of a long encode (the segments between added tokens): when it
+   * returns true the encode stops with an `EncodeCancelled` error. Pieces already encoded stay
+   * in the segment cache. Tokenizers that encode in one piece may ignore it.
+   */
+  shouldStop?: () => boolean;
+}
+
+/** Thrown by an encode whose `shouldStop` said so (the client left). */
+export class EncodeCancelled extends Error {
+  constructor() {
+    super('tokenization cancelled');
+    this.name = 'EncodeCancelled';
+  }
 }
 
 export interface Tokenizer {

@@ -1,16 +1,27 @@
 import { Pool } from 'undici';
 import type { WorkerTlsOptions } from '../core/tls.js';
 
-/** One keep-alive connection pool per worker origin. */
+/**
+ * One keep-alive connection pool per worker origin. By default a pool opens as many connections
+ * as there are concurrent requests (null: undici's no-limit), so requests wait in the engine's
+ * own queue, which the engine reports and kv_aware sees, not in a hidden one here;
+ * --max-connections-per-worker sets a cap (`capped`), and time waiting for a connection is then
+ * measured by the router.
+ */
 export class UpstreamPools {
   private readonly pools = new Map<string, Pool>();
 
   constructor(
     private readonly connectTimeoutMs = 10_000,
-    private readonly connections = 256,
+    private readonly connections: number | null = null,
     /** TLS to https:// workers (CAs, client certificate). */
     private readonly tls?: WorkerTlsOptions,
   ) {}
+
+  /** Whether requests may wait for a connection (a cap is set). */
+  get capped(): boolean {
+    return this.connections !== null;
+  }
 
   get(origin: string): Pool {
     let pool = this.pools.get(origin);

@@ -91,6 +91,8 @@ export interface ProxyOptions {
   onFirstByte?: () => void;
   /** Watches the relayed answer (first content chunk, inter-token gaps, usage); never changes it. */
   tap?: ResponseTap;
+  /** Called when the request got a connection, with the ms it waited for one (connecting included). */
+  onConnection?: (waitedMs: number) => void;
 }
 
 export interface HeldResponse {
@@ -196,12 +198,14 @@ export function proxyRequest(opts: ProxyOptions): Promise<ProxyResult> {
     const headerTimer = setTimeout(() => abort(new UpstreamTimeout('first_byte')), timeouts.firstByteMs);
     res.once('close', onClientClose);
     if (res.destroyed) return settle({ status: 0, outcome: 'aborted' });
+    const dispatchedAt = opts.onConnection ? performance.now() : 0;
 
     opts.pool.dispatch(
       { path: opts.path, method: 'POST', headers: opts.headers, body: opts.body },
       {
         onRequestStart(c) {
           controller = c;
+          if (opts.onConnection) opts.onConnection(performance.now() - dispatchedAt);
           if (abortReason) c.abort(abortReason);
         },
         onResponseStart(_c, statusCode, headers) {

@@ -1,0 +1,251 @@
+import { existsSync } from 'node:fs';
+import { fileURLToPath } from 'node:url';
+import { Worker } from 'node:worker_threads';
+import type { RouteName } from '../core/context.js';
+import { errors, GatewayError } from '../core/errors.js';
+import type { PoolReply, PoolTask, PoolWorkerData } from './pool-worker.js';
+import type { TokenCacheOptions } from './registry.js';
+
+/**
+ * Tokenization off the event loop: a few worker threads, each holding the `--tokenizer`
+ * tokenizers, compute the token ids of requests for policies that need them (`kv_aware`,
+ * `prefix_load`). A 100k-token chat costs hundreds of milliseconds of pure-JS BPE; on the main
+ * thread that would stall every other request and every stream relayed meanwhile.
+ *
+ * Why not piscina: aborting a running piscina task terminates its thread, which would throw away
+ * the loaded tokenizer (seconds to load) and its caches; and piscina has no task affinity. Here:
+ * - each thread runs one task at a time; the queue is kept here, per thread, shortest prompt
+ *   first (a long prompt waits for the --max-routing-ms budget, not a short one for a long one);
+ * - a task goes to the thread chosen by a hash of its prompt's start (`affinity`), so the turns of
+ *   a conversation meet the segment and whole-prompt caches of the thread that saw the earlier
+ *   turns, unless that thread has 2 more tasks waiting than the least busy one;
+ * - cancelling (the client left) drops a queued task, and stops a running one between the pieces
+ *   of its encode (a shared flag the thread polls), keeping the thread and its caches.
+ * A thread that dies fails its task (the caller then routes by text) and is started again.
+ */
+export interface TokenizePoolOptions {
+  threads: number;
+  /** The --tokenizer entries (`PATH` or `MODEL=PATH`), loaded by every thread. */
+  entries: readonly string[];
+  /** Whole-prompt cache of each thread (false: none). */
+  cache?: TokenCacheOptions | false;
+}
+
+export interface PoolRequest {
+  route: RouteName;
+  model: string;
+  /** JSON bytes of the body (preferred: parsed in the thread), or the parsed body. */
+  raw?: Uint8Array;
+  body?: Record<string, unknown>;
+  /** Text whose start picks the thread (the routing text). */
+  affinity: string;
+}
+
+interface Task {
+  id: number;
+  /** Prompt length: the queue is shortest first. */
+  size: number;
+  msg: PoolTask;
+  resolve(ids: Uint32Array | undefined): void;
+  reject(e: Error): void;
+  signal?: AbortSignal;
+  onAbort?: () => void;
+}
+
+interface Slot {
+  worker: Worker;
+  cancel: Int32Array;
+  running: Task | undefined;
+  queue: Task[];
+}
+
+/** Result of a cancelled task. */
+export class TokenizeCancelled extends Error {
+  constructor() {
+    super('tokenization cancelled');
+    this.name = 'TokenizeCancelled';
+  }
+}
+
+function workerScript(): URL {
+  const beside = new URL('./pool-worker.js', import.meta.url);
+  if (existsSync(fileURLToPath(beside))) return beside;
+  // Run from sources (tests): use the built thread script.
+  return new URL('../../dist/tokenize/pool-worker.js', import.meta.url);
+}
+
+export class TokenizePool {
+  private readonly slots: Slot[] = [];
+  private nextId = 1;
+  private closed = false;
+  private counters = { tasks: 0, cancelled: 0, failed: 0, restarts: 0 };
+
+  private constructor(private readonly opts: TokenizePoolOptions) {}
+
+  /** Starts the threads and waits until each has loaded the tokenizers (rejects if one cannot). */
+  static async start(opts: TokenizePoolOptions): Promise<TokenizePool> {
+    if (!(opts.threads >= 1)) throw new RangeError('threads must be >= 1');
+    const pool = new TokenizePool(opts);
+    try {
+      await Promise.all(Array.from({ length: opts.threads }, (_, i) => pool.spawn(i)));
+    } catch (e) {
+      await pool.close();
+      throw e;
+    }
+    return pool;
+  }
+
+  get threads(): number {
+    return this.slots.length;
+  }
+
+  /** Tasks running or waiting. */
+  get pending(): number {
+    let n = 0;
+    for (const s of this.slots) n += s.queue.length + (s.running ? 1 : 0);
+    return n;
+  }
+
+  stats(): { tasks: number; cancelled: number; failed: number; restarts: number; pending: number } {
+    return { ...this.counters, pending: this.pending };
+  }
+
+  /**
+   * Token ids of a request, as `tokenizeRequest` computes them in the thread (undefined when it
+   * cannot be reproduced). Rejects with the request's 400 GatewayError for malformed fields, with
+   * TokenizeCancelled when `signal` aborts first, or with another error when a thread failed.
+   */
+  tokenize(req: PoolRequest, signal?: AbortSignal): Promise<Uint32Array | undefined> {
+    if (this.closed) return Promise.reject(new Error('tokenizer pool closed'));
+    if (signal?.aborted) return Promise.reject(new TokenizeCancelled());
+    const id = this.nextId;
+    this.nextId = this.nextId >= 0x7fffffff ? 1 : this.nextId + 1;
+    this.counters.tasks++;
+    return new Promise((resolve, reject) => {
+      const task: Task = { id, size: req.affinity.length, msg: { id, route: req.route, model: req.model, raw: req.raw, body: req.raw ? undefined : req.body }, resolve, reject, signal };
+      const slot = this.pick(req.affinity);
+      if (signal) {
+        task.onAbort = () => this.cancel(task);
+        signal.addEventListener('abort', task.onAbort, { once: true });
+      }
+      // Shortest first: a short prompt does not wait behind queued long ones.
+      let at = slot.queue.length;
+      while (at > 0 && slot.queue[at - 1].size > task.size) at--;
+      slot.queue.splice(at, 0, task);
+      this.pump(slot);
+    });
+  }
+
+  async close(): Promise<void> {
+    this.closed = true;
+    const slots = this.slots.splice(0);
+    for (const s of slots) {
+      for (const t of [...(s.running ? [s.running] : []), ...s.queue]) this.finish(t, undefined, new Error('tokenizer pool closed'));
+      s.queue = [];
+      s.running = undefined;
+    }
+    await Promise.all(slots.map((s) => s.worker.terminate()));
+  }
+
+  // -------------------------------------------------------------------------------------------
+
+  private pick(affinity: string): Slot {
+    const n = this.slots.length;
+    if (n === 1) return this.slots[0];
+    // FNV-1a over the first 512 characters: the start of a conversation (system prompt, first turn).
+    let h = 0x811c9dc5;
+    const len = Math.min(affinity.length, 512);
+    for (let i = 0; i < len; i++) h = Math.imul(h ^ affinity.charCodeAt(i), 0x01000193);
+    const preferred = this.slots[(h >>> 0) % n];
+    const load = (s: Slot) => s.queue.length + (s.running ? 1 : 0);
+    let least = preferred;
+    for (const s of this.slots) if (load(s) < load(least)) least = s;
+    return load(preferred) >= load(least) + 2 ? least : preferred;
+  }
+
+  private pump(slot: Slot): void {
+    if (slot.running || slot.queue.length === 0 || this.closed) return;
+    const task = slot.queue.shift()!;
+    slot.running = task;
+    slot.worker.postMessage(task.msg);
+  }
+
+  private cancel(task: Task): void {
+    this.counters.cancelled++;
+    for (const slot of this.slots) {
+      const at = slot.queue.indexOf(task);
+      if (at >= 0) {
+        slot.queue.splice(at, 1);
+        this.finish(task, undefined, new TokenizeCancelled());
+        return;
+      }
+      // Running: the thread stops between two pieces and answers 'cancelled'.
+      if (slot.running === task) Atomics.store(slot.cancel, 0, task.id);
+    }
+  }
+
+  private finish(task: Task, ids: Uint32Array | undefined, err?: Error): void {
+    if (task.onAbort) task.signal!.removeEventListener('abort', task.onAbort);
+    if (err) task.reject(err);
+    else task.resolve(ids);
+  }
+
+  private spawn(index: number): Promise<void> {
+    const cancel = new SharedArrayBuffer(4);
+    const data: PoolWorkerData = { entries: [...this.opts.entries], cache: this.opts.cache ?? {}, cancel };
+    const worker = new Worker(workerScript(), { workerData: data });
+    worker.unref();
+    const slot: Slot = { worker, cancel: new Int32Array(cancel), running: undefined, queue: [] };
+    return new Promise<void>((resolve, reject) => {
+      let ready = false;
+      worker.on('message', (m: PoolReply) => {
+        if (m.type === 'ready') {
+          ready = true;
+          this.slots[index] = slot;
+          resolve();
+          return;
+        }
+        if (m.type === 'failed') {
+          reject(new Error(`tokenizer thread could not load the tokenizers: ${m.message}`));
+          void worker.terminate();
+          return;
+        }
+        const task = slot.running;
+        if (!task || task.id !== m.id) return;
+        slot.running = undefined;
+        if (m.type === 'done') this.finish(task, m.ids ?? undefined);
+        else if (m.type === 'cancelled') this.finish(task, undefined, new TokenizeCancelled());
+        else {
+          if (m.status >= 500) this.counters.failed++;
+          this.finish(task, undefined, m.status < 500 ? new GatewayError(m.status, m.message, m.errType, m.code, m.param) : errors.internal(`tokenizer thread: ${m.message}`));
+        }
+        this.pump(slot);
+      });
+      worker.on('error', (e) => {
+        if (!ready) reject(e);
+      });
+      worker.on('exit', () => {
+        if (!ready || this.closed || this.slots[index] !== slot) return;
+        // Died (out of memory, a bug): fail its tasks' wait, start another thread, move the queue there.
+        this.counters.restarts++;
+        const orphaned = [...(slot.running ? [slot.running] : []), ...slot.queue];
+        slot.running = undefined;
+        slot.queue = [];
+        if (orphaned[0]) {
+          this.counters.failed++;
+          this.finish(orphaned[0], undefined, new Error('tokenizer thread exited'));
+        }
+        this.spawn(index).then(
+          () => {
+            const fresh = this.slots[index];
+            fresh.queue.push(...orphaned.slice(1));
+            this.pump(fresh);
+          },
+          (e: Error) => {
+            for (const t of orphaned.slice(1)) this.finish(t, undefined, e);
+          },
+        );
+      });
+    });
+  }
+}

@@ -1,0 +1,102 @@
+import type { RouteName } from '../core/context.js';
+import { GatewayError } from '../core/errors.js';
+import { TokenizeCancelled, type TokenizePool } from './pool.js';
+import type { TokenizerRegistry } from './registry.js';
+import type { Tokenizer } from './tokenizer.js';
+
+export type FallbackReason = 'budget' | 'too_long' | 'error';
+
+export interface RequestTokensOptions {
+  /** Tokenizer threads (undefined: tokenize on the event loop, the pre-#12 path). */
+  pool?: TokenizePool;
+  /** Tokenizers the pool's threads hold (loaded from the --tokenizer entries); others run inline. */
+  pooled?: ReadonlySet<Tokenizer>;
+  /** --max-routing-ms: wait at most this long for token ids, then route by text (0: wait). */
+  maxRoutingMs: number;
+  /** --max-tokenize-chars: longer prompts are routed by text, not tokenized. */
+  maxChars: number;
+  /**
+   * --inline-tokenize-chars: prompts up to this long are tokenized on the event loop (well under
+   * a millisecond), so short requests never wait behind long ones in the threads' queues.
+   */
+  inlineChars?: number;
+  onFallback?: (reason: FallbackReason) => void;
+  onCancelled?: () => void;
+  onTokenized?: (where: 'pool' | 'inline', seconds: number) => void;
+}
+
+export interface TokenRequest {
+  route: RouteName;
+  model: string;
+  body: Record<string, unknown>;
+  /** The body's JSON bytes (sent to a thread instead of the parsed body). */
+  raw?: Uint8Array;
+  /** The routing text (its length caps tokenization; its start picks the thread). */
+  text: string;
+}
+
+/**
+ * Token ids of requests for the policies that need them: on a tokenizer thread when the model's
+ * tokenizer is one the threads hold (a Promise), else inline (synchronously, as before). Over
+ * --max-tokenize-chars, or not ready within --max-routing-ms, the request is routed by its text
+ * (undefined) and the fallback counted; a late tokenization still finishes and warms the
+ * thread's caches. Malformed fields still answer 400 when found in time.
+ */
+export class RequestTokens {
+  constructor(
+    private readonly tokenizers: TokenizerRegistry,
+    private readonly opts: RequestTokensOptions,
+  ) {}
+
+  /** Tokenize on these threads from now on, for the models whose tokenizer is in `pooled`. */
+  usePool(pool: TokenizePool | undefined, pooled: ReadonlySet<Tokenizer>): void {
+    this.opts.pool = pool;
+    this.opts.pooled = pooled;
+  }
+
+  tokens(t: TokenRequest, signal?: AbortSignal): ArrayLike<number> | undefined | Promise<ArrayLike<number> | undefined> {
+    const o = this.opts;
+    if (t.text.length > o.maxChars) {
+      o.onFallback?.('too_long');
+      return undefined;
+    }
+    const started = performance.now();
+    const pool = o.pool;
+    if (!pool || t.text.length <= (o.inlineChars ?? 0) || !o.pooled?.has(this.tokenizers.get(t.model))) {
+      const ids = this.tokenizers.tokenize(t.route, t.body, t.model);
+      o.onTokenized?.('inline', (performance.now() - started) / 1000);
+      return ids;
+    }
+    const work = pool.tokenize({ route: t.route, model: t.model, raw: t.raw, body: t.body, affinity: t.text }, signal).then(
+      (ids) => {
+        o.onTokenized?.('pool', (performance.now() - started) / 1000);
+        return ids;
+      },
+      (e: Error) => {
+        if (e instanceof GatewayError && e.status < 500) throw e;
+        if (e instanceof TokenizeCancelled) o.onCancelled?.();
+        else o.onFallback?.('error');
+        return undefined;
+      },
+    );
+    if (!(o.maxRoutingMs > 0)) return work;
+    return new Promise((resolve, reject) => {
+      let late = false;
+      const timer = setTimeout(() => {
+        late = true;
+        o.onFallback?.('budget');
+        resolve(undefined);
+      }, o.maxRoutingMs);
+      work.then(
+        (ids) => {
+          clearTimeout(timer);
+          if (!late) resolve(ids);
+        },
+        (e: Error) => {
+          clearTimeout(timer);
+          if (!late) reject(e);
+        },
+      );
+    });
+  }
+}
