@@ -27,6 +27,7 @@ interface Replica {
   transport: MemoryTransport;
   admin: AdminChange[];
   logs: string[];
+  rate: Array<[string, number]>;
 }
 
 function cluster(vt: VirtualTime, bus: MemoryBus, kind: 'cache_aware' | 'kv_aware' = 'cache_aware') {
@@ -55,9 +56,14 @@ function cluster(vt: VirtualTime, bus: MemoryBus, kind: 'cache_aware' | 'kv_awar
         ? new CacheAwarePolicy(deps)
         : new KvAwarePolicy(deps, { index: new BlockIndex(), lastEventAtMs: () => undefined, isAccurate: () => false, resetCount: () => 0 }, defaultKvAwareConfig);
     policies.set('main', policy);
-    sync = new ReplicaSync(transport, { registry, policies, clock: vt.clock, timers: vt.timers, log, applyAdmin: (c) => admin.push(c) }, { replicaId: id, flushMs: 2 });
+    const rate: Array<[string, number]> = [];
+    sync = new ReplicaSync(
+      transport,
+      { registry, policies, clock: vt.clock, timers: vt.timers, log, applyAdmin: (c) => admin.push(c), consumeRateLimit: (k, n) => rate.push([k, n]) },
+      { replicaId: id, flushMs: 2 },
+    );
     sync.start();
-    return { id, registry, policy, sync, transport, admin, logs };
+    return { id, registry, policy, sync, transport, admin, logs, rate };
   };
   return make;
 }
@@ -185,6 +191,23 @@ describe('replica sync (in-memory bus, virtual time)', () => {
     a.policy.onRequestComplete!(w, c1, 'success');
     vt.advance(10);
     expect(kb.peerActiveOf(w.id)).toEqual({ blocks: 0, pendingPrefillTokens: 0 });
+  });
+
+  it('rate-limit use is charged to the same (hashed) bucket on every peer', () => {
+    const vt = new VirtualTime();
+    const bus = new MemoryBus((ms, fn) => vt.at(ms, fn), 1);
+    const make = cluster(vt, bus);
+    const a = make('a');
+    const b = make('b');
+    vt.advance(2000);
+    for (let i = 0; i < 3; i++) a.sync.rateLimitTaken('bucket-1');
+    a.sync.rateLimitTaken('bucket-2');
+    vt.advance(10);
+    expect(b.rate).toEqual([
+      ['bucket-1', 3],
+      ['bucket-2', 1],
+    ]);
+    expect(a.rate).toEqual([]);
   });
 
   it('admin changes travel with last-writer-wins', () => {
