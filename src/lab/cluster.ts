@@ -9,7 +9,7 @@ import type { PolicyObserver, RoutingPolicy } from '../policies/policy.js';
 import type { CostModelConfig } from '../engine/cost-model.js';
 import type { KvEvent, KvEventSink } from '../sim/kv-events.js';
 import { Engine, EngineRequestError, type EngineOptions, type RequestRecord } from '../sim/engine.js';
-import { EventQueue, runEventLoop, scheduleEngineMetrics, stepStarter, type LabEvent } from './event-queue.js';
+import { EventQueue, queueScheduler, runEventLoop, scheduleEngineMetrics, stepStarter, type LabEvent } from './event-queue.js';
 import type { PdRunInfo } from './pd-cluster.js';
 import { buildRouterReplicas, type RouterReplica } from './replicas.js';
 import type { LabRequest } from './workload.js';
@@ -200,13 +200,7 @@ export function runCluster(requests: readonly LabRequest[], cfg: ClusterConfig):
           get share() {
             return share();
           },
-          schedule: (everyMs, fn) => {
-            const cancelled = { v: false };
-            queue.push(clock.now() + everyMs, { kind: 'timer', everyMs, fn, cancelled });
-            return () => {
-              cancelled.v = true;
-            };
-          },
+          schedule: queueScheduler(queue, clock),
         },
         {
           ...cfg.policyOptions,

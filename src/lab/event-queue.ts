@@ -152,3 +152,14 @@ export function scheduleEngineMetrics(o: {
   sample();
   o.queue.push(o.clock.now() + o.everyMs, { kind: 'timer', everyMs: o.everyMs, fn: sample, cancelled: { v: false } });
 }
+
+/** Periodic work on the lab's event queue, in virtual time (the lab's PolicyDeps.schedule and replica-sync timers). */
+export function queueScheduler(queue: EventQueue<LabEvent>, clock: { now(): number }): (everyMs: number, fn: () => void) => () => void {
+  return (everyMs, fn) => {
+    const cancelled = { v: false };
+    queue.push(clock.now() + everyMs, { kind: 'timer', everyMs, fn, cancelled });
+    return () => {
+      cancelled.v = true;
+    };
+  };
+}

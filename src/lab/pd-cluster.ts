@@ -7,7 +7,7 @@ import { createPolicy } from '../policies/factory.js';
 import type { PolicyObserver, RoutingPolicy, WorkerPair } from '../policies/policy.js';
 import { Engine, EngineRequestError, type EngineOptions, type EngineStats, type RequestRecord } from '../sim/engine.js';
 import { kvEventFeed, LAB_DEFAULTS, labContext, type ClusterConfig, type ClusterRun, type Ev } from './cluster.js';
-import { EventQueue, runEventLoop, scheduleEngineMetrics } from './event-queue.js';
+import { EventQueue, queueScheduler, runEventLoop, scheduleEngineMetrics } from './event-queue.js';
 import type { LabRequest } from './workload.js';
 
 /**
@@ -139,13 +139,7 @@ export function runPdCluster(requests: readonly LabRequest[], cfg: PdClusterConf
         clock,
         rng: new SeededRng(seed),
         observer,
-        schedule: (everyMs, fn) => {
-          const cancelled = { v: false };
-          queue.push(clock.now() + everyMs, { kind: 'timer', everyMs, fn, cancelled });
-          return () => {
-            cancelled.v = true;
-          };
-        },
+        schedule: queueScheduler(queue, clock),
       },
       {
         ...cfg.policyOptions,

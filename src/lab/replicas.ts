@@ -4,7 +4,7 @@ import { Worker, type WorkerType } from '../core/worker.js';
 import type { RoutingPolicy, RoutingShare } from '../policies/policy.js';
 import { MemoryBus } from '../sync/memory-transport.js';
 import { ReplicaSync } from '../sync/replica-sync.js';
-import type { EventQueue, LabEvent } from './event-queue.js';
+import { queueScheduler, type EventQueue, type LabEvent } from './event-queue.js';
 
 /**
  * Router replicas in the lab: R kvgate replicas behind a round-robin front (arrival i goes to
@@ -76,13 +76,7 @@ export function labTimers(queue: EventQueue<LabEvent>, clock: { now(): number })
         cancelled.v = true;
       };
     },
-    every(ms: number, fn: () => void): () => void {
-      const cancelled = { v: false };
-      queue.push(clock.now() + ms, { kind: 'timer', everyMs: ms, fn, cancelled });
-      return () => {
-        cancelled.v = true;
-      };
-    },
+    every: queueScheduler(queue, clock),
   };
 }
 
