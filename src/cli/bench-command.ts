@@ -5,7 +5,7 @@ import { addOptions, ConfigError, resolveOptions, type OptionSpec } from '../con
 import { engineConfigFrom, engineOptionSpecs } from '../config/engine-options.js';
 import { serveOptionSpecs } from '../config/serve-config.js';
 import { isPolicyName, POLICY_NAMES, type PolicyOptions } from '../policies/factory.js';
-import { runBench } from '../lab/bench.js';
+import { runBench, SLO_SEARCH_DEFAULTS } from '../lab/bench.js';
 import { LAB_DEFAULTS } from '../lab/cluster.js';
 import { PD_DEFAULTS } from '../lab/pd-cluster.js';
 import { liveMarkdown, runLive } from '../lab/live.js';
@@ -71,6 +71,10 @@ export const benchOptionSpecs: readonly OptionSpec[] = [
     argName: 'ms|off',
     check: ((v: string) => (v === 'off' || (/^\d+(\.\d+)?$/.test(v) && Number(v) >= 0) ? undefined : `expected a number of ms >= 0 or 'off' (got '${v}')`)) as never,
   },
+  { flag: 'ttft-slo-ms', kind: 'number', description: 'TTFT objective (ms): adds goodput columns (requests within it, their output tokens/s) and is slo_aware\'s default objective', min: 0, exclusiveMin: true },
+  { flag: 'max-rate-at-slo', kind: 'bool', description: 'Also find, per policy, the highest rate at which --slo-attainment of the requests meet --ttft-slo-ms (doubling then bisection, from the first rate); table + report.json throughput_at_slo', default: false },
+  { flag: 'slo-attainment', kind: 'number', description: 'Share of requests that must meet the objective for --max-rate-at-slo (0.9 = TTFT p90 within it)', default: SLO_SEARCH_DEFAULTS.attainment, min: 0, exclusiveMin: true, max: 1 },
+  { flag: 'slo-search-precision', kind: 'number', description: '--max-rate-at-slo stops bisecting when the bracket is within this relative width', default: SLO_SEARCH_DEFAULTS.precision, min: 0.001, max: 1 },
   { flag: 'kv-event-delay-ms', kind: 'number', description: 'KV events reach the router this long after the engine step (kv_aware)', default: LAB_DEFAULTS.kvEventDelayMs, min: 0 },
   { flag: 'metrics-interval-ms', kind: 'number', description: 'Engine metrics are sampled this often (least_kv_cache, least_waiting)', default: LAB_DEFAULTS.metricsIntervalMs, min: 1 },
   { flag: 'metrics-delay-ms', kind: 'number', description: '...and seen by the router this long after sampling', default: LAB_DEFAULTS.metricsDelayMs, min: 0 },
@@ -98,8 +102,11 @@ export function benchPolicyOptions(o: Record<string, unknown>): PolicyOptions {
     },
     prefixLoad: { windowSecs: o.windowSecs as number },
     engineLoad: { staleAfterMs: (o.engineMetricsStaleSecs as number) * 1000 },
+    ...(o.ttftSloMs !== undefined ? { sloAware: { ttftSloMs: o.ttftSloMs as number } } : {}),
   };
 }
+
+const pdGiven0 = (o: Record<string, unknown>) => o.prefillWorkers !== undefined || o.decodeWorkers !== undefined;
 
 let printer: ((label: string, fraction: number) => void) | undefined;
 function progressPrinter(): (label: string, fraction: number) => void {
@@ -170,6 +177,8 @@ export function registerBenchCommand(program: Command): void {
         }
         return;
       }
+      if (o.maxRateAtSlo && o.ttftSloMs === undefined) throw new ConfigError('--max-rate-at-slo needs --ttft-slo-ms');
+      if (o.maxRateAtSlo && pdGiven0(o)) throw new ConfigError('--max-rate-at-slo searches aggregated clusters only: drop --prefill-workers/--decode-workers');
       const pdGiven = o.prefillWorkers !== undefined || o.decodeWorkers !== undefined;
       if (pdGiven && (o.prefillWorkers === undefined || o.decodeWorkers === undefined)) {
         throw new ConfigError('PD rows need both --prefill-workers and --decode-workers');
@@ -209,6 +218,8 @@ export function registerBenchCommand(program: Command): void {
           workloadAt,
           out: o.out as string | undefined,
           progress: o.quiet ? undefined : progressPrinter(),
+          ttftSloMs: o.ttftSloMs as number | undefined,
+          maxRateAtSlo: o.maxRateAtSlo ? { ...SLO_SEARCH_DEFAULTS, attainment: o.sloAttainment as number, precision: o.sloSearchPrecision as number } : undefined,
         },
         version,
       );

@@ -45,6 +45,11 @@ export interface ClusterConfig {
   replicaSyncDelayMs?: number | 'off';
 }
 
+/** Policies that read the KV-event index (the lab feeds it from the engines only for them). */
+export function usesKvEvents(policy: string): boolean {
+  return policy === 'kv_aware' || policy === 'slo_aware' || policy.startsWith('peer_');
+}
+
 export const LAB_DEFAULTS = { kvEventDelayMs: 50, metricsIntervalMs: 1000, metricsDelayMs: 50, routerReplicas: 1, replicaSyncDelayMs: 5 } as const;
 
 /** What the router sees of a lab request: the context the gateway would build (text built lazily). */
@@ -163,7 +168,7 @@ export function runCluster(requests: readonly LabRequest[], cfg: ClusterConfig):
       cost: { ...base.cost, slowFactor: probe.config.cost.slowFactor / k },
     };
   };
-  const usesEvents = !cfg.pooled && cfg.policy === 'kv_aware';
+  const usesEvents = !cfg.pooled && usesKvEvents(cfg.policy);
   const kv = kvEventFeed(queue, clock, cfg.kvEventDelayMs ?? LAB_DEFAULTS.kvEventDelayMs);
   const engines = Array.from({ length: n }, (_, i) => {
     const opts = engineOpts(i);
