@@ -6,10 +6,13 @@ import { engineConfigFrom, engineOptionSpecs } from '../config/engine-options.js
 import { serveOptionSpecs } from '../config/serve-config.js';
 import { isPolicyName, POLICY_NAMES, type PolicyOptions } from '../policies/factory.js';
 import { runBench, SLO_SEARCH_DEFAULTS } from '../lab/bench.js';
+import { isPeerPolicy, PEER_POLICY_NAMES } from '../lab/peer-policies.js';
 import { LAB_DEFAULTS } from '../lab/cluster.js';
 import { PD_DEFAULTS } from '../lab/pd-cluster.js';
 import { liveMarkdown, runLive } from '../lab/live.js';
 import { loadWorkload } from '../lab/workloads/index.js';
+
+const labPolicy = (p: string) => isPolicyName(p) || isPeerPolicy(p);
 
 const policyFlags = [
   'cache-threshold',
@@ -37,9 +40,9 @@ export const benchOptionSpecs: readonly OptionSpec[] = [
   {
     flag: 'policies',
     kind: 'list',
-    description: 'Policies to compare (round_robin and the pooled LRU reference are always added)',
+    description: `Policies to compare (round_robin and the pooled LRU reference are always added); also the lab-only peer baselines ${PEER_POLICY_NAMES.join(', ')} (docs/lab.md)`,
     default: ['round_robin', 'random', 'power_of_two', 'least_load', 'cache_aware', 'kv_aware', 'prefix_load'],
-    check: ((v: string[]) => v.find((p) => !isPolicyName(p)) && `unknown policy '${v.find((p) => !isPolicyName(p))}' (expected ${POLICY_NAMES.join(', ')})`) as never,
+    check: ((v: string[]) => v.find((p) => !labPolicy(p)) && `unknown policy '${v.find((p) => !labPolicy(p))}' (expected ${[...POLICY_NAMES, ...PEER_POLICY_NAMES].join(', ')})`) as never,
   },
   { flag: 'rate-scale', kind: 'number', description: 'Trace replay speed: arrivals compressed by this factor', default: 1, min: 0, exclusiveMin: true },
   { flag: 'rps', kind: 'number', description: 'Arrival rate for generated workloads (requests/s)', min: 0, exclusiveMin: true },

@@ -56,13 +56,13 @@ export interface BenchOptions {
 export interface SloSearchOptions {
   /** Share of requests that must meet the objective (0.9 = TTFT p90 within it). */
   attainment: number;
-  /** Search bounds of the rate, and the relative precision at which bisection stops. */
-  minRate: number;
-  maxRate: number;
+  /** Search bounds, as multiples of the starting rate; and the relative precision at which bisection stops. */
+  minFactor: number;
+  maxFactor: number;
   precision: number;
 }
 
-export const SLO_SEARCH_DEFAULTS: SloSearchOptions = { attainment: 0.9, minRate: 1 / 64, maxRate: 64, precision: 0.03 };
+export const SLO_SEARCH_DEFAULTS: SloSearchOptions = { attainment: 0.9, minFactor: 1 / 64, maxFactor: 64, precision: 0.03 };
 
 /** One run of the throughput-at-SLO search. */
 export interface SloProbe {
@@ -259,16 +259,18 @@ async function findThroughputAtSlo(policy: string, o: BenchOptions, replicas: nu
   let lo: number | undefined;
   let hi: number | undefined;
   let r = o.rates[0] > 0 ? o.rates[0] : 1;
+  const minRate = r * search.minFactor;
+  const maxRate = r * search.maxFactor;
   if (await probe(r)) {
     lo = r;
-    while (hi === undefined && r * 2 <= search.maxRate) {
+    while (hi === undefined && r * 2 <= maxRate) {
       r *= 2;
       if (await probe(r)) lo = r;
       else hi = r;
     }
   } else {
     hi = r;
-    while (lo === undefined && r / 2 >= search.minRate) {
+    while (lo === undefined && r / 2 >= minRate) {
       r /= 2;
       if (await probe(r)) lo = r;
       else hi = r;

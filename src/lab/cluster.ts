@@ -4,7 +4,8 @@ import type { KvCacheEvent } from '../events/types.js';
 import type { RequestContext } from '../core/context.js';
 import { SeededRng } from '../core/rng.js';
 import type { LoadGuard } from '../core/worker.js';
-import { createPolicy, type PolicyOptions } from '../policies/factory.js';
+import type { PolicyOptions } from '../policies/factory.js';
+import { createLabPolicy } from './peer-policies.js';
 import type { PolicyObserver, RoutingPolicy } from '../policies/policy.js';
 import type { CostModelConfig } from '../engine/cost-model.js';
 import type { KvEvent, KvEventSink } from '../sim/kv-events.js';
@@ -193,7 +194,7 @@ export function runCluster(requests: readonly LabRequest[], cfg: ClusterConfig):
     clock,
     workerSpecs: engines.map((_, i) => ({ url: `http://engine-${i}.lab` })),
     makePolicy: (r, share): RoutingPolicy =>
-      createPolicy(
+      createLabPolicy(
         cfg.pooled ? 'round_robin' : cfg.policy,
         {
           clock,
@@ -222,7 +223,7 @@ export function runCluster(requests: readonly LabRequest[], cfg: ClusterConfig):
   // Engine metrics as a scraper would see them: sampled periodically, visible after a delay.
   const metricsEvery = cfg.metricsIntervalMs ?? LAB_DEFAULTS.metricsIntervalMs;
   const metricsDelay = cfg.metricsDelayMs ?? LAB_DEFAULTS.metricsDelayMs;
-  const usesMetrics = !cfg.pooled && (cfg.policy === 'least_kv_cache' || cfg.policy === 'least_waiting');
+  const usesMetrics = !cfg.pooled && (cfg.policy === 'least_kv_cache' || cfg.policy === 'least_waiting' || cfg.policy === 'peer_llmd');
   if (usesMetrics) {
     // Every replica scrapes the engines; they see the same samples at the same time.
     const workers =

@@ -3,7 +3,7 @@ import type { RequestContext } from '../core/context.js';
 import { WorkerRegistry } from '../core/registry.js';
 import { SeededRng } from '../core/rng.js';
 import { Worker, type LoadGuard, type WorkerType } from '../core/worker.js';
-import { createPolicy } from '../policies/factory.js';
+import { createLabPolicy } from './peer-policies.js';
 import type { PolicyObserver, RoutingPolicy, WorkerPair } from '../policies/policy.js';
 import { Engine, EngineRequestError, type EngineOptions, type EngineStats, type RequestRecord } from '../sim/engine.js';
 import { kvEventFeed, LAB_DEFAULTS, labContext, usesKvEvents, type ClusterConfig, type ClusterRun, type Ev } from './cluster.js';
@@ -133,7 +133,7 @@ export function runPdCluster(requests: readonly LabRequest[], cfg: PdClusterConf
     loadBalanced: () => decisions.loadBalanced++,
   };
   const makePolicy = (name: string, seed: number): RoutingPolicy =>
-    createPolicy(
+    createLabPolicy(
       name,
       {
         clock,
