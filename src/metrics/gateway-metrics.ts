@@ -136,7 +136,7 @@ export class GatewayMetrics {
     this.retries = new Counter({ name: 'kvgate_retries_total', help: 'Requests sent again to another worker after a retryable failure', labelNames: ['route'], registers });
     this.retriesExhausted = new Counter({ name: 'kvgate_retries_exhausted_total', help: 'Requests that failed on every attempt', labelNames: ['route'], registers });
     this.breakerTransitions = new Counter({ name: 'kvgate_worker_cb_transitions_total', help: 'Circuit breaker state changes', labelNames: ['worker', 'from', 'to'], registers });
-    this.admissionRejected = new Counter({ name: 'kvgate_admission_rejected_total', help: 'Requests refused by admission control (queue_full → 429, queue_timeout → 408, rate_limited → 429)', labelNames: ['reason'], registers });
+    this.admissionRejected = new Counter({ name: 'kvgate_admission_rejected_total', help: 'Requests refused by admission control (queue_full → 429, queue_timeout → 408, rate_limited → 429, shed → 429 sheddable at saturation, predicted_slo_miss → 429 sheddable predicted to miss its objective)', labelNames: ['reason'], registers });
     this.authFailures = new Counter({ name: 'kvgate_auth_failures_total', help: 'Requests refused for a missing or wrong key', labelNames: ['scope'], registers });
     this.kvDecisions = new Counter({ name: 'kvgate_kv_decisions_total', help: 'kv_aware decisions by chosen worker (url@rank) and where its overlap came from (events or approximate fallback)', labelNames: ['worker', 'source'], registers });
     this.kvOverlap = new Histogram({ name: 'kvgate_kv_decision_overlap_ratio', help: 'kv_aware: cached prefix blocks of the chosen worker / blocks of the request', buckets: [0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1], registers });

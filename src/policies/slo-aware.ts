@@ -3,7 +3,7 @@ import type { Worker } from '../core/worker.js';
 import { describeAll, noneAvailable, round, type RouteExplanation } from './explain.js';
 import { defaultKvAwareConfig, KvAwarePolicy, type KvAwareConfig, type KvIndexView, type KvScore } from './kv-aware.js';
 import { defaultPredictorConfig, LatencyPredictor, type Prediction, type PredictorConfig } from './latency-predictor.js';
-import { available, type PolicyDeps, type WorkerPair } from './policy.js';
+import { available, type LatencyPrediction, type PolicyDeps, type WorkerPair } from './policy.js';
 
 export interface SloAwareConfig extends KvAwareConfig {
   /** Default TTFT objective (ms) of requests without `x-slo-ttft-ms`; undefined = none. */
@@ -175,6 +175,12 @@ export class SloAwarePolicy extends KvAwarePolicy {
       feasible: e.feasible.some((f) => f) || (e.ttftObjective === undefined && e.tpotObjective === undefined),
       rule: e.rule,
     };
+  }
+
+  predictionFor(requestId: string): LatencyPrediction | undefined {
+    const d = this.lastSlo;
+    if (!d || d.requestId !== requestId) return undefined;
+    return { ttftMs: d.predictedTtftMs, tpotMs: d.predictedTpotMs, feasible: d.feasible };
   }
 
   override onFirstToken(worker: Worker, ctx: RequestContext): void {

@@ -190,6 +190,7 @@ export class RoutingCore {
         },
         prefixLoad: { windowSecs: config.windowSecs },
         engineLoad: { staleAfterMs: config.engineMetricsStaleSecs * 1000 },
+        sloAware: { ttftSloMs: config.ttftSloMs, tpotSloMs: config.tpotSloMs },
       },
     ), policyDeps, config.sessionAffinityHeader, config.sessionAffinityTtlSecs);
     };
