@@ -45,6 +45,11 @@ export interface LiveResult {
   sendSecs: number;
   /** The workload had fewer requests than --duration-secs asked for. */
   workloadRanOut: boolean;
+  /**
+   * slo_aware targets: how close the predicted TTFT (`x-kvgate-predicted-ttft-ms`) came to the
+   * TTFT observed here, over the successful requests that carried one.
+   */
+  prediction?: { requests: number; within25Pct: number; medianRelError: number; p80RelError: number };
 }
 
 interface Usage {
@@ -77,6 +82,7 @@ export async function runLive(o: LiveOptions): Promise<LiveResult> {
   const model = o.model ?? (await firstModel(targets[0], agent, headers));
   const reqs = o.workload.requests;
   const ttft: number[] = [];
+  const predErr: number[] = [];
   const e2e: number[] = [];
   const slotWait: number[] = [];
   const errors: Record<string, number> = {};
@@ -115,6 +121,7 @@ export async function runLive(o: LiveOptions): Promise<LiveResult> {
     try {
       const res = await request(targets[i % targets.length] + path, { method: 'POST', dispatcher: agent, headers, body: JSON.stringify(body), signal: cut.signal });
       const worker = res.headers['x-kvgate-worker'];
+      const predicted = Number(res.headers['x-kvgate-predicted-ttft-ms']);
       if (typeof worker === 'string') perWorker[worker] = (perWorker[worker] ?? 0) + 1;
       if (res.statusCode !== 200) {
         await res.body.dump();
@@ -148,6 +155,7 @@ export async function runLive(o: LiveOptions): Promise<LiveResult> {
       const end = performance.now();
       succeeded++;
       if (first >= 0) ttft.push((first - start) / 1000);
+      if (first >= 0 && Number.isFinite(predicted) && first > start) predErr.push(Math.abs(predicted - (first - start)) / (first - start));
       e2e.push((end - start) / 1000);
       outTokens += usage?.completion_tokens ?? chunks;
       if (usage?.prompt_tokens !== undefined) {
@@ -213,6 +221,12 @@ export async function runLive(o: LiveOptions): Promise<LiveResult> {
     wallSecs,
     sendSecs: ranOut ? lastArrivalSecs : o.durationSecs,
     workloadRanOut: ranOut,
+    ...(predErr.length > 0
+      ? (() => {
+          const pe = sorted(predErr);
+          return { prediction: { requests: pe.length, within25Pct: pe.filter((x) => x <= 0.25).length / pe.length, medianRelError: quantile(pe, 0.5), p80RelError: quantile(pe, 0.8) } };
+        })()
+      : {}),
   };
 }
 
@@ -232,6 +246,9 @@ export function liveMarkdown(r: LiveResult): string {
       ? `The workload ran out after ${r.sendSecs.toFixed(1)} s of arrivals, before --duration-secs: give it more requests (n=, duration=).`
       : `Sent arrivals for ${r.sendSecs} s (--duration-secs).`,
     errs ? `Errors: ${errs}.` : 'No errors.',
+    r.prediction
+      ? `Predicted TTFT (x-kvgate-predicted-ttft-ms) within 25% of the observed for ${(100 * r.prediction.within25Pct).toFixed(1)}% of ${r.prediction.requests} requests (relative error p50 ${(100 * r.prediction.medianRelError).toFixed(1)}%, p80 ${(100 * r.prediction.p80RelError).toFixed(1)}%).`
+      : '',
     Object.keys(r.perWorker).length ? `Requests per worker: ${Object.entries(r.perWorker).map(([w, n]) => `${w} ${n}`).join(', ')}.` : '',
   ].join('\n');
 }
