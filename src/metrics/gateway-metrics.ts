@@ -466,3 +466,30 @@ export function registerReplicaSyncMetrics(metrics: GatewayMetrics, sync: Replic
   counter('kvgate_replica_sync_peers_expired_total', 'Peers dropped after missing heartbeats', () => sync.stats.peersExpired);
   counter('kvgate_replica_sync_unresolved_total', 'Shared prompts that could not be rebuilt here (a chunk was unknown)', () => sync.unresolvedTexts);
 }
+
+/** What the predictor metrics read: each slo_aware pool's predictor. */
+export interface PredictorView {
+  pool: string;
+  predictor: { workerIds(): IterableIterator<string>; stats(id: string, nowMs: number): { slowness: number; observations: number; backlogWorkMs: number; relError: number } };
+}
+
+/** slo_aware's learned per-worker speeds and prediction error, read at scrape time. */
+export function registerPredictorMetrics(metrics: GatewayMetrics, views: () => PredictorView[], now: () => number): void {
+  const registers = [metrics.registry];
+  const gauge = (name: string, help: string, read: (s: ReturnType<PredictorView['predictor']['stats']>) => number) =>
+    new Gauge({
+      name,
+      help,
+      labelNames: ['pool', 'worker'],
+      registers,
+      collect() {
+        this.reset();
+        const t = now();
+        for (const v of views()) for (const id of v.predictor.workerIds()) this.set({ pool: v.pool, worker: id }, read(v.predictor.stats(id, t)));
+      },
+    });
+  gauge('kvgate_slo_predictor_slowness', 'slo_aware: learned wall time per unit of engine-model time, per worker (1 = the engine is the cost model)', (s) => s.slowness);
+  gauge('kvgate_slo_predictor_observations', 'slo_aware: first-token times the worker\'s predictor has learned from', (s) => s.observations);
+  gauge('kvgate_slo_predictor_backlog_ms', 'slo_aware: predicted prefill backlog of the worker (ms of engine-model work)', (s) => s.backlogWorkMs);
+  gauge('kvgate_slo_predictor_relative_error', 'slo_aware: recent mean |observed − predicted| / observed TTFT of the worker', (s) => s.relError);
+}

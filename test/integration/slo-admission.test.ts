@@ -77,6 +77,9 @@ describe('admission by priority and predicted latency, end to end', () => {
     await waitFor(() => gw.registry.all().every((w) => w.load === 0), 3000, 'loads released');
     const text = await (await fetch(url('/metrics'))).text();
     expect(text).toMatch(/kvgate_admission_rejected_total\{reason="predicted_slo_miss"\} 1/);
+    // The streamed request's first token taught the worker's predictor (the others were not streamed).
+    expect(text).toContain(`kvgate_slo_predictor_observations{pool="main",worker="${worker.url}"} 1`);
+    expect(text).toMatch(/kvgate_slo_predictor_slowness\{pool="main",worker="[^"]+"\} [\d.e+-]+/);
   });
 
   it('503 with x-kvgate-dropped-reason: no-endpoints when no worker can serve', async () => {
