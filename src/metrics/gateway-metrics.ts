@@ -470,7 +470,7 @@ export function registerReplicaSyncMetrics(metrics: GatewayMetrics, sync: Replic
 /** What the predictor metrics read: each slo_aware pool's predictor. */
 export interface PredictorView {
   pool: string;
-  predictor: { workerIds(): IterableIterator<string>; stats(id: string, nowMs: number): { slowness: number; observations: number; backlogWorkMs: number; relError: number } };
+  predictor: { workerIds(): IterableIterator<string>; stats(id: string, nowMs: number): { slowness: number; fixedMs: number; observations: number; backlogWorkMs: number; relError: number } };
 }
 
 /** slo_aware's learned per-worker speeds and prediction error, read at scrape time. */
@@ -489,6 +489,7 @@ export function registerPredictorMetrics(metrics: GatewayMetrics, views: () => P
       },
     });
   gauge('kvgate_slo_predictor_slowness', 'slo_aware: learned wall time per unit of engine-model time, per worker (1 = the engine is the cost model)', (s) => s.slowness);
+  gauge('kvgate_slo_predictor_fixed_ms', 'slo_aware: learned fixed latency outside the engine model (network, proxying), per worker', (s) => s.fixedMs);
   gauge('kvgate_slo_predictor_observations', 'slo_aware: first-token times the worker\'s predictor has learned from', (s) => s.observations);
   gauge('kvgate_slo_predictor_backlog_ms', 'slo_aware: predicted prefill backlog of the worker (ms of engine-model work)', (s) => s.backlogWorkMs);
   gauge('kvgate_slo_predictor_relative_error', 'slo_aware: recent mean |observed − predicted| / observed TTFT of the worker', (s) => s.relError);

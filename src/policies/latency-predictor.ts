@@ -39,6 +39,12 @@ export interface PredictorConfig {
   forgetting: number;
   /** Residuals beyond this many mean absolute residuals are down-weighted (Huber). */
   huberK: number;
+  /**
+   * The fixed latency outside the model is tracked as this quantile of observed − modelled
+   * (stochastic quantile tracking): low enough that queueing the model missed does not leak
+   * into it, high enough to cover the usual network and proxy time.
+   */
+  fixedQuantile: number;
 }
 
 export const defaultPredictorConfig: PredictorConfig = {
@@ -46,6 +52,7 @@ export const defaultPredictorConfig: PredictorConfig = {
   maxBatchedTokens: 8192,
   forgetting: 0.97,
   huberK: 3,
+  fixedQuantile: 0.3,
 };
 
 /** What the predictor needs to know about the candidate worker now. */
@@ -80,7 +87,10 @@ interface Pending {
 interface WorkerModel {
   /** Wall time per unit of model time (1 = the engine is the model). */
   slowness: number;
-  /** Exponential mean of |log residual| (Huber scale). */
+  /** Fixed latency outside the engine model (network, proxying, event loops), ms. */
+  fixedMs: number;
+  /** Exponential mean of |log residual| (Huber scale of the slowness) and of |residual| in ms (of the fixed part). */
+  absResidualMs: number;
   absResidual: number;
   observations: number;
   /** Fluid prefill backlog (ms of model work) at `backlogAtMs`. */
@@ -102,6 +112,8 @@ const MAX_SLOWNESS = 100;
 export interface WorkerPredictorStats {
   /** Learned wall time per unit of the engine model's time (1 = exactly the model). */
   slowness: number;
+  /** Learned fixed latency outside the model (ms). */
+  fixedMs: number;
   observations: number;
   backlogWorkMs: number;
   pendingRequests: number;
@@ -117,7 +129,7 @@ export class LatencyPredictor {
   private model(id: string, nowMs: number): WorkerModel {
     let m = this.workers.get(id);
     if (!m) {
-      m = { slowness: 1, absResidual: 0, observations: 0, backlogWorkMs: 0, backlogAtMs: nowMs, stepMs: this.config.cost.overheadMs, pending: new Map(), pendingWorkMs: 0, relError: 0 };
+      m = { slowness: 1, fixedMs: 0, absResidualMs: 0, absResidual: 0, observations: 0, backlogWorkMs: 0, backlogAtMs: nowMs, stepMs: this.config.cost.overheadMs, pending: new Map(), pendingWorkMs: 0, relError: 0 };
       this.workers.set(id, m);
     }
     return m;
@@ -148,6 +160,7 @@ export class LatencyPredictor {
   predict(id: string, nowMs: number, cached: number, uncached: number, load: WorkerLoadView, outputContext = 0): Prediction {
     const m = this.workers.get(id);
     const slowness = m?.slowness ?? 1;
+    const fixedMs = m?.fixedMs ?? 0;
     const backlogWorkMs = m ? this.backlog(m, nowMs) : 0;
     const ownWorkMs = this.prefillWorkMs(cached, uncached);
     const c = this.config.cost;
@@ -157,7 +170,7 @@ export class LatencyPredictor {
     const steps = Math.max(1, Math.ceil(tokens / this.config.maxBatchedTokens));
     const stepMs = c.overheadMs + c.decodeSeqMs * load.inFlight + c.decodeContextTokenMs * load.inFlightTokens;
     const x: [number, number] = [work, steps * stepMs];
-    const ttftMs = slowness * (x[0] + x[1]);
+    const ttftMs = fixedMs + slowness * (x[0] + x[1]);
     const decodeStep = c.overheadMs + c.decodeSeqMs * (load.inFlight + 1) + c.decodeContextTokenMs * (load.inFlightTokens + cached + uncached + outputContext);
     const tpotMs = c.slowFactor * slowness * decodeStep;
     return { ttftMs, tpotMs, backlogWorkMs, ownWorkMs, x, stepMs };
@@ -202,8 +215,8 @@ export class LatencyPredictor {
 
   stats(id: string, nowMs: number): WorkerPredictorStats {
     const m = this.workers.get(id);
-    if (!m) return { slowness: 1, observations: 0, backlogWorkMs: 0, pendingRequests: 0, relError: 0 };
-    return { slowness: m.slowness, observations: m.observations, backlogWorkMs: this.backlog(m, nowMs), pendingRequests: m.pending.size, relError: m.relError };
+    if (!m) return { slowness: 1, fixedMs: 0, observations: 0, backlogWorkMs: 0, pendingRequests: 0, relError: 0 };
+    return { slowness: m.slowness, fixedMs: m.fixedMs, observations: m.observations, backlogWorkMs: this.backlog(m, nowMs), pendingRequests: m.pending.size, relError: m.relError };
   }
 
   workerIds(): IterableIterator<string> {
@@ -220,23 +233,35 @@ export class LatencyPredictor {
   }
 
   /**
-   * One robust update of the slowness: an exponentially weighted mean, in log space, of
-   * observed / predicted-by-the-model (a one-parameter regression through the origin), with
-   * each step's deviation clipped at huberK mean absolute deviations (Huber), so one wild
-   * observation moves it little while a lasting change of speed moves the scale and then it.
+   * One robust update of the two terms, by coordinate steps:
+   * - the fixed latency: the `fixedQuantile` quantile of observed − modelled, by stochastic
+   *   quantile tracking (steps of 5% of the mean absolute residual), never below 0;
+   * - the slowness: an exponentially weighted mean, in log space, of (observed − fixed) /
+   *   modelled, Huber-clipped (a one-parameter regression through the origin).
+   * A wild observation moves either little; a lasting change of speed first widens the clip
+   * scale, then moves them. (A joint least-squares fit of both proved unstable: on a busy worker
+   * the two inputs are nearly collinear; a mean-tracked fixed part soaked up the queueing of a
+   * slowed-down engine.)
    */
   private learn(m: WorkerModel, x: readonly [number, number], y: number, predictedMs: number): void {
     if (!Number.isFinite(y) || y <= 0) return;
     const base = x[0] + x[1];
     if (!(base > 0)) return;
     const alpha = Math.max(1 - this.config.forgetting, 1 / (m.observations + 2));
-    const d = Math.log(y / base) - Math.log(m.slowness);
-    let step = d;
-    if (m.observations >= 8) {
-      const limit = this.config.huberK * Math.max(0.02, m.absResidual);
-      if (Math.abs(d) > limit) step = Math.sign(d) * limit;
-    }
-    m.slowness = Math.min(MAX_SLOWNESS, Math.max(MIN_SLOWNESS, Math.exp(Math.log(m.slowness) + alpha * step)));
+    const clip = (v: number, scale: number) => {
+      if (m.observations < 8) return v;
+      const limit = this.config.huberK * scale;
+      return Math.abs(v) > limit ? Math.sign(v) * limit : v;
+    };
+    // Fixed part: residual against the current prediction, in ms (scale: the residuals' mean in ms).
+    const r = y - (m.fixedMs + m.slowness * base);
+    const tau = this.config.fixedQuantile;
+    const eta = Math.max(0.05, 0.05 * m.absResidualMs);
+    m.fixedMs = Math.max(0, m.fixedMs + eta * (r >= 0 ? tau : tau - 1));
+    m.absResidualMs = m.observations === 0 ? Math.abs(r) : 0.8 * m.absResidualMs + 0.2 * Math.abs(r);
+    const engine = Math.max(y - m.fixedMs, 0.05 * y);
+    const d = Math.log(engine / base) - Math.log(m.slowness);
+    m.slowness = Math.min(MAX_SLOWNESS, Math.max(MIN_SLOWNESS, Math.exp(Math.log(m.slowness) + alpha * clip(d, Math.max(0.02, m.absResidual)))));
     m.absResidual = m.observations === 0 ? Math.abs(d) : 0.8 * m.absResidual + 0.2 * Math.abs(d);
     m.observations++;
     m.relError = m.observations === 1 ? Math.abs(y - predictedMs) / y : 0.95 * m.relError + 0.05 * (Math.abs(y - predictedMs) / y);

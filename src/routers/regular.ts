@@ -91,7 +91,7 @@ export class RegularRouter {
           policy.onRequestComplete?.(worker, ctx, 'aborted');
           throw new DroppedError(429, `No worker is predicted to meet this request's latency objective (best predicted TTFT ${Math.round(prediction.ttftMs)} ms); sheddable requests are refused instead of served late`, 'predicted-slo-miss');
         }
-        if (!r.res.headersSent) r.res.setHeader('x-kvgate-predicted-ttft-ms', String(Math.round(prediction.ttftMs)));
+        if (!r.res.headersSent) r.res.setHeader('x-kvgate-predicted-ttft-ms', prediction.ttftMs.toFixed(1));
       }
       const { seq, note } = insight ? insight.decided({ requestId: r.requestId, route: r.route, ctx, policy: policy.name, worker, attempt, explanation, sampled }) : { seq: 0, note: undefined };
       if (select) {
