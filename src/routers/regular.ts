@@ -175,6 +175,7 @@ export class RegularRouter {
       policy.onRequestComplete?.(worker, ctx, result?.outcome ?? 'error');
       const status = result ? (result.held?.status ?? (result.error ? result.error.status : result.status)) : 0;
       const usage = tap?.usage();
+      if (usage) r.usage = usage;
       if (insight) insight.finished(seq, ctx, worker, tap, status, r.arrivedAt!, usage);
       if (span) {
         span.setAttribute('http.response.status_code', status);

@@ -222,3 +222,48 @@ export class KeyRateLimiter {
     b.at = t;
   }
 }
+
+/**
+ * Per-key token budget: `perMinute` tokens (prompt + completion) per minute, refilled
+ * continuously, bursts up to `perMinute`. A request is let in while the key's balance is
+ * positive and charged when its usage is known, so the balance may go below zero by one
+ * request's tokens; the key then waits until it refills.
+ */
+export class KeyTokenLimiter {
+  private readonly buckets = new Map<string, { tokens: number; at: number }>();
+
+  constructor(
+    private readonly perMinute: number,
+    private readonly now: () => number = () => performance.now(),
+  ) {}
+
+  private bucket(key: string): { tokens: number; at: number } {
+    const t = this.now();
+    let b = this.buckets.get(key);
+    if (!b) {
+      b = { tokens: this.perMinute, at: t };
+      this.buckets.set(key, b);
+    }
+    b.tokens = Math.min(this.perMinute, b.tokens + ((t - b.at) / 60_000) * this.perMinute);
+    b.at = t;
+    return b;
+  }
+
+  /** Whether `key` may send a request now; else the ms until its balance is positive again. */
+  check(key: string): { ok: true } | { ok: false; retryAfterMs: number } {
+    const b = this.bucket(key);
+    if (b.tokens > 0) return { ok: true };
+    return { ok: false, retryAfterMs: ((-b.tokens + 1) / this.perMinute) * 60_000 };
+  }
+
+  /** Charges `tokens` used by a request of `key`. */
+  charge(key: string, tokens: number): void {
+    if (!(tokens > 0)) return;
+    this.bucket(key).tokens -= tokens;
+  }
+
+  /** The key's balance now (tests, metrics). */
+  balance(key: string): number {
+    return this.bucket(key).tokens;
+  }
+}

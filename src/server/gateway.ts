@@ -19,7 +19,7 @@ import { defaultRetryConfig, type RetryConfig } from '../core/retry.js';
 import type { KvEventHub } from '../events/hub.js';
 import type { TokenizerRegistry } from '../tokenize/registry.js';
 import type { Worker } from '../core/worker.js';
-import { KeyRateLimiter, type Admission, type AdmissionRequest } from './admission.js';
+import { KeyRateLimiter, KeyTokenLimiter, type Admission, type AdmissionRequest } from './admission.js';
 import { objectiveFrom, SLO_TTFT_HEADER } from '../policies/slo-aware.js';
 import { isLoopback, KeySet, readKeyFile } from './auth.js';
 import { isAdminRoute, PUBLIC_ROUTES, type ControlRoutes, type WorkerRegistration } from './control.js';
@@ -69,6 +69,7 @@ export class Gateway {
   private readonly adminKeys: KeySet;
   private readonly keyLimiter: KeyRateLimiter | undefined;
   private readonly keyPriority = new Map<string, number>();
+  private readonly tokenLimiter: KeyTokenLimiter | undefined;
   private server: Server | undefined;
   private readonly startedAt = Date.now();
   /** Responses not yet finished (for graceful shutdown). */
@@ -90,6 +91,7 @@ export class Gateway {
     this.apiKeys = new KeySet([...config.apiKey, ...(config.apiKeyFile ? readKeyFile(config.apiKeyFile) : [])]);
     this.adminKeys = new KeySet(config.adminApiKey ? [config.adminApiKey] : []);
     this.keyLimiter = config.apiKeyRateLimitRps > 0 ? new KeyRateLimiter(config.apiKeyRateLimitRps) : undefined;
+    this.tokenLimiter = config.apiKeyTokenLimitPerMin > 0 ? new KeyTokenLimiter(config.apiKeyTokenLimitPerMin) : undefined;
     for (const entry of config.apiKeyPriority ?? []) {
       const eq = entry.lastIndexOf('=');
       this.keyPriority.set(entry.slice(0, eq), Number(entry.slice(eq + 1)));
@@ -322,16 +324,33 @@ export class Gateway {
             throw errors.tooManyRequests('Request rate limit for this API key exceeded');
           }
         }
+        const tokenBucket = this.tokenLimiter ? createHash('sha256').update(apiKey ?? `ip:${req.socket.remoteAddress ?? ''}`).digest('base64url').slice(0, 22) : undefined;
+        if (this.tokenLimiter && tokenBucket) {
+          const verdict = this.tokenLimiter.check(tokenBucket);
+          if (!verdict.ok) {
+            this.metrics.admissionRejected.inc({ reason: 'token_limited' });
+            res.setHeader('retry-after', String(Math.max(1, Math.ceil(verdict.retryAfterMs / 1000))));
+            throw new GatewayError(429, 'Token rate limit for this API key exceeded (prompt + completion tokens per minute)', 'rate_limit_error', 'token_rate_limited');
+          }
+        }
         const raw = await readBody(req, this.config.maxPayloadSize);
         const body = parseJsonObject(raw, this.config.maxJsonDepth);
         const who = this.admissionRequest(req, apiKey, started);
         const release = await this.admit(res, who);
+        let served: RoutedRequest | undefined;
         try {
           const r: RoutedRequest = { req, res, route, path, requestId, rawBody: raw, body, arrivedAt: started, trace, priority: who.priority };
-          routed = r;
+          routed = served = r;
           status = await (this.pd ? this.pd.handle(r) : this.router.handle(r));
         } finally {
           release();
+          // Charge what the engine reported; without a usage report, an estimate (body / 4 + max tokens).
+          if (this.tokenLimiter && tokenBucket && served && status > 0 && status < 400) {
+            const u = served.usage;
+            const maxTokens = Number(body.max_tokens ?? body.max_completion_tokens ?? 0) || 0;
+            const used = u && (u.promptTokens !== undefined || u.completionTokens !== undefined) ? (u.promptTokens ?? 0) + (u.completionTokens ?? 0) : Math.ceil(raw.length / 4) + maxTokens;
+            this.tokenLimiter.charge(tokenBucket, used);
+          }
         }
       } else {
         status = await this.control.handle(req, res, path, requestId);

@@ -82,6 +82,18 @@ describe('admission by priority and predicted latency, end to end', () => {
     expect(text).toMatch(/kvgate_slo_predictor_slowness\{pool="main",worker="[^"]+"\} [\d.e+-]+/);
   });
 
+  it('per-key token limits: prompt + completion tokens the engine reported are charged; a spent key gets 429 with Retry-After', async () => {
+    // The fake worker reports 3 prompt + 1 completion tokens per request: 10 tokens/min allow three.
+    const { url } = await setup({ apiKey: ['k1', 'k2'], apiKeyTokenLimitPerMin: 10 });
+    const call = (key: string) => send(url('/v1/chat/completions'), { body: chat('x'), headers: { authorization: `Bearer ${key}` } });
+    for (let i = 0; i < 3; i++) expect((await call('k1')).status).toBe(200);
+    const spent = await call('k1');
+    expect(spent.status).toBe(429);
+    expect(spent.json.error.code).toBe('token_rate_limited');
+    expect(Number(spent.headers['retry-after'])).toBeGreaterThanOrEqual(1);
+    expect((await call('k2')).status).toBe(200); // another key has its own budget
+  });
+
   it('503 with x-kvgate-dropped-reason: no-endpoints when no worker can serve', async () => {
     const { url } = await setup({ healthFailureThreshold: 1 }, { healthy: false }, false);
     const r = await send(url('/v1/chat/completions'), { body: chat('x') });
