@@ -9,7 +9,7 @@ import { runBench, SLO_SEARCH_DEFAULTS } from '../lab/bench.js';
 import { isPeerPolicy, PEER_POLICY_NAMES } from '../lab/peer-policies.js';
 import { LAB_DEFAULTS } from '../lab/cluster.js';
 import { PD_DEFAULTS } from '../lab/pd-cluster.js';
-import { liveMarkdown, runLive } from '../lab/live.js';
+import { liveMarkdown, parseClasses, runLive } from '../lab/live.js';
 import { loadWorkload } from '../lab/workloads/index.js';
 
 const labPolicy = (p: string) => isPolicyName(p) || isPeerPolicy(p);
@@ -59,6 +59,7 @@ export const benchOptionSpecs: readonly OptionSpec[] = [
   { flag: 'drain-secs', kind: 'number', description: 'Live mode: then wait this long for in-flight requests', default: 60, min: 0 },
   { flag: 'model', kind: 'string', description: "Live mode: model to request (default: the target's first model)" },
   { flag: 'api-key', kind: 'string', description: 'Live mode: sent as Authorization: Bearer' },
+  { flag: 'classes', kind: 'string', description: 'Live mode: request classes, name=share[:priority=N][:ttft-ms=N][:tpot-ms=N],... (e.g. interactive=0.3:ttft-ms=1000,batch=0.7:priority=-1); reported per class', argName: 'spec' },
   { flag: 'route', kind: 'enum', description: 'Live mode: OpenAI route to use', default: 'completions', choices: ['completions', 'chat'] },
   { flag: 'prefill-workers', kind: 'int', description: 'PD rows: prefill engines of a prefill/decode-disaggregated cluster, run next to the --workers aggregated one (with --decode-workers)', min: 1, max: 1024 },
   { flag: 'decode-workers', kind: 'int', description: 'PD rows: decode engines (with --prefill-workers)', min: 1, max: 1024 },
@@ -109,6 +110,14 @@ export function benchPolicyOptions(o: Record<string, unknown>): PolicyOptions {
   };
 }
 
+const classesFrom = (spec: string) => {
+  try {
+    return parseClasses(spec);
+  } catch (e) {
+    throw new ConfigError((e as Error).message);
+  }
+};
+
 const pdGiven0 = (o: Record<string, unknown>) => o.prefillWorkers !== undefined || o.decodeWorkers !== undefined;
 
 let printer: ((label: string, fraction: number) => void) | undefined;
@@ -153,6 +162,7 @@ export function registerBenchCommand(program: Command): void {
           timeWindow,
           maxRequests: o.maxRequests as number | undefined,
         });
+      if (o.classes && !o.live) throw new ConfigError('--classes applies to --live runs (the lab has no admission control)');
       if (o.live) {
         if (!o.target) throw new ConfigError('--live needs --target URL');
         if (sweep) throw new ConfigError('--sweep is not available with --live: run one rate per invocation');
@@ -168,6 +178,7 @@ export function registerBenchCommand(program: Command): void {
           drainSecs: o.drainSecs as number,
           route: o.route as 'completions' | 'chat',
           apiKey: o.apiKey as string | undefined,
+          classes: o.classes ? classesFrom(o.classes as string) : undefined,
           progress: o.quiet ? undefined : (f) => progressPrinter()('live', f),
         });
         const md = liveMarkdown(result);
