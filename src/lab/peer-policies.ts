@@ -122,7 +122,7 @@ export class LlmdDefaultPolicy extends BasePolicy {
  * requests of the pods differ by more than 16 (max − min), the pod with the fewest; otherwise
  * the pods holding a prefix of the request, by decreasing match percentage then fewest running
  * requests, and the first whose running requests are below mean + 2 standard deviations;
- * no such pod: the fewest running. Running requests are the router's own in-flight counts;
+ * no such pod: the fewest running (ties at random). Running requests are the router's own in-flight counts;
  * the match comes from the KV-event index (AIBrix keeps its own table of routed prefixes).
  */
 export class AibrixPrefixPolicy extends BasePolicy {
@@ -137,12 +137,14 @@ export class AibrixPrefixPolicy extends BasePolicy {
     super(deps);
   }
 
-  private decide(healthy: readonly Worker[], ctx: RequestContext): { worker: Worker; rule: string } {
+  /** `draw`: break least-load ties with the RNG (decisions); explanations do not draw. */
+  private decide(healthy: readonly Worker[], ctx: RequestContext, draw = true): { worker: Worker; rule: string } {
     const loads = healthy.map((w) => w.load);
+    // Ties at random: AIBrix picks among the least-loaded pods in Go map order, which is random.
     const least = (): Worker => {
-      let b = 0;
-      for (let k = 1; k < healthy.length; k++) if (loads[k] < loads[b]) b = k;
-      return healthy[b];
+      const min = Math.min(...loads);
+      const ties = healthy.filter((_, k) => loads[k] === min);
+      return ties.length === 1 || !draw ? ties[0] : ties[this.deps.rng.int(ties.length)];
     };
     if (Math.max(...loads) - Math.min(...loads) > this.imbalanceAbs) return { worker: least(), rule: 'imbalance' };
     const { matched, blocks } = prefixMatch(this.view, ctx);
@@ -166,7 +168,8 @@ export class AibrixPrefixPolicy extends BasePolicy {
     const described = describeAll(candidates, this.deps.clock.now());
     const healthy = available(candidates);
     if (healthy.length === 0) return noneAvailable(this.name, described);
-    const d = this.decide(healthy, ctx);
-    return { policy: this.name, chosen: d.worker.id, rule: d.rule, detail: 'AIBrix prefix-cache: imbalance > 16 → least running; else best prefix match under mean + 2σ running', deterministic: true, candidates: described };
+    const d = this.decide(healthy, ctx, false);
+    const random = d.rule !== 'prefix_match' && healthy.filter((w) => w.load === d.worker.load).length > 1;
+    return { policy: this.name, chosen: random ? undefined : d.worker.id, rule: d.rule, detail: 'AIBrix prefix-cache: imbalance > 16 → least running; else best prefix match under mean + 2σ running', deterministic: !random, candidates: described };
   }
 }
