@@ -5,12 +5,15 @@ import { addOptions, ConfigError, resolveOptions, type OptionSpec } from '../con
 import { engineConfigFrom, engineOptionSpecs } from '../config/engine-options.js';
 import { serveOptionSpecs } from '../config/serve-config.js';
 import { isPolicyName, POLICY_NAMES, type PolicyOptions } from '../policies/factory.js';
-import { runBench } from '../lab/bench.js';
+import { runBench, SLO_SEARCH_DEFAULTS } from '../lab/bench.js';
 import type { MediumMode } from '../cache/block-index.js';
+import { isPeerPolicy, PEER_POLICY_NAMES } from '../lab/peer-policies.js';
 import { LAB_DEFAULTS } from '../lab/cluster.js';
 import { PD_DEFAULTS } from '../lab/pd-cluster.js';
-import { liveMarkdown, runLive } from '../lab/live.js';
+import { liveMarkdown, parseClasses, runLive } from '../lab/live.js';
 import { loadWorkload } from '../lab/workloads/index.js';
+
+const labPolicy = (p: string) => isPolicyName(p) || isPeerPolicy(p);
 
 const policyFlags = [
   'cache-threshold',
@@ -41,9 +44,9 @@ export const benchOptionSpecs: readonly OptionSpec[] = [
   {
     flag: 'policies',
     kind: 'list',
-    description: 'Policies to compare (round_robin and the pooled LRU reference are always added)',
+    description: `Policies to compare (round_robin and the pooled LRU reference are always added); also the lab-only peer baselines ${PEER_POLICY_NAMES.join(', ')} (docs/lab.md)`,
     default: ['round_robin', 'random', 'power_of_two', 'least_load', 'cache_aware', 'kv_aware', 'prefix_load'],
-    check: ((v: string[]) => v.find((p) => !isPolicyName(p)) && `unknown policy '${v.find((p) => !isPolicyName(p))}' (expected ${POLICY_NAMES.join(', ')})`) as never,
+    check: ((v: string[]) => v.find((p) => !labPolicy(p)) && `unknown policy '${v.find((p) => !labPolicy(p))}' (expected ${[...POLICY_NAMES, ...PEER_POLICY_NAMES].join(', ')})`) as never,
   },
   { flag: 'rate-scale', kind: 'number', description: 'Trace replay speed: arrivals compressed by this factor', default: 1, min: 0, exclusiveMin: true },
   { flag: 'rps', kind: 'number', description: 'Arrival rate for generated workloads (requests/s)', min: 0, exclusiveMin: true },
@@ -60,6 +63,7 @@ export const benchOptionSpecs: readonly OptionSpec[] = [
   { flag: 'drain-secs', kind: 'number', description: 'Live mode: then wait this long for in-flight requests', default: 60, min: 0 },
   { flag: 'model', kind: 'string', description: "Live mode: model to request (default: the target's first model)" },
   { flag: 'api-key', kind: 'string', description: 'Live mode: sent as Authorization: Bearer' },
+  { flag: 'classes', kind: 'string', description: 'Live mode: request classes, name=share[:priority=N][:ttft-ms=N][:tpot-ms=N],... (e.g. interactive=0.3:ttft-ms=1000,batch=0.7:priority=-1); reported per class', argName: 'spec' },
   { flag: 'route', kind: 'enum', description: 'Live mode: OpenAI route to use', default: 'completions', choices: ['completions', 'chat'] },
   { flag: 'prefill-workers', kind: 'int', description: 'PD rows: prefill engines of a prefill/decode-disaggregated cluster, run next to the --workers aggregated one (with --decode-workers)', min: 1, max: 1024 },
   { flag: 'decode-workers', kind: 'int', description: 'PD rows: decode engines (with --prefill-workers)', min: 1, max: 1024 },
@@ -75,6 +79,10 @@ export const benchOptionSpecs: readonly OptionSpec[] = [
     argName: 'ms|off',
     check: ((v: string) => (v === 'off' || (/^\d+(\.\d+)?$/.test(v) && Number(v) >= 0) ? undefined : `expected a number of ms >= 0 or 'off' (got '${v}')`)) as never,
   },
+  { flag: 'ttft-slo-ms', kind: 'number', description: 'TTFT objective (ms): adds goodput columns (requests within it, their output tokens/s) and is slo_aware\'s default objective', min: 0, exclusiveMin: true },
+  { flag: 'max-rate-at-slo', kind: 'bool', description: 'Also find, per policy, the highest rate at which --slo-attainment of the requests meet --ttft-slo-ms (doubling then bisection, from the first rate); table + report.json throughput_at_slo', default: false },
+  { flag: 'slo-attainment', kind: 'number', description: 'Share of requests that must meet the objective for --max-rate-at-slo (0.9 = TTFT p90 within it)', default: SLO_SEARCH_DEFAULTS.attainment, min: 0, exclusiveMin: true, max: 1 },
+  { flag: 'slo-search-precision', kind: 'number', description: '--max-rate-at-slo stops bisecting when the bracket is within this relative width', default: SLO_SEARCH_DEFAULTS.precision, min: 0.001, max: 1 },
   { flag: 'kv-event-delay-ms', kind: 'number', description: 'KV events reach the router this long after the engine step (kv_aware)', default: LAB_DEFAULTS.kvEventDelayMs, min: 0 },
   { flag: 'metrics-interval-ms', kind: 'number', description: 'Engine metrics are sampled this often (least_kv_cache, least_waiting)', default: LAB_DEFAULTS.metricsIntervalMs, min: 1 },
   { flag: 'metrics-delay-ms', kind: 'number', description: '...and seen by the router this long after sampling', default: LAB_DEFAULTS.metricsDelayMs, min: 0 },
@@ -102,8 +110,19 @@ export function benchPolicyOptions(o: Record<string, unknown>): PolicyOptions {
     },
     prefixLoad: { windowSecs: o.windowSecs as number },
     engineLoad: { staleAfterMs: (o.engineMetricsStaleSecs as number) * 1000 },
+    ...(o.ttftSloMs !== undefined ? { sloAware: { ttftSloMs: o.ttftSloMs as number } } : {}),
   };
 }
+
+const classesFrom = (spec: string) => {
+  try {
+    return parseClasses(spec);
+  } catch (e) {
+    throw new ConfigError((e as Error).message);
+  }
+};
+
+const pdGiven0 = (o: Record<string, unknown>) => o.prefillWorkers !== undefined || o.decodeWorkers !== undefined;
 
 let printer: ((label: string, fraction: number) => void) | undefined;
 function progressPrinter(): (label: string, fraction: number) => void {
@@ -147,6 +166,7 @@ export function registerBenchCommand(program: Command): void {
           timeWindow,
           maxRequests: o.maxRequests as number | undefined,
         });
+      if (o.classes && !o.live) throw new ConfigError('--classes applies to --live runs (the lab has no admission control)');
       if (o.live) {
         if (!o.target) throw new ConfigError('--live needs --target URL');
         if (sweep) throw new ConfigError('--sweep is not available with --live: run one rate per invocation');
@@ -162,6 +182,7 @@ export function registerBenchCommand(program: Command): void {
           drainSecs: o.drainSecs as number,
           route: o.route as 'completions' | 'chat',
           apiKey: o.apiKey as string | undefined,
+          classes: o.classes ? classesFrom(o.classes as string) : undefined,
           progress: o.quiet ? undefined : (f) => progressPrinter()('live', f),
         });
         const md = liveMarkdown(result);
@@ -174,6 +195,8 @@ export function registerBenchCommand(program: Command): void {
         }
         return;
       }
+      if (o.maxRateAtSlo && o.ttftSloMs === undefined) throw new ConfigError('--max-rate-at-slo needs --ttft-slo-ms');
+      if (o.maxRateAtSlo && pdGiven0(o)) throw new ConfigError('--max-rate-at-slo searches aggregated clusters only: drop --prefill-workers/--decode-workers');
       const pdGiven = o.prefillWorkers !== undefined || o.decodeWorkers !== undefined;
       if (pdGiven && (o.prefillWorkers === undefined || o.decodeWorkers === undefined)) {
         throw new ConfigError('PD rows need both --prefill-workers and --decode-workers');
@@ -213,6 +236,8 @@ export function registerBenchCommand(program: Command): void {
           workloadAt,
           out: o.out as string | undefined,
           progress: o.quiet ? undefined : progressPrinter(),
+          ttftSloMs: o.ttftSloMs as number | undefined,
+          maxRateAtSlo: o.maxRateAtSlo ? { ...SLO_SEARCH_DEFAULTS, attainment: o.sloAttainment as number, precision: o.sloSearchPrecision as number } : undefined,
         },
         version,
       );

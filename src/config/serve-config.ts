@@ -54,6 +54,14 @@ export interface ServeConfig {
   queueSize: number;
   queueTimeoutSecs: number;
   apiKeyRateLimitRps: number;
+  apiKeyTokenLimitPerMin: number;
+  /** slo_aware's default objectives (ms) of requests without x-slo-ttft-ms / x-slo-tpot-ms. */
+  ttftSloMs: number | undefined;
+  tpotSloMs: number | undefined;
+  /** API key → priority class (`KEY=N`); requests of other keys have priority 0 unless x-kvgate-priority says. */
+  apiKeyPriority: string[];
+  /** Header whose value is the fairness key of the admission queue (default: the API key, else the client address). */
+  fairnessHeader: string | undefined;
   connectTimeoutSecs: number;
   firstByteTimeoutSecs: number;
   streamIdleTimeoutSecs: number;
@@ -199,6 +207,11 @@ export const serveOptionSpecs: readonly OptionSpec[] = [
   { flag: 'queue-size', kind: 'int', description: 'Requests that may wait for a slot beyond --max-concurrent-requests (429 when full)', default: 100, min: 0 },
   { flag: 'queue-timeout-secs', kind: 'number', description: 'Longest wait for a slot (408 after)', default: 60, min: 0, exclusiveMin: true },
   { flag: 'api-key-rate-limit-rps', kind: 'number', description: 'Requests per second allowed per API key (0 = no limit; 429 above)', default: 0, min: 0 },
+  { flag: 'api-key-token-limit-per-min', kind: 'number', description: 'Prompt + completion tokens per minute allowed per API key (per client address without keys); 0 = no limit; 429 while the key\'s budget is spent', default: 0, min: 0 },
+  { flag: 'ttft-slo-ms', kind: 'number', description: 'slo_aware: default TTFT objective (ms) of requests without x-slo-ttft-ms; also their admission deadline', min: 0, exclusiveMin: true },
+  { flag: 'tpot-slo-ms', kind: 'number', description: 'slo_aware: default time-per-output-token objective (ms) of requests without x-slo-tpot-ms', min: 0, exclusiveMin: true },
+  { flag: 'api-key-priority', kind: 'list', description: 'Priority class of an API key, KEY=N (integer; negative = sheddable); x-kvgate-priority overrides it per request', default: [], argName: 'key=n...', check: ((v: string[]) => v.find((x) => !/^[^=]+=-?\d+$/.test(x)) && `expected KEY=INTEGER (got '${v.find((x) => !/^[^=]+=-?\d+$/.test(x))}')`) as never },
+  { flag: 'fairness-header', kind: 'string', description: 'Header whose value is the fairness key of the admission queue (default: the API key, else the client address)', argName: 'name' },
   { flag: 'connect-timeout-secs', kind: 'number', description: 'Timeout to open a connection to a worker', default: 10, min: 0, exclusiveMin: true },
   { flag: 'first-byte-timeout-secs', kind: 'number', description: 'Timeout for a worker to start answering (response headers)', default: 600, min: 0, exclusiveMin: true },
   { flag: 'stream-idle-timeout-secs', kind: 'number', description: 'Longest silence between two chunks of a response', default: 300, min: 0, exclusiveMin: true },

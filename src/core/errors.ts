@@ -45,3 +45,17 @@ export const errors = {
   unavailable: (message: string, code = 'service_unavailable') => new GatewayError(503, message, 'server_error', code),
   gatewayTimeout: (message: string, code = 'worker_timeout') => new GatewayError(504, message, 'server_error', code),
 };
+
+/** Why a request was refused without being served (`x-kvgate-dropped-reason`). */
+export type DroppedReason = 'predicted-slo-miss' | 'saturated' | 'no-endpoints';
+
+/** A 429/503 that says why the request was dropped (the gateway adds `x-kvgate-dropped-reason`). */
+export class DroppedError extends GatewayError {
+  constructor(
+    status: number,
+    message: string,
+    readonly reason: DroppedReason,
+  ) {
+    super(status, message, status === 429 ? 'rate_limit_error' : 'server_error', reason.replace(/-/g, '_'));
+  }
+}

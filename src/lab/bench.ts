@@ -2,7 +2,7 @@ import type { MediumMode } from '../cache/block-index.js';
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import type { PolicyOptions } from '../policies/factory.js';
-import { hitRateChart, sweepChart, ttftCdfChart } from './charts.js';
+import { attainmentChart, hitRateChart, sweepChart, ttftCdfChart } from './charts.js';
 import { LAB_DEFAULTS, runCluster, type LabEngineConfig } from './cluster.js';
 import { PD_DEFAULTS, runPdCluster } from './pd-cluster.js';
 import { markdownTable, summarise, type PolicyResult } from './report.js';
@@ -45,6 +45,47 @@ export interface BenchOptions {
   workloadAt: (rate: number) => Workload;
   out?: string;
   progress?: (label: string, fraction: number) => void;
+  /**
+   * TTFT objective (ms): adds goodput columns (requests meeting it, their tokens/s) and is the
+   * default objective of slo_aware's requests.
+   */
+  ttftSloMs?: number;
+  /** Also find each policy's throughput at the objective (needs ttftSloMs). */
+  maxRateAtSlo?: SloSearchOptions;
+}
+
+export interface SloSearchOptions {
+  /** Share of requests that must meet the objective (0.9 = TTFT p90 within it). */
+  attainment: number;
+  /** Search bounds, as multiples of the starting rate; and the relative precision at which bisection stops. */
+  minFactor: number;
+  maxFactor: number;
+  precision: number;
+}
+
+export const SLO_SEARCH_DEFAULTS: SloSearchOptions = { attainment: 0.9, minFactor: 1 / 64, maxFactor: 64, precision: 0.03 };
+
+/** One run of the throughput-at-SLO search. */
+export interface SloProbe {
+  rate: number;
+  attainment: number;
+  ttftP90: number;
+  hitRate: number;
+}
+
+/** A policy's throughput at SLO: the highest rate at which the attainment target was met. */
+export interface ThroughputAtSlo {
+  /** Highest rate found meeting the target (null: not even at the search's lowest rate). */
+  rate: number | null;
+  /** Lowest rate found missing it (null: not even the highest rate missed it). */
+  failedAt: number | null;
+  /** The run at `rate`. */
+  attainment: number | null;
+  ttftP90: number | null;
+  hitRate: number | null;
+  /** Requests per second at `rate` (served requests / arrival span). */
+  requestsPerSec: number | null;
+  probes: SloProbe[];
 }
 
 export interface BenchReport {
@@ -65,6 +106,10 @@ export interface BenchReport {
   rows: PolicyResult[];
   /** Human-readable conclusions computed from the rows (e.g. cache_aware vs the pooled LRU reference). */
   findings: string[];
+  /** TTFT objective of the goodput columns (ms), if any. */
+  ttft_slo_ms?: number;
+  /** --max-rate-at-slo: per policy, the highest rate meeting the objective for `attainment` of the requests. */
+  throughput_at_slo?: { attainment: number; ttft_slo_ms: number; policies: Record<string, ThroughputAtSlo> };
 }
 
 /**
@@ -80,6 +125,8 @@ export async function runBench(o: BenchOptions, version: string): Promise<{ repo
     throw new RangeError('router replicas are not modelled on PD clusters yet: use --router-replicas 1 with --prefill-workers/--decode-workers');
   }
   const pd = o.pd && { ...o.pd, transferMsPerBlock: o.pd.transferMsPerBlock ?? PD_DEFAULTS.transferMsPerBlock };
+  if (o.maxRateAtSlo && o.ttftSloMs === undefined) throw new RangeError('the throughput-at-SLO search needs a TTFT objective (--ttft-slo-ms)');
+  o = { ...o, policyOptions: withSloDefault(o.policyOptions, o.ttftSloMs) };
   const rows: PolicyResult[] = [];
   /** PD row → the aggregated policy it is compared with (the policy under test). */
   const pdAgainst = new Map<PolicyResult, string>();
@@ -103,7 +150,7 @@ export async function runBench(o: BenchOptions, version: string): Promise<{ repo
         replicaSyncDelayMs: syncDelay,
         onProgress: o.progress ? (f) => o.progress!(label, f) : undefined,
       });
-      rows.push(summarise(run, rate));
+      rows.push(summarise(run, rate, o.ttftSloMs));
       // Let the run's replica syncs finish closing (their close() resolves on the next turns),
       // so the next run does not start while they still hold their trees and dictionaries.
       await new Promise((r) => setImmediate(r));
@@ -130,7 +177,7 @@ export async function runBench(o: BenchOptions, version: string): Promise<{ repo
           ...o.lab,
           onProgress: o.progress ? (f) => o.progress!(`${pairLabel(prefillPolicy, decodePolicy)} PD${o.rates.length > 1 ? ` @ ${rate}` : ''}`, f) : undefined,
         });
-        rows.push(summarise(run, rate));
+        rows.push(summarise(run, rate, o.ttftSloMs));
         pdAgainst.set(rows[rows.length - 1], p);
       }
     }
@@ -145,6 +192,13 @@ export async function runBench(o: BenchOptions, version: string): Promise<{ repo
       : `${o.workers} engines${replicas > 1 ? `, ${replicasLabel(replicas, syncDelay)}` : ''}`;
     const title = `${names.get(rate)} — ${cluster}, seed ${o.seed}`;
     sections.push(`### ${title}\n\n${markdownTable(at, { showRate: false, pooledHitRate: pooled, showSync: replicas > 1 && syncDelay !== 'off' })}`);
+  }
+  let throughputAtSlo: BenchReport['throughput_at_slo'];
+  if (o.maxRateAtSlo) {
+    const policiesAtSlo: Record<string, ThroughputAtSlo> = {};
+    for (const p of policies) policiesAtSlo[p] = await findThroughputAtSlo(p, o, replicas, syncDelay);
+    throughputAtSlo = { attainment: o.maxRateAtSlo.attainment, ttft_slo_ms: o.ttftSloMs!, policies: policiesAtSlo };
+    sections.push(throughputAtSloTable(throughputAtSlo, o.rateKind, names.get(o.rates[0])!));
   }
   const markdown = [...sections, findings.length ? `\n${findings.map((f) => `- ${f}`).join('\n')}` : ''].join('\n\n');
   const report: BenchReport = {
@@ -161,9 +215,109 @@ export async function runBench(o: BenchOptions, version: string): Promise<{ repo
     rates: o.rates,
     rows,
     findings,
+    ...(o.ttftSloMs !== undefined ? { ttft_slo_ms: o.ttftSloMs } : {}),
+    ...(throughputAtSlo ? { throughput_at_slo: throughputAtSlo } : {}),
   };
   if (o.out) await writeOutputs(o.out, report, markdown);
   return { report, markdown };
+}
+
+/** slo_aware's default objective is the bench's TTFT objective unless set otherwise. */
+function withSloDefault(po: PolicyOptions | undefined, ttftSloMs: number | undefined): PolicyOptions | undefined {
+  if (ttftSloMs === undefined || po?.sloAware?.ttftSloMs !== undefined) return po;
+  return { ...po, sloAware: { ...po?.sloAware, ttftSloMs } };
+}
+
+/**
+ * The highest rate at which `attainment` of the requests meet the TTFT objective: doubling (or
+ * halving) from the first rate of the bench until the outcome flips, then geometric bisection
+ * to the precision. Assumes attainment falls as the rate grows (each probe is recorded, so a
+ * non-monotone policy shows in the probes).
+ */
+async function findThroughputAtSlo(policy: string, o: BenchOptions, replicas: number, syncDelay: number | 'off'): Promise<ThroughputAtSlo> {
+  const search = o.maxRateAtSlo!;
+  const probes: SloProbe[] = [];
+  const rows = new Map<number, PolicyResult>();
+  const probe = async (rate: number): Promise<boolean> => {
+    const wl = o.workloadAt(rate);
+    const run = runCluster(wl.requests, {
+      workers: o.workers,
+      policy,
+      policyOptions: o.policyOptions,
+      engine: o.engine,
+      seed: o.seed,
+      ...o.lab,
+      routerReplicas: replicas,
+      replicaSyncDelayMs: syncDelay,
+      onProgress: o.progress ? (f) => o.progress!(`${policy} SLO @ ${round4(rate)}`, f) : undefined,
+    });
+    const row = summarise(run, rate, o.ttftSloMs);
+    rows.set(rate, row);
+    probes.push({ rate, attainment: row.slo!.attainment, ttftP90: row.ttftP90, hitRate: row.hitRate });
+    await new Promise((r) => setImmediate(r));
+    return row.slo!.attainment >= search.attainment;
+  };
+  let lo: number | undefined;
+  let hi: number | undefined;
+  let r = o.rates[0] > 0 ? o.rates[0] : 1;
+  const minRate = r * search.minFactor;
+  const maxRate = r * search.maxFactor;
+  if (await probe(r)) {
+    lo = r;
+    while (hi === undefined && r * 2 <= maxRate) {
+      r *= 2;
+      if (await probe(r)) lo = r;
+      else hi = r;
+    }
+  } else {
+    hi = r;
+    while (lo === undefined && r / 2 >= minRate) {
+      r /= 2;
+      if (await probe(r)) lo = r;
+      else hi = r;
+    }
+  }
+  while (lo !== undefined && hi !== undefined && hi / lo > 1 + search.precision) {
+    const mid = Math.sqrt(lo * hi);
+    if (await probe(mid)) lo = mid;
+    else hi = mid;
+  }
+  const at = lo !== undefined ? rows.get(lo)! : undefined;
+  return {
+    rate: lo ?? null,
+    failedAt: hi ?? null,
+    attainment: at?.slo?.attainment ?? null,
+    ttftP90: at?.ttftP90 ?? null,
+    hitRate: at?.hitRate ?? null,
+    requestsPerSec: at ? at.requests / Math.max(1e-9, spanSecs(o.workloadAt(lo!))) : null,
+    probes,
+  };
+}
+
+function spanSecs(wl: Workload): number {
+  const rs = wl.requests;
+  return rs.length > 1 ? (rs[rs.length - 1].arrivalMs - rs[0].arrivalMs) / 1000 : 1;
+}
+
+const round4 = (x: number) => Math.round(x * 1e4) / 1e4;
+
+/** The throughput-at-SLO table: one row per policy, with its ratio to round_robin's. */
+export function throughputAtSloTable(t: NonNullable<BenchReport['throughput_at_slo']>, rateKind: string, workload: string): string {
+  const rr = t.policies.round_robin?.rate ?? null;
+  const head = ['policy', `max ${rateKind} at SLO`, 'vs round_robin', 'req/s', `TTFT p90 (s)`, `TTFT ≤ ${t.ttft_slo_ms / 1000} s`, 'hit rate', 'first miss at', 'runs'];
+  const lines = [
+    `### Throughput at SLO — ${workload.replace(/ rateScale=[\d.]+| rps=[\d.]+/g, '')}: highest ${rateKind} with ≥ ${(100 * t.attainment).toFixed(0)}% of requests at TTFT ≤ ${t.ttft_slo_ms} ms`,
+    '',
+    `| ${head.join(' | ')} |`,
+    `|${head.map(() => '---').join('|')}|`,
+  ];
+  for (const [policy, x] of Object.entries(t.policies)) {
+    const f = (v: number | null, d = 3) => (v === null ? '–' : v.toFixed(d));
+    lines.push(
+      `| ${policy} | ${x.rate === null ? `< ${f(x.failedAt)}` : f(x.rate)} | ${x.rate !== null && rr ? `${(x.rate / rr).toFixed(2)}×` : '–'} | ${f(x.requestsPerSec, 2)} | ${f(x.ttftP90)} | ${x.attainment === null ? '–' : `${(100 * x.attainment).toFixed(1)}%`} | ${x.hitRate === null ? '–' : `${(100 * x.hitRate).toFixed(1)}%`} | ${f(x.failedAt)} | ${x.probes.length} |`,
+    );
+  }
+  return lines.join('\n');
 }
 
 /** "4 router replicas (sync delay 5 ms)" / "4 router replicas (no sync)". */
@@ -221,6 +375,9 @@ async function writeOutputs(dir: string, report: BenchReport, markdown: string):
     const file = (name: string) => join(dir, sweep ? `${name}-${rate}.svg` : `${name}.svg`);
     writeFileSync(file('hit-rate'), await hitRateChart(at, `Prefix-cache hit rate — ${report.workload}${suffix}`));
     writeFileSync(file('ttft-cdf'), await ttftCdfChart(at, `Time to first token — ${report.workload}${suffix}`));
+  }
+  if (report.throughput_at_slo) {
+    writeFileSync(join(dir, 'slo-attainment-vs-rate.svg'), await attainmentChart(report.throughput_at_slo.policies, `Requests within TTFT ${report.throughput_at_slo.ttft_slo_ms} ms against load — ${report.workload}`, report.rateKind, report.throughput_at_slo.attainment));
   }
   if (report.rates.length > 1) {
     writeFileSync(join(dir, 'ttft-p90-vs-rate.svg'), await sweepChart(report.rows, `TTFT p90 against load — ${report.workload}`, report.rateKind));

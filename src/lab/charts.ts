@@ -27,6 +27,7 @@ const FIXED: Record<string, string> = {
   least_load: '#72b7b2',
   cache_aware: '#4c78a8',
   kv_aware: '#f58518',
+  slo_aware: '#d62728',
   prefix_load: '#54a24b',
   least_kv_cache: '#e45756',
   least_waiting: '#eeca3b',
@@ -102,5 +103,28 @@ export function sweepChart(rows: readonly PolicyResult[], title: string, rateLab
       y: { field: 'p90', type: 'quantitative', title: 'TTFT p90 (s, log)', scale: { type: 'log' } },
       color: colourOf(rows.map((r) => r.policy), true),
     },
+  } as vl.TopLevelSpec);
+}
+
+/** Share of requests meeting the TTFT objective against rate, one line per policy (the throughput-at-SLO probes). */
+export function attainmentChart(policies: Record<string, { probes: Array<{ rate: number; attainment: number }> }>, title: string, rateLabel: string, target: number): Promise<string> {
+  const values = Object.entries(policies).flatMap(([policy, t]) => [...t.probes].sort((a, b) => a.rate - b.rate).map((p) => ({ policy, rate: p.rate, attainment: p.attainment })));
+  return render({
+    ...base,
+    title,
+    width: 520,
+    height: 300,
+    layer: [
+      {
+        data: { values },
+        mark: { type: 'line', point: true },
+        encoding: {
+          x: { field: 'rate', type: 'quantitative', title: `${rateLabel} (log)`, scale: { type: 'log' } },
+          y: { field: 'attainment', type: 'quantitative', title: 'requests within the objective', axis: { format: '%' } },
+          color: colourOf(Object.keys(policies), true),
+        },
+      },
+      { data: { values: [{ target }] }, mark: { type: 'rule', strokeDash: [4, 4] }, encoding: { y: { field: 'target', type: 'quantitative' } } },
+    ],
   } as vl.TopLevelSpec);
 }

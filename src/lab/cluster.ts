@@ -4,7 +4,8 @@ import type { KvCacheEvent } from '../events/types.js';
 import type { RequestContext } from '../core/context.js';
 import { SeededRng } from '../core/rng.js';
 import type { LoadGuard } from '../core/worker.js';
-import { createPolicy, type PolicyOptions } from '../policies/factory.js';
+import type { PolicyOptions } from '../policies/factory.js';
+import { createLabPolicy } from './peer-policies.js';
 import type { PolicyObserver, RoutingPolicy } from '../policies/policy.js';
 import type { CostModelConfig } from '../engine/cost-model.js';
 import type { KvEvent, KvEventSink } from '../sim/kv-events.js';
@@ -45,6 +46,11 @@ export interface ClusterConfig {
   routerReplicas?: number;
   /** Their replica sync's delivery delay (ms), or 'off': the replicas share nothing. Default 5. */
   replicaSyncDelayMs?: number | 'off';
+}
+
+/** Policies that read the KV-event index (the lab feeds it from the engines only for them). */
+export function usesKvEvents(policy: string): boolean {
+  return policy === 'kv_aware' || policy === 'slo_aware' || policy.startsWith('peer_');
 }
 
 export const LAB_DEFAULTS = { kvEventDelayMs: 50, metricsIntervalMs: 1000, metricsDelayMs: 50, routerReplicas: 1, replicaSyncDelayMs: 5 } as const;
@@ -165,7 +171,7 @@ export function runCluster(requests: readonly LabRequest[], cfg: ClusterConfig):
       cost: { ...base.cost, slowFactor: probe.config.cost.slowFactor / k },
     };
   };
-  const usesEvents = !cfg.pooled && cfg.policy === 'kv_aware';
+  const usesEvents = !cfg.pooled && usesKvEvents(cfg.policy);
   const kv = kvEventFeed(queue, clock, cfg.kvEventDelayMs ?? LAB_DEFAULTS.kvEventDelayMs, cfg.kvMediums);
   const engines = Array.from({ length: n }, (_, i) => {
     const opts = engineOpts(i);
@@ -190,7 +196,7 @@ export function runCluster(requests: readonly LabRequest[], cfg: ClusterConfig):
     clock,
     workerSpecs: engines.map((_, i) => ({ url: `http://engine-${i}.lab` })),
     makePolicy: (r, share): RoutingPolicy =>
-      createPolicy(
+      createLabPolicy(
         cfg.pooled ? 'round_robin' : cfg.policy,
         {
           clock,
@@ -213,7 +219,7 @@ export function runCluster(requests: readonly LabRequest[], cfg: ClusterConfig):
   // Engine metrics as a scraper would see them: sampled periodically, visible after a delay.
   const metricsEvery = cfg.metricsIntervalMs ?? LAB_DEFAULTS.metricsIntervalMs;
   const metricsDelay = cfg.metricsDelayMs ?? LAB_DEFAULTS.metricsDelayMs;
-  const usesMetrics = !cfg.pooled && (cfg.policy === 'least_kv_cache' || cfg.policy === 'least_waiting');
+  const usesMetrics = !cfg.pooled && (cfg.policy === 'least_kv_cache' || cfg.policy === 'least_waiting' || cfg.policy === 'peer_llmd');
   if (usesMetrics) {
     // Every replica scrapes the engines; they see the same samples at the same time.
     const workers =

@@ -17,6 +17,58 @@ export interface LiveOptions {
   route: 'completions' | 'chat';
   apiKey?: string;
   progress?: (fraction: number) => void;
+  /** Request classes (--classes): each request gets one, in proportion to `share`, with its headers. */
+  classes?: LiveClass[];
+}
+
+/** A class of live requests: its share of the workload and the headers it sends (priority, objectives). */
+export interface LiveClass {
+  name: string;
+  share: number;
+  headers: Record<string, string>;
+  /** Its TTFT objective (ms), if it sends one: the report counts how many met it. */
+  ttftMs?: number;
+}
+
+/** Per-class outcome of a live run. */
+export interface LiveClassResult {
+  name: string;
+  sent: number;
+  ok: number;
+  /** Refused by kvgate with 429, by x-kvgate-dropped-reason (or 'other'). */
+  refused: Record<string, number>;
+  /** Other failures by status. */
+  errors: Record<string, number>;
+  ttftP50: number;
+  ttftP90: number;
+  /** Served requests within the class's TTFT objective (null without one). */
+  withinObjective: number | null;
+  /** Time from sending to the refusal's status line, p50 / p99 (ms). */
+  refusalMsP50: number;
+  refusalMsP99: number;
+}
+
+/** Parses `name=share[:priority=N][:ttft-ms=N][:tpot-ms=N],...` (shares are normalised). */
+export function parseClasses(spec: string): LiveClass[] {
+  const out: LiveClass[] = [];
+  for (const part of spec.split(',').map((x) => x.trim()).filter(Boolean)) {
+    const [head, ...opts] = part.split(':');
+    const m = /^([\w-]+)=(\d+(\.\d+)?)$/.exec(head);
+    if (!m || !(Number(m[2]) > 0)) throw new Error(`--classes: expected name=share (got '${head}')`);
+    const c: LiveClass = { name: m[1], share: Number(m[2]), headers: {} };
+    for (const o of opts) {
+      const kv = /^(priority|ttft-ms|tpot-ms)=(-?\d+(\.\d+)?)$/.exec(o);
+      if (!kv) throw new Error(`--classes: unknown option '${o}' of class ${c.name} (priority=N, ttft-ms=N, tpot-ms=N)`);
+      if (kv[1] === 'priority') c.headers['x-kvgate-priority'] = String(Math.trunc(Number(kv[2])));
+      else if (kv[1] === 'ttft-ms') {
+        c.headers['x-slo-ttft-ms'] = kv[2];
+        c.ttftMs = Number(kv[2]);
+      } else c.headers['x-slo-tpot-ms'] = kv[2];
+    }
+    out.push(c);
+  }
+  if (out.length === 0) throw new Error('--classes: no class given');
+  return out;
 }
 
 export interface LiveResult {
@@ -45,6 +97,13 @@ export interface LiveResult {
   sendSecs: number;
   /** The workload had fewer requests than --duration-secs asked for. */
   workloadRanOut: boolean;
+  /** With --classes: each class's outcome. */
+  classes?: LiveClassResult[];
+  /**
+   * slo_aware targets: how close the predicted TTFT (`x-kvgate-predicted-ttft-ms`) came to the
+   * TTFT observed here, over the successful requests that carried one.
+   */
+  prediction?: { requests: number; within25Pct: number; medianRelError: number; p80RelError: number };
 }
 
 interface Usage {
@@ -76,7 +135,22 @@ export async function runLive(o: LiveOptions): Promise<LiveResult> {
   if (o.apiKey) headers.authorization = `Bearer ${o.apiKey}`;
   const model = o.model ?? (await firstModel(targets[0], agent, headers));
   const reqs = o.workload.requests;
+  // Classes: request i takes the class where a fixed low-discrepancy sequence falls (deterministic, proportional).
+  const classes = o.classes ?? [];
+  const totalShare = classes.reduce((a, c) => a + c.share, 0);
+  const classOf = (i: number): number => {
+    if (classes.length === 0) return -1;
+    const u = ((i + 1) * 0.6180339887498949) % 1;
+    let acc = 0;
+    for (let k = 0; k < classes.length; k++) {
+      acc += classes[k].share / totalShare;
+      if (u < acc) return k;
+    }
+    return classes.length - 1;
+  };
+  const perClass = classes.map(() => ({ sent: 0, ok: 0, refused: {} as Record<string, number>, errors: {} as Record<string, number>, ttft: [] as number[], within: 0, refusalMs: [] as number[] }));
   const ttft: number[] = [];
+  const predErr: number[] = [];
   const e2e: number[] = [];
   const slotWait: number[] = [];
   const errors: Record<string, number> = {};
@@ -112,11 +186,22 @@ export async function runLive(o: LiveOptions): Promise<LiveResult> {
     let first = -1;
     let usage: Usage | undefined;
     let chunks = 0;
+    const k = classOf(i);
+    const pc = k >= 0 ? perClass[k] : undefined;
+    if (pc) pc.sent++;
     try {
-      const res = await request(targets[i % targets.length] + path, { method: 'POST', dispatcher: agent, headers, body: JSON.stringify(body), signal: cut.signal });
+      const res = await request(targets[i % targets.length] + path, { method: 'POST', dispatcher: agent, headers: k >= 0 ? { ...headers, ...classes[k].headers } : headers, body: JSON.stringify(body), signal: cut.signal });
       const worker = res.headers['x-kvgate-worker'];
+      const predicted = Number(res.headers['x-kvgate-predicted-ttft-ms']);
       if (typeof worker === 'string') perWorker[worker] = (perWorker[worker] ?? 0) + 1;
       if (res.statusCode !== 200) {
+        if (pc) {
+          if (res.statusCode === 429) {
+            const reason = String(res.headers['x-kvgate-dropped-reason'] ?? 'other');
+            pc.refused[reason] = (pc.refused[reason] ?? 0) + 1;
+            pc.refusalMs.push(performance.now() - start);
+          } else pc.errors[res.statusCode] = (pc.errors[res.statusCode] ?? 0) + 1;
+        }
         await res.body.dump();
         errors[res.statusCode] = (errors[res.statusCode] ?? 0) + 1;
         return;
@@ -148,6 +233,14 @@ export async function runLive(o: LiveOptions): Promise<LiveResult> {
       const end = performance.now();
       succeeded++;
       if (first >= 0) ttft.push((first - start) / 1000);
+      if (pc) {
+        pc.ok++;
+        if (first >= 0) {
+          pc.ttft.push((first - start) / 1000);
+          if (classes[k].ttftMs !== undefined && first - start <= classes[k].ttftMs!) pc.within++;
+        }
+      }
+      if (first >= 0 && Number.isFinite(predicted) && first > start) predErr.push(Math.abs(predicted - (first - start)) / (first - start));
       e2e.push((end - start) / 1000);
       outTokens += usage?.completion_tokens ?? chunks;
       if (usage?.prompt_tokens !== undefined) {
@@ -158,6 +251,7 @@ export async function runLive(o: LiveOptions): Promise<LiveResult> {
     } catch {
       const key = cut.signal.aborted ? '-1' : '0';
       errors[key] = (errors[key] ?? 0) + 1;
+      if (pc) pc.errors[key] = (pc.errors[key] ?? 0) + 1;
     }
   };
 
@@ -213,6 +307,22 @@ export async function runLive(o: LiveOptions): Promise<LiveResult> {
     wallSecs,
     sendSecs: ranOut ? lastArrivalSecs : o.durationSecs,
     workloadRanOut: ranOut,
+    ...(classes.length > 0
+      ? {
+          classes: classes.map((c, k): LiveClassResult => {
+            const pc = perClass[k];
+            const t = sorted(pc.ttft);
+            const rm = sorted(pc.refusalMs);
+            return { name: c.name, sent: pc.sent, ok: pc.ok, refused: pc.refused, errors: pc.errors, ttftP50: quantile(t, 0.5), ttftP90: quantile(t, 0.9), withinObjective: c.ttftMs !== undefined && pc.ok > 0 ? pc.within / pc.ok : null, refusalMsP50: quantile(rm, 0.5), refusalMsP99: quantile(rm, 0.99) };
+          }),
+        }
+      : {}),
+    ...(predErr.length > 0
+      ? (() => {
+          const pe = sorted(predErr);
+          return { prediction: { requests: pe.length, within25Pct: pe.filter((x) => x <= 0.25).length / pe.length, medianRelError: quantile(pe, 0.5), p80RelError: quantile(pe, 0.8) } };
+        })()
+      : {}),
   };
 }
 
@@ -232,6 +342,21 @@ export function liveMarkdown(r: LiveResult): string {
       ? `The workload ran out after ${r.sendSecs.toFixed(1)} s of arrivals, before --duration-secs: give it more requests (n=, duration=).`
       : `Sent arrivals for ${r.sendSecs} s (--duration-secs).`,
     errs ? `Errors: ${errs}.` : 'No errors.',
+    r.classes
+      ? [
+          '',
+          '| class | sent | ok | refused (429) | other failures | TTFT p50 (s) | TTFT p90 (s) | within objective | refusal p50 / p99 (ms) |',
+          '|---|---|---|---|---|---|---|---|---|',
+          ...r.classes.map(
+            (c) =>
+              `| ${c.name} | ${c.sent} | ${c.ok} | ${Object.entries(c.refused).map(([k, v]) => `${k} ${v}`).join(', ') || '0'} | ${Object.entries(c.errors).map(([k, v]) => `${k}: ${v}`).join(', ') || '0'} | ${f(c.ttftP50)} | ${f(c.ttftP90)} | ${c.withinObjective === null ? '–' : `${(100 * c.withinObjective).toFixed(1)}%`} | ${Number.isNaN(c.refusalMsP50) ? '–' : `${c.refusalMsP50.toFixed(1)} / ${c.refusalMsP99.toFixed(1)}`} |`,
+          ),
+          '',
+        ].join('\n')
+      : '',
+    r.prediction
+      ? `Predicted TTFT (x-kvgate-predicted-ttft-ms) within 25% of the observed for ${(100 * r.prediction.within25Pct).toFixed(1)}% of ${r.prediction.requests} requests (relative error p50 ${(100 * r.prediction.medianRelError).toFixed(1)}%, p80 ${(100 * r.prediction.p80RelError).toFixed(1)}%).`
+      : '',
     Object.keys(r.perWorker).length ? `Requests per worker: ${Object.entries(r.perWorker).map(([w, n]) => `${w} ${n}`).join(', ')}.` : '',
   ].join('\n');
 }

@@ -3,10 +3,10 @@ import type { RequestContext } from '../core/context.js';
 import { WorkerRegistry } from '../core/registry.js';
 import { SeededRng } from '../core/rng.js';
 import { Worker, type LoadGuard, type WorkerType } from '../core/worker.js';
-import { createPolicy } from '../policies/factory.js';
+import { createLabPolicy } from './peer-policies.js';
 import type { PolicyObserver, RoutingPolicy, WorkerPair } from '../policies/policy.js';
 import { Engine, EngineRequestError, type EngineOptions, type EngineStats, type RequestRecord } from '../sim/engine.js';
-import { kvEventFeed, LAB_DEFAULTS, labContext, type ClusterConfig, type ClusterRun, type Ev } from './cluster.js';
+import { kvEventFeed, LAB_DEFAULTS, labContext, usesKvEvents, type ClusterConfig, type ClusterRun, type Ev } from './cluster.js';
 import { EventQueue, queueScheduler, runEventLoop, scheduleEngineMetrics } from './event-queue.js';
 import type { LabRequest } from './workload.js';
 
@@ -109,7 +109,7 @@ export function runPdCluster(requests: readonly LabRequest[], cfg: PdClusterConf
   const typeOf = (i: number): WorkerType => (i < np ? 'prefill' : 'decode');
   const urlOf = (i: number) => (i < np ? `http://prefill-${i}.lab` : `http://decode-${i - np}.lab`);
 
-  const usesEvents = prefillName === 'kv_aware' || decodeName === 'kv_aware';
+  const usesEvents = usesKvEvents(prefillName) || usesKvEvents(decodeName);
   const kv = kvEventFeed(queue, clock, cfg.kvEventDelayMs ?? LAB_DEFAULTS.kvEventDelayMs, cfg.kvMediums);
   const engines = Array.from({ length: n }, (_, i) => {
     const opts: EngineOptions = { ...cfg.engine, clock, rng: new SeededRng(cfg.seed * 1000 + i + 1), cost: { ...cfg.engine.cost } };
@@ -133,7 +133,7 @@ export function runPdCluster(requests: readonly LabRequest[], cfg: PdClusterConf
     loadBalanced: () => decisions.loadBalanced++,
   };
   const makePolicy = (name: string, seed: number): RoutingPolicy =>
-    createPolicy(
+    createLabPolicy(
       name,
       {
         clock,

@@ -40,8 +40,20 @@ export interface PolicyResult {
   /** Virtual seconds simulated and wall seconds it took. */
   simulatedSecs: number;
   wallSecs: number;
+  /** With a TTFT objective (--ttft-slo-ms): how many requests met it, and their output tokens/s. */
+  slo?: SloScore;
   /** Sorted TTFTs in seconds, for the CDF chart (downsampled). */
   ttftCdf: Array<[number, number]>;
+}
+
+export interface SloScore {
+  ttftMs: number;
+  /** Requests whose TTFT was at most the objective... */
+  met: number;
+  /** ...as a share of the requests served (engine-refused requests are not in the rows). */
+  attainment: number;
+  /** Output tokens per second of virtual time of the requests that met it (goodput). */
+  goodputTokensPerSec: number;
 }
 
 export interface PdSummary {
@@ -71,8 +83,10 @@ export function quantile(sorted: ArrayLike<number>, q: number): number {
   return sorted[lo] + (sorted[hi] - sorted[lo]) * (pos - lo);
 }
 
-export function summarise(run: ClusterRun, rate: number): PolicyResult {
+export function summarise(run: ClusterRun, rate: number, ttftSloMs?: number): PolicyResult {
   const recs = run.records;
+  let met = 0;
+  let metOut = 0;
   let prompt = 0;
   let cached = 0;
   let out = 0;
@@ -90,6 +104,10 @@ export function summarise(run: ClusterRun, rate: number): PolicyResult {
     if (r.arrivalMs < first) first = r.arrivalMs;
     if (r.finishMs > last) last = r.finishMs;
     ttft[i] = r.ttftMs / 1000;
+    if (ttftSloMs !== undefined && r.ttftMs >= 0 && r.ttftMs <= ttftSloMs) {
+      met++;
+      metOut += r.outputTokens;
+    }
     e2e[i] = r.e2eMs / 1000;
   });
   ttft.sort();
@@ -128,6 +146,7 @@ export function summarise(run: ClusterRun, rate: number): PolicyResult {
     decisions: run.decisions,
     simulatedSecs: run.endMs / 1000,
     wallSecs: run.wallMs / 1000,
+    ...(ttftSloMs !== undefined ? { slo: { ttftMs: ttftSloMs, met, attainment: recs.length ? met / recs.length : 0, goodputTokensPerSec: metOut / span } } : {}),
     ttftCdf: cdf,
   };
 }
@@ -176,6 +195,7 @@ export function markdownTable(rows: readonly PolicyResult[], opts: { showRate: b
     'busy',
     'preempt',
     ...(opts.showSync ? ['sync B/req'] : []),
+    ...(rows[0]?.slo ? [`TTFT ≤ ${secs(rows[0].slo.ttftMs / 1000)} s`, 'goodput tok/s'] : []),
   ];
   const lines = [`| ${head.join(' | ')} |`, `|${head.map(() => '---').join('|')}|`];
   for (const r of rows) {
@@ -196,6 +216,7 @@ export function markdownTable(rows: readonly PolicyResult[], opts: { showRate: b
       pct(r.utilisation),
       String(r.preemptions),
       ...(opts.showSync ? [r.syncBytesPerRequest === null ? '–' : r.syncBytesPerRequest.toFixed(0)] : []),
+      ...(rows[0]?.slo ? (r.slo ? [pct(r.slo.attainment), r.slo.goodputTokensPerSec.toFixed(0)] : ['–', '–']) : []),
     ];
     lines.push(`| ${cells.join(' | ')} |`);
   }

@@ -136,7 +136,7 @@ export class GatewayMetrics {
     this.retries = new Counter({ name: 'kvgate_retries_total', help: 'Requests sent again to another worker after a retryable failure', labelNames: ['route'], registers });
     this.retriesExhausted = new Counter({ name: 'kvgate_retries_exhausted_total', help: 'Requests that failed on every attempt', labelNames: ['route'], registers });
     this.breakerTransitions = new Counter({ name: 'kvgate_worker_cb_transitions_total', help: 'Circuit breaker state changes', labelNames: ['worker', 'from', 'to'], registers });
-    this.admissionRejected = new Counter({ name: 'kvgate_admission_rejected_total', help: 'Requests refused by admission control (queue_full → 429, queue_timeout → 408, rate_limited → 429)', labelNames: ['reason'], registers });
+    this.admissionRejected = new Counter({ name: 'kvgate_admission_rejected_total', help: 'Requests refused by admission control (queue_full → 429, queue_timeout → 408, rate_limited → 429, token_limited → 429, shed → 429 sheddable at saturation, predicted_slo_miss → 429 sheddable predicted to miss its objective)', labelNames: ['reason'], registers });
     this.authFailures = new Counter({ name: 'kvgate_auth_failures_total', help: 'Requests refused for a missing or wrong key', labelNames: ['scope'], registers });
     this.kvDecisions = new Counter({ name: 'kvgate_kv_decisions_total', help: 'kv_aware decisions by chosen worker (url@rank) and where its overlap came from (events or approximate fallback)', labelNames: ['worker', 'source'], registers });
     this.kvOverlap = new Histogram({ name: 'kvgate_kv_decision_overlap_ratio', help: 'kv_aware: cached prefix blocks of the chosen worker / blocks of the request', buckets: [0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1], registers });
@@ -475,4 +475,32 @@ export function registerReplicaSyncMetrics(metrics: GatewayMetrics, sync: Replic
   counter('kvgate_replica_sync_unsent_total', 'Replica-sync messages not sent (not connected)', () => sync.stats.unsent);
   counter('kvgate_replica_sync_peers_expired_total', 'Peers dropped after missing heartbeats', () => sync.stats.peersExpired);
   counter('kvgate_replica_sync_unresolved_total', 'Shared prompts that could not be rebuilt here (a chunk was unknown)', () => sync.unresolvedTexts);
+}
+
+/** What the predictor metrics read: each slo_aware pool's predictor. */
+export interface PredictorView {
+  pool: string;
+  predictor: { workerIds(): IterableIterator<string>; stats(id: string, nowMs: number): { slowness: number; fixedMs: number; observations: number; backlogWorkMs: number; relError: number } };
+}
+
+/** slo_aware's learned per-worker speeds and prediction error, read at scrape time. */
+export function registerPredictorMetrics(metrics: GatewayMetrics, views: () => PredictorView[], now: () => number): void {
+  const registers = [metrics.registry];
+  const gauge = (name: string, help: string, read: (s: ReturnType<PredictorView['predictor']['stats']>) => number) =>
+    new Gauge({
+      name,
+      help,
+      labelNames: ['pool', 'worker'],
+      registers,
+      collect() {
+        this.reset();
+        const t = now();
+        for (const v of views()) for (const id of v.predictor.workerIds()) this.set({ pool: v.pool, worker: id }, read(v.predictor.stats(id, t)));
+      },
+    });
+  gauge('kvgate_slo_predictor_slowness', 'slo_aware: learned wall time per unit of engine-model time, per worker (1 = the engine is the cost model)', (s) => s.slowness);
+  gauge('kvgate_slo_predictor_fixed_ms', 'slo_aware: learned fixed latency outside the engine model (network, proxying), per worker', (s) => s.fixedMs);
+  gauge('kvgate_slo_predictor_observations', 'slo_aware: first-token times the worker\'s predictor has learned from', (s) => s.observations);
+  gauge('kvgate_slo_predictor_backlog_ms', 'slo_aware: predicted prefill backlog of the worker (ms of engine-model work)', (s) => s.backlogWorkMs);
+  gauge('kvgate_slo_predictor_relative_error', 'slo_aware: recent mean |observed − predicted| / observed TTFT of the worker', (s) => s.relError);
 }

@@ -10,6 +10,7 @@ import { PowerOfTwoPolicy } from './power-of-two.js';
 import { PrefixLoadPolicy, type PrefixLoadOptions } from './prefix-load.js';
 import { RandomPolicy } from './random.js';
 import { RoundRobinPolicy } from './round-robin.js';
+import { defaultSloAwareConfig, SloAwarePolicy, type SloAwareConfig } from './slo-aware.js';
 
 export const POLICY_NAMES = [
   'random',
@@ -18,6 +19,7 @@ export const POLICY_NAMES = [
   'least_load',
   'cache_aware',
   'kv_aware',
+  'slo_aware',
   'prefix_load',
   'least_kv_cache',
   'least_waiting',
@@ -30,6 +32,8 @@ export interface PolicyOptions {
   kvAware?: Partial<KvAwareConfig>;
   /** The KV-event index kv_aware reads. Required for kv_aware. */
   kvIndex?: KvIndexView;
+  /** slo_aware: objectives, margins, predictor (its kv_aware part comes from kvAware). */
+  sloAware?: Partial<Omit<SloAwareConfig, keyof KvAwareConfig>>;
   prefixLoad?: PrefixLoadOptions;
   engineLoad?: Partial<EngineLoadPolicyConfig>;
 }
@@ -63,6 +67,9 @@ export function createPolicy(name: string, deps: PolicyDeps, options: PolicyOpti
     case 'kv_aware':
       if (!options.kvIndex) throw new Error('kv_aware needs a KV-event index (the host must provide one)');
       return new KvAwarePolicy(deps, options.kvIndex, { ...defaultKvAwareConfig, ...options.kvAware });
+    case 'slo_aware':
+      if (!options.kvIndex) throw new Error('slo_aware needs a KV-event index (the host must provide one)');
+      return new SloAwarePolicy(deps, options.kvIndex, { ...defaultSloAwareConfig, ...defined(options.kvAware), ...defined(options.sloAware) });
     case 'prefix_load':
       return new PrefixLoadPolicy(deps, { outputTokens: (ctx) => ctx.maxOutputTokens, ...options.prefixLoad });
     case 'least_kv_cache':
@@ -75,4 +82,11 @@ export function createPolicy(name: string, deps: PolicyDeps, options: PolicyOpti
     default:
       throw new Error(`unknown policy '${name}' (expected one of: ${POLICY_NAMES.join(', ')})`);
   }
+}
+
+/** The keys of `o` whose value is not undefined (so that unset options keep their defaults). */
+function defined<T extends object>(o: T | undefined): Partial<T> {
+  const out: Partial<T> = {};
+  if (o) for (const [k, v] of Object.entries(o)) if (v !== undefined) (out as Record<string, unknown>)[k] = v;
+  return out;
 }

@@ -98,6 +98,31 @@ export interface KvDecision {
   fallback: boolean;
 }
 
+/** What kv_aware measured about one candidate (overlap in blocks, and where it came from). */
+export interface KvCandidate {
+  overlap: number;
+  fallback: boolean;
+  indexed: number;
+  history: number;
+  pending: number;
+  prefillBlocks: number;
+  active: number;
+  newBlocks: number;
+}
+
+/** One scoring pass over the available workers (shared with slo_aware). */
+export interface KvScore {
+  costs: number[];
+  meta: KvCandidate[];
+  requestBlocks: number;
+  inputTokens: number;
+  bs: number;
+  seq: bigint[];
+  textChars: number;
+  tree: CharTree;
+  text: string;
+}
+
 const seqBuf = Buffer.alloc(16);
 
 /** Chained sequence hashes (position-aware) of a request's local block hashes, for active-block dedup. */
@@ -133,14 +158,14 @@ function sequenceHashes(local: readonly bigint[]): bigint[] {
  * arrived yet.
  */
 export class KvAwarePolicy extends BasePolicy {
-  readonly name = 'kv_aware';
+  readonly name: string = 'kv_aware';
   readonly needsTokens = true;
-  private readonly state = new Map<string, WorkerState>();
+  protected readonly state = new Map<string, WorkerState>();
   private readonly trees = new Map<string, CharTree>();
   private readonly seenResets = new Map<string, number>();
   /** Peer replicas' in-flight requests, by origin then request id, and their sum per worker. */
   private readonly peerActive = new Map<string, Map<string, PeerActive>>();
-  private readonly peerLoad = new Map<string, PeerLoad>();
+  protected readonly peerLoad = new Map<string, PeerLoad>();
   private readonly cancelEviction: (() => void) | undefined;
   /** The last decision (for metrics and tests). */
   lastDecision: KvDecision | undefined;
@@ -170,8 +195,19 @@ export class KvAwarePolicy extends BasePolicy {
     const healthy = available(candidates);
     if (healthy.length === 0) return undefined;
     const sc = this.score(healthy, ctx, false);
+    const i = this.choose(healthy, sc, ctx);
+    this.commit(healthy, sc, i, ctx);
+    return healthy[i];
+  }
+
+  /** Index of the chosen worker among `healthy` (kv_aware: lowest cost, or a softmax sample). */
+  protected choose(healthy: readonly Worker[], sc: KvScore, _ctx: RequestContext): number {
+    return this.config.temperature > 0 ? this.sample(sc.costs) : this.argmin(healthy, sc.costs);
+  }
+
+  /** Records the decision: observer, in-flight accounting, routing history, replica share. */
+  protected commit(healthy: readonly Worker[], sc: KvScore, i: number, ctx: RequestContext): void {
     const { costs, meta, requestBlocks, inputTokens, bs, seq, textChars, tree, text } = sc;
-    const i = this.config.temperature > 0 ? this.sample(costs) : this.argmin(healthy, costs);
     const chosen = healthy[i];
     this.lastDecision = { worker: chosen, overlapBlocks: meta[i].overlap, requestBlocks, cost: costs[i], fallback: meta[i].fallback };
     const observer = this.deps.observer;
@@ -189,7 +225,6 @@ export class KvAwarePolicy extends BasePolicy {
     // The tree key (model, or model + adapter) goes to peers as the record's model: they insert under the same key.
     const treeKey = ctx.loraName ? `${ctx.model}\u0000lora:${ctx.loraName}` : ctx.model;
     this.deps.share?.routed({ model: treeKey, workerId: chosen.id, requestId: ctx.requestId, text: textChars > 0 ? text : undefined, blocks: requestBlocks, prefillTokens });
-    return chosen;
   }
 
   /**
@@ -197,7 +232,7 @@ export class KvAwarePolicy extends BasePolicy {
    * `readOnly` (explanations): no LRU touches and no forgetting of history on engine resets (a
    * worker whose cache was reset since the last decision is scored with no history instead).
    */
-  private score(healthy: readonly Worker[], ctx: RequestContext, readOnly: boolean) {
+  protected score(healthy: readonly Worker[], ctx: RequestContext, readOnly: boolean): KvScore {
     const bs = this.view.index.blockSize ?? this.config.defaultBlockSize;
     const tokens = ctx.tokenIds;
     const text = ctx.routingText;
@@ -217,7 +252,7 @@ export class KvAwarePolicy extends BasePolicy {
     const textChars = text.length > 0 ? codePointLength(text) : 0;
 
     const costs: number[] = [];
-    const meta: Array<{ overlap: number; fallback: boolean; indexed: number; history: number; pending: number; prefillBlocks: number; active: number; newBlocks: number }> = [];
+    const meta: KvCandidate[] = [];
     for (const w of healthy) {
       const resets = this.view.resetCount(w.id);
       let reset = false;

@@ -109,8 +109,19 @@ export interface RoutingPolicy {
    * a watched dashboard, a sampled decision log).
    */
   explain?(candidates: readonly Worker[], ctx: RequestContext): RouteExplanation;
+  /**
+   * The latency the policy predicted for a request it routed (slo_aware), and whether some
+   * worker was predicted to meet the request's objectives. Undefined for other policies.
+   */
+  predictionFor?(requestId: string): LatencyPrediction | undefined;
   /** explain() for a (prefill, decode) pair (PD mode). */
   explainPair?(prefill: readonly Worker[], decode: readonly Worker[], ctx: RequestContext): PairExplanation;
+}
+
+export interface LatencyPrediction {
+  ttftMs: number;
+  tpotMs: number;
+  feasible: boolean;
 }
 
 export function available(candidates: readonly Worker[]): Worker[] {

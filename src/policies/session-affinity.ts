@@ -44,6 +44,10 @@ export class SessionAffinityPolicy implements RoutingPolicy {
     this.needsTokens = inner.needsTokens;
     this.maxSessions = config.maxSessions ?? 1_000_000;
   }
+  predictionFor(requestId: string) {
+    return this.inner.predictionFor?.(requestId);
+  }
+
 
   /** Live sessions (expired ones are dropped when looked up or when the map is full). */
   get size(): number {

@@ -1,7 +1,7 @@
 import type { ServerResponse } from 'node:http';
 import type { Clock } from '../core/clock.js';
 import type { RequestContext } from '../core/context.js';
-import { errors } from '../core/errors.js';
+import { DroppedError, errors } from '../core/errors.js';
 import type { WorkerRegistry } from '../core/registry.js';
 import { backoffMs, RETRYABLE_STATUSES, type RetryConfig } from '../core/retry.js';
 import type { Rng } from '../core/rng.js';
@@ -101,6 +101,16 @@ export class RegularRouter {
         break;
       }
       metrics.decisions.inc({ policy: policy.name, worker: metrics.w(worker) });
+      const prediction = policy.predictionFor?.(ctx.requestId);
+      if (prediction) {
+        if (!prediction.feasible && (r.priority ?? 0) < 0) {
+          // Sheddable and predicted to miss its objective wherever it goes: refuse it now.
+          select?.end();
+          policy.onRequestComplete?.(worker, ctx, 'aborted');
+          throw new DroppedError(429, `No worker is predicted to meet this request's latency objective (best predicted TTFT ${Math.round(prediction.ttftMs)} ms); sheddable requests are refused instead of served late`, 'predicted-slo-miss');
+        }
+        if (!r.res.headersSent) r.res.setHeader('x-kvgate-predicted-ttft-ms', prediction.ttftMs.toFixed(1));
+      }
       const { seq, note } = insight ? insight.decided({ requestId: r.requestId, route: r.route, ctx, policy: policy.name, worker, attempt, explanation, sampled }) : { seq: 0, note: undefined };
       if (select) {
         select.setAttribute('kvgate.worker', worker.id);
@@ -184,6 +194,7 @@ export class RegularRouter {
       policy.onRequestComplete?.(worker, ctx, result?.outcome ?? 'error');
       const status = result ? (result.held?.status ?? (result.error ? result.error.status : result.status)) : 0;
       const usage = tap?.usage();
+      if (usage) r.usage = usage;
       if (insight) insight.finished(seq, ctx, worker, tap, status, r.arrivedAt!, usage);
       if (span) {
         span.setAttribute('http.response.status_code', status);

@@ -22,6 +22,10 @@ export interface RoutedRequest {
   trace?: RequestTrace;
   /** The model the request was routed to, once resolved (set by routeModel; metrics label). */
   model?: string;
+  /** Admission priority (x-kvgate-priority / --api-key-priority; negative = sheddable). */
+  priority?: number;
+  /** Token usage the engine reported for the exchange that answered (per-key token limits). */
+  usage?: { promptTokens?: number; completionTokens?: number };
 }
 
 /** What buildContext reads of a request: the HTTP front's RoutedRequest, or the endpoint picker's. */

@@ -5,7 +5,7 @@ import { createServer as createTlsServer } from 'node:https';
 import type { AddressInfo } from 'node:net';
 import type { Logger } from 'pino';
 import type { ServeConfig } from '../config/serve-config.js';
-import { errors, GatewayError } from '../core/errors.js';
+import { DroppedError, errors, GatewayError } from '../core/errors.js';
 import type { WorkerRegistry } from '../core/registry.js';
 import type { WorkerManager } from '../core/worker-manager.js';
 import type { GatewayMetrics } from '../metrics/gateway-metrics.js';
@@ -19,7 +19,8 @@ import { defaultRetryConfig, type RetryConfig } from '../core/retry.js';
 import type { KvEventHub } from '../events/hub.js';
 import type { TokenizerRegistry } from '../tokenize/registry.js';
 import type { Worker } from '../core/worker.js';
-import { KeyRateLimiter, type Admission } from './admission.js';
+import { KeyRateLimiter, KeyTokenLimiter, type Admission, type AdmissionRequest } from './admission.js';
+import { objectiveFrom, SLO_TTFT_HEADER } from '../policies/slo-aware.js';
 import { isLoopback, KeySet, readKeyFile } from './auth.js';
 import { isAdminRoute, PUBLIC_ROUTES, type ControlRoutes, type WorkerRegistration } from './control.js';
 import { parseJsonObject, readBody, sendError } from './http-util.js';
@@ -67,6 +68,8 @@ export class Gateway {
   private readonly apiKeys: KeySet;
   private readonly adminKeys: KeySet;
   private readonly keyLimiter: KeyRateLimiter | undefined;
+  private readonly keyPriority = new Map<string, number>();
+  private readonly tokenLimiter: KeyTokenLimiter | undefined;
   private server: Server | undefined;
   private readonly startedAt = Date.now();
   /** Responses not yet finished (for graceful shutdown). */
@@ -88,6 +91,11 @@ export class Gateway {
     this.apiKeys = new KeySet([...config.apiKey, ...(config.apiKeyFile ? readKeyFile(config.apiKeyFile) : [])]);
     this.adminKeys = new KeySet(config.adminApiKey ? [config.adminApiKey] : []);
     this.keyLimiter = config.apiKeyRateLimitRps > 0 ? new KeyRateLimiter(config.apiKeyRateLimitRps) : undefined;
+    this.tokenLimiter = config.apiKeyTokenLimitPerMin > 0 ? new KeyTokenLimiter(config.apiKeyTokenLimitPerMin) : undefined;
+    for (const entry of config.apiKeyPriority ?? []) {
+      const eq = entry.lastIndexOf('=');
+      this.keyPriority.set(entry.slice(0, eq), Number(entry.slice(eq + 1)));
+    }
     if (this.keyLimiter) core.onPeerRateLimit = (key, n) => this.keyLimiter!.consume(key, n);
     this.registry.on('removed', (w) => {
       if (this.registry.byUrl(w.url).length === 0) void this.pools.drop(w.url);
@@ -319,15 +327,33 @@ export class Gateway {
             throw errors.tooManyRequests('Request rate limit for this API key exceeded');
           }
         }
+        const tokenBucket = this.tokenLimiter ? createHash('sha256').update(apiKey ?? `ip:${req.socket.remoteAddress ?? ''}`).digest('base64url').slice(0, 22) : undefined;
+        if (this.tokenLimiter && tokenBucket) {
+          const verdict = this.tokenLimiter.check(tokenBucket);
+          if (!verdict.ok) {
+            this.metrics.admissionRejected.inc({ reason: 'token_limited' });
+            res.setHeader('retry-after', String(Math.max(1, Math.ceil(verdict.retryAfterMs / 1000))));
+            throw new GatewayError(429, 'Token rate limit for this API key exceeded (prompt + completion tokens per minute)', 'rate_limit_error', 'token_rate_limited');
+          }
+        }
         const raw = await readBody(req, this.config.maxPayloadSize);
         const body = parseJsonObject(raw, this.config.maxJsonDepth);
-        const release = await this.admit(res);
+        const who = this.admissionRequest(req, apiKey, started);
+        const release = await this.admit(res, who);
+        let served: RoutedRequest | undefined;
         try {
-          const r: RoutedRequest = { req, res, route, path, requestId, rawBody: raw, body, arrivedAt: started, trace };
-          routed = r;
+          const r: RoutedRequest = { req, res, route, path, requestId, rawBody: raw, body, arrivedAt: started, trace, priority: who.priority };
+          routed = served = r;
           status = await (this.pd ? this.pd.handle(r) : this.router.handle(r));
         } finally {
           release();
+          // Charge what the engine reported; without a usage report, an estimate (body / 4 + max tokens).
+          if (this.tokenLimiter && tokenBucket && served && status > 0 && status < 400) {
+            const u = served.usage;
+            const maxTokens = Number(body.max_tokens ?? body.max_completion_tokens ?? 0) || 0;
+            const used = u && (u.promptTokens !== undefined || u.completionTokens !== undefined) ? (u.promptTokens ?? 0) + (u.completionTokens ?? 0) : Math.ceil(raw.length / 4) + maxTokens;
+            this.tokenLimiter.charge(tokenBucket, used);
+          }
         }
       } else {
         status = await this.control.handle(req, res, path, requestId);
@@ -337,6 +363,13 @@ export class Gateway {
       if (!(e instanceof GatewayError)) this.log.error({ err: e, requestId, path }, 'unexpected error');
       status = err.status;
       if (status === 413) res.setHeader('connection', 'close');
+      if (!res.headersSent) {
+        if (err instanceof DroppedError) {
+          res.setHeader('x-kvgate-dropped-reason', err.reason);
+          if (err.reason === 'predicted-slo-miss') this.metrics.admissionRejected.inc({ reason: 'predicted_slo_miss' });
+        }
+        else if (status === 503 && (err.code === 'no_available_workers' || err.code === 'no_healthy_workers')) res.setHeader('x-kvgate-dropped-reason', 'no-endpoints');
+      }
       sendError(res, err, { 'x-request-id': requestId });
     } finally {
       if (route) {
@@ -374,20 +407,43 @@ export class Gateway {
     throw errors.unauthorized();
   }
 
+  /**
+   * Priority (x-kvgate-priority, else the API key's --api-key-priority class, else 0), fairness
+   * key (--fairness-header, else the API key, else the client address) and admission deadline
+   * (arrival + the TTFT objective) of a request. A malformed priority is a 400.
+   */
+  private admissionRequest(req: IncomingMessage, apiKey: string | undefined, arrivedAt: number): AdmissionRequest & { priority: number } {
+    let priority = apiKey !== undefined ? (this.keyPriority.get(apiKey) ?? 0) : 0;
+    const given = req.headers['x-kvgate-priority'];
+    const raw = Array.isArray(given) ? given[0] : given;
+    if (raw !== undefined) {
+      if (!/^\s*-?\d{1,6}\s*$/.test(raw)) throw errors.badRequest(`x-kvgate-priority must be an integer (got '${raw.slice(0, 40)}')`, 'invalid_priority', 'x-kvgate-priority');
+      priority = Number(raw);
+    }
+    const fh = this.config.fairnessHeader?.toLowerCase();
+    const fv = fh ? req.headers[fh] : undefined;
+    const keySource = (Array.isArray(fv) ? fv[0] : fv) ?? (apiKey !== undefined ? `key:${apiKey}` : `ip:${req.socket.remoteAddress ?? ''}`);
+    const key = createHash('sha256').update(keySource).digest('base64url').slice(0, 16);
+    const objective = objectiveFrom(req.headers[SLO_TTFT_HEADER]) ?? this.config.ttftSloMs;
+    return { priority, key, deadlineMs: objective !== undefined ? arrivedAt + objective : undefined };
+  }
+
   /** An admission slot for a generation request (a no-op without --max-concurrent-requests). */
-  private async admit(res: ServerResponse): Promise<() => void> {
+  private async admit(res: ServerResponse, who: AdmissionRequest = {}): Promise<() => void> {
     if (!this.admission.enabled) return () => undefined;
     const ac = new AbortController();
     const onClose = () => ac.abort();
     res.once('close', onClose);
     const t0 = performance.now();
     try {
-      const release = await this.admission.acquire(ac.signal);
+      const release = await this.admission.acquire(ac.signal, who);
       this.metrics.queueWait.observe((performance.now() - t0) / 1000);
       return release;
     } catch (e) {
       const err = e as GatewayError;
-      if (err.status === 429) {
+      if (err instanceof DroppedError) {
+        this.metrics.admissionRejected.inc({ reason: 'shed' });
+      } else if (err.status === 429) {
         this.metrics.admissionRejected.inc({ reason: 'queue_full' });
         res.setHeader('retry-after', String(Math.max(1, Math.ceil(this.config.queueTimeoutSecs / 4))));
       } else if (err.status === 408) this.metrics.admissionRejected.inc({ reason: 'queue_timeout' });

@@ -10,7 +10,8 @@ import type { Worker } from '../core/worker.js';
 import { endpointForRank } from '../events/endpoints.js';
 import { KvEventHub } from '../events/hub.js';
 import { EngineMetricsScraper } from '../metrics/engine-scraper.js';
-import { GatewayMetrics, registerReplicaSyncMetrics } from '../metrics/gateway-metrics.js';
+import { GatewayMetrics, registerPredictorMetrics, registerReplicaSyncMetrics } from '../metrics/gateway-metrics.js';
+import { SloAwarePolicy } from '../policies/slo-aware.js';
 import { ServiceDiscovery } from '../discovery/service-discovery.js';
 import { NatsTransport } from '../sync/nats-transport.js';
 import { ReplicaSync, type AdminChange } from '../sync/replica-sync.js';
@@ -116,6 +117,17 @@ export class RoutingCore {
   /** OpenTelemetry tracing (--otlp-traces-endpoint), when on. */
   readonly tracing: Tracing | undefined;
 
+  /** slo_aware instances (one per pool), whose predictors are exported as metrics. */
+  private readonly predictors: Array<{ pool: string; policy: SloAwarePolicy }> = [];
+
+  private watchPredictor(pool: string, policy: RoutingPolicy): RoutingPolicy {
+    if (policy instanceof SloAwarePolicy) {
+      if (this.predictors.length === 0) registerPredictorMetrics(this.metrics, () => this.predictors.map((p) => ({ pool: p.pool, predictor: p.policy.predictor })), () => this.clock.now());
+      this.predictors.push({ pool, policy });
+    }
+    return policy;
+  }
+
   constructor(
     readonly config: ServeConfig,
     opts: RoutingCoreOptions = {},
@@ -187,7 +199,7 @@ export class RoutingCore {
     const tls = loadWorkerTls(config);
     const makePolicy = (name: string, role: string) => {
       const policyDeps = { clock, rng, schedule: timerScheduler, observer: this.metrics.policyObserver(), share: this.sync?.shareFor(role) };
-      return withSessionAffinity(createPolicy(
+      return withSessionAffinity(this.watchPredictor(role, createPolicy(
       name,
       policyDeps,
       {
@@ -212,8 +224,9 @@ export class RoutingCore {
         },
         prefixLoad: { windowSecs: config.windowSecs },
         engineLoad: { staleAfterMs: config.engineMetricsStaleSecs * 1000 },
+        sloAware: { ttftSloMs: config.ttftSloMs, tpotSloMs: config.tpotSloMs },
       },
-    ), policyDeps, config.sessionAffinityHeader, config.sessionAffinityTtlSecs);
+    )), policyDeps, config.sessionAffinityHeader, config.sessionAffinityTtlSecs);
     };
     // PD mode: one instance per pool (each falls back to --policy), so no state (round-robin
     // counters, prefix trees) is shared between the prefill and the decode pool.

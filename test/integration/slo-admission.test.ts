@@ -1,0 +1,104 @@
+import { afterEach, describe, expect, it } from 'vitest';
+import { FakeWorker } from '../helpers/fake-worker.js';
+import { send } from '../helpers/http.js';
+import { startGateway, waitFor } from '../helpers/gateway.js';
+import type { Gateway } from '../../src/server/gateway.js';
+
+const cleanups: Array<() => Promise<void>> = [];
+afterEach(async () => {
+  while (cleanups.length) await cleanups.pop()!();
+});
+
+async function setup(overrides: Parameters<typeof startGateway>[0], workerOpts: ConstructorParameters<typeof FakeWorker>[0] = {}, waitHealthy = true) {
+  const worker = await new FakeWorker(workerOpts).start();
+  cleanups.push(() => worker.close());
+  const gw: Gateway = await startGateway({ workerUrls: [worker.url], ...overrides });
+  cleanups.push(() => gw.close());
+  if (waitHealthy) await waitFor(() => gw.registry.all().length > 0 && gw.registry.all().every((w) => w.healthy), 5000, 'healthy worker');
+  return { worker, gw, url: (p: string) => gw.url + p };
+}
+
+const chat = (tag: string) => ({ model: 'fake-model', messages: [{ role: 'user', content: tag }], max_tokens: 4 });
+
+describe('admission by priority and predicted latency, end to end', () => {
+  it('queued requests go by priority; sheddable ones are refused at once with 429 saturated; nothing is lost', async () => {
+    const { worker, gw, url } = await setup({ maxConcurrentRequests: 1, queueSize: 10 }, { hang: true });
+    const blocker = new AbortController();
+    const first = send(url('/v1/chat/completions'), { body: chat('blocker'), signal: blocker.signal }).catch(() => undefined);
+    await waitFor(() => worker.received.some((r) => r.body.includes('blocker')), 3000, 'blocker at the worker');
+    const batch = send(url('/v1/chat/completions'), { body: chat('batch'), headers: { 'x-kvgate-priority': '0' } });
+    const interactive = send(url('/v1/chat/completions'), { body: chat('interactive'), headers: { 'x-kvgate-priority': '10' } });
+    await waitFor(() => gw.admission.waiting === 2, 3000, 'two waiters');
+    // A sheddable request does not wait behind them: refused while the slot is still taken.
+    const shed = await send(url('/v1/chat/completions'), { body: chat('shed'), headers: { 'x-kvgate-priority': '-1' } });
+    expect(shed.status).toBe(429);
+    expect(shed.headers['x-kvgate-dropped-reason']).toBe('saturated');
+    expect(shed.json.error).toMatchObject({ type: 'rate_limit_error', code: 'saturated' });
+    expect(gw.admission.inUse).toBe(1);
+    expect(gw.admission.waiting).toBe(2);
+    // Free the slot: the interactive request is admitted before the batch one that came first.
+    worker.opts.hang = false;
+    blocker.abort();
+    await first;
+    const [b, i] = await Promise.all([batch, interactive]);
+    expect(b.status).toBe(200);
+    expect(i.status).toBe(200);
+    const order = worker.received.map((r) => (/"content":"(\w+)"/.exec(r.body) ?? [])[1]).filter(Boolean);
+    expect(order).toEqual(['blocker', 'interactive', 'batch']);
+    await waitFor(() => gw.admission.inUse === 0, 3000, 'slots released');
+    expect(worker.received.some((r) => r.body.includes('shed'))).toBe(false);
+  });
+
+  it('a malformed priority is a 400; an API key maps to its class', async () => {
+    const { url } = await setup({ apiKey: ['k-batch'], apiKeyPriority: ['k-batch=-1'], maxConcurrentRequests: 1, queueSize: 4 });
+    const bad = await send(url('/v1/chat/completions'), { body: chat('x'), headers: { authorization: 'Bearer k-batch', 'x-kvgate-priority': 'urgent' } });
+    expect(bad.status).toBe(400);
+    expect(bad.json.error).toMatchObject({ code: 'invalid_priority', param: 'x-kvgate-priority' });
+    const ok = await send(url('/v1/chat/completions'), { body: chat('x'), headers: { authorization: 'Bearer k-batch' } });
+    expect(ok.status).toBe(200);
+  });
+
+  it('slo_aware: served responses carry x-kvgate-predicted-ttft-ms; a sheddable request predicted to miss is refused (429 predicted-slo-miss)', async () => {
+    const { worker, gw, url } = await setup({ policy: 'slo_aware' });
+    const served = await send(url('/v1/chat/completions'), { body: { ...chat('hello there'), stream: true }, headers: { 'x-slo-ttft-ms': '1' } });
+    expect(served.status).toBe(200);
+    const predicted = Number(served.headers['x-kvgate-predicted-ttft-ms']);
+    expect(predicted).toBeGreaterThan(1); // at least one engine step: the 1 ms objective is predicted missed, but priority 0 is served
+    const before = worker.received.length;
+    const shed = await send(url('/v1/chat/completions'), { body: chat('hello there'), headers: { 'x-slo-ttft-ms': '1', 'x-kvgate-priority': '-5' } });
+    expect(shed.status).toBe(429);
+    expect(shed.headers['x-kvgate-dropped-reason']).toBe('predicted-slo-miss');
+    expect(shed.json.error.code).toBe('predicted_slo_miss');
+    expect(worker.received.length).toBe(before);
+    // A reachable objective: the sheddable request is served.
+    const fine = await send(url('/v1/chat/completions'), { body: chat('hello there'), headers: { 'x-slo-ttft-ms': '60000', 'x-kvgate-priority': '-5' } });
+    expect(fine.status).toBe(200);
+    expect(Number(fine.headers['x-kvgate-predicted-ttft-ms'])).toBeGreaterThan(0);
+    await waitFor(() => gw.registry.all().every((w) => w.load === 0), 3000, 'loads released');
+    const text = await (await fetch(url('/metrics'))).text();
+    expect(text).toMatch(/kvgate_admission_rejected_total\{reason="predicted_slo_miss"\} 1/);
+    // The streamed request's first token taught the worker's predictor (the others were not streamed).
+    expect(text).toContain(`kvgate_slo_predictor_observations{pool="main",worker="${worker.url}"} 1`);
+    expect(text).toMatch(/kvgate_slo_predictor_slowness\{pool="main",worker="[^"]+"\} [\d.e+-]+/);
+  });
+
+  it('per-key token limits: prompt + completion tokens the engine reported are charged; a spent key gets 429 with Retry-After', async () => {
+    // The fake worker reports 3 prompt + 1 completion tokens per request: 10 tokens/min allow three.
+    const { url } = await setup({ apiKey: ['k1', 'k2'], apiKeyTokenLimitPerMin: 10 });
+    const call = (key: string) => send(url('/v1/chat/completions'), { body: chat('x'), headers: { authorization: `Bearer ${key}` } });
+    for (let i = 0; i < 3; i++) expect((await call('k1')).status).toBe(200);
+    const spent = await call('k1');
+    expect(spent.status).toBe(429);
+    expect(spent.json.error.code).toBe('token_rate_limited');
+    expect(Number(spent.headers['retry-after'])).toBeGreaterThanOrEqual(1);
+    expect((await call('k2')).status).toBe(200); // another key has its own budget
+  });
+
+  it('503 with x-kvgate-dropped-reason: no-endpoints when no worker can serve', async () => {
+    const { url } = await setup({ healthFailureThreshold: 1 }, { healthy: false }, false);
+    const r = await send(url('/v1/chat/completions'), { body: chat('x') });
+    expect(r.status).toBe(503);
+    expect(r.json.error, JSON.stringify(r.json)).toBeDefined();
+    expect(r.headers['x-kvgate-dropped-reason'], JSON.stringify(r.json)).toBe('no-endpoints');
+  });
+});

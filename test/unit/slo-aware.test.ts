@@ -1,0 +1,274 @@
+import { describe, expect, it } from 'vitest';
+import { BlockIndex, hashBlocks } from '../../src/cache/block-index.js';
+import { ManualClock } from '../../src/core/clock.js';
+import type { RequestContext } from '../../src/core/context.js';
+import { SeededRng } from '../../src/core/rng.js';
+import { Worker } from '../../src/core/worker.js';
+import type { CostModelConfig } from '../../src/engine/cost-model.js';
+import type { KvCacheEvent } from '../../src/events/types.js';
+import { LatencyPredictor } from '../../src/policies/latency-predictor.js';
+import { defaultSloAwareConfig, SloAwarePolicy, type SloAwareConfig } from '../../src/policies/slo-aware.js';
+import { Engine } from '../../src/sim/engine.js';
+
+/**
+ * Drives one simulated engine in virtual time with requests arriving at random, predicting each
+ * request's TTFT before it is submitted and feeding the observed first tokens back. Halfway the
+ * engine becomes `slowAfter`× slower (its fault knob). Returns |error|/observed per request.
+ */
+function runEngine(n: number, slowAt: number, slowFactor: number) {
+  const clock = new ManualClock(0);
+  const rng = new SeededRng(7);
+  const engine = new Engine({ clock, rng: new SeededRng(1) });
+  const predictor = new LatencyPredictor();
+  const id = 'http://e0';
+  const arrivals: Array<{ at: number; prompt: number[]; out: number }> = [];
+  let t = 0;
+  for (let i = 0; i < n; i++) {
+    t += 100 + rng.next() * 800; // ~2 requests/s: a queue forms now and then, even at 2.5× slower
+    const len = 200 + Math.floor(rng.next() * 6000);
+    arrivals.push({ at: t, prompt: Array.from({ length: len }, () => 1 + rng.int(100_000)), out: 5 + rng.int(60) });
+  }
+  const errors: Array<{ i: number; rel: number }> = [];
+  const inflight = new Map<string, number>(); // id → context tokens
+  let ctxTokens = 0;
+  let stepEnd = Infinity;
+  let next = 0;
+  const predicted = new Map<string, number>();
+  while (next < arrivals.length || engine.hasWork()) {
+    if (stepEnd === Infinity && engine.hasWork()) {
+      const plan = engine.step();
+      if (plan) stepEnd = plan.endMs;
+    }
+    const arrival = next < arrivals.length ? arrivals[next].at : Infinity;
+    if (arrival <= stepEnd) {
+      clock.set(Math.max(clock.now(), arrival));
+      const a = arrivals[next];
+      const rid = `r${next}`;
+      if (next === slowAt) (engine.config.cost as CostModelConfig).slowFactor = slowFactor;
+      const p = predictor.predict(id, clock.now(), 0, a.prompt.length, { inFlight: inflight.size, inFlightTokens: ctxTokens });
+      predictor.routed(id, rid, clock.now(), clock.now(), p);
+      predicted.set(rid, p.ttftMs);
+      engine.submit({ id: rid, promptTokens: a.prompt, maxTokens: a.out });
+      inflight.set(rid, a.prompt.length);
+      ctxTokens += a.prompt.length;
+      next++;
+    } else {
+      clock.set(stepEnd);
+      stepEnd = Infinity;
+      const res = engine.completeStep();
+      for (const o of res.outputs) {
+        if (o.index !== 0) continue;
+        const obs = predictor.firstToken(id, o.id, clock.now())!;
+        errors.push({ i: Number(o.id.slice(1)), rel: Math.abs(obs.observedMs - obs.predictedMs) / obs.observedMs });
+      }
+      for (const f of res.finished) {
+        ctxTokens -= inflight.get(f.id) ?? 0;
+        inflight.delete(f.id);
+        predictor.forget(id, f.id, clock.now());
+      }
+    }
+  }
+  errors.sort((a, b) => a.i - b.i);
+  return { errors, stats: predictor.stats(id, clock.now()) };
+}
+
+const median = (xs: number[]) => {
+  const s = [...xs].sort((a, b) => a - b);
+  return s[Math.floor(s.length / 2)];
+};
+
+describe('latency predictor', () => {
+  it('starts from the engine model and tracks an engine that becomes 2.5× slower mid-run', () => {
+    const { errors, stats } = runEngine(600, 300, 2.5);
+    const rel = (from: number, to: number) => errors.filter((e) => e.i >= from && e.i < to).map((e) => e.rel);
+    // Seeded from the cost model: good from the first requests on.
+    expect(median(rel(0, 50))).toBeLessThan(0.25);
+    expect(median(rel(200, 300))).toBeLessThan(0.1);
+    // Right after the change the seed speed is wrong by 2.5×...
+    expect(median(rel(300, 310))).toBeGreaterThan(0.3);
+    // ...and it has re-learnt the speed within ~100 first tokens.
+    expect(median(rel(400, 600))).toBeLessThan(0.15);
+    expect(stats.slowness).toBeGreaterThan(2);
+    expect(stats.slowness).toBeLessThan(3);
+    expect(stats.observations).toBe(600);
+    expect(stats.pendingRequests).toBe(0);
+  });
+
+  it('does not learn from a wild observation as if it were the rule (Huber)', () => {
+    const p = new LatencyPredictor();
+    const load = { inFlight: 0, inFlightTokens: 0 };
+    let now = 0;
+    const observe = (rid: string, ttft: number) => {
+      const pr = p.predict('w', now, 0, 4000, load);
+      p.routed('w', rid, now, now, pr);
+      now += ttft;
+      p.firstToken('w', rid, now);
+      now += 1000; // backlog drained
+    };
+    for (let i = 0; i < 30; i++) observe(`a${i}`, 220);
+    const before = p.predict('w', now, 0, 4000, load).ttftMs;
+    observe('spike', 20_000);
+    const after = p.predict('w', now, 0, 4000, load).ttftMs;
+    expect(Math.abs(before - 220)).toBeLessThan(20);
+    expect(after - before).toBeLessThan(0.5 * before);
+  });
+
+  it('counts the backlog of requests routed before and empties it on their first tokens', () => {
+    const p = new LatencyPredictor();
+    const load = { inFlight: 0, inFlightTokens: 0 };
+    const alone = p.predict('w', 0, 0, 2000, load);
+    const first = p.predict('w', 0, 0, 8000, load);
+    p.routed('w', 'big', 0, 0, first);
+    const behind = p.predict('w', 0, 0, 2000, load);
+    expect(behind.backlogWorkMs).toBeCloseTo(first.ownWorkMs, 6);
+    expect(behind.ttftMs).toBeGreaterThan(alone.ttftMs + 0.9 * first.ownWorkMs);
+    // Half-way through, half of it is left (drained at the learned speed)...
+    const mid = p.predict('w', first.ownWorkMs / 2, 0, 2000, load).backlogWorkMs;
+    expect(mid).toBeGreaterThan(0.3 * first.ownWorkMs);
+    expect(mid).toBeLessThan(0.6 * first.ownWorkMs);
+    // ...and after its first token nothing is (even if the drain estimate lagged).
+    p.firstToken('w', 'big', 10);
+    expect(p.predict('w', 10, 0, 2000, load).backlogWorkMs).toBe(0);
+  });
+
+  it('a cached prefix costs nothing but its attention: cached tokens shorten the prediction', () => {
+    const p = new LatencyPredictor();
+    const load = { inFlight: 4, inFlightTokens: 10_000 };
+    const cold = p.predict('w', 0, 0, 8000, load).ttftMs;
+    const warm = p.predict('w', 0, 7000, 1000, load).ttftMs;
+    expect(warm).toBeLessThan(cold / 3);
+  });
+});
+
+const BS = 4;
+const tokens = (n: number, from = 1) => Array.from({ length: n }, (_, i) => from + i);
+
+function setup(over: Partial<SloAwareConfig> = {}, n = 3) {
+  const clock = new ManualClock(1000);
+  const index = new BlockIndex({ blockSize: BS });
+  const last = new Map<string, number>();
+  const workers = Array.from({ length: n }, (_, i) => {
+    const w = new Worker({ url: `http://w${i}:8000`, modelId: 'm' });
+    w.healthy = true;
+    return w;
+  });
+  const policy = new SloAwarePolicy(
+    { clock, rng: new SeededRng(1) },
+    { index, lastEventAtMs: (id) => last.get(id), isAccurate: () => true, resetCount: () => 0 },
+    { ...defaultSloAwareConfig, evictionIntervalSecs: 0, defaultBlockSize: BS, historyWeight: 0, ...over },
+  );
+  const store = (i: number, toks: number[]) => {
+    const hashes = hashBlocks(toks, BS).map((_, b) => BigInt(1000 * (i + 1) + b + 1));
+    const ev: KvCacheEvent = { type: 'stored', blockHashes: hashes, parentBlockHash: null, tokenIds: toks.slice(0, hashes.length * BS), blockSize: BS, medium: 'GPU', loraName: null };
+    index.apply(workers[i].id, [ev]);
+    last.set(workers[i].id, clock.now());
+  };
+  for (let i = 0; i < n; i++) last.set(workers[i].id, clock.now());
+  let id = 0;
+  const ctx = (toks: number[], headers: Record<string, string> = {}): RequestContext => ({ requestId: `r${id++}`, route: 'completions', model: 'm', routingText: toks.join(' '), tokenIds: toks, headers, stream: true, arrivalMs: clock.now() });
+  return { clock, workers, policy, store, ctx };
+}
+
+describe('slo_aware', () => {
+  it('without an objective: the cached worker when it is about as fast, and says so', () => {
+    const { workers, policy, store, ctx } = setup();
+    const prompt = tokens(2000);
+    store(1, prompt.slice(0, 1600));
+    expect(policy.selectWorker(workers, ctx(prompt))).toBe(workers[1]);
+    expect(policy.lastSlo).toMatchObject({ worker: workers[1].id, rule: 'lowest_ttft', feasible: true });
+    expect(policy.lastSlo!.predictedTtftMs).toBeGreaterThan(0);
+  });
+
+  it('leaves the cached worker when its queue makes it clearly slower', () => {
+    const { workers, policy, store, ctx } = setup();
+    const prompt = tokens(2000);
+    store(0, prompt);
+    // 40k tokens of prefill queued on w0 (≈2 s of work).
+    for (let k = 0; k < 5; k++) expect(policy.selectWorker([workers[0]], ctx(tokens(8000, 100_000 * (k + 1))))).toBe(workers[0]);
+    const w = policy.selectWorker(workers, ctx(prompt))!;
+    expect(w).not.toBe(workers[0]);
+    expect(policy.lastSlo!.rule).toBe('lowest_ttft');
+  });
+
+  it('prefers affinity within the margin: a slightly slower cached worker wins over an idle cold one', () => {
+    const { workers, policy, store, ctx } = setup({ affinityMarginMs: 200, affinityMarginRel: 0 });
+    const prompt = tokens(4000);
+    store(0, prompt.slice(0, 2000)); // half cached on w0
+    policy.selectWorker([workers[0]], ctx(tokens(1000, 500_000))); // ≈ 50 ms of backlog on w0
+    // w0: ~50 ms backlog + 2000 uncached; w1/w2: 4000 uncached. w0 is fastest and cached anyway;
+    // make w0 slower than the others but within the margin: more backlog.
+    policy.selectWorker([workers[0]], ctx(tokens(2500, 600_000)));
+    const w = policy.selectWorker(workers, ctx(prompt))!;
+    expect(w).toBe(workers[0]);
+    expect(policy.lastSlo!.rule).toBe('affinity_within_margin');
+  });
+
+  it('with an objective: among workers predicted to meet it, the one adding the least prefill', () => {
+    const { workers, policy, store, ctx } = setup({ affinityMarginMs: 0, affinityMarginRel: 0 });
+    const prompt = tokens(6000);
+    store(2, prompt.slice(0, 3000)); // w2 holds half; w0, w1 cold
+    policy.selectWorker([workers[2]], ctx(tokens(3000, 700_000))); // w2 has a backlog: no longer the fastest
+    // Without an objective and no margin, the fastest (a cold idle worker) wins...
+    const plain = policy.explain(workers, ctx(prompt));
+    expect(plain.chosen).not.toBe(workers[2].id);
+    // ...with a loose objective w2 still meets it and adds half the prefill: it wins.
+    const loose = ctx(prompt, { 'x-slo-ttft-ms': '5000' });
+    expect(policy.selectWorker(workers, loose)).toBe(workers[2]);
+    expect(policy.lastSlo).toMatchObject({ rule: 'slo_headroom', ttftObjectiveMs: 5000, feasible: true });
+  });
+
+  it('with an objective no worker can meet: lowest predicted TTFT, marked infeasible', () => {
+    const { workers, policy, ctx } = setup();
+    policy.selectWorker([workers[0]], ctx(tokens(8000, 900_000)));
+    const w = policy.selectWorker(workers, ctx(tokens(8000, 1), { 'x-slo-ttft-ms': '10' }))!;
+    expect(w).not.toBe(workers[0]);
+    expect(policy.lastSlo).toMatchObject({ rule: 'slo_unreachable', feasible: false, ttftObjectiveMs: 10 });
+  });
+
+  it('uses the configured default objective when the request has none; a bad header falls back to it', () => {
+    const { workers, policy, ctx } = setup({ ttftSloMs: 1 });
+    policy.selectWorker(workers, ctx(tokens(3000), { 'x-slo-ttft-ms': 'soon' }));
+    expect(policy.lastSlo).toMatchObject({ ttftObjectiveMs: 1, rule: 'slo_unreachable' });
+  });
+
+  it('explain() is side-effect free and agrees with the decision', () => {
+    const { workers, policy, store, ctx } = setup();
+    const prompt = tokens(2000);
+    store(1, prompt);
+    const c = ctx(prompt);
+    const e1 = policy.explain(workers, c);
+    const e2 = policy.explain(workers, c);
+    expect(e1).toEqual(e2);
+    expect(e1.policy).toBe('slo_aware');
+    expect(e1.candidates[1].terms).toMatchObject({ uncached_tokens: 0, meets_objective: true });
+    expect(policy.activeOf(workers[1].id).requests).toBe(0);
+    expect(policy.selectWorker(workers, c)!.id).toBe(e1.chosen);
+  });
+
+  it('learns from first tokens of streamed requests only, and frees everything at the end', () => {
+    const { clock, workers, policy, ctx } = setup();
+    const a = ctx(tokens(2000));
+    const w = policy.selectWorker(workers, a)!;
+    clock.advance(150);
+    policy.onFirstToken(w, a);
+    policy.onRequestComplete(w, a);
+    expect(policy.predictor.stats(w.id, clock.now())).toMatchObject({ observations: 1, pendingRequests: 0 });
+    const b: RequestContext = { ...ctx(tokens(2000, 50_000)), stream: false };
+    const w2 = policy.selectWorker([w], b)!;
+    clock.advance(3000);
+    policy.onFirstToken(w2, b);
+    policy.onRequestComplete(w2, b);
+    expect(policy.predictor.stats(w.id, clock.now())).toMatchObject({ observations: 1, pendingRequests: 0 });
+    expect(policy.activeOf(w.id)).toEqual({ requests: 0, blocks: 0, pendingPrefillTokens: 0 });
+  });
+
+  it('PD: prefill by TTFT, decode by predicted TPOT (the emptier decode batch)', () => {
+    const { workers, policy, ctx } = setup({}, 4);
+    const prefill = workers.slice(0, 2);
+    const decode = workers.slice(2);
+    const first = policy.selectPair(prefill, decode, ctx(tokens(4000)))!;
+    const second = policy.selectPair(prefill, decode, ctx(tokens(4000, 90_000)))!;
+    expect(second.prefill).not.toBe(first.prefill);
+    expect(second.decode).not.toBe(first.decode);
+  });
+});
