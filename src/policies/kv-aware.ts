@@ -53,7 +53,7 @@ export interface KvAwareConfig {
 
 export const defaultKvAwareConfig: KvAwareConfig = {
   overlapWeight: 4,
-  activeWeight: 1.0,
+  activeWeight: 0.1,
   temperature: 0,
   staleAfterMs: 5000,
   historyWeight: 1,
