@@ -18,6 +18,7 @@ import { createServer } from 'node:net';
 import { cpus, loadavg, tmpdir } from 'node:os';
 import { delimiter, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { waitReady } from './lib/bench-util.mjs';
 
 const here = (p) => fileURLToPath(new URL(p, import.meta.url));
 const SECS = Number(process.env.BENCH_WRK_SECS ?? 10);
@@ -108,17 +109,6 @@ ${server(portB)}
 `,
 );
 
-async function waitReady(url, path = '/health', tries = 400) {
-  for (let i = 0; i < tries; i++) {
-    try {
-      const r = await fetch(url + path);
-      await r.arrayBuffer();
-      if (r.status === 200) return;
-    } catch {}
-    await sleep(50);
-  }
-  throw new Error(`${url}${path} did not become ready`);
-}
 
 function startNginx() {
   const c = spawn(NGINX, ['-p', tmp, '-c', join(tmp, 'nginx.conf'), '-e', join(tmp, 'error.log')], { stdio: ['ignore', 'inherit', 'inherit'] });

@@ -138,18 +138,7 @@ export async function runBench(o: BenchOptions, version: string): Promise<{ repo
     notes = wl.notes;
     for (const p of [POOLED, ...policies]) {
       const label = `${p}${o.rates.length > 1 ? ` @ ${rate}` : ''}`;
-      const run = runCluster(wl.requests, {
-        workers: o.workers,
-        policy: p === POOLED ? 'round_robin' : p,
-        pooled: p === POOLED,
-        policyOptions: o.policyOptions,
-        engine: o.engine,
-        seed: o.seed,
-        ...o.lab,
-        routerReplicas: replicas,
-        replicaSyncDelayMs: syncDelay,
-        onProgress: o.progress ? (f) => o.progress!(label, f) : undefined,
-      });
+      const run = runLabCluster(o, wl.requests, p === POOLED ? 'round_robin' : p, label, replicas, syncDelay, p === POOLED);
       rows.push(summarise(run, rate, o.ttftSloMs));
       // Let the run's replica syncs finish closing (their close() resolves on the next turns),
       // so the next run does not start while they still hold their trees and dictionaries.
@@ -240,17 +229,7 @@ async function findThroughputAtSlo(policy: string, o: BenchOptions, replicas: nu
   const rows = new Map<number, PolicyResult>();
   const probe = async (rate: number): Promise<boolean> => {
     const wl = o.workloadAt(rate);
-    const run = runCluster(wl.requests, {
-      workers: o.workers,
-      policy,
-      policyOptions: o.policyOptions,
-      engine: o.engine,
-      seed: o.seed,
-      ...o.lab,
-      routerReplicas: replicas,
-      replicaSyncDelayMs: syncDelay,
-      onProgress: o.progress ? (f) => o.progress!(`${policy} SLO @ ${round4(rate)}`, f) : undefined,
-    });
+    const run = runLabCluster(o, wl.requests, policy, `${policy} SLO @ ${round4(rate)}`, replicas, syncDelay);
     const row = summarise(run, rate, o.ttftSloMs);
     rows.set(rate, row);
     probes.push({ rate, attainment: row.slo!.attainment, ttftP90: row.ttftP90, hitRate: row.hitRate });
@@ -292,6 +271,22 @@ async function findThroughputAtSlo(policy: string, o: BenchOptions, replicas: nu
     requestsPerSec: at ? at.requests / Math.max(1e-9, spanSecs(o.workloadAt(lo!))) : null,
     probes,
   };
+}
+
+/** One aggregated cluster run with the bench's engines, options and replicas (progress under `label`). */
+function runLabCluster(o: BenchOptions, requests: Workload['requests'], policy: string, label: string, replicas: number, syncDelay: number | 'off', pooled = false) {
+  return runCluster(requests, {
+    workers: o.workers,
+    policy,
+    pooled,
+    policyOptions: o.policyOptions,
+    engine: o.engine,
+    seed: o.seed,
+    ...o.lab,
+    routerReplicas: replicas,
+    replicaSyncDelayMs: syncDelay,
+    onProgress: o.progress ? (f) => o.progress!(label, f) : undefined,
+  });
 }
 
 function spanSecs(wl: Workload): number {

@@ -68,34 +68,24 @@ export class RequestInsight {
   /** Records a decision just made (call right after selectWorker: it takes the policy's note). Returns its feed sequence number and the note. */
   decided(d: DecisionInput): { seq: number; note: DecisionNote } {
     const note = this.opts.metrics.takeNote();
-    const seq = this.opts.feed.push(
-      {
-        requestId: d.requestId,
-        route: d.route,
-        model: d.ctx.model,
-        policy: d.policy,
-        worker: d.worker.id,
-        prefillWorker: d.prefill?.id,
-        attempt: d.attempt,
-        note,
-        explanation: d.explanation,
-      },
-      d.ctx.routingText,
-    );
+    const base = {
+      requestId: d.requestId,
+      route: d.route,
+      model: d.ctx.model,
+      policy: d.policy,
+      worker: d.worker.id,
+      prefillWorker: d.prefill?.id,
+      attempt: d.attempt,
+      note,
+    };
+    const seq = this.opts.feed.push({ ...base, explanation: d.explanation }, d.ctx.routingText);
     if (d.sampled) {
       const e = d.explanation;
       const summary = e ? this.routeHeader(e, d.worker, d.prefill) ?? (('prefill' in e && 'decode' in e) ? undefined : compactSummary(e as RouteExplanation, d.worker.id)) : undefined;
       this.opts.log.info(
         {
           decision: {
-            requestId: d.requestId,
-            route: d.route,
-            model: d.ctx.model,
-            policy: d.policy,
-            worker: d.worker.id,
-            prefillWorker: d.prefill?.id,
-            attempt: d.attempt,
-            note,
+            ...base,
             summary,
             candidates: e && !('prefill' in e && 'decode' in e) ? (e as RouteExplanation).candidates : undefined,
             rule: e && !('prefill' in e && 'decode' in e) ? (e as RouteExplanation).rule : undefined,

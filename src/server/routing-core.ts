@@ -46,11 +46,7 @@ const realTimers = {
     t.unref();
     return () => clearTimeout(t);
   },
-  every(ms: number, fn: () => void): () => void {
-    const t = setInterval(fn, ms);
-    t.unref();
-    return () => clearInterval(t);
-  },
+  every: (ms: number, fn: () => void): (() => void) => timerScheduler(ms, fn),
 };
 
 /** Real-time periodic work that never keeps the process alive. */
