@@ -1,7 +1,10 @@
 // npm run bench:proxy:wrk — maximum throughput and p50 latency under wrk, with nginx as the
-// upstream: nginx direct, a bare Node proxy (node:http in, undici Pool out, no logic), kvgate
-// (cache_aware) with 1 process, and kvgate with --processes 2. Needs the Debian packages wrk and
-// nginx-light (scripts/setup-test-deps.sh) and nats-server for --processes 2.
+// upstream: nginx direct, a bare Node proxy (node:http in, undici Pool out, no logic), the same
+// bare proxy as 2 node:cluster processes sharing nothing (this machine's ceiling for a second
+// process), kvgate (cache_aware) with 1 process, and kvgate with --processes 2. Each run also
+// reports where the machine's cores went (/proc: the target's processes, wrk, nginx,
+// nats-server). Needs the Debian packages wrk and nginx-light (scripts/setup-test-deps.sh) and
+// nats-server for --processes 2.
 //
 // nginx-light runs from a generated config in a temp dir (worker_processes 1, two loopback
 // ports that answer POST /v1/chat/completions with a fixed small chat completion): port A is the
@@ -10,7 +13,8 @@
 // 3,800-character system prompt and a varying user turn).
 //
 // Options (env): BENCH_WRK_SECS (10), BENCH_WRK_WARMUP_SECS (2), BENCH_WRK_CONNECTIONS (64),
-// BENCH_WRK_THREADS (1), BENCH_ROUNDS (3)
+// BENCH_WRK_THREADS (1), BENCH_ROUNDS (3), BENCH_TARGETS (nginx,bare,bare2,kvgate1,kvgate2: which to
+// measure; each ratio is printed when its targets were measured).
 import { execFileSync, fork, spawn } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { request as httpRequest, Agent } from 'node:http';
@@ -113,13 +117,17 @@ ${server(portB)}
 function startNginx() {
   const c = spawn(NGINX, ['-p', tmp, '-c', join(tmp, 'nginx.conf'), '-e', join(tmp, 'error.log')], { stdio: ['ignore', 'inherit', 'inherit'] });
   children.push(c);
+  track('nginx', c.pid);
   return c;
 }
 
-function forkBare(upstream) {
-  const child = fork(here('./lib/bare-proxy.mjs'), [upstream], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
+const bareStats = {};
+function forkBare(upstream, processes = 1) {
+  const name = processes === 1 ? 'bare' : `bare${processes}`;
+  const child = fork(here('./lib/bare-proxy.mjs'), [upstream], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'], env: { ...process.env, BARE_PROCESSES: String(processes) } });
   children.push(child);
-  bareStats = () =>
+  track(name, child.pid);
+  bareStats[name] = () =>
     new Promise((r) => {
       child.once('message', (s) => r({ lagP99: s.stats.lagP99Ms, elu: s.stats.elu }));
       child.send('stats');
@@ -135,6 +143,7 @@ async function startKvgate(processes) {
   const args = ['serve', '--host', '127.0.0.1', '--port', String(port), '--worker-urls', `http://127.0.0.1:${portA}`, `http://127.0.0.1:${portB}`, '--policy', 'cache_aware', '--log-level', 'warn', '--processes', String(processes)];
   const c = spawn(process.execPath, [here('../dist/cli/main.js'), ...args], { stdio: ['ignore', 'inherit', 'inherit'] });
   children.push(c);
+  track(`kvgate${processes}`, c.pid);
   const url = `http://127.0.0.1:${port}`;
   await waitReady(url, '/readiness');
   // With several processes, each must have checked its workers: ask until enough answers say ready.
@@ -201,13 +210,77 @@ const metric = (text, name) => Number(text.split('\n').find((l) => l.startsWith(
  * scrape is answered by one of the processes.
  */
 async function loopStats(name, url) {
-  if (name === 'bare') return bareStats ? await bareStats() : {};
+  if (name.startsWith('bare')) return bareStats[name] ? await bareStats[name]() : {};
   if (!name.startsWith('kvgate')) return {};
   const text = await scrape(url);
   const lag = Number(/^kvgate_event_loop_delay_seconds\{quantile="0\.99"\} (\S+)/m.exec(text)?.[1]) * 1000;
   return { lagP99: lag, elu: metric(text, 'kvgate_event_loop_utilization') };
 }
-let bareStats;
+
+// --- CPU accounting: where the machine's cores went during one wrk run ------------------------
+// Machine-wide busy time from /proc/stat, each long-lived component's own from /proc/PID/stat
+// (a target's processes: its pid and, for --processes N, its children), and wrk's as the
+// reaped-children time of this script. Reported in cores (CPU-seconds per second), so
+// "busy 2.00 of 2" says the run was CPU-bound and the split says who used the cores.
+const TICK = 100; // USER_HZ on Linux
+function machineTicks() {
+  const f = readFileSync('/proc/stat', 'utf8').split('\n')[0].trim().split(/\s+/).slice(1).map(Number);
+  const idle = f[3] + (f[4] ?? 0);
+  return { busy: f.reduce((a, b) => a + b, 0) - idle };
+}
+function pidTicks(pid) {
+  try {
+    const st = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const f = st.slice(st.lastIndexOf(')') + 2).split(' ');
+    return Number(f[11]) + Number(f[12]); // utime + stime
+  } catch {
+    return 0;
+  }
+}
+function childPids(pid) {
+  try {
+    return readFileSync(`/proc/${pid}/task/${pid}/children`, 'utf8').trim().split(/\s+/).filter(Boolean).map(Number);
+  } catch {
+    return [];
+  }
+}
+function selfReapedTicks() {
+  const st = readFileSync('/proc/self/stat', 'utf8');
+  const f = st.slice(st.lastIndexOf(')') + 2).split(' ');
+  return Number(f[13]) + Number(f[14]); // cutime + cstime: wrk, once reaped
+}
+const componentPids = {}; // name -> () => pids
+function descendants(pid) {
+  const out = [pid];
+  for (let i = 0; i < out.length; i++) out.push(...childPids(out[i]));
+  return out;
+}
+const comm = (pid) => {
+  try {
+    return readFileSync(`/proc/${pid}/comm`, 'utf8').trim();
+  } catch {
+    return '';
+  }
+};
+/** Counts `pid` and its descendants as `name`, except nats-server processes, counted as `nats`. */
+function track(name, pid) {
+  componentPids[name] = () => descendants(pid).filter((p) => comm(p) !== 'nats-server');
+  const prev = componentPids.nats;
+  componentPids.nats = () => [...new Set([...(prev ? prev() : []), ...descendants(pid).filter((p) => comm(p) === 'nats-server')])];
+}
+function cpuSnapshot() {
+  const comp = {};
+  for (const [name, pids] of Object.entries(componentPids)) comp[name] = pids().reduce((a, p) => a + pidTicks(p), 0);
+  return { t: process.hrtime.bigint(), machine: machineTicks().busy, wrk: selfReapedTicks(), comp };
+}
+function cpuSince(a) {
+  const b = cpuSnapshot();
+  const secs = Number(b.t - a.t) / 1e9;
+  const cores = (ticks) => ticks / TICK / secs;
+  const out = { busy: cores(b.machine - a.machine), wrk: cores(b.wrk - a.wrk) };
+  for (const name of Object.keys(b.comp)) out[name] = cores(b.comp[name] - (a.comp[name] ?? 0));
+  return out;
+}
 
 // --- run ------------------------------------------------------------------------------------
 const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
@@ -220,8 +293,8 @@ const cpuModel = readFileSync('/proc/cpuinfo', 'utf8').match(/model name\s*:\s*(
 console.log(`machine: ${cpus().length} CPUs (${cpuModel}), Node ${process.version}; load average ${loadavg().map((x) => x.toFixed(2)).join(' ')}`);
 console.log(`wrk: ${THREADS} thread(s), ${CONNS} connections, ${SECS} s per measurement after a ${WARMUP} s warm-up; ${ROUNDS} rounds`);
 
-const names = ['nginx', 'bare', 'kvgate1', 'kvgate2'];
-const labels = { nginx: 'nginx direct', bare: 'bare Node proxy', kvgate1: 'kvgate cache_aware, 1 process', kvgate2: 'kvgate cache_aware, --processes 2' };
+const names = (process.env.BENCH_TARGETS ?? 'nginx,bare,bare2,kvgate1,kvgate2').split(',');
+const labels = { nginx: 'nginx direct', bare: 'bare Node proxy', bare2: 'bare Node proxy, 2 processes (no shared state)', kvgate1: 'kvgate cache_aware, 1 process', kvgate2: 'kvgate cache_aware, --processes 2' };
 const results = Object.fromEntries(names.map((n) => [n, []]));
 const scrapes = {};
 try {
@@ -231,6 +304,7 @@ try {
   const targets = {
     nginx: `http://127.0.0.1:${portA}`,
     bare: await forkBare(`http://127.0.0.1:${portA}`),
+    bare2: await forkBare(`http://127.0.0.1:${portA}`, 2),
     kvgate1: await startKvgate(1),
     kvgate2: await startKvgate(2),
   };
@@ -238,12 +312,15 @@ try {
     for (const name of names) {
       wrk(targets[name], WARMUP);
       const before = await loopStats(name, targets[name]);
+      const cpu0 = cpuSnapshot();
       const r = wrk(targets[name], SECS);
+      r.cpu = cpuSince(cpu0);
       Object.assign(r, await loopStats(name, targets[name], before));
       results[name].push(r);
       const errs = r.non2xx || r.socketErrors ? ` non2xx=${r.non2xx} socket_errors=${r.socketErrors ?? 0}` : '';
       const loop = r.lagP99 !== undefined ? ` loop_lag_p99=${r.lagP99.toFixed(1)}ms ELU=${r.elu.toFixed(2)}` : '';
-      console.log(`round ${round + 1} ${name.padEnd(7)} req/s=${r.rps.toFixed(0)} p50=${r.p50.toFixed(3)}ms p99=${r.p99.toFixed(3)}ms${errs}${loop}`);
+      const cpu = ` cores: busy=${r.cpu.busy.toFixed(2)} ` + Object.entries(r.cpu).filter(([k, v]) => k !== 'busy' && v >= 0.005).map(([k, v]) => `${k}=${v.toFixed(2)}`).join(' ');
+      console.log(`round ${round + 1} ${name.padEnd(7)} req/s=${r.rps.toFixed(0)} p50=${r.p50.toFixed(3)}ms p99=${r.p99.toFixed(3)}ms${errs}${loop}${cpu}`);
     }
   }
   for (const name of ['kvgate1', 'kvgate2']) {
@@ -259,14 +336,25 @@ try {
 
 const medOf = (rs, k) => (rs.some((r) => r[k] !== undefined) ? median(rs.map((r) => r[k])) : undefined);
 const med = Object.fromEntries(names.map((n) => [n, { rps: median(results[n].map((r) => r.rps)), p50: median(results[n].map((r) => r.p50)), p99: median(results[n].map((r) => r.p99)), lag: medOf(results[n], 'lagP99'), elu: medOf(results[n], 'elu') }]));
-console.log(`\nmedians of ${ROUNDS} rounds; body 4,000-char chat; wrk -t${THREADS} -c${CONNS} -d${SECS}s`);
-console.log('| target | max req/s | p50 (ms) | p99 (ms) | loop lag p99 (ms) | ELU |');
-console.log('|---|---|---|---|---|---|');
-for (const n of names) console.log(`| ${labels[n]} | ${med[n].rps.toFixed(0)} | ${med[n].p50.toFixed(2)} | ${med[n].p99.toFixed(2)} | ${med[n].lag?.toFixed(1) ?? '–'} | ${med[n].elu?.toFixed(2) ?? '–'} |`);
-const added = (n) => med[n].p50 - med.nginx.p50;
-console.log(`\nadded p50 over nginx direct: bare ${added('bare').toFixed(3)} ms, kvgate ${added('kvgate1').toFixed(3)} ms (ratio ${(added('kvgate1') / added('bare')).toFixed(2)})`);
-console.log(`ratios: kvgate(1 process)/bare req/s=${(med.kvgate1.rps / med.bare.rps).toFixed(2)} p50=${(med.kvgate1.p50 / med.bare.p50).toFixed(2)}; ` +
-  `processes2/processes1 req/s=${(med.kvgate2.rps / med.kvgate1.rps).toFixed(2)} p50=${(med.kvgate2.p50 / med.kvgate1.p50).toFixed(2)}`);
+const cores = (n, k) => median(results[n].map((r) => r.cpu[k] ?? 0));
+console.log(`\nmedians of ${ROUNDS} rounds; body 4,000-char chat; wrk -t${THREADS} -c${CONNS} -d${SECS}s; cores = CPU-seconds per second during the run (machine busy, then the target's own processes, wrk, nginx, nats-server)`);
+console.log('| target | max req/s | p50 (ms) | p99 (ms) | loop lag p99 (ms) | ELU | cores: busy / target / wrk / nginx / nats | target CPU µs per request |');
+console.log('|---|---|---|---|---|---|---|---|');
+for (const n of names) {
+  const own = n === 'nginx' ? 0 : cores(n, n);
+  const split = [cores(n, 'busy'), own, cores(n, 'wrk'), cores(n, 'nginx'), cores(n, 'nats')].map((x) => x.toFixed(2)).join(' / ');
+  const perReq = n === 'nginx' ? cores(n, 'nginx') / med[n].rps : own / med[n].rps;
+  console.log(`| ${labels[n]} | ${med[n].rps.toFixed(0)} | ${med[n].p50.toFixed(2)} | ${med[n].p99.toFixed(2)} | ${med[n].lag?.toFixed(1) ?? '–'} | ${med[n].elu?.toFixed(2) ?? '–'} | ${split} | ${(perReq * 1e6).toFixed(0)} |`);
+}
+if (med.nginx && med.bare && med.kvgate1) {
+  const added = (n) => med[n].p50 - med.nginx.p50;
+  console.log(`\nadded p50 over nginx direct: bare ${added('bare').toFixed(3)} ms, kvgate ${added('kvgate1').toFixed(3)} ms (ratio ${(added('kvgate1') / added('bare')).toFixed(2)})`);
+  console.log(`ratios: kvgate(1 process)/bare req/s=${(med.kvgate1.rps / med.bare.rps).toFixed(2)} p50=${(med.kvgate1.p50 / med.bare.p50).toFixed(2)}`);
+}
+if (med.bare && med.bare2) console.log(`bare proxy 2 processes/1 process req/s=${(med.bare2.rps / med.bare.rps).toFixed(2)}: what this machine gives a stateless Node proxy for a second process`);
+if (med.kvgate1 && med.kvgate2) {
+  console.log(`processes2/processes1 req/s=${(med.kvgate2.rps / med.kvgate1.rps).toFixed(2)} p50=${(med.kvgate2.p50 / med.kvgate1.p50).toFixed(2)}`);
+}
 console.log('\ncache_aware on kvgate /metrics after all rounds (8 scrapes, a fresh connection each; with --processes 2 each scrape is answered by one process, whose counters are its own):');
 for (const name of ['kvgate1', 'kvgate2']) {
   const distinct = [...new Map(scrapes[name].map((s) => [`${s.hits}/${s.misses}`, s])).values()];

@@ -2,11 +2,32 @@
 // buffers the request body and sends it with a content-length, so the comparison is like for like.
 // argv: upstream URL (or several, comma-separated: round robin), then optionally the connection cap ('unlimited' for none; default 256).
 // Answers IPC 'stats' with its event-loop lag p99 and utilisation since the previous 'stats'.
+// With BARE_PROCESSES=N (N > 1) it forks N such proxies with node:cluster on one port, as
+// `kvgate serve --processes N` does (SCHED_NONE), sharing nothing: the machine's ceiling for N
+// stateless processes. Its 'stats' answer is then empty.
+import cluster from 'node:cluster';
 import { createServer } from 'node:http';
 import { monitorEventLoopDelay, performance } from 'node:perf_hooks';
 import { pipeline } from 'node:stream/promises';
 import { Pool } from 'undici';
 
+const processes = Number(process.env.BARE_PROCESSES ?? 1);
+if (processes > 1 && cluster.isPrimary) {
+  cluster.schedulingPolicy = process.env.NODE_CLUSTER_SCHED_POLICY === "rr" ? cluster.SCHED_RR : cluster.SCHED_NONE;
+  for (let i = 0; i < processes; i++) cluster.fork();
+  let told = false;
+  cluster.on('listening', (_w, address) => {
+    if (!told) process.send({ port: address.port });
+    told = true;
+  });
+  process.on('message', (m) => m === 'stats' && process.send({ stats: {} }));
+  process.on('disconnect', () => process.exit(0));
+  process.on('SIGTERM', () => process.exit(0));
+} else {
+  await serve();
+}
+
+async function serve() {
 const cap = process.argv[3] === 'unlimited' ? null : Number(process.argv[3] ?? 256);
 const pools = process.argv[2].split(',').map((u) => new Pool(u, { connections: cap, headersTimeout: 0, bodyTimeout: 0 }));
 let next = 0;
@@ -34,5 +55,6 @@ const server = createServer(async (req, res) => {
   }
 });
 server.keepAliveTimeout = 65_000;
-server.listen(0, '127.0.0.1', () => process.send({ port: server.address().port }));
-process.on('disconnect', () => process.exit(0));
+server.listen(0, '127.0.0.1', () => cluster.isPrimary && process.send({ port: server.address().port }));
+if (cluster.isPrimary) process.on('disconnect', () => process.exit(0));
+}

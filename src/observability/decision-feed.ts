@@ -40,6 +40,8 @@ const MAX_GROUPS = 2048;
 const SERIES_SECONDS = 120;
 
 interface Group {
+  /** Hex xxh3-64 of the group's head, computed once when the group is first seen. */
+  id: string;
   preview: string;
   workers: Map<string, number>;
   lastAt: number;
@@ -61,6 +63,7 @@ export class DecisionFeed {
   private readonly watchers = new Set<ServerResponse>();
   private timer: NodeJS.Timeout | undefined;
   private heartbeat: NodeJS.Timeout | undefined;
+  /** Keyed by the head itself (a flat copy): a lookup hashes it natively, no per-request xxh3 call. */
   private readonly groups = new Map<string, Group>();
   /** Per-second series, indexed by second % SERIES_SECONDS. */
   private readonly series = Array.from({ length: SERIES_SECONDS }, () => ({ sec: -1, requests: 0, errors: 0, ttftSum: 0, ttftN: 0 }));
@@ -141,10 +144,10 @@ export class DecisionFeed {
       if (best !== undefined) share[best] = (share[best] ?? 0) + 1;
       if (g.workers.size > 1) split++;
     }
-    const groups = [...this.groups.entries()]
-      .sort((a, b) => b[1].lastAt - a[1].lastAt)
+    const groups = [...this.groups.values()]
+      .sort((a, b) => b.lastAt - a.lastAt)
       .slice(0, limit)
-      .map(([id, g]) => ({ id, preview: g.preview, workers: Object.fromEntries(g.workers), lastAt: g.lastAt }));
+      .map((g) => ({ id: g.id, preview: g.preview, workers: Object.fromEntries(g.workers), lastAt: g.lastAt }));
     return { total: this.groups.size, split, share, groups };
   }
 
@@ -223,18 +226,23 @@ export class DecisionFeed {
 
   private groupOf(text: string, worker: string): string {
     const head = text.length > PREFIX_GROUP_CHARS ? text.slice(0, PREFIX_GROUP_CHARS) : text;
-    const id = xxh3.xxh64(head).toString(16).padStart(16, '0');
-    let g = this.groups.get(id);
-    if (g) this.groups.delete(id);
-    else {
-      // A copy, so the group never keeps the request's whole text alive.
-      g = { preview: Buffer.from(head.slice(0, 48), 'utf8').toString('utf8'), workers: new Map(), lastAt: 0 };
-      if (this.groups.size >= MAX_GROUPS) this.groups.delete(this.groups.keys().next().value!);
+    let g = this.groups.get(head);
+    if (!g) {
+      if (this.groups.size >= MAX_GROUPS) this.dropOldestGroups();
+      // Flat copies, so the group never keeps the request's whole text alive.
+      const key = (head + '\0').slice(0, -1);
+      g = { id: xxh3.xxh64(key).toString(16).padStart(16, '0'), preview: Buffer.from(head.slice(0, 48), 'utf8').toString('utf8'), workers: new Map(), lastAt: 0 };
+      this.groups.set(key, g);
     }
     g.workers.set(worker, (g.workers.get(worker) ?? 0) + 1);
     g.lastAt = Date.now();
-    this.groups.set(id, g);
-    return id;
+    return g.id;
+  }
+
+  /** Forgets the least recently seen eighth of the groups (amortised: once per MAX_GROUPS / 8 new groups). */
+  private dropOldestGroups(): void {
+    const byAge = [...this.groups].sort((a, b) => a[1].lastAt - b[1].lastAt);
+    for (const [k] of byAge.slice(0, Math.max(1, MAX_GROUPS >> 3))) this.groups.delete(k);
   }
 
   private slot(sec: number) {

@@ -55,13 +55,26 @@ interface Slot {
 }
 
 /**
+ * How connections reach the serving processes. By default the kernel gives each connection to
+ * whichever process accepts it first (cluster.SCHED_NONE). Node's round-robin mode (the
+ * supervisor accepts and hands each connection over IPC) loses a connection that is in transit
+ * to a process killed at that moment: the client hangs without an error (seen in
+ * test/integration/processes.test.ts after a SIGKILL), and it measured no faster under wrk
+ * (`npm run bench:proxy:wrk`: 8,591–9,951 req/s round robin against 9,816–10,614 kernel). Node's
+ * own NODE_CLUSTER_SCHED_POLICY=rr still selects it.
+ */
+export function schedulingPolicyFrom(env: string | undefined): number {
+  return env === 'rr' ? cluster.SCHED_RR : cluster.SCHED_NONE;
+}
+
+/**
  * Runs the supervisor until every serving process has exited after SIGTERM/SIGINT, then stops
  * the nats-server it started and exits the process (0 if every serving process exited cleanly).
  */
 export async function runSupervisor(config: ServeConfig, log: Logger): Promise<void> {
   const n = config.processes;
-  // Must be set before the first fork: the supervisor opens the socket and every process accepts on it.
-  cluster.schedulingPolicy = cluster.SCHED_NONE;
+  // Must be set before the first fork. See schedulingPolicyFrom.
+  cluster.schedulingPolicy = schedulingPolicyFrom(process.env.NODE_CLUSTER_SCHED_POLICY);
 
   let syncUrl = configuredReplicaSync(config);
   let nats: NatsServer | undefined;

@@ -16,6 +16,12 @@
  * a snapshot.
  *
  * Bounded: least recently used chunks are dropped beyond `maxUnits` (UTF-16 units or tokens).
+ * Recency is a counter stamped on use; eviction sorts by it and drops the oldest tenth at once.
+ *
+ * Encoding a text hashes it only past what it shares with the last text encoded that began with
+ * the same chunk: the shared length is found by comparing slices (native, about 15× cheaper than
+ * hashing them in JavaScript), and those chunks' hashes are reused. A request behind a shared
+ * system prompt or a growing conversation costs one comparison per doubling of the prefix.
  */
 
 /** A sequence on the wire: [known chunk count, hash of the last known chunk (0 if none), the rest]. */
@@ -33,16 +39,36 @@ interface Entry {
   parent: number;
   /** A text chunk, or a token chunk. */
   chunk: string | Uint32Array;
+  /** Recency stamp (ChunkDictionary.clock when last used). */
+  used: number;
 }
 
+/** A text encoded recently: its chunk ends and chain hashes, reused for texts that share its start. */
+interface RecentText {
+  text: string;
+  ends: number[];
+  hashes: number[];
+}
+
+/** Recent texts remembered for encoding, and the UTF-16 units they may pin in total. */
+const RECENT_TEXTS = 1024;
+const RECENT_UNITS = 8 * 1024 * 1024;
+
 export class ChunkDictionary {
-  /** Map order is recency order (touched entries are re-inserted at the end). */
   private readonly entries = new Map<number, Entry>();
   private units = 0;
+  private clock = 0;
+  /** Keyed by the text's first chunk; Map order is recency order. */
+  private readonly recent = new Map<string, RecentText>();
+  private recentUnits = 0;
   /** Texts and token runs that could not be rebuilt (a chunk was missing). */
   unresolved = 0;
 
-  constructor(private readonly maxUnits = 32 * 1024 * 1024) {}
+  /** `recentTexts`: how many recent texts encoding may reuse hashes from (0: hash every text in full). */
+  constructor(
+    private readonly maxUnits = 32 * 1024 * 1024,
+    private readonly recentTexts = RECENT_TEXTS,
+  ) {}
 
   get size(): number {
     return this.entries.size;
@@ -54,7 +80,7 @@ export class ChunkDictionary {
 
   encodeText(text: string): EncodedText {
     const ends = textChunkEnds(text);
-    const hashes = chainText(text, ends, 0, 0);
+    const hashes = this.hashText(text, ends);
     const known = this.knownPrefix(hashes);
     this.remember(hashes, known, (i) => text.slice(i === 0 ? 0 : ends[i - 1], ends[i]));
     const from = known === 0 ? 0 : ends[known - 1];
@@ -77,7 +103,7 @@ export class ChunkDictionary {
     const text = prefix + rest;
     const ends = textChunkEnds(text);
     const hashes = chainText(text, ends, known, parent);
-    this.remember(hashes, known, (i) => text.slice(i === 0 ? 0 : ends[i - 1], ends[i]));
+    this.remember(hashes, known, (i) => text.slice(i === 0 ? 0 : ends[i - 1], ends[i]), true);
     return text;
   }
 
@@ -110,7 +136,7 @@ export class ChunkDictionary {
     out.set(rest, known * TOKEN_CHUNK);
     const full = Math.floor(out.length / TOKEN_CHUNK);
     const hashes = chainTokens(out, full, known, parent);
-    this.remember(hashes, known, (i) => out.slice(i * TOKEN_CHUNK, (i + 1) * TOKEN_CHUNK));
+    this.remember(hashes, known, (i) => out.slice(i * TOKEN_CHUNK, (i + 1) * TOKEN_CHUNK), true);
     return out;
   }
 
@@ -118,15 +144,54 @@ export class ChunkDictionary {
   private walk(last: number, count: number): Array<string | Uint32Array> | undefined {
     const parts = new Array<string | Uint32Array>(count);
     let h = last;
+    const now = ++this.clock;
     for (let i = count - 1; i >= 0; i--) {
       const e = this.entries.get(h);
       if (!e) return undefined;
       parts[i] = e.chunk;
-      this.entries.delete(h);
-      this.entries.set(h, e);
+      e.used = now;
       h = e.parent;
     }
     return parts;
+  }
+
+  /**
+   * Chain hashes of a text's full chunks. The chunks it shares with the last text encoded that
+   * began with the same first chunk keep that text's hashes (found by comparing slices, largest
+   * equal prefix by bisection over chunk ends); only the rest is hashed.
+   */
+  private hashText(text: string, ends: number[]): number[] {
+    if (ends.length === 0) return [];
+    const key = text.slice(0, ends[0]);
+    const prev = this.recent.get(key);
+    let hashes: number[];
+    if (prev) {
+      // Largest k such that the first k chunks are equal (chunk ends depend only on the text before them).
+      let lo = 1;
+      let hi = Math.min(ends.length, prev.ends.length);
+      while (lo < hi) {
+        const mid = (lo + hi + 1) >> 1;
+        const end = ends[mid - 1];
+        if (prev.ends[mid - 1] === end && text.slice(0, end) === prev.text.slice(0, end)) lo = mid;
+        else hi = mid - 1;
+      }
+      hashes = chainText(text, ends, lo, prev.hashes[lo - 1]);
+      for (let i = 0; i < lo - 1; i++) hashes[i] = prev.hashes[i];
+      this.recent.delete(key);
+      this.recentUnits -= prev.text.length;
+    } else {
+      hashes = chainText(text, ends, 0, 0);
+    }
+    if (this.recentTexts > 0 && text.length <= RECENT_UNITS / 8) {
+      this.recent.set(key, { text, ends, hashes });
+      this.recentUnits += text.length;
+      for (const [k, r] of this.recent) {
+        if (this.recent.size <= this.recentTexts && this.recentUnits <= RECENT_UNITS) break;
+        this.recent.delete(k);
+        this.recentUnits -= r.text.length;
+      }
+    }
+    return hashes;
   }
 
   /** How many leading chunks are known: the last known one names them all. */
@@ -137,25 +202,35 @@ export class ChunkDictionary {
     return 0;
   }
 
-  /** Records chunks [known, hashes.length) as known, and refreshes the known ones. */
-  private remember(hashes: number[], known: number, chunkAt: (i: number) => string | Uint32Array): void {
-    for (let i = 0; i < hashes.length; i++) {
+  /**
+   * Records chunks [known, hashes.length) as known, and refreshes the known ones (unless
+   * `knownFresh`: a walk just did).
+   */
+  private remember(hashes: number[], known: number, chunkAt: (i: number) => string | Uint32Array, knownFresh = false): void {
+    const now = ++this.clock;
+    for (let i = knownFresh ? known : 0; i < hashes.length; i++) {
       const h = hashes[i];
       const had = this.entries.get(h);
       if (had) {
-        this.entries.delete(h);
-        this.entries.set(h, had);
+        had.used = now;
         continue;
       }
       if (i < known) continue; // known by name but evicted here: cannot re-add without its chunk
       const chunk = chunkAt(i);
       // A flat copy, so the dictionary never pins a whole prompt string.
       const own = typeof chunk === 'string' ? (chunk + '\0').slice(0, -1) : chunk;
-      this.entries.set(h, { parent: i === 0 ? 0 : hashes[i - 1], chunk: own });
+      this.entries.set(h, { parent: i === 0 ? 0 : hashes[i - 1], chunk: own, used: now });
       this.units += own.length;
     }
-    while (this.units > this.maxUnits && this.entries.size > 0) {
-      const [h, e] = this.entries.entries().next().value as [number, Entry];
+    if (this.units > this.maxUnits) this.evict();
+  }
+
+  /** Drops the least recently used chunks until a tenth of the bound is free. */
+  private evict(): void {
+    const target = this.maxUnits * 0.9;
+    const byAge = [...this.entries].sort((a, b) => a[1].used - b[1].used);
+    for (const [h, e] of byAge) {
+      if (this.units <= target) break;
       this.entries.delete(h);
       this.units -= e.chunk.length;
     }

@@ -247,4 +247,40 @@ describe('chunk dictionary', () => {
     expect(stranger.decodeText(e2)).toBeUndefined();
     expect(stranger.unresolved).toBe(1);
   });
+
+  it('reuses a recent text’s hashes only where the texts are equal: same wire form as hashing in full', () => {
+    const memo = new ChunkDictionary();
+    const full = new ChunkDictionary(32 * 1024 * 1024, 0);
+    const recv = new ChunkDictionary();
+    let seed = 7;
+    const rnd = (n: number) => ((seed = (seed * 1103515245 + 12345) % 2147483648) % n);
+    const system = 'S'.repeat(TEXT_CHUNK * 3 - 1) + '😀' + 'policy '.repeat(200);
+    const pieces = ['a', 'é', '😀', 'word ', '\n', 'x'.repeat(TEXT_CHUNK)];
+    let convo = system;
+    for (let n = 0; n < 300; n++) {
+      let text: string;
+      const kind = rnd(4);
+      if (kind === 0) text = system + pieces[rnd(pieces.length)].repeat(rnd(600));
+      else if (kind === 1) text = convo += pieces[rnd(pieces.length)].repeat(rnd(300) + 1);
+      else if (kind === 2) text = system.slice(0, rnd(system.length)) + 'Z'.repeat(rnd(700));
+      else text = pieces[rnd(pieces.length)].repeat(rnd(2000));
+      const a = memo.encodeText(text);
+      expect(a).toEqual(full.encodeText(text));
+      expect(recv.decodeText(a)).toBe(text);
+    }
+  });
+
+  it('stays within its bound, dropping the least recently used chunks', () => {
+    const d = new ChunkDictionary(TEXT_CHUNK * 40);
+    const keep = 'k'.repeat(TEXT_CHUNK * 4);
+    for (let n = 0; n < 50; n++) {
+      d.encodeText(keep);
+      d.encodeText(String(n).padEnd(TEXT_CHUNK * 3, '-'));
+      expect(d.storedUnits).toBeLessThanOrEqual(TEXT_CHUNK * 40);
+    }
+    // The text used on every round is still known in full: only its tail travels.
+    const e = d.encodeText(keep + 'tail');
+    expect(e[0]).toBe(4);
+    expect(e[2]).toBe('tail');
+  });
 });
