@@ -318,7 +318,7 @@ export class Gateway {
         if (req.method !== 'POST') throw errors.methodNotAllowed(req.method ?? '?', path);
         if (this.keyLimiter) {
           // Keys are hashed: the bucket id may travel to peer replicas (replica sync), the key must not.
-          const bucket = createHash('sha256').update(apiKey ?? `ip:${req.socket.remoteAddress ?? ''}`).digest('base64url').slice(0, 22);
+          const bucket = this.digest(apiKey ?? `ip:${req.socket.remoteAddress ?? ''}`).slice(0, 22);
           const verdict = this.keyLimiter.take(bucket);
           if (verdict.ok) this.core.sync?.rateLimitTaken(bucket);
           if (!verdict.ok) {
@@ -327,7 +327,7 @@ export class Gateway {
             throw errors.tooManyRequests('Request rate limit for this API key exceeded');
           }
         }
-        const tokenBucket = this.tokenLimiter ? createHash('sha256').update(apiKey ?? `ip:${req.socket.remoteAddress ?? ''}`).digest('base64url').slice(0, 22) : undefined;
+        const tokenBucket = this.tokenLimiter ? this.digest(apiKey ?? `ip:${req.socket.remoteAddress ?? ''}`).slice(0, 22) : undefined;
         if (this.tokenLimiter && tokenBucket) {
           const verdict = this.tokenLimiter.check(tokenBucket);
           if (!verdict.ok) {
@@ -407,6 +407,18 @@ export class Gateway {
     throw errors.unauthorized();
   }
 
+  /** SHA-256 (base64url) of API keys, fairness keys and client addresses, remembered for the next request with the same one. */
+  private readonly digests = new Map<string, string>();
+  private digest(source: string): string {
+    let d = this.digests.get(source);
+    if (d === undefined) {
+      if (this.digests.size >= 4096) this.digests.clear();
+      d = createHash('sha256').update(source).digest('base64url');
+      this.digests.set(source, d);
+    }
+    return d;
+  }
+
   /**
    * Priority (x-kvgate-priority, else the API key's --api-key-priority class, else 0), fairness
    * key (--fairness-header, else the API key, else the client address) and admission deadline
@@ -423,7 +435,7 @@ export class Gateway {
     const fh = this.config.fairnessHeader?.toLowerCase();
     const fv = fh ? req.headers[fh] : undefined;
     const keySource = (Array.isArray(fv) ? fv[0] : fv) ?? (apiKey !== undefined ? `key:${apiKey}` : `ip:${req.socket.remoteAddress ?? ''}`);
-    const key = createHash('sha256').update(keySource).digest('base64url').slice(0, 16);
+    const key = this.digest(keySource).slice(0, 16);
     const objective = objectiveFrom(req.headers[SLO_TTFT_HEADER]) ?? this.config.ttftSloMs;
     return { priority, key, deadlineMs: objective !== undefined ? arrivedAt + objective : undefined };
   }

@@ -166,13 +166,16 @@ export class ChunkDictionary {
     const prev = this.recent.get(key);
     let hashes: number[];
     if (prev) {
-      // Largest k such that the first k chunks are equal (chunk ends depend only on the text before them).
+      // Largest k such that the first k chunks are equal (chunk ends depend only on the text
+      // before them). Bisection; chunks [0, lo) are known equal, so each probe compares only
+      // the span from ends[lo − 1] to the probe's end.
       let lo = 1;
       let hi = Math.min(ends.length, prev.ends.length);
       while (lo < hi) {
         const mid = (lo + hi + 1) >> 1;
+        const from = ends[lo - 1];
         const end = ends[mid - 1];
-        if (prev.ends[mid - 1] === end && text.slice(0, end) === prev.text.slice(0, end)) lo = mid;
+        if (prev.ends[mid - 1] === end && text.slice(from, end) === prev.text.slice(from, end)) lo = mid;
         else hi = mid - 1;
       }
       hashes = chainText(text, ends, lo, prev.hashes[lo - 1]);
