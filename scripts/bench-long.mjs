@@ -16,7 +16,10 @@
 // "kvgate+budget" = --max-routing-ms BENCH_BUDGET_MS (100).
 //
 // Env: BENCH_LONG_SECS (8) per scenario, BENCH_LONG_SIZES (8000,32000,100000),
-// BENCH_LONG_CONC (1,8,32), BENCH_SHORT_RPS (40), BENCH_STREAMS (16), BENCH_TARGETS, BENCH_MAX_LOAD (1.5).
+// BENCH_LONG_CONC (1,8,32), BENCH_SHORT_RPS (40), BENCH_STREAMS (16), BENCH_TARGETS, BENCH_MAX_LOAD (1.5),
+// BENCH_KVGATE_NODE_ARGS (node options for the kvgate processes only; to profile the main thread:
+// BENCH_TARGETS=kvgate BENCH_KVGATE_NODE_ARGS="--cpu-prof --cpu-prof-dir=/tmp/prof", one .cpuprofile
+// per thread, written when kvgate exits).
 import { Agent, request } from 'undici';
 import { children, cleanup, forkBare, here, machine, median, percentile, requireDist, sleep, startFakeEngines, startKvgate, waitForQuietMachine } from './lib/bench-util.mjs';
 
