@@ -235,7 +235,9 @@ export class KvAwarePolicy extends BasePolicy {
     const local: ArrayLike<bigint> = reuse ? given.local : tokens ? hashBlocks(tokens, bs, seed) : [];
     const inputTokens = tokens ? tokens.length : Math.ceil(codePointLength(text) / 4);
     const requestBlocks = Math.ceil(inputTokens / bs);
-    const seq: ArrayLike<bigint> = reuse ? given.seq : sequenceHashes(local);
+    // As an array of bigints: read once per worker, tracked and released (a typed array would
+    // allocate a new bigint on every read).
+    const seq = Array.from(reuse ? given.seq : sequenceHashes(local));
     const fullBlocks = Math.floor(inputTokens / bs);
     const overlaps = tokens
       ? this.view.index.matchTiered(local, { host: this.config.hostHitWeight ?? 0, disk: this.config.diskHitWeight ?? 0 }, readOnly ? { touch: false } : undefined)

@@ -5,6 +5,7 @@
  * and whole-prompt caches are its own; the pool sends the requests of one conversation to the
  * same thread so that they keep hitting.
  */
+import { setPriority } from 'node:os';
 import { parentPort, threadId, workerData } from 'node:worker_threads';
 import type { RouteName } from '../core/context.js';
 import { GatewayError } from '../core/errors.js';
@@ -24,6 +25,8 @@ export interface PoolWorkerData {
   channel: string;
   /** Prompts at least this long are spread over the threads (when the tokenizer allows it). */
   parallelChars: number;
+  /** This thread's nice value (Linux only: per thread there). */
+  nice: number;
 }
 
 export interface PoolTask {
@@ -49,6 +52,14 @@ const data = workerData as PoolWorkerData;
 const cancel = new Int32Array(data.cancel);
 const registry = new TokenizerRegistry({ cache: data.cache });
 const decoder = new TextDecoder();
+// Below the event loop (Linux: setpriority on the calling thread only; elsewhere it would be the whole process).
+if (data.nice > 0 && process.platform === 'linux') {
+  try {
+    setPriority(data.nice);
+  } catch {
+    // not allowed: keep the priority
+  }
+}
 const parallel = data.threads > 1 ? new ParallelEncoder({ channel: data.channel, threadKey: String(threadId), tokenizerOf: (m) => registry.get(m) }) : undefined;
 
 /** The request's ids: as registry.tokenize computes them, a long prompt spread over the threads. */

@@ -22,6 +22,8 @@ import type { TokenCacheOptions } from './registry.js';
  * - cancelling (the client left) drops a queued task, and stops a running one between the pieces
  *   of its encode (a shared flag the thread polls), keeping the thread and its caches.
  * A thread that dies fails its task (the caller then routes by text) and is started again.
+ * One long prompt is encoded by all idle threads together (parallel-encode.ts), and on Linux the
+ * threads may run below the event loop's priority (`nice`).
  */
 export interface TokenizePoolOptions {
   threads: number;
@@ -34,6 +36,12 @@ export interface TokenizePoolOptions {
    * the ids provably stay the same (parallel-encode.ts); default 32,768. 0 or Infinity: never.
    */
   parallelChars?: number;
+  /**
+   * Nice value of the threads (Linux, where it is per thread: the event loop keeps its own
+   * priority); default 0. With the threads below the event loop, tokenizing can use every core
+   * without delaying routing and relaying. Ignored elsewhere (it would apply to the process).
+   */
+  nice?: number;
 }
 
 export interface PoolRequest {
@@ -222,6 +230,7 @@ export class TokenizePool {
       threads: this.opts.threads,
       channel: this.channel,
       parallelChars: parallelChars > 0 ? parallelChars : Infinity,
+      nice: this.opts.nice ?? 0,
     };
     const worker = new Worker(workerScript(), { workerData: data });
     worker.unref();
