@@ -363,9 +363,16 @@ export class HfTokenizer implements Tokenizer {
     const out: string[] = [];
     const n = text.length;
     const root = this.splitRoot.next;
+    // Most tokenizers' added tokens all start with one character ("<"): jump between its
+    // occurrences (indexOf) instead of looking up every character of a long prompt.
+    const only = root.size === 1 ? String.fromCharCode(root.keys().next().value!) : undefined;
     let start = 0;
     let i = 0;
     while (i < n) {
+      if (only !== undefined) {
+        i = text.indexOf(only, i);
+        if (i < 0) break;
+      }
       let node = root.get(text.charCodeAt(i));
       if (node === undefined) {
         i++;

@@ -74,7 +74,7 @@ async function idsOf(task: PoolTask, body: Record<string, unknown>, stop: () => 
   const hit = registry.cache?.lookup(tokenizer, text, addSpecialTokens);
   if (hit) return hit;
   // Pieces small enough that every thread gets several (claimed as they go, so uneven speeds even out).
-  const pieceChars = Math.max(4096, Math.ceil(text.length / (data.threads * 4)));
+  const pieceChars = Math.max(4096, Math.ceil(text.length / (data.threads * 8)));
   const ids = await parallel.encode(tokenizer, task.model, text, pieceChars, stop);
   registry.cache?.store(tokenizer, text, addSpecialTokens, ids);
   return ids;
