@@ -12,11 +12,15 @@
 // Targets, in the same run: a bare Node proxy (no routing, no tokenization: the floor);
 // "before" = kvgate with --tokenize-threads 0, which tokenizes on the event loop exactly as the
 // version before this change did (same code path: tokenizeRequest called from buildContext);
-// "kvgate" = this version's defaults (tokenizer threads: cores - 1, no budget); and
+// "kvgate" = this version's defaults (tokenizer threads: min(cores, 4) at nice 10, a long prompt
+// spread over the idle ones, block hashes computed there; no budget); and
 // "kvgate+budget" = --max-routing-ms BENCH_BUDGET_MS (100).
 //
 // Env: BENCH_LONG_SECS (8) per scenario, BENCH_LONG_SIZES (8000,32000,100000),
-// BENCH_LONG_CONC (1,8,32), BENCH_SHORT_RPS (40), BENCH_STREAMS (16), BENCH_TARGETS, BENCH_MAX_LOAD (1.5).
+// BENCH_LONG_CONC (1,8,32), BENCH_SHORT_RPS (40), BENCH_STREAMS (16), BENCH_TARGETS, BENCH_MAX_LOAD (1.5),
+// BENCH_KVGATE_NODE_ARGS (node options for the kvgate processes only; to profile the main thread:
+// BENCH_TARGETS=kvgate BENCH_KVGATE_NODE_ARGS="--cpu-prof --cpu-prof-dir=/tmp/prof", one .cpuprofile
+// per thread, written when kvgate exits).
 import { Agent, request } from 'undici';
 import { children, cleanup, forkBare, here, machine, median, percentile, requireDist, sleep, startFakeEngines, startKvgate, waitForQuietMachine } from './lib/bench-util.mjs';
 
@@ -44,8 +48,13 @@ function text(chars) {
   }
   return parts.join('');
 }
-// ~4 characters per Qwen3 token on this text (100k tokens ≈ 400k characters, checked with the tokenizer).
-const bases = Object.fromEntries(SIZES.map((t) => [t, text(t * 4)]));
+// Sized with the Qwen3 tokenizer itself: characters per token measured on a sample of this text
+// (~5.6: most words are one token with their space), so that "100k" is 100k tokens of prompt.
+const { HfTokenizer } = await import(here('../../dist/tokenize/hf.js'));
+const qwen3 = await HfTokenizer.load(QWEN3);
+const sample = text(200_000);
+const charsPerToken = sample.length / qwen3.encodeIds(sample, { addSpecialTokens: false }).length;
+const bases = Object.fromEntries(SIZES.map((t) => [t, text(Math.round(t * charsPerToken))]));
 let uniq = 0;
 const longBody = (tokens) =>
   Buffer.from(JSON.stringify({ max_tokens: 1, model: 'bench-model', messages: [{ role: 'system', content: 'You are a helpful assistant.' }, { role: 'user', content: `Request ${++uniq} ${rnd()}: ${bases[tokens]}` }] }));
@@ -141,6 +150,7 @@ async function scenario(target, tokens, conc, direct) {
 const fmt = (x, d = 1) => (Number.isFinite(x) ? x.toFixed(d) : '–');
 try {
   console.log(`machine: ${machine()}`);
+  console.log(`long prompts: ${SIZES.map((t) => `${t / 1000}k = ${bases[t].length} characters, ${qwen3.encodeChat(JSON.parse(longBody(t)).messages).length} tokens with the chat template`).join('; ')}`);
   const load = await waitForQuietMachine();
   console.log(`load average before the run: ${load}`);
   const engines = await startFakeEngines(2);

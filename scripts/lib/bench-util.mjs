@@ -98,7 +98,10 @@ export async function waitReady(url, path = '/health', tries = 1200) {
 export async function startKvgate(workers, extra, main = here('../../dist/cli/main.js')) {
   const port = await freePort();
   const args = ['serve', '--host', '127.0.0.1', '--port', String(port), '--worker-urls', ...workers, '--log-level', 'warn', '--engine-metrics-interval-secs', '0', ...extra];
-  const c = spawn(process.execPath, [main, ...args], { stdio: ['ignore', 'inherit', 'inherit'] });
+  // BENCH_KVGATE_NODE_ARGS: node options for the kvgate process only, e.g. "--cpu-prof --cpu-prof-dir=/tmp/prof"
+  // (profiles are written when kvgate exits on the SIGTERM the scripts send; one file per thread).
+  const nodeArgs = (process.env.BENCH_KVGATE_NODE_ARGS ?? '').split(/\s+/).filter(Boolean);
+  const c = spawn(process.execPath, [...nodeArgs, main, ...args], { stdio: ['ignore', 'inherit', 'inherit'] });
   children.push(c);
   const url = `http://127.0.0.1:${port}`;
   await waitReady(url, '/readiness');

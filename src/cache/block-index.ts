@@ -26,10 +26,10 @@
  * asked, so they never count as GPU hits.
  *
  * Representation and costs:
- *  - Hashing runs in a small WebAssembly xxh3-64 assembled in this file (all blocks of a request
- *    in one call, ~20-40 ns a block plus copying the tokens in) instead of one @node-rs/xxhash
- *    N-API call per block (~200-250 ns, nearly all call overhead). It is checked against
- *    @node-rs/xxhash when the module loads and falls back to it on any difference.
+ *  - Hashing is one @node-rs/xxhash call per block (~200-250 ns, mostly call overhead), so a
+ *    100k-token prompt costs a few milliseconds; with tokenizer threads (tokenize/pool.ts) the
+ *    thread that computed the tokens also hashes them ({@link hashBlocksU64},
+ *    {@link sequenceHashes}) and the event loop only matches.
  *  - A node holds its local hash (`key`), its parent, its children (`child` when it has exactly
  *    one, else the map `kids`: most of the tree is chains, and a one-entry Map costs ~10x a
  *    field), a last-touched clock for LRU pruning, a bit mask of the sources holding it and
@@ -104,6 +104,38 @@ function blockCount(tokens: ArrayLike<number>, blockSize: number): number {
 export function hashBlocks(tokens: ArrayLike<number>, blockSize: number, seed: bigint = LOCAL_HASH_SEED): bigint[] {
   const n = blockCount(tokens, blockSize);
   return n === 0 ? [] : nativeHash(tokens, blockSize, n, seed === LOCAL_HASH_SEED ? seed : BigInt.asUintN(64, seed));
+}
+
+/**
+ * {@link hashBlocks} into a BigUint64Array (transferable between threads, no BigInt objects per
+ * block): the same values.
+ */
+export function hashBlocksU64(tokens: ArrayLike<number>, blockSize: number, seed: bigint = LOCAL_HASH_SEED): BigUint64Array {
+  const n = blockCount(tokens, blockSize);
+  const out = new BigUint64Array(n);
+  if (n === 0) return out;
+  const hashes = nativeHash(tokens, blockSize, n, seed === LOCAL_HASH_SEED ? seed : BigInt.asUintN(64, seed));
+  for (let i = 0; i < n; i++) out[i] = hashes[i];
+  return out;
+}
+
+const seqBuf = Buffer.alloc(16);
+
+/**
+ * Chained sequence hashes (position-aware) of a request's local block hashes: the first is the
+ * first local hash, then xxh3-64 (seed 1337) of (previous, local) as two u64 little-endian. Used
+ * by kv_aware to deduplicate the blocks of requests in flight.
+ */
+export function sequenceHashes(local: ArrayLike<bigint>): BigUint64Array {
+  const out = new BigUint64Array(local.length);
+  let prev = 0n;
+  for (let i = 0; i < local.length; i++) {
+    seqBuf.writeBigUInt64LE(prev, 0);
+    seqBuf.writeBigUInt64LE(local[i], 8);
+    prev = i === 0 ? local[0] : xxh3.xxh64(seqBuf, LOCAL_HASH_SEED);
+    out[i] = prev;
+  }
+  return out;
 }
 
 const loraSeeds = new Map<string, bigint>();
@@ -544,7 +576,7 @@ export class BlockIndex {
    * Sub-sources `<source>#<medium>` are left out unless `options.mediums`. Touches the matched
    * path for LRU.
    */
-  match(localHashes: readonly bigint[], options?: MatchOptions): Map<string, number> {
+  match(localHashes: ArrayLike<bigint>, options?: MatchOptions): Map<string, number> {
     const out = new Map<string, number>();
     const n = localHashes.length;
     if (n === 0 || this.nodeCount === 0) return out;
@@ -604,7 +636,7 @@ export class BlockIndex {
   }
 
   /** match() while every source id has a mask bit: intersect bit sets along the path. */
-  private matchMasked(localHashes: readonly bigint[], first: Node, withMediums: boolean, out: Map<string, number>, touch: boolean): Map<string, number> {
+  private matchMasked(localHashes: ArrayLike<bigint>, first: Node, withMediums: boolean, out: Map<string, number>, touch: boolean): Map<string, number> {
     const n = localHashes.length;
     let active = withMediums ? first.mask : first.mask & this.gpuMask;
     if (active === 0) return out;
@@ -646,7 +678,7 @@ export class BlockIndex {
    * Sources with nothing matched are absent. Dynamo's tiered overlap (its host/disk hit weights)
    * and llm-d's per-tier block weights, over the union of tiers.
    */
-  matchTiered(localHashes: readonly bigint[], weights: TierWeights, options?: MatchOptions): Map<string, number> {
+  matchTiered(localHashes: ArrayLike<bigint>, weights: TierWeights, options?: MatchOptions): Map<string, number> {
     if (this.mediumSources === 0 || (weights.host <= 0 && weights.disk <= 0)) return this.match(localHashes, options);
     const touch = options?.touch !== false;
     const out = new Map<string, number>();

@@ -1,5 +1,19 @@
 import type { IncomingHttpHeaders } from 'node:http';
 
+/**
+ * Block hashes of a request's tokens computed where the tokens were (a tokenizer thread,
+ * cache/block-index.ts hashBlocksU64 and sequenceHashes), for the block size and seed (LoRA
+ * adapter) they were asked for: a policy uses them only when both match its own.
+ */
+export interface BlockHashes {
+  readonly blockSize: number;
+  readonly seed: bigint;
+  /** hashBlocks(tokens, blockSize, seed) */
+  readonly local: BigUint64Array;
+  /** sequenceHashes(local) */
+  readonly seq: BigUint64Array;
+}
+
 export type RouteName = 'chat' | 'completions' | 'embeddings' | 'generate';
 
 /** What a policy may look at to choose a worker. Built once per request by the HTTP front. */
@@ -17,6 +31,8 @@ export interface RequestContext {
   readonly routingText: string;
   /** Token ids when the router knows them (tokenizer configured, or /generate input_ids). */
   readonly tokenIds?: ArrayLike<number>;
+  /** Block hashes of `tokenIds` computed with them off the event loop (tokenizer threads), when asked for. */
+  readonly blockHashes?: BlockHashes;
   readonly headers: IncomingHttpHeaders;
   readonly stream: boolean;
   /** Output tokens asked for (max_tokens and the like), when the request says. */

@@ -155,7 +155,7 @@ export class Picker {
       const model = resolveModel(core.registry, body, ['regular']);
       // Token ids off the event loop (tokenizer threads, --max-routing-ms), as the HTTP front.
       const source = { route, requestId: input.requestId, body, rawBody: input.body, req: { headers: input.headers } };
-      return contextFor(source, model, core.clock, core.requestTokens, !!core.policy.needsTokens, input.signal, core.registry);
+      return contextFor(source, model, core.clock, core.requestTokens, !!core.policy.needsTokens, input.signal, core.registry, undefined, core.policy.blockHashing?.bind(core.policy));
     }
     // Headers-only requests and other paths: no routing text. The model is the body's `model`
     // when it names a served one, else the only model served, else any worker may serve.

@@ -1,6 +1,5 @@
-import { xxh3 } from '@node-rs/xxhash';
 import { CharTree, codePointLength } from '../cache/char-tree.js';
-import { hashBlocks, LOCAL_HASH_SEED, loraSeed, type BlockIndex } from '../cache/block-index.js';
+import { hashBlocks, loraSeed, sequenceHashes, type BlockIndex } from '../cache/block-index.js';
 import type { RequestContext } from '../core/context.js';
 import type { Worker } from '../core/worker.js';
 import { describeAll, noneAvailable, round, type RouteExplanation } from './explain.js';
@@ -65,7 +64,7 @@ export const defaultKvAwareConfig: KvAwareConfig = {
 };
 
 interface Active {
-  seqHashes: bigint[];
+  seqHashes: ArrayLike<bigint>;
   prefillTokens: number;
 }
 
@@ -117,25 +116,10 @@ export interface KvScore {
   requestBlocks: number;
   inputTokens: number;
   bs: number;
-  seq: bigint[];
+  seq: ArrayLike<bigint>;
   textChars: number;
   tree: CharTree;
   text: string;
-}
-
-const seqBuf = Buffer.alloc(16);
-
-/** Chained sequence hashes (position-aware) of a request's local block hashes, for active-block dedup. */
-function sequenceHashes(local: readonly bigint[]): bigint[] {
-  const out: bigint[] = new Array(local.length);
-  let prev = 0n;
-  for (let i = 0; i < local.length; i++) {
-    seqBuf.writeBigUInt64LE(prev, 0);
-    seqBuf.writeBigUInt64LE(local[i], 8);
-    prev = i === 0 ? local[0] : xxh3.xxh64(seqBuf, LOCAL_HASH_SEED);
-    out[i] = prev;
-  }
-  return out;
 }
 
 /**
@@ -191,6 +175,11 @@ export class KvAwarePolicy extends BasePolicy {
     return completed - last <= this.config.staleAfterMs;
   }
 
+  /** The block size and seed score() hashes with: a tokenizer thread computes ctx.blockHashes with them. */
+  blockHashing(ctx: RequestContext): { blockSize: number; seed: bigint } {
+    return { blockSize: this.view.index.blockSize ?? this.config.defaultBlockSize, seed: loraSeed(ctx.loraName) };
+  }
+
   selectWorker(candidates: readonly Worker[], ctx: RequestContext): Worker | undefined {
     const healthy = available(candidates);
     if (healthy.length === 0) return undefined;
@@ -238,10 +227,17 @@ export class KvAwarePolicy extends BasePolicy {
     const text = ctx.routingText;
     // Without token ids (no tokenizer for this model) every worker is judged on the text tree.
     // A LoRA request's blocks are keyed by its adapter, as the engines key them.
-    const local = tokens ? hashBlocks(tokens, bs, loraSeed(ctx.loraName)) : [];
+    // Block hashes: those the tokenizer thread computed with the tokens when they are for this
+    // block size and seed (the usual case: off the event loop), else computed here.
+    const seed = loraSeed(ctx.loraName);
+    const given = tokens ? ctx.blockHashes : undefined;
+    const reuse = given !== undefined && given.blockSize === bs && given.seed === seed && given.local.length === Math.floor(tokens!.length / bs);
+    const local: ArrayLike<bigint> = reuse ? given.local : tokens ? hashBlocks(tokens, bs, seed) : [];
     const inputTokens = tokens ? tokens.length : Math.ceil(codePointLength(text) / 4);
     const requestBlocks = Math.ceil(inputTokens / bs);
-    const seq = sequenceHashes(local);
+    // As an array of bigints: read once per worker, tracked and released (a typed array would
+    // allocate a new bigint on every read).
+    const seq = Array.from(reuse ? given.seq : sequenceHashes(local));
     const fullBlocks = Math.floor(inputTokens / bs);
     const overlaps = tokens
       ? this.view.index.matchTiered(local, { host: this.config.hostHitWeight ?? 0, disk: this.config.diskHitWeight ?? 0 }, readOnly ? { touch: false } : undefined)
@@ -286,7 +282,7 @@ export class KvAwarePolicy extends BasePolicy {
       const uncached = Math.max(0, inputTokens - overlap * bs);
       let newBlocks = 0;
       if (s) {
-        for (const h of seq) if (!s.blocks.has(h)) newBlocks++;
+        for (let k = 0; k < seq.length; k++) if (!s.blocks.has(seq[k])) newBlocks++;
         newBlocks += requestBlocks - seq.length; // the trailing partial block is always new
       } else newBlocks = requestBlocks;
       // Load already on the worker: the blocks its in-flight requests occupy plus the prefill
@@ -369,7 +365,8 @@ export class KvAwarePolicy extends BasePolicy {
     this.deps.share?.completed(worker.id, ctx.requestId);
     s.active.delete(ctx.requestId);
     s.pendingPrefillTokens -= a.prefillTokens;
-    for (const h of a.seqHashes) {
+    for (let k = 0; k < a.seqHashes.length; k++) {
+      const h = a.seqHashes[k];
       const n = s.blocks.get(h)! - 1;
       if (n === 0) s.blocks.delete(h);
       else s.blocks.set(h, n);
@@ -441,7 +438,7 @@ export class KvAwarePolicy extends BasePolicy {
     return { blocks: p?.blocks ?? 0, pendingPrefillTokens: p?.pendingPrefillTokens ?? 0 };
   }
 
-  private track(worker: Worker, requestId: string, seq: bigint[], prefillTokens: number): void {
+  private track(worker: Worker, requestId: string, seq: ArrayLike<bigint>, prefillTokens: number): void {
     let s = this.state.get(worker.id);
     if (!s) {
       s = { active: new Map(), blocks: new Map(), pendingPrefillTokens: 0, lastCompletionMs: -Infinity };
@@ -449,7 +446,7 @@ export class KvAwarePolicy extends BasePolicy {
     }
     s.active.set(requestId, { seqHashes: seq, prefillTokens });
     s.pendingPrefillTokens += prefillTokens;
-    for (const h of seq) s.blocks.set(h, (s.blocks.get(h) ?? 0) + 1);
+    for (let k = 0; k < seq.length; k++) s.blocks.set(seq[k], (s.blocks.get(seq[k]) ?? 0) + 1);
   }
 
   private argmin(ws: readonly Worker[], costs: number[]): number {

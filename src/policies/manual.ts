@@ -52,6 +52,10 @@ export class ManualPolicy implements RoutingPolicy {
     this.needsTokens = fallback.needsTokens;
   }
 
+  blockHashing(ctx: RequestContext) {
+    return headerValue(ctx.headers, ROUTING_KEY_HEADER) === undefined ? this.fallback.blockHashing?.(ctx) : undefined;
+  }
+
   selectWorker(candidates: readonly Worker[], ctx: RequestContext): Worker | undefined {
     const key = headerValue(ctx.headers, ROUTING_KEY_HEADER);
     if (key === undefined) return this.fallback.selectWorker(candidates, ctx);

@@ -80,10 +80,21 @@ export type RequestOutcome = 'success' | 'error' | 'aborted' | 'timeout';
  * and type); a policy never keeps its own worker list. Implementations must skip workers that
  * are not `isAvailable()` and return undefined when none is.
  */
+/** What `RoutingPolicy.blockHashing` asks a tokenizer thread for. */
+export interface BlockHashing {
+  blockSize: number;
+  seed: bigint;
+}
+
 export interface RoutingPolicy {
   readonly name: string;
   /** The policy reads ctx.tokenIds: the router must tokenize requests for it. */
   readonly needsTokens?: boolean;
+  /**
+   * The block size and hash seed this policy would hash the request's tokens with (kv_aware), so
+   * that a tokenizer thread computes `ctx.blockHashes` along with the tokens, off the event loop.
+   */
+  blockHashing?(ctx: RequestContext): BlockHashing | undefined;
   /** Pick one worker for a request (regular mode). */
   selectWorker(candidates: readonly Worker[], ctx: RequestContext): Worker | undefined;
   /** Pick a (prefill, decode) pair (PD mode). */

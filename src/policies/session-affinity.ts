@@ -47,6 +47,9 @@ export class SessionAffinityPolicy implements RoutingPolicy {
   predictionFor(requestId: string) {
     return this.inner.predictionFor?.(requestId);
   }
+  blockHashing(ctx: RequestContext) {
+    return this.inner.blockHashing?.(ctx);
+  }
 
 
   /** Live sessions (expired ones are dropped when looked up or when the map is full). */

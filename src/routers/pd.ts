@@ -57,6 +57,9 @@ export class SplitPairPolicy implements RoutingPolicy {
     this.name = `${prefill.name}+${decode.name}`;
     this.needsTokens = !!prefill.needsTokens || !!decode.needsTokens;
   }
+  blockHashing(ctx: RequestContext) {
+    return this.prefill.blockHashing?.(ctx) ?? this.decode.blockHashing?.(ctx);
+  }
   selectWorker(candidates: readonly Worker[], ctx: RequestContext): Worker | undefined {
     return this.prefill.selectWorker(candidates, ctx);
   }
@@ -166,7 +169,7 @@ export class PdRouter {
     const insight = this.deps.insight;
     r.arrivedAt ??= performance.now();
     const built = this.deps.tokens
-      ? contextFor(r, model, this.deps.clock, this.deps.tokens, !!pairPolicy.needsTokens, r.res, registry, r.trace)
+      ? contextFor(r, model, this.deps.clock, this.deps.tokens, !!pairPolicy.needsTokens, r.res, registry, r.trace, pairPolicy.blockHashing?.bind(pairPolicy))
       : buildContext(r, model, this.deps.clock, tracedTokenize(this.deps.tokenize, r.trace), !!pairPolicy.needsTokens, registry);
     const ctx = built instanceof Promise ? await built : built;
     if (r.res.destroyed) {

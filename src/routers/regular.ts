@@ -70,7 +70,7 @@ export class RegularRouter {
     r.arrivedAt ??= performance.now();
     const model = routeModel(this.deps.registry, r, ['regular'], this.deps.strictModel);
     const built = this.deps.tokens
-      ? contextFor(r, model, this.deps.clock, this.deps.tokens, !!policy.needsTokens, r.res, this.deps.registry, r.trace)
+      ? contextFor(r, model, this.deps.clock, this.deps.tokens, !!policy.needsTokens, r.res, this.deps.registry, r.trace, policy.blockHashing?.bind(policy))
       : buildContext(r, model, this.deps.clock, tracedTokenize(this.deps.tokenize, r.trace), !!policy.needsTokens, this.deps.registry);
     const ctx = built instanceof Promise ? await built : built;
     if (r.res.destroyed) {

@@ -1,6 +1,7 @@
 import type { IncomingHttpHeaders, IncomingMessage, ServerResponse } from 'node:http';
 import type { Clock } from '../core/clock.js';
-import type { RequestContext, RouteName } from '../core/context.js';
+import type { BlockHashes, RequestContext, RouteName } from '../core/context.js';
+import type { BlockHashing } from '../policies/policy.js';
 import { errors } from '../core/errors.js';
 import type { WorkerRegistry } from '../core/registry.js';
 import type { WorkerType } from '../core/worker.js';
@@ -44,9 +45,9 @@ export type Tokenize = (route: RouteName, model: string, body: Record<string, un
  */
 export interface TokenSource {
   tokens(
-    t: { route: RouteName; model: string; body: Record<string, unknown>; raw?: Uint8Array; text: string },
+    t: { route: RouteName; model: string; body: Record<string, unknown>; raw?: Uint8Array; text: string; blocks?: BlockHashing },
     signal?: AbortSignal,
-  ): ArrayLike<number> | undefined | Promise<ArrayLike<number> | undefined>;
+  ): { ids: ArrayLike<number>; hashes?: BlockHashes } | undefined | Promise<{ ids: ArrayLike<number>; hashes?: BlockHashes } | undefined>;
 }
 
 /** What can tell that the client left (the HTTP response). */
@@ -153,13 +154,14 @@ export function contextFor(
   client?: Closable | AbortSignal,
   registry?: WorkerRegistry,
   trace?: RequestTrace,
+  hashing?: (ctx: RequestContext) => BlockHashing | undefined,
 ): RequestContext | Promise<RequestContext> {
   const ctx = buildContext(r, model, clock, undefined, false, registry);
   if (!needsTokens || !source || ctx.tokenIds !== undefined) return ctx;
   const span = trace?.child('tokenize', { 'kvgate.model': model });
-  const done = (ids: ArrayLike<number> | undefined) => {
+  const done = (got: { ids: ArrayLike<number> } | undefined) => {
     if (span) {
-      span.setAttribute('kvgate.prompt_tokens', ids?.length ?? 0);
+      span.setAttribute('kvgate.prompt_tokens', got?.ids.length ?? 0);
       span.end();
     }
   };
@@ -175,7 +177,7 @@ export function contextFor(
   }
   let got: ReturnType<TokenSource['tokens']>;
   try {
-    got = source.tokens({ route: r.route, model, body: r.body, raw: r.rawBody, text: ctx.routingText }, ac?.signal);
+    got = source.tokens({ route: r.route, model, body: r.body, raw: r.rawBody, text: ctx.routingText, blocks: hashing?.(ctx) }, ac?.signal);
   } catch (e) {
     if (onClose) client!.removeListener('close', onClose);
     done(undefined);
@@ -184,13 +186,13 @@ export function contextFor(
   if (!(got instanceof Promise)) {
     if (onClose) client!.removeListener('close', onClose);
     done(got);
-    return got === undefined ? ctx : { ...ctx, tokenIds: got };
+    return got === undefined ? ctx : { ...ctx, tokenIds: got.ids, blockHashes: got.hashes };
   }
   return got.then(
-    (ids) => {
+    (t) => {
       if (onClose) client!.removeListener('close', onClose);
-      done(ids);
-      return ids === undefined ? ctx : { ...ctx, tokenIds: ids };
+      done(t);
+      return t === undefined ? ctx : { ...ctx, tokenIds: t.ids, blockHashes: t.hashes };
     },
     (e: unknown) => {
       if (onClose) client!.removeListener('close', onClose);

@@ -292,7 +292,7 @@ export class RoutingCore {
   async start(): Promise<void> {
     const loaded = await loadTokenizerEntries(this.tokenizers, this.config.tokenizer);
     if (this.config.tokenizeThreads > 0 && this.policies().some((p) => p.needsTokens)) {
-      this.tokenizePool = await TokenizePool.start({ threads: this.config.tokenizeThreads, entries: this.config.tokenizer });
+      this.tokenizePool = await TokenizePool.start({ threads: this.config.tokenizeThreads, entries: this.config.tokenizer, nice: this.config.tokenizeNice });
       // The threads hold the same tokenizers: the loaded ones and the default (loaded, or the built-in chunk tokenizer).
       this.requestTokens.usePool(this.tokenizePool, new Set([...loaded, this.tokenizers.default]));
     }

@@ -62,6 +62,11 @@ export class HfTokenizer implements Tokenizer {
   readonly segmentCaching: boolean;
   /** Whether `addSpecialTokens: true` adds anything (e.g. a BOS) for this tokenizer. */
   readonly addsSpecialTokens: boolean;
+  /**
+   * Whether a segment may be cut into pieces encoded independently (on several threads) with the
+   * same ids: see `cutPieces`. Only for the pre-tokenizers where that is provable.
+   */
+  readonly pieceSplitting: boolean;
   private readonly core: CoreTokenizer;
   private readonly templates = new Map<string, NamedTemplate>();
   private readonly templateVars: Json = {};
@@ -99,6 +104,7 @@ export class HfTokenizer implements Tokenizer {
     this.addsSpecialTokens = !sameIds(this.core.encode('a b', { add_special_tokens: true }).ids, this.core.encode('a b', { add_special_tokens: false }).ids);
     this.segments = new LruCache(opts.segmentCacheEntries ?? 16_384, opts.segmentCacheChars ?? 8_000_000);
     this.segmentCaching = this.segments.maxEntries > 0 && this.setUpSegments(tokenizerJson);
+    this.pieceSplitting = this.segmentCaching && hasCutSafePreTokenizer(tokenizerJson) && this.checkPieces();
   }
 
   /**
@@ -225,7 +231,65 @@ export class HfTokenizer implements Tokenizer {
     this.segments.clear();
   }
 
+  /**
+   * The segments of `text` (cut at added tokens) for an encode done in parts: an added token's
+   * id, the cached ids of a segment seen before, or a segment (string) still to encode — with
+   * `encodePiece` on each of its `cutPieces`, then `rememberSegment`. Concatenated in order,
+   * that is `encodeIds(text, { addSpecialTokens: false })`. Needs `segmentCaching`.
+   */
+  planSegments(text: string): (number | Uint32Array | string)[] {
+    const out: (number | Uint32Array | string)[] = [];
+    for (const s of this.split(text)) {
+      const id = this.splitIds.get(s);
+      if (id !== undefined) out.push(id);
+      else out.push(this.segments.get(s) ?? s);
+    }
+    return out;
+  }
+
+  /**
+   * `segment` cut into pieces of about `pieceChars` characters whose encodings, concatenated,
+   * are the segment's. A cut is placed only (1) after a "\n" followed by a letter, or (2) after a
+   * letter followed by a space and a letter. The Qwen2/Qwen3/Llama-3 pre-tokenizer regex (checked
+   * when loading, with NFC or no normalizer and a byte-level BPE model) never matches across
+   * either point: no alternative contains a line break and then a letter, nor a letter and then
+   * a space; it has no look-behind, so a match starting at the cut is the same without the text
+   * before it; and the text before the cut is matched the same without the text after it — a
+   * letter run stops at the space anyway, and a blank run ending in "\n" is taken by
+   * `\s*[\r\n]+` before the look-ahead alternative `\s+(?!\S)` is tried. So the pre-tokens,
+   * hence the BPE output, are unchanged. NFC never composes across "\n" or a space. One piece
+   * when the tokenizer is not such or the segment has no such point (checked on samples when
+   * loading, and against whole encodes in test/unit/tokenize-pool.test.ts).
+   */
+  cutPieces(segment: string, pieceChars: number): string[] {
+    return this.pieceSplitting ? cutAtSafePoints(segment, pieceChars) : [segment];
+  }
+
+  /** Ids of one piece (or segment) without added special tokens, uncached. */
+  encodePiece(piece: string): Uint32Array {
+    return Uint32Array.from(this.core.encode(piece, { add_special_tokens: false }).ids);
+  }
+
+  /** Puts a segment encoded in parts into the segment cache. */
+  rememberSegment(segment: string, ids: Uint32Array): void {
+    this.segments.set((' ' + segment).slice(1), ids, segment.length);
+  }
+
   // -------------------------------------------------------------------------------------------
+
+  /** Checks on samples that cut pieces reproduce the whole encoding. */
+  private checkPieces(): boolean {
+    const samples = [
+      'Hello world.\nThe next line\n\nAfter a blank line\n  indented\nx = 1;\n\tTabbed\nÉcole 日本語\n🙂 emoji\nfin',
+      "it's\nwe'll see\n 'quoted'\nA.\r\nB\n123\nword \nword  two spaces ée X's 'twas Ünïcödé 한국어 텍스트 𝐀𝐁 𝐂 end",
+    ];
+    for (const s of samples) {
+      const whole = this.encodePiece(s);
+      const parts = cutAtSafePoints(s, 1).map((p) => this.encodePiece(p));
+      if (parts.length < 2 || !sameIds(whole, concatIds(parts))) return false;
+    }
+    return true;
+  }
 
   private addTemplate(name: string, source: string): void {
     let template: Template;
@@ -299,9 +363,16 @@ export class HfTokenizer implements Tokenizer {
     const out: string[] = [];
     const n = text.length;
     const root = this.splitRoot.next;
+    // Most tokenizers' added tokens all start with one character ("<"): jump between its
+    // occurrences (indexOf) instead of looking up every character of a long prompt.
+    const only = root.size === 1 ? String.fromCharCode(root.keys().next().value!) : undefined;
     let start = 0;
     let i = 0;
     while (i < n) {
+      if (only !== undefined) {
+        i = text.indexOf(only, i);
+        if (i < 0) break;
+      }
       let node = root.get(text.charCodeAt(i));
       if (node === undefined) {
         i++;
@@ -368,6 +439,63 @@ export class HfTokenizer implements Tokenizer {
     }
     return out;
   }
+}
+
+/**
+ * `segment` cut into pieces of `pieceChars` characters or a little more, each cut after a "\n"
+ * followed by a letter or between a letter and a space followed by a letter (see cutPieces).
+ */
+export function cutAtSafePoints(segment: string, pieceChars: number): string[] {
+  if (segment.length <= pieceChars) return [segment];
+  const out: string[] = [];
+  const re = /\n(?=\p{L})|\p{L}(?= \p{L})/gu;
+  let start = 0;
+  while (segment.length - start > pieceChars) {
+    re.lastIndex = start + pieceChars;
+    const m = re.exec(segment);
+    if (m === null) break;
+    const cut = m.index + m[0].length;
+    out.push(segment.slice(start, cut));
+    start = cut;
+  }
+  out.push(segment.slice(start));
+  return out;
+}
+
+function concatIds(parts: readonly Uint32Array[]): Uint32Array {
+  let n = 0;
+  for (const p of parts) n += p.length;
+  const out = new Uint32Array(n);
+  let at = 0;
+  for (const p of parts) {
+    out.set(p, at);
+    at += p.length;
+  }
+  return out;
+}
+
+/** Pre-tokenizer split regexes under which no pre-token spans "\n"|letter or letter|" "+letter (Qwen2/3, Llama 3). */
+const NEWLINE_SAFE_PATTERNS: ReadonlySet<string> = new Set([
+  "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+",
+  "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+",
+]);
+
+/**
+ * Whether the tokenizer is a byte-level BPE whose pre-tokenizer is exactly [Split(one of
+ * NEWLINE_SAFE_PATTERNS, Isolated), ByteLevel without its own regex], with NFC or no normalizer.
+ */
+function hasCutSafePreTokenizer(json: Json): boolean {
+  const model = json['model'];
+  if (!isObject(model) || model['type'] !== 'BPE' || (model['dropout'] !== null && model['dropout'] !== undefined)) return false;
+  const norm = json['normalizer'];
+  if (norm !== null && norm !== undefined && !(isObject(norm) && norm['type'] === 'NFC')) return false;
+  const pre = json['pre_tokenizer'];
+  if (!isObject(pre) || pre['type'] !== 'Sequence' || !Array.isArray(pre['pretokenizers']) || pre['pretokenizers'].length !== 2) return false;
+  const [split, bytes] = pre['pretokenizers'] as unknown[];
+  if (!isObject(split) || split['type'] !== 'Split' || split['behavior'] !== 'Isolated' || split['invert'] === true) return false;
+  const pattern = split['pattern'];
+  if (!isObject(pattern) || typeof pattern['Regex'] !== 'string' || !NEWLINE_SAFE_PATTERNS.has(pattern['Regex'])) return false;
+  return isObject(bytes) && bytes['type'] === 'ByteLevel' && bytes['use_regex'] === false && bytes['add_prefix_space'] === false;
 }
 
 function isObject(v: unknown): v is Json {

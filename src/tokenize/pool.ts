@@ -1,7 +1,7 @@
 import { existsSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { Worker } from 'node:worker_threads';
-import type { RouteName } from '../core/context.js';
+import type { BlockHashes, RouteName } from '../core/context.js';
 import { errors, GatewayError } from '../core/errors.js';
 import type { PoolReply, PoolTask, PoolWorkerData } from './pool-worker.js';
 import type { TokenCacheOptions } from './registry.js';
@@ -22,6 +22,8 @@ import type { TokenCacheOptions } from './registry.js';
  * - cancelling (the client left) drops a queued task, and stops a running one between the pieces
  *   of its encode (a shared flag the thread polls), keeping the thread and its caches.
  * A thread that dies fails its task (the caller then routes by text) and is started again.
+ * One long prompt is encoded by all idle threads together (parallel-encode.ts), and on Linux the
+ * threads may run below the event loop's priority (`nice`).
  */
 export interface TokenizePoolOptions {
   threads: number;
@@ -29,6 +31,17 @@ export interface TokenizePoolOptions {
   entries: readonly string[];
   /** Whole-prompt cache of each thread (false: none). */
   cache?: TokenCacheOptions | false;
+  /**
+   * Prompts at least this long (characters) are encoded by all idle threads together, cut where
+   * the ids provably stay the same (parallel-encode.ts); default 32,768. 0 or Infinity: never.
+   */
+  parallelChars?: number;
+  /**
+   * Nice value of the threads (Linux, where it is per thread: the event loop keeps its own
+   * priority); default 0. With the threads below the event loop, tokenizing can use every core
+   * without delaying routing and relaying. Ignored elsewhere (it would apply to the process).
+   */
+  nice?: number;
 }
 
 export interface PoolRequest {
@@ -39,6 +52,14 @@ export interface PoolRequest {
   body?: Record<string, unknown>;
   /** Text whose start picks the thread (the routing text). */
   affinity: string;
+  /** Also hash the token ids' blocks with this block size and seed (kv_aware), in the thread. */
+  blocks?: { blockSize: number; seed: bigint };
+}
+
+/** Token ids of a request, and their block hashes when asked for. */
+export interface PoolResult {
+  ids: Uint32Array;
+  hashes?: BlockHashes;
 }
 
 interface Task {
@@ -46,7 +67,7 @@ interface Task {
   /** Prompt length: the queue is shortest first. */
   size: number;
   msg: PoolTask;
-  resolve(ids: Uint32Array | undefined): void;
+  resolve(r: PoolResult | undefined): void;
   reject(e: Error): void;
   signal?: AbortSignal;
   onAbort?: () => void;
@@ -74,11 +95,15 @@ function workerScript(): URL {
   return new URL('../../dist/tokenize/pool-worker.js', import.meta.url);
 }
 
+let poolCount = 0;
+
 export class TokenizePool {
   private readonly slots: Slot[] = [];
   private nextId = 1;
   private closed = false;
   private counters = { tasks: 0, cancelled: 0, failed: 0, restarts: 0 };
+  /** The threads' BroadcastChannel (one per pool: several pools may live in one process). */
+  private readonly channel = `kvgate-tokenize-${process.pid}-${++poolCount}`;
 
   private constructor(private readonly opts: TokenizePoolOptions) {}
 
@@ -116,13 +141,18 @@ export class TokenizePool {
    * TokenizeCancelled when `signal` aborts first, or with another error when a thread failed.
    */
   tokenize(req: PoolRequest, signal?: AbortSignal): Promise<Uint32Array | undefined> {
+    return this.encode(req, signal).then((r) => r?.ids);
+  }
+
+  /** `tokenize`, with the block hashes of the ids when `req.blocks` asks for them. */
+  encode(req: PoolRequest, signal?: AbortSignal): Promise<PoolResult | undefined> {
     if (this.closed) return Promise.reject(new Error('tokenizer pool closed'));
     if (signal?.aborted) return Promise.reject(new TokenizeCancelled());
     const id = this.nextId;
     this.nextId = this.nextId >= 0x7fffffff ? 1 : this.nextId + 1;
     this.counters.tasks++;
     return new Promise((resolve, reject) => {
-      const task: Task = { id, size: req.affinity.length, msg: { id, route: req.route, model: req.model, raw: req.raw, body: req.raw ? undefined : req.body }, resolve, reject, signal };
+      const task: Task = { id, size: req.affinity.length, msg: { id, route: req.route, model: req.model, raw: req.raw, body: req.raw ? undefined : req.body, blocks: req.blocks }, resolve, reject, signal };
       const slot = this.pick(req.affinity);
       if (signal) {
         task.onAbort = () => this.cancel(task);
@@ -184,15 +214,24 @@ export class TokenizePool {
     }
   }
 
-  private finish(task: Task, ids: Uint32Array | undefined, err?: Error): void {
+  private finish(task: Task, r: PoolResult | undefined, err?: Error): void {
     if (task.onAbort) task.signal!.removeEventListener('abort', task.onAbort);
     if (err) task.reject(err);
-    else task.resolve(ids);
+    else task.resolve(r);
   }
 
   private spawn(index: number): Promise<void> {
     const cancel = new SharedArrayBuffer(4);
-    const data: PoolWorkerData = { entries: [...this.opts.entries], cache: this.opts.cache ?? {}, cancel };
+    const parallelChars = this.opts.parallelChars ?? 32_768;
+    const data: PoolWorkerData = {
+      entries: [...this.opts.entries],
+      cache: this.opts.cache ?? {},
+      cancel,
+      threads: this.opts.threads,
+      channel: this.channel,
+      parallelChars: parallelChars > 0 ? parallelChars : Infinity,
+      nice: this.opts.nice ?? 0,
+    };
     const worker = new Worker(workerScript(), { workerData: data });
     worker.unref();
     const slot: Slot = { worker, cancel: new Int32Array(cancel), running: undefined, queue: [] };
@@ -213,7 +252,10 @@ export class TokenizePool {
         const task = slot.running;
         if (!task || task.id !== m.id) return;
         slot.running = undefined;
-        if (m.type === 'done') this.finish(task, m.ids ?? undefined);
+        if (m.type === 'done') {
+          const b = task.msg.blocks;
+          this.finish(task, m.ids ? { ids: m.ids, hashes: b && m.local && m.seq ? { blockSize: b.blockSize, seed: b.seed, local: m.local, seq: m.seq } : undefined } : undefined);
+        }
         else if (m.type === 'cancelled') this.finish(task, undefined, new TokenizeCancelled());
         else {
           if (m.status >= 500) this.counters.failed++;

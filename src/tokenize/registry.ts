@@ -42,22 +42,37 @@ export class TokenCache {
   }
 
   encode(tokenizer: Tokenizer, text: string, addSpecialTokens: boolean, shouldStop?: () => boolean): Uint32Array {
-    let pair = this.caches.get(tokenizer);
-    if (pair === undefined) {
-      pair = [new LruCache(this.maxEntries, this.maxTokens), new LruCache(this.maxEntries, this.maxTokens)];
-      this.caches.set(tokenizer, pair);
-    }
-    const lru = pair[addSpecialTokens ? 1 : 0];
-    const hit = lru.get(text);
+    const hit = this.lookup(tokenizer, text, addSpecialTokens);
+    if (hit !== undefined) return hit;
+    const ids = tokenizer.encodeIds(text, { addSpecialTokens, shouldStop });
+    this.store(tokenizer, text, addSpecialTokens, ids);
+    return ids;
+  }
+
+  /** A copy of the cached ids of `text` (counted as a hit), or undefined (counted as a miss). */
+  lookup(tokenizer: Tokenizer, text: string, addSpecialTokens: boolean): Uint32Array | undefined {
+    const hit = this.lru(tokenizer, addSpecialTokens).get(text);
     if (hit !== undefined) {
       this.counters.hits++;
       return hit.slice();
     }
     this.counters.misses++;
-    const ids = tokenizer.encodeIds(text, { addSpecialTokens, shouldStop });
+    return undefined;
+  }
+
+  /** Keeps a copy of `ids` as the encoding of `text`. */
+  store(tokenizer: Tokenizer, text: string, addSpecialTokens: boolean, ids: Uint32Array): void {
     // Weighed by tokens, or by characters / 4 if more, so that the keys are bounded too.
-    lru.set(text, ids.slice(), Math.max(1, ids.length, text.length >> 2));
-    return ids;
+    this.lru(tokenizer, addSpecialTokens).set(text, ids.slice(), Math.max(1, ids.length, text.length >> 2));
+  }
+
+  private lru(tokenizer: Tokenizer, addSpecialTokens: boolean): LruCache<string, Uint32Array> {
+    let pair = this.caches.get(tokenizer);
+    if (pair === undefined) {
+      pair = [new LruCache(this.maxEntries, this.maxTokens), new LruCache(this.maxEntries, this.maxTokens)];
+      this.caches.set(tokenizer, pair);
+    }
+    return pair[addSpecialTokens ? 1 : 0];
   }
 
   stats(): { hits: number; misses: number } {
@@ -88,33 +103,33 @@ function idsOf(v: readonly unknown[], field: string): Uint32Array {
   return out;
 }
 
-/** Polled between pieces of an encode; true stops it (EncodeCancelled). */
-let stopHook: (() => boolean) | undefined;
+/** What a request asks the engine to run: text to encode (and how), or token ids given as such. */
+export type RequestPrompt = { text: string; addSpecialTokens: boolean; ids?: undefined } | { ids: Uint32Array; text?: undefined };
 
-function encodeText(tokenizer: Tokenizer, text: string, addSpecialTokens: boolean, cache: TokenCache | undefined): Uint32Array {
-  return cache ? cache.encode(tokenizer, text, addSpecialTokens, stopHook) : tokenizer.encodeIds(text, { addSpecialTokens, shouldStop: stopHook });
+function encodeText(tokenizer: Tokenizer, text: string, addSpecialTokens: boolean, cache: TokenCache | undefined, shouldStop?: () => boolean): Uint32Array {
+  return cache ? cache.encode(tokenizer, text, addSpecialTokens, shouldStop) : tokenizer.encodeIds(text, { addSpecialTokens, shouldStop });
 }
 
 /**
  * A prompt given as text, token ids, or a batch of either. A batch is routed by its first prompt
  * (all of a batch goes to one worker; the first prompt's blocks are the ones to look up).
  */
-function promptIds(value: unknown, field: string, addSpecialTokens: boolean, tokenizer: Tokenizer, cache: TokenCache | undefined): Uint32Array {
-  if (typeof value === 'string') return encodeText(tokenizer, value, addSpecialTokens, cache);
+function promptOf(value: unknown, field: string, addSpecialTokens: boolean): RequestPrompt {
+  if (typeof value === 'string') return { text: value, addSpecialTokens };
   if (Array.isArray(value)) {
     if (value.length === 0) throw errors.badRequest(`'${field}' must not be empty`, 'invalid_value', field);
     const first: unknown = value[0];
-    if (typeof first === 'number') return idsOf(value, field);
-    if (typeof first === 'string') return encodeText(tokenizer, first, addSpecialTokens, cache);
+    if (typeof first === 'number') return { ids: idsOf(value, field) };
+    if (typeof first === 'string') return { text: first, addSpecialTokens };
     if (Array.isArray(first)) {
       if (first.length === 0) throw errors.badRequest(`'${field}[0]' must not be empty`, 'invalid_value', field);
-      return idsOf(first, field);
+      return { ids: idsOf(first, field) };
     }
   }
   throw errors.badRequest(`'${field}' must be a string, an array of strings or an array of token ids`, 'invalid_type', field);
 }
 
-function chatIds(body: Json, tokenizer: Tokenizer, cache: TokenCache | undefined, addGenerationPromptDefault: boolean): Uint32Array | undefined {
+function chatPrompt(body: Json, tokenizer: Tokenizer, addGenerationPromptDefault: boolean): RequestPrompt | undefined {
   const messages = body['messages'];
   if (!Array.isArray(messages)) throw errors.badRequest("'messages' must be an array of messages", 'invalid_type', 'messages');
   if (messages.length === 0) throw errors.badRequest("'messages' must not be empty", 'invalid_value', 'messages');
@@ -142,7 +157,7 @@ function chatIds(body: Json, tokenizer: Tokenizer, cache: TokenCache | undefined
     kwargs: (kwargs as Json | null | undefined) ?? undefined,
   });
   // vLLM: the template already holds the special tokens, so none are added (add_special_tokens=false).
-  return encodeText(tokenizer, text, optBool(body, 'add_special_tokens', false), cache);
+  return { text, addSpecialTokens: optBool(body, 'add_special_tokens', false) };
 }
 
 /**
@@ -163,31 +178,31 @@ function chatIds(body: Json, tokenizer: Tokenizer, cache: TokenCache | undefined
  * `shouldStop` is polled between the pieces of a long encode (EncodeCancelled when it says so).
  */
 export function tokenizeRequest(route: RouteName, body: Json, tokenizer: Tokenizer, cache?: TokenCache, shouldStop?: () => boolean): Uint32Array | undefined {
-  const outer = stopHook;
-  stopHook = shouldStop;
-  try {
-    return tokenizeRoute(route, body, tokenizer, cache);
-  } finally {
-    stopHook = outer;
-  }
+  const p = requestPrompt(route, body, tokenizer);
+  if (p === undefined) return undefined;
+  return p.ids ?? encodeText(tokenizer, p.text, p.addSpecialTokens, cache, shouldStop);
 }
 
-function tokenizeRoute(route: RouteName, body: Json, tokenizer: Tokenizer, cache: TokenCache | undefined): Uint32Array | undefined {
+/**
+ * The first half of `tokenizeRequest`: the prompt text (chat template rendered) and how to encode
+ * it, or the token ids the request gives; undefined when not reproducible. Throws the same 400s.
+ */
+export function requestPrompt(route: RouteName, body: Json, tokenizer: Tokenizer): RequestPrompt | undefined {
   switch (route) {
     case 'chat':
-      return chatIds(body, tokenizer, cache, true);
+      return chatPrompt(body, tokenizer, true);
     case 'completions':
       if (body['prompt'] === undefined || body['prompt'] === null) throw errors.badRequest("'prompt' is required", 'missing_field', 'prompt');
-      return promptIds(body['prompt'], 'prompt', optBool(body, 'add_special_tokens', true), tokenizer, cache);
+      return promptOf(body['prompt'], 'prompt', optBool(body, 'add_special_tokens', true));
     case 'embeddings':
-      if (body['messages'] !== undefined && body['messages'] !== null) return chatIds(body, tokenizer, cache, false);
+      if (body['messages'] !== undefined && body['messages'] !== null) return chatPrompt(body, tokenizer, false);
       if (body['input'] === undefined || body['input'] === null) throw errors.badRequest("'input' is required", 'missing_field', 'input');
-      return promptIds(body['input'], 'input', optBool(body, 'add_special_tokens', true), tokenizer, cache);
+      return promptOf(body['input'], 'input', optBool(body, 'add_special_tokens', true));
     case 'generate': {
-      if (body['input_ids'] !== undefined && body['input_ids'] !== null) return promptIds(body['input_ids'], 'input_ids', true, tokenizer, cache);
+      if (body['input_ids'] !== undefined && body['input_ids'] !== null) return promptOf(body['input_ids'], 'input_ids', true);
       for (const field of ['text', 'prompt']) {
         const v = body[field];
-        if (v !== undefined && v !== null) return promptIds(v, field, true, tokenizer, cache);
+        if (v !== undefined && v !== null) return promptOf(v, field, true);
       }
       throw errors.badRequest("'/generate' needs 'text' or 'input_ids'", 'missing_field', 'text');
     }
@@ -250,6 +265,13 @@ export class TokenizerRegistry {
     const tokenizer = await p;
     this.set(model, tokenizer);
     return tokenizer;
+  }
+
+  /** `requestPrompt` with the tokenizer of `model` (default: the body's `model`), and that tokenizer. */
+  prompt(route: RouteName, body: Json, model?: string): { tokenizer: Tokenizer; prompt: RequestPrompt | undefined } {
+    const m = model ?? (typeof body['model'] === 'string' ? body['model'] : undefined);
+    const tokenizer = this.get(m);
+    return { tokenizer, prompt: requestPrompt(route, body, tokenizer) };
   }
 
   /** `tokenizeRequest` with the tokenizer of `model` (default: the body's `model`) and this registry's cache. */

@@ -1,4 +1,4 @@
-import type { RouteName } from '../core/context.js';
+import type { BlockHashes, RouteName } from '../core/context.js';
 import { GatewayError } from '../core/errors.js';
 import { TokenizeCancelled, type TokenizePool } from './pool.js';
 import type { TokenizerRegistry } from './registry.js';
@@ -33,6 +33,14 @@ export interface TokenRequest {
   raw?: Uint8Array;
   /** The routing text (its length caps tokenization; its start picks the thread). */
   text: string;
+  /** Block size and seed to hash the ids with in the thread (the policy's `blockHashing`). */
+  blocks?: { blockSize: number; seed: bigint };
+}
+
+/** Token ids, and their block hashes when a thread computed them (`TokenRequest.blocks`). */
+export interface TokenResult {
+  ids: ArrayLike<number>;
+  hashes?: BlockHashes;
 }
 
 /**
@@ -54,7 +62,7 @@ export class RequestTokens {
     this.opts.pooled = pooled;
   }
 
-  tokens(t: TokenRequest, signal?: AbortSignal): ArrayLike<number> | undefined | Promise<ArrayLike<number> | undefined> {
+  tokens(t: TokenRequest, signal?: AbortSignal): TokenResult | undefined | Promise<TokenResult | undefined> {
     const o = this.opts;
     if (t.text.length > o.maxChars) {
       o.onFallback?.('too_long');
@@ -65,12 +73,12 @@ export class RequestTokens {
     if (!pool || t.text.length <= (o.inlineChars ?? 0) || !o.pooled?.has(this.tokenizers.get(t.model))) {
       const ids = this.tokenizers.tokenize(t.route, t.body, t.model);
       o.onTokenized?.('inline', (performance.now() - started) / 1000);
-      return ids;
+      return ids && { ids };
     }
-    const work = pool.tokenize({ route: t.route, model: t.model, raw: t.raw, body: t.body, affinity: t.text }, signal).then(
-      (ids) => {
+    const work = pool.encode({ route: t.route, model: t.model, raw: t.raw, body: t.body, affinity: t.text, blocks: t.blocks }, signal).then(
+      (r) => {
         o.onTokenized?.('pool', (performance.now() - started) / 1000);
-        return ids;
+        return r;
       },
       (e: Error) => {
         if (e instanceof GatewayError && e.status < 500) throw e;

@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { BlockIndex, hashBlocks } from '../../src/cache/block-index.js';
+import { BlockIndex, hashBlocks, hashBlocksU64, LOCAL_HASH_SEED, loraSeed, sequenceHashes } from '../../src/cache/block-index.js';
 import { ManualClock } from '../../src/core/clock.js';
 import type { RequestContext } from '../../src/core/context.js';
 import { SeededRng } from '../../src/core/rng.js';
@@ -139,5 +139,50 @@ describe('kv_aware', () => {
     store(0, prompt);
     workers[0].healthy = false;
     expect(policy.selectWorker(workers, ctx(prompt))).not.toBe(workers[0]);
+  });
+});
+
+describe('kv_aware with block hashes computed off the event loop (ctx.blockHashes)', () => {
+  it('asks for its block size and the LoRA seed', () => {
+    const { policy, ctx } = setup();
+    expect(policy.blockHashing(ctx(tokens(8)))).toEqual({ blockSize: BS, seed: LOCAL_HASH_SEED });
+    expect(policy.blockHashing({ ...ctx(tokens(8)), loraName: 'a' })).toEqual({ blockSize: BS, seed: loraSeed('a') });
+  });
+
+  it('hashBlocksU64 / sequenceHashes give hashBlocks\' values', () => {
+    const t = tokens(1000, 7);
+    for (const seed of [LOCAL_HASH_SEED, loraSeed('x')]) {
+      const local = hashBlocksU64(t, 16, seed);
+      expect(Array.from(local)).toEqual(hashBlocks(t, 16, seed));
+      expect(sequenceHashes(local).length).toBe(local.length);
+    }
+  });
+
+  it('decides the same with the given hashes as with its own, and uses them only for its block size and seed', () => {
+    const a = setup();
+    const b = setup();
+    const prompt = tokens(40);
+    for (const s of [a, b]) {
+      s.store(1, prompt.slice(0, 20));
+      s.store(2, prompt.slice(0, 36));
+    }
+    const local = hashBlocksU64(prompt, BS);
+    const given = { blockSize: BS, seed: LOCAL_HASH_SEED, local, seq: sequenceHashes(local) };
+    expect(b.policy.selectWorker(b.workers, { ...b.ctx(prompt), blockHashes: given })!.id).toBe(a.policy.selectWorker(a.workers, a.ctx(prompt))!.id);
+    expect(b.policy.lastDecision).toMatchObject({ overlapBlocks: 9, requestBlocks: 10 });
+    expect({ ...b.policy.lastDecision, worker: undefined }).toEqual({ ...a.policy.lastDecision, worker: undefined });
+    expect(b.policy.activeOf(b.workers[2].id)).toEqual(a.policy.activeOf(a.workers[2].id));
+    // Hashes that match nothing are used as they are when block size and seed agree (so they are read)...
+    const bogus = new BigUint64Array(local.length).fill(42n);
+    const decide = (blockSize: number, seed: bigint) => {
+      const c = setup();
+      c.store(2, prompt.slice(0, 36));
+      c.policy.selectWorker(c.workers, { ...c.ctx(prompt), blockHashes: { blockSize, seed, local: bogus, seq: bogus } });
+      return { worker: c.policy.lastDecision!.worker.id, overlapBlocks: c.policy.lastDecision!.overlapBlocks };
+    };
+    expect(decide(BS, LOCAL_HASH_SEED).overlapBlocks).toBe(0);
+    // ...and ignored for another block size or seed (hashed here instead).
+    expect(decide(BS * 2, LOCAL_HASH_SEED)).toEqual({ worker: 'http://w2:8000', overlapBlocks: 9 });
+    expect(decide(BS, loraSeed('other'))).toEqual({ worker: 'http://w2:8000', overlapBlocks: 9 });
   });
 });
