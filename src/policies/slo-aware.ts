@@ -32,8 +32,8 @@ export interface SloAwareConfig extends KvAwareConfig {
 
 /**
  * slo_aware's own default overlap weight (kv_aware's is 4): on the Mooncake conversation trace,
- * weight 1 sustains 1.22× the rate at a 2 s TTFT-p90 objective for 1.5 points of hit rate
- * (docs/benchmarks.md §10.9). `--slo-overlap-weight` sets it.
+ * weight 1 (with priced detours) sustains 1.24× kv_aware's rate at a 2 s TTFT-p90 objective for
+ * 1.4 points of hit rate (docs/benchmarks.md §10.9). `--slo-overlap-weight` sets it.
  */
 export const SLO_OVERLAP_WEIGHT = 1;
 
@@ -97,6 +97,13 @@ interface Scored {
  *   flight): it spends the least of the cluster's capacity on this request — leaving the most
  *   headroom for others — without piling onto one worker; ties by lowest predicted TTFT. If none
  *   is predicted to meet it: the lowest predicted TTFT (and the decision says so).
+ * - Detours are priced: when the request's home (the worker holding most of it) is predicted to
+ *   miss the TTFT objective, a worker that would meet it (or, when none would, the fastest) is
+ *   taken only if the TTFT it saves this request is at least `detourCostFactor` × the extra
+ *   prefill it adds there (each worker's prefill work at its learned speed); else the request
+ *   stays home (`slo_detour_not_worth`). Sending a group's request to an engine that must
+ *   prefill the group's long prompt cold costs the cluster more than the queueing it saves one
+ *   request (docs/benchmarks.md §10.3, §10.9).
  * - Without an objective: the lowest predicted TTFT, but among the workers within a margin of it
  *   the one with the lowest kv_aware cost (cache affinity when the difference is small).
  *
@@ -309,9 +316,9 @@ export class SloAwarePolicy extends KvAwarePolicy {
       e.rule === 'slo_headroom'
         ? `objective ${obj}: ${e.feasible.filter(Boolean).length} of ${healthy.length} workers predicted to meet it (≤ ${this.sloConfig.sloSafety} × objective); the one adding the least prefill (${e.uncached[e.i]} uncached tokens), predicted TTFT ${round(p.ttftMs, 1)} ms`
         : e.rule === 'slo_detour_not_worth'
-          ? `objective ${obj}: the lowest-cost worker is predicted to miss it (${round(p.ttftMs, 1)} ms), but no worker predicted to meet it saves this request as much time as the extra prefill it would add there (× ${this.sloConfig.detourCostFactor}): kept on the lowest-cost worker`
+          ? `objective ${obj}: the worker holding most of the request is predicted to miss it (${round(p.ttftMs, 1)} ms), but no worker predicted to meet it saves this request as much time as ${this.sloConfig.detourCostFactor} × the extra prefill it would add there: kept on the former`
         : e.rule === 'slo_unreachable'
-          ? `objective ${obj}: no worker predicted to meet it; lowest predicted TTFT ${round(p.ttftMs, 1)} ms`
+          ? `objective ${obj}: no worker predicted to meet it; lowest predicted TTFT (or the worker holding most of the request, when leaving it does not pay) ${round(p.ttftMs, 1)} ms`
           : e.rule === 'lowest_ttft'
             ? `no objective: lowest predicted TTFT ${round(p.ttftMs, 1)} ms`
             : `no objective: most cached among workers within the margin of the lowest predicted TTFT; predicted ${round(p.ttftMs, 1)} ms`;
