@@ -22,6 +22,7 @@ const policyFlags = [
   'eviction-interval-secs',
   'max-tree-size',
   'kv-overlap-weight',
+  'slo-overlap-weight',
   'kv-active-weight',
   'kv-history-weight',
   'kv-host-hit-weight',
@@ -110,7 +111,7 @@ export function benchPolicyOptions(o: Record<string, unknown>): PolicyOptions {
     },
     prefixLoad: { windowSecs: o.windowSecs as number },
     engineLoad: { staleAfterMs: (o.engineMetricsStaleSecs as number) * 1000 },
-    ...(o.ttftSloMs !== undefined ? { sloAware: { ttftSloMs: o.ttftSloMs as number } } : {}),
+    sloAware: { overlapWeight: o.sloOverlapWeight as number, ...(o.ttftSloMs !== undefined ? { ttftSloMs: o.ttftSloMs as number } : {}) },
   };
 }
 

@@ -85,6 +85,7 @@ export interface ServeConfig {
   kvEventsStaleSecs: number;
   kvIndexMaxBlocks: number;
   kvOverlapWeight: number;
+  sloOverlapWeight: number;
   kvActiveWeight: number;
   kvHistoryWeight: number;
   kvHostHitWeight: number;
@@ -233,7 +234,8 @@ export const serveOptionSpecs: readonly OptionSpec[] = [
   { flag: 'kv-events-mediums', kind: 'enum', description: 'Events for CPU/disk tiers: ignore them, or index them apart from GPU (kv_aware credits them with --kv-host-hit-weight / --kv-disk-hit-weight; see docs/benchmarks.md)', default: 'separate', choices: ['gpu-only', 'separate'] },
   { flag: 'kv-events-stale-secs', kind: 'number', description: 'kv_aware: events this much older than a worker\'s last finished request count as stale (approximate fallback)', default: 5, min: 0, exclusiveMin: true },
   { flag: 'kv-index-max-blocks', kind: 'int', description: 'Largest KV block index (nodes); LRU leaves are pruned beyond it', default: 1000000, min: 1000 },
-  { flag: 'kv-overlap-weight', kind: 'number', description: 'kv_aware: weight of the prefill blocks still needed (see docs/benchmarks.md for why 4, not Dynamo\'s 1)', default: 4, min: 0 },
+  { flag: 'kv-overlap-weight', kind: 'number', description: 'kv_aware: weight of the prefill blocks still needed (see docs/benchmarks.md for why 4, not Dynamo\'s 1; slo_aware has --slo-overlap-weight)', default: 4, min: 0 },
+  { flag: 'slo-overlap-weight', kind: 'number', description: 'slo_aware: its own weight of the prefill blocks still needed (kv_aware\'s is --kv-overlap-weight; see docs/benchmarks.md §10.9 for why 1)', default: 1, min: 0 },
   { flag: 'kv-active-weight', kind: 'number', description: 'kv_aware: weight of the blocks in-flight requests occupy', default: 0.1, min: 0 },
   { flag: 'kv-host-hit-weight', kind: 'number', description: 'kv_aware: a prefix block held only in host memory (CPU offload tier) counts this much of a GPU block (with --kv-events-mediums separate)', default: 0.75, min: 0, max: 1 },
   { flag: 'kv-disk-hit-weight', kind: 'number', description: 'kv_aware: a prefix block held only on disk/remote storage counts this much of a GPU block (with --kv-events-mediums separate)', default: 0.25, min: 0, max: 1 },

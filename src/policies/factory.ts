@@ -10,7 +10,7 @@ import { PowerOfTwoPolicy } from './power-of-two.js';
 import { PrefixLoadPolicy, type PrefixLoadOptions } from './prefix-load.js';
 import { RandomPolicy } from './random.js';
 import { RoundRobinPolicy } from './round-robin.js';
-import { defaultSloAwareConfig, SloAwarePolicy, type SloAwareConfig } from './slo-aware.js';
+import { defaultSloAwareConfig, SLO_OVERLAP_WEIGHT, SloAwarePolicy, type SloAwareConfig } from './slo-aware.js';
 
 export const POLICY_NAMES = [
   'random',
@@ -32,8 +32,11 @@ export interface PolicyOptions {
   kvAware?: Partial<KvAwareConfig>;
   /** The KV-event index kv_aware reads. Required for kv_aware. */
   kvIndex?: KvIndexView;
-  /** slo_aware: objectives, margins, predictor (its kv_aware part comes from kvAware). */
-  sloAware?: Partial<Omit<SloAwareConfig, keyof KvAwareConfig>>;
+  /**
+   * slo_aware: objectives, margins, predictor, and its own overlap weight (default
+   * SLO_OVERLAP_WEIGHT, not kvAware's); the rest of its kv_aware part comes from kvAware.
+   */
+  sloAware?: Partial<Omit<SloAwareConfig, keyof KvAwareConfig>> & { overlapWeight?: number };
   prefixLoad?: PrefixLoadOptions;
   engineLoad?: Partial<EngineLoadPolicyConfig>;
 }
@@ -69,7 +72,7 @@ export function createPolicy(name: string, deps: PolicyDeps, options: PolicyOpti
       return new KvAwarePolicy(deps, options.kvIndex, { ...defaultKvAwareConfig, ...options.kvAware });
     case 'slo_aware':
       if (!options.kvIndex) throw new Error('slo_aware needs a KV-event index (the host must provide one)');
-      return new SloAwarePolicy(deps, options.kvIndex, { ...defaultSloAwareConfig, ...defined(options.kvAware), ...defined(options.sloAware) });
+      return new SloAwarePolicy(deps, options.kvIndex, { ...defaultSloAwareConfig, ...defined(options.kvAware), overlapWeight: SLO_OVERLAP_WEIGHT, ...defined(options.sloAware) });
     case 'prefix_load':
       return new PrefixLoadPolicy(deps, { outputTokens: (ctx) => ctx.maxOutputTokens, ...options.prefixLoad });
     case 'least_kv_cache':

@@ -19,11 +19,28 @@ export interface SloAwareConfig extends KvAwareConfig {
   affinityMarginRel: number;
   /** A worker meets an objective when its prediction is at most this fraction of it. */
   sloSafety: number;
+  /**
+   * A detour (the request's home — the worker holding most of it — is predicted to miss its TTFT
+   * objective, another to meet it) is taken only when the latency it saves this request
+   * (predicted TTFT at home − there) is at least this many times the extra prefill work it puts
+   * on the cluster (the detour worker's prefill − the home's, each at its learned speed, ms).
+   * 0 = always divert to a worker predicted to meet the objective (the rule before this one).
+   */
+  detourCostFactor: number;
   predictor: PredictorConfig;
 }
 
+/**
+ * slo_aware's own default overlap weight (kv_aware's is 4): on the Mooncake conversation trace,
+ * weight 1 (with priced detours) sustains 1.24× kv_aware's rate at a 2 s TTFT-p90 objective for
+ * 1.4 points of hit rate (docs/benchmarks.md §10.9). `--slo-overlap-weight` sets it.
+ */
+export const SLO_OVERLAP_WEIGHT = 1;
+
 export const defaultSloAwareConfig: SloAwareConfig = {
   ...defaultKvAwareConfig,
+  overlapWeight: SLO_OVERLAP_WEIGHT,
+  detourCostFactor: 1,
   affinityMarginMs: 100,
   affinityMarginRel: 0.2,
   sloSafety: 1,
@@ -41,7 +58,7 @@ export function objectiveFrom(value: string | string[] | undefined): number | un
   return Number.isFinite(n) && n > 0 ? n : undefined;
 }
 
-export type SloRule = 'slo_headroom' | 'slo_unreachable' | 'lowest_ttft' | 'affinity_within_margin';
+export type SloRule = 'slo_headroom' | 'slo_detour_not_worth' | 'slo_unreachable' | 'lowest_ttft' | 'affinity_within_margin';
 
 /** What slo_aware decided for the last request (the gateway's `x-kvgate-predicted-ttft-ms`, admission). */
 export interface SloDecision {
@@ -80,6 +97,13 @@ interface Scored {
  *   flight): it spends the least of the cluster's capacity on this request — leaving the most
  *   headroom for others — without piling onto one worker; ties by lowest predicted TTFT. If none
  *   is predicted to meet it: the lowest predicted TTFT (and the decision says so).
+ * - Detours are priced: when the request's home (the worker holding most of it) is predicted to
+ *   miss the TTFT objective, a worker that would meet it (or, when none would, the fastest) is
+ *   taken only if the TTFT it saves this request is at least `detourCostFactor` × the extra
+ *   prefill it adds there (each worker's prefill work at its learned speed); else the request
+ *   stays home (`slo_detour_not_worth`). Sending a group's request to an engine that must
+ *   prefill the group's long prompt cold costs the cluster more than the queueing it saves one
+ *   request (docs/benchmarks.md §10.3, §10.9).
  * - Without an objective: the lowest predicted TTFT, but among the workers within a margin of it
  *   the one with the lowest kv_aware cost (cache affinity when the difference is small).
  *
@@ -141,15 +165,40 @@ export class SloAwarePolicy extends KvAwarePolicy {
     const costs = sc.costs;
     const cheapest = (set: number[]) => set.reduce((a, k) => (costs[k] < costs[a] - 1e-9 || (Math.abs(costs[k] - costs[a]) <= 1e-9 && preds[k].ttftMs < preds[a].ttftMs) ? k : a), set[0]);
     if (ttft !== undefined || tpot !== undefined) {
-      const ok = preds.map((_, k) => k).filter((k) => feasible[k]);
-      if (ok.length > 0) return { sc, preds, uncached, i: cheapest(ok), rule: 'slo_headroom', feasible, ttftObjective: ttft, tpotObjective: tpot };
-      return { sc, preds, uncached, i: best, rule: 'slo_unreachable', feasible, ttftObjective: ttft, tpotObjective: tpot };
+      const all = preds.map((_, k) => k);
+      // The request's home: the worker holding most of it (ties: the lowest cost).
+      const ov = sc.meta;
+      const home = all.reduce((a, k) => (ov[k].overlap > ov[a].overlap || (ov[k].overlap === ov[a].overlap && costs[k] < costs[a] - 1e-9) ? k : a), 0);
+      const factor = this.sloConfig.detourCostFactor;
+      // A detour pays when the TTFT it saves this request covers the extra prefill it makes the
+      // cluster do (which delays the requests queued behind it there). Only a TTFT objective
+      // can make the home miss by queueing; a TPOT-only miss diverts as before.
+      const homeTtftOk = ttft === undefined || preds[home].ttftMs <= safety * ttft;
+      const pays = (k: number) => {
+        if (k === home || factor <= 0 || homeTtftOk) return true;
+        const extra = this.extraWorkMs(healthy, k, home, preds, now);
+        return extra <= 0 || preds[home].ttftMs - preds[k].ttftMs >= factor * extra;
+      };
+      const ok = all.filter((k) => feasible[k]);
+      if (ok.length > 0) {
+        const paying = ok.filter(pays);
+        if (paying.length > 0) return { sc, preds, uncached, i: cheapest(paying), rule: 'slo_headroom', feasible, ttftObjective: ttft, tpotObjective: tpot };
+        return { sc, preds, uncached, i: home, rule: 'slo_detour_not_worth', feasible, ttftObjective: ttft, tpotObjective: tpot };
+      }
+      // None meets it: the lowest predicted TTFT, unless leaving home for it does not pay either.
+      return { sc, preds, uncached, i: pays(best) ? best : home, rule: 'slo_unreachable', feasible, ttftObjective: ttft, tpotObjective: tpot };
     }
     const min = preds[best].ttftMs;
     const margin = Math.max(this.sloConfig.affinityMarginMs, this.sloConfig.affinityMarginRel * min);
     const near = preds.map((_, k) => k).filter((k) => preds[k].ttftMs <= min + margin);
     const i = cheapest(near);
     return { sc, preds, uncached, i, rule: i === best ? 'lowest_ttft' : 'affinity_within_margin', feasible };
+  }
+
+  /** Prefill work (ms, at each worker's learned speed) the request costs on `k` beyond what it costs on `home`. */
+  private extraWorkMs(healthy: readonly Worker[], k: number, home: number, preds: Prediction[], now: number): number {
+    const speed = (j: number) => this.predictor.stats(healthy[j].id, now).slowness;
+    return speed(k) * preds[k].ownWorkMs - speed(home) * preds[home].ownWorkMs;
   }
 
   private pending: Scored | undefined;
@@ -266,8 +315,10 @@ export class SloAwarePolicy extends KvAwarePolicy {
     const detail =
       e.rule === 'slo_headroom'
         ? `objective ${obj}: ${e.feasible.filter(Boolean).length} of ${healthy.length} workers predicted to meet it (≤ ${this.sloConfig.sloSafety} × objective); the one adding the least prefill (${e.uncached[e.i]} uncached tokens), predicted TTFT ${round(p.ttftMs, 1)} ms`
+        : e.rule === 'slo_detour_not_worth'
+          ? `objective ${obj}: the worker holding most of the request is predicted to miss it (${round(p.ttftMs, 1)} ms), but no worker predicted to meet it saves this request as much time as ${this.sloConfig.detourCostFactor} × the extra prefill it would add there: kept on the former`
         : e.rule === 'slo_unreachable'
-          ? `objective ${obj}: no worker predicted to meet it; lowest predicted TTFT ${round(p.ttftMs, 1)} ms`
+          ? `objective ${obj}: no worker predicted to meet it; lowest predicted TTFT (or the worker holding most of the request, when leaving it does not pay) ${round(p.ttftMs, 1)} ms`
           : e.rule === 'lowest_ttft'
             ? `no objective: lowest predicted TTFT ${round(p.ttftMs, 1)} ms`
             : `no objective: most cached among workers within the margin of the lowest predicted TTFT; predicted ${round(p.ttftMs, 1)} ms`;

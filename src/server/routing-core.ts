@@ -220,7 +220,7 @@ export class RoutingCore {
         },
         prefixLoad: { windowSecs: config.windowSecs },
         engineLoad: { staleAfterMs: config.engineMetricsStaleSecs * 1000 },
-        sloAware: { ttftSloMs: config.ttftSloMs, tpotSloMs: config.tpotSloMs },
+        sloAware: { ttftSloMs: config.ttftSloMs, tpotSloMs: config.tpotSloMs, overlapWeight: config.sloOverlapWeight },
       },
     )), policyDeps, config.sessionAffinityHeader, config.sessionAffinityTtlSecs);
     };

@@ -6,6 +6,8 @@ import { SeededRng } from '../../src/core/rng.js';
 import { Worker } from '../../src/core/worker.js';
 import type { CostModelConfig } from '../../src/engine/cost-model.js';
 import type { KvCacheEvent } from '../../src/events/types.js';
+import { createPolicy, type PolicyOptions } from '../../src/policies/factory.js';
+import type { KvAwarePolicy } from '../../src/policies/kv-aware.js';
 import { LatencyPredictor } from '../../src/policies/latency-predictor.js';
 import { defaultSloAwareConfig, SloAwarePolicy, type SloAwareConfig } from '../../src/policies/slo-aware.js';
 import { Engine } from '../../src/sim/engine.js';
@@ -191,7 +193,8 @@ describe('slo_aware', () => {
   });
 
   it('prefers affinity within the margin: a slightly slower cached worker wins over an idle cold one', () => {
-    const { workers, policy, store, ctx } = setup({ affinityMarginMs: 200, affinityMarginRel: 0 });
+    // Overlap weight 4 (kv_aware's): the cost ranks the cached worker first, which is the case this rule is about.
+    const { workers, policy, store, ctx } = setup({ affinityMarginMs: 200, affinityMarginRel: 0, overlapWeight: 4 });
     const prompt = tokens(4000);
     store(0, prompt.slice(0, 2000)); // half cached on w0
     policy.selectWorker([workers[0]], ctx(tokens(1000, 500_000))); // ≈ 50 ms of backlog on w0
@@ -204,7 +207,8 @@ describe('slo_aware', () => {
   });
 
   it('with an objective: among workers predicted to meet it, the one adding the least prefill', () => {
-    const { workers, policy, store, ctx } = setup({ affinityMarginMs: 0, affinityMarginRel: 0 });
+    // Overlap weight 4: half the prompt cached outweighs w2's backlog in the cost (with slo_aware's default 1 they tie).
+    const { workers, policy, store, ctx } = setup({ affinityMarginMs: 0, affinityMarginRel: 0, overlapWeight: 4 });
     const prompt = tokens(6000);
     store(2, prompt.slice(0, 3000)); // w2 holds half; w0, w1 cold
     policy.selectWorker([workers[2]], ctx(tokens(3000, 700_000))); // w2 has a backlog: no longer the fastest
@@ -223,6 +227,53 @@ describe('slo_aware', () => {
     const w = policy.selectWorker(workers, ctx(tokens(8000, 1), { 'x-slo-ttft-ms': '10' }))!;
     expect(w).not.toBe(workers[0]);
     expect(policy.lastSlo).toMatchObject({ rule: 'slo_unreachable', feasible: false, ttftObjectiveMs: 10 });
+  });
+
+  it('a detour that costs the cluster more prefill than it saves the request stays home (detourCostFactor)', () => {
+    const obj = { 'x-slo-ttft-ms': '500' };
+    const prompt = tokens(6000);
+    // w0 holds the whole prompt but has ≈ 10k tokens of prefill queued (≈ 550 ms): it misses
+    // 500 ms. An idle cold worker meets it (≈ 330 ms), but only by prefilling 6,000 tokens
+    // (≈ 320 ms of work) to save this request ≈ 230 ms: not worth it.
+    const run = (over: Partial<SloAwareConfig>, backlogTokens: number) => {
+      const { workers, policy, store, ctx } = setup(over);
+      store(0, prompt);
+      policy.selectWorker([workers[0]], ctx(tokens(backlogTokens, 800_000)));
+      const e = policy.explain(workers, ctx(prompt, obj));
+      const w = policy.selectWorker(workers, ctx(prompt, obj))!;
+      expect(w.id).toBe(e.chosen);
+      return { w, workers, slo: policy.lastSlo!, e };
+    };
+    const home = run({}, 10_000);
+    expect(home.w).toBe(home.workers[0]);
+    expect(home.slo).toMatchObject({ rule: 'slo_detour_not_worth', feasible: true });
+    expect(home.slo.predictedTtftMs).toBeGreaterThan(500);
+    expect(home.e.candidates[1].terms).toMatchObject({ meets_objective: true, uncached_tokens: 6000 });
+    // Without the pricing (factor 0) the same request leaves for a cold worker that meets it.
+    const always = run({ detourCostFactor: 0 }, 10_000);
+    expect(always.w).not.toBe(always.workers[0]);
+    expect(always.slo).toMatchObject({ rule: 'slo_headroom', feasible: true });
+    // With ≈ 1.3 s queued at home the detour saves more than it costs: taken.
+    const far = run({}, 24_000);
+    expect(far.w).not.toBe(far.workers[0]);
+    expect(far.slo).toMatchObject({ rule: 'slo_headroom' });
+    // Nobody meets a 100 ms objective: the lowest predicted TTFT (a cold worker) only if the
+    // detour pays, else home.
+    const { workers, policy, store, ctx } = setup();
+    store(0, prompt);
+    policy.selectWorker([workers[0]], ctx(tokens(10_000, 800_000)));
+    expect(policy.selectWorker(workers, ctx(prompt, { 'x-slo-ttft-ms': '100' }))).toBe(workers[0]);
+    expect(policy.lastSlo).toMatchObject({ rule: 'slo_unreachable', feasible: false });
+  });
+
+  it('has its own overlap weight (1), apart from kv_aware\'s (4); --slo-overlap-weight sets it', () => {
+    const idx = { index: new BlockIndex({ blockSize: BS }), lastEventAtMs: () => undefined, isAccurate: () => true, resetCount: () => 0 };
+    const deps = { clock: new ManualClock(0), rng: new SeededRng(1) };
+    const mk = (name: string, o: PolicyOptions) => (createPolicy(name, deps, { kvIndex: idx, ...o }) as KvAwarePolicy).config.overlapWeight;
+    expect(mk('slo_aware', { kvAware: { overlapWeight: 4, activeWeight: 0.1 } })).toBe(1);
+    expect(mk('kv_aware', { kvAware: { overlapWeight: 4 } })).toBe(4);
+    expect(mk('slo_aware', { kvAware: { overlapWeight: 4 }, sloAware: { overlapWeight: 3 } })).toBe(3);
+    expect(mk('slo_aware', { kvAware: { activeWeight: 0.5 } })).toBe(1);
   });
 
   it('uses the configured default objective when the request has none; a bad header falls back to it', () => {
