@@ -1,7 +1,8 @@
 // npm run bench:proxy:wrk — maximum throughput and p50 latency under wrk, with nginx as the
 // upstream: nginx direct, a bare Node proxy (node:http in, undici Pool out, no logic), the same
 // bare proxy as 2 node:cluster processes sharing nothing (this machine's ceiling for a second
-// process), kvgate (cache_aware) with 1 process, and kvgate with --processes 2. Each run also
+// process), kvgate (cache_aware) with 1 process, with --processes 2, and with --processes 2
+// --replica-sync off (the same without sharing state: what sync costs). Each run also
 // reports where the machine's cores went (/proc: the target's processes, wrk, nginx,
 // nats-server). Needs the Debian packages wrk and nginx-light (scripts/setup-test-deps.sh) and
 // nats-server for --processes 2.
@@ -13,7 +14,7 @@
 // 3,800-character system prompt and a varying user turn).
 //
 // Options (env): BENCH_WRK_SECS (10), BENCH_WRK_WARMUP_SECS (2), BENCH_WRK_CONNECTIONS (64),
-// BENCH_WRK_THREADS (1), BENCH_ROUNDS (3), BENCH_TARGETS (nginx,bare,bare2,kvgate1,kvgate2: which to
+// BENCH_WRK_THREADS (1), BENCH_ROUNDS (3), BENCH_TARGETS (nginx,bare,bare2,kvgate1,kvgate2,kvgate2nosync: which to
 // measure; each ratio is printed when its targets were measured).
 import { execFileSync, fork, spawn } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
@@ -138,12 +139,12 @@ function forkBare(upstream, processes = 1) {
   });
 }
 
-async function startKvgate(processes) {
+async function startKvgate(processes, extra = [], name = `kvgate${processes}`) {
   const port = await freePort();
-  const args = ['serve', '--host', '127.0.0.1', '--port', String(port), '--worker-urls', `http://127.0.0.1:${portA}`, `http://127.0.0.1:${portB}`, '--policy', 'cache_aware', '--log-level', 'warn', '--processes', String(processes)];
+  const args = ['serve', '--host', '127.0.0.1', '--port', String(port), '--worker-urls', `http://127.0.0.1:${portA}`, `http://127.0.0.1:${portB}`, '--policy', 'cache_aware', '--log-level', 'warn', '--processes', String(processes), ...extra];
   const c = spawn(process.execPath, [here('../dist/cli/main.js'), ...args], { stdio: ['ignore', 'inherit', 'inherit'] });
   children.push(c);
-  track(`kvgate${processes}`, c.pid);
+  track(name, c.pid);
   const url = `http://127.0.0.1:${port}`;
   await waitReady(url, '/readiness');
   // With several processes, each must have checked its workers: ask until enough answers say ready.
@@ -293,8 +294,8 @@ const cpuModel = readFileSync('/proc/cpuinfo', 'utf8').match(/model name\s*:\s*(
 console.log(`machine: ${cpus().length} CPUs (${cpuModel}), Node ${process.version}; load average ${loadavg().map((x) => x.toFixed(2)).join(' ')}`);
 console.log(`wrk: ${THREADS} thread(s), ${CONNS} connections, ${SECS} s per measurement after a ${WARMUP} s warm-up; ${ROUNDS} rounds`);
 
-const names = (process.env.BENCH_TARGETS ?? 'nginx,bare,bare2,kvgate1,kvgate2').split(',');
-const labels = { nginx: 'nginx direct', bare: 'bare Node proxy', bare2: 'bare Node proxy, 2 processes (no shared state)', kvgate1: 'kvgate cache_aware, 1 process', kvgate2: 'kvgate cache_aware, --processes 2' };
+const names = (process.env.BENCH_TARGETS ?? 'nginx,bare,bare2,kvgate1,kvgate2,kvgate2nosync').split(',');
+const labels = { nginx: 'nginx direct', bare: 'bare Node proxy', bare2: 'bare Node proxy, 2 processes (no shared state)', kvgate1: 'kvgate cache_aware, 1 process', kvgate2: 'kvgate cache_aware, --processes 2', kvgate2nosync: 'kvgate cache_aware, --processes 2 --replica-sync off' };
 const results = Object.fromEntries(names.map((n) => [n, []]));
 const scrapes = {};
 try {
@@ -307,6 +308,7 @@ try {
     bare2: await forkBare(`http://127.0.0.1:${portA}`, 2),
     kvgate1: await startKvgate(1),
     kvgate2: await startKvgate(2),
+    kvgate2nosync: await startKvgate(2, ['--replica-sync', 'off'], 'kvgate2nosync'),
   };
   for (let round = 0; round < ROUNDS; round++) {
     for (const name of names) {
@@ -323,7 +325,7 @@ try {
       console.log(`round ${round + 1} ${name.padEnd(7)} req/s=${r.rps.toFixed(0)} p50=${r.p50.toFixed(3)}ms p99=${r.p99.toFixed(3)}ms${errs}${loop}${cpu}`);
     }
   }
-  for (const name of ['kvgate1', 'kvgate2']) {
+  for (const name of ['kvgate1', 'kvgate2', 'kvgate2nosync'].filter((n) => targets[n])) {
     scrapes[name] = [];
     for (let i = 0; i < 8; i++) {
       const text = await scrape(targets[name]);
@@ -355,8 +357,9 @@ if (med.bare && med.bare2) console.log(`bare proxy 2 processes/1 process req/s=$
 if (med.kvgate1 && med.kvgate2) {
   console.log(`processes2/processes1 req/s=${(med.kvgate2.rps / med.kvgate1.rps).toFixed(2)} p50=${(med.kvgate2.p50 / med.kvgate1.p50).toFixed(2)}`);
 }
+if (med.kvgate1 && med.kvgate2nosync) console.log(`processes2 without replica sync/processes1 req/s=${(med.kvgate2nosync.rps / med.kvgate1.rps).toFixed(2)} (the cost of sharing state: compare with the line above)`);
 console.log('\ncache_aware on kvgate /metrics after all rounds (8 scrapes, a fresh connection each; with --processes 2 each scrape is answered by one process, whose counters are its own):');
-for (const name of ['kvgate1', 'kvgate2']) {
+for (const name of Object.keys(scrapes)) {
   const distinct = [...new Map(scrapes[name].map((s) => [`${s.hits}/${s.misses}`, s])).values()];
   for (const s of distinct) {
     const rate = s.hits / (s.hits + s.misses);

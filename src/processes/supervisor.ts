@@ -76,6 +76,8 @@ export async function runSupervisor(config: ServeConfig, log: Logger): Promise<v
   // Must be set before the first fork. See schedulingPolicyFrom.
   cluster.schedulingPolicy = schedulingPolicyFrom(process.env.NODE_CLUSTER_SCHED_POLICY);
 
+  // A configured URL is passed on as is; so is 'off' (--replica-sync off: the processes share
+  // nothing, each keeps its own trees and load view, and no nats-server is started).
   let syncUrl = configuredReplicaSync(config);
   let nats: NatsServer | undefined;
   let stopping = false;

@@ -159,7 +159,7 @@ export class RoutingCore {
     // Replica sync (--replica-sync): policies report what they record to it; it applies peers' events.
     this.replicaId = config.replicaId ?? `${hostname()}:${config.port}:${process.pid}`;
     const syncedPolicies = new Map<string, RoutingPolicy>();
-    if (config.replicaSync) {
+    if (config.replicaSync && config.replicaSync !== 'off') {
       this.sync = new ReplicaSync(
         NatsTransport.start({
           servers: config.replicaSync,

@@ -142,6 +142,30 @@ describe('kvgate serve --processes 2', () => {
     console.log(`processes test: ${sent} requests, all 200; connection-refused retries: ${refusedRetries}`);
   });
 
+  it('--replica-sync off: two processes that share nothing, and no nats-server', async () => {
+    const port = await freePort();
+    const sup = await spawnKvgate(
+      ['serve', '--host', '127.0.0.1', '--port', String(port), '--processes', '2', '--replica-sync', 'off', '--worker-urls', sim, '--log-level', 'debug'],
+      /"msg":"kvgate supervisor listening"/,
+      30_000,
+    );
+    running.push(sup);
+    for (let i = 0; i < 200 && lines(sup.output()).filter((l) => l.msg === 'kvgate listening').length < 2; i++) await new Promise((r) => setTimeout(r, 25));
+    const out = lines(sup.output());
+    expect(out.find((l) => l.msg === 'kvgate supervisor listening')!.replicaSync).toBe('off');
+    expect(out.some((l) => l.msg?.startsWith('started nats-server'))).toBe(false);
+    let sent = 0;
+    while (sent < 16 || (servedBy(sup.output()).size < 2 && sent < 400)) {
+      const statuses = await Promise.all(Array.from({ length: 8 }, () => chat(port, sent++)));
+      expect(statuses.every((s) => s === 200)).toBe(true);
+    }
+    expect(servedBy(sup.output()).size).toBe(2);
+    // Whichever process answers says replica sync is off.
+    const res = await fetch(`http://127.0.0.1:${port}/replicas`);
+    expect(await res.json()).toEqual({ state: 'off' });
+    expect(await sup.stop()).toBe(0);
+  });
+
   it('refuses --port 0, and names the package when no nats-server binary is found', async () => {
     const p = await runKvgate(['serve', '--port', '0', '--processes', '2']);
     expect(p.code).toBe(2);
