@@ -186,9 +186,20 @@ export function proxyRequest(opts: ProxyOptions): Promise<ProxyResult> {
       res.destroy();
       return settle({ status, outcome: 'timeout', failure });
     };
+    // The idle timer is lazy: a chunk only stamps the time (no timer work per chunk, which at
+    // thousands of streamed chunks a second was a timer allocation each); when the timer fires
+    // it re-arms for what is left of the silence budget, or aborts if the budget is spent.
+    let lastActivity = 0;
+    const checkIdle = () => {
+      idleTimer = undefined;
+      if (settled) return;
+      const silent = performance.now() - lastActivity;
+      if (silent >= timeouts.idleMs) abort(new UpstreamTimeout('idle'));
+      else idleTimer = setTimeout(checkIdle, timeouts.idleMs - silent);
+    };
     const armIdle = () => {
-      clearTimeout(idleTimer);
-      idleTimer = setTimeout(() => abort(new UpstreamTimeout('idle')), timeouts.idleMs);
+      lastActivity = performance.now();
+      if (!idleTimer) idleTimer = setTimeout(checkIdle, timeouts.idleMs);
     };
     const onClientClose = () => {
       if (!res.writableFinished) abort(new ClientGone());
