@@ -68,16 +68,22 @@ function cluster(vt: VirtualTime, bus: MemoryBus, kind: 'cache_aware' | 'kv_awar
   return make;
 }
 
+/** Two replicas on one in-memory bus (1 ms delay) in virtual time, past their start-up (synced). */
+function twoPeers(kind: 'cache_aware' | 'kv_aware' = 'cache_aware') {
+  const vt = new VirtualTime();
+  const bus = new MemoryBus((ms, fn) => vt.at(ms, fn), 1);
+  const make = cluster(vt, bus, kind);
+  const a = make('a');
+  const b = make('b');
+  vt.advance(2000);
+  return { vt, a, b };
+}
+
 const systemPrompt = 'You are a careful assistant. '.repeat(150); // ~4,350 characters
 
 describe('replica sync (in-memory bus, virtual time)', () => {
   it('shares tree inserts and in-flight load; a shared prefix costs bytes only once', () => {
-    const vt = new VirtualTime();
-    const bus = new MemoryBus((ms, fn) => vt.at(ms, fn), 1);
-    const make = cluster(vt, bus);
-    const a = make('a');
-    const b = make('b');
-    vt.advance(2000);
+    const { vt, a, b } = twoPeers();
     expect(a.sync.syncState).toBe('synced');
     expect(a.sync.peerCount).toBe(1);
 
@@ -107,12 +113,7 @@ describe('replica sync (in-memory bus, virtual time)', () => {
   });
 
   it('expires a silent peer’s load, and re-converges when it is back', () => {
-    const vt = new VirtualTime();
-    const bus = new MemoryBus((ms, fn) => vt.at(ms, fn), 1);
-    const make = cluster(vt, bus);
-    const a = make('a');
-    const b = make('b');
-    vt.advance(2000);
+    const { vt, a, b } = twoPeers();
     const w = a.registry.all()[2];
     const g1 = w.acquire();
     const g2 = w.acquire();
@@ -173,12 +174,7 @@ describe('replica sync (in-memory bus, virtual time)', () => {
   });
 
   it('kv_aware: peers see in-flight blocks and pending prefill, released on first token and end', () => {
-    const vt = new VirtualTime();
-    const bus = new MemoryBus((ms, fn) => vt.at(ms, fn), 1);
-    const make = cluster(vt, bus, 'kv_aware');
-    const a = make('a');
-    const b = make('b');
-    vt.advance(2000);
+    const { vt, a, b } = twoPeers('kv_aware');
     const tokens = Array.from({ length: 640 }, (_, i) => i % 1000);
     const c1 = ctx(systemPrompt, 'req-1', tokens);
     const w = a.policy.selectWorker(a.registry.all(), c1)!;
@@ -194,12 +190,7 @@ describe('replica sync (in-memory bus, virtual time)', () => {
   });
 
   it('rate-limit use is charged to the same (hashed) bucket on every peer', () => {
-    const vt = new VirtualTime();
-    const bus = new MemoryBus((ms, fn) => vt.at(ms, fn), 1);
-    const make = cluster(vt, bus);
-    const a = make('a');
-    const b = make('b');
-    vt.advance(2000);
+    const { vt, a, b } = twoPeers();
     for (let i = 0; i < 3; i++) a.sync.rateLimitTaken('bucket-1');
     a.sync.rateLimitTaken('bucket-2');
     vt.advance(10);
@@ -211,12 +202,7 @@ describe('replica sync (in-memory bus, virtual time)', () => {
   });
 
   it('admin changes travel with last-writer-wins', () => {
-    const vt = new VirtualTime();
-    const bus = new MemoryBus((ms, fn) => vt.at(ms, fn), 1);
-    const make = cluster(vt, bus);
-    const a = make('a');
-    const b = make('b');
-    vt.advance(2000);
+    const { vt, a, b } = twoPeers();
     a.sync.announceAdmin({ op: 'add', url: 'http://w9:8000', spec: { url: 'http://w9:8000' } });
     vt.advance(10);
     expect(b.admin.map((c) => [c.op, c.url])).toEqual([['add', 'http://w9:8000']]);
