@@ -53,6 +53,9 @@ interface RecentText {
 /** Recent texts remembered for encoding, and the UTF-16 units they may pin in total. */
 const RECENT_TEXTS = 1024;
 const RECENT_UNITS = 8 * 1024 * 1024;
+/** Decoded prefixes kept, and the UTF-16 units they may hold in total. */
+const PREFIX_CACHE_ENTRIES = 1024;
+const PREFIX_CACHE_UNITS = 8 * 1024 * 1024;
 
 export class ChunkDictionary {
   private readonly entries = new Map<number, Entry>();
@@ -60,6 +63,9 @@ export class ChunkDictionary {
   private clock = 0;
   /** Keyed by the text's first chunk; Map order is recency order. */
   private readonly recent = new Map<string, RecentText>();
+  /** Prefixes decoded recently, by their last chunk's hash (decodeText skips the walk and the join). */
+  private readonly prefixes = new Map<number, { text: string; entries: Entry[] }>();
+  private prefixUnits = 0;
   private recentUnits = 0;
   /** Texts and token runs that could not be rebuilt (a chunk was missing). */
   unresolved = 0;
@@ -96,12 +102,22 @@ export class ChunkDictionary {
     if (known > 0) {
       if (!last) return this.fail();
       parent = last;
-      const parts = this.walk(parent, known);
-      if (!parts) return this.fail();
-      prefix = parts.join('');
+      const hit = this.prefixes.get(last);
+      if (hit !== undefined && hit.entries.length === known) {
+        // A prefix decoded before: its text as it was joined, its chunks refreshed in place.
+        const now = ++this.clock;
+        for (const e of hit.entries) e.used = now;
+        prefix = hit.text;
+      } else {
+        const entries = this.walkEntries(parent, known);
+        if (!entries) return this.fail();
+        prefix = entries.map((e) => e.chunk as string).join('');
+        this.cachePrefix(last, prefix, entries);
+      }
     }
     const text = prefix + rest;
-    const ends = textChunkEnds(text);
+    // The prefix is `known` whole chunks: only the rest needs cutting and hashing.
+    const ends = textChunkEnds(text, known, prefix.length);
     const hashes = chainText(text, ends, known, parent);
     this.remember(hashes, known, (i) => text.slice(i === 0 ? 0 : ends[i - 1], ends[i]), true);
     return text;
@@ -138,6 +154,36 @@ export class ChunkDictionary {
     const hashes = chainTokens(out, full, known, parent);
     this.remember(hashes, known, (i) => out.slice(i * TOKEN_CHUNK, (i + 1) * TOKEN_CHUNK), true);
     return out;
+  }
+
+  /** Entries of chunks `[0, count)` ending at `last`, oldest first; undefined if any is missing. Refreshes them. */
+  private walkEntries(last: number, count: number): Entry[] | undefined {
+    const out = new Array<Entry>(count);
+    let h = last;
+    const now = ++this.clock;
+    for (let i = count - 1; i >= 0; i--) {
+      const e = this.entries.get(h);
+      if (!e) return undefined;
+      out[i] = e;
+      e.used = now;
+      h = e.parent;
+    }
+    return out;
+  }
+
+  /** Remembers a decoded text prefix (bounded; Map order is insertion order, the oldest goes first). */
+  private cachePrefix(last: number, text: string, entries: Entry[]): void {
+    if (text.length > PREFIX_CACHE_UNITS / 16) return;
+    const old = this.prefixes.get(last);
+    if (old) this.prefixUnits -= old.text.length;
+    this.prefixes.delete(last);
+    this.prefixes.set(last, { text, entries });
+    this.prefixUnits += text.length;
+    for (const [k, v] of this.prefixes) {
+      if (this.prefixes.size <= PREFIX_CACHE_ENTRIES && this.prefixUnits <= PREFIX_CACHE_UNITS) break;
+      this.prefixes.delete(k);
+      this.prefixUnits -= v.text.length;
+    }
   }
 
   /** Chunks `[0, count)` ending at `last`, oldest first; undefined if any is missing. Refreshes them. */
@@ -230,6 +276,9 @@ export class ChunkDictionary {
 
   /** Drops the least recently used chunks until a tenth of the bound is free. */
   private evict(): void {
+    // Cached prefixes hold entry objects that may be dropped now: start that cache afresh.
+    this.prefixes.clear();
+    this.prefixUnits = 0;
     const target = this.maxUnits * 0.9;
     const byAge = [...this.entries].sort((a, b) => a[1].used - b[1].used);
     for (const [h, e] of byAge) {
@@ -246,9 +295,12 @@ export class ChunkDictionary {
 }
 
 /** End offsets of the full chunks of a text (the remainder after the last one is not a chunk). */
-export function textChunkEnds(text: string): number[] {
-  const ends: number[] = [];
-  let at = 0;
+export function textChunkEnds(text: string, knownChunks = 0, knownUnits = 0): number[] {
+  // With `knownChunks` > 0 the text starts with that many chunks spanning `knownUnits` units:
+  // their inner ends are not computed (left 0; only the last, `knownUnits`, is needed to go on).
+  const ends: number[] = knownChunks > 0 ? new Array<number>(knownChunks).fill(0) : [];
+  if (knownChunks > 0) ends[knownChunks - 1] = knownUnits;
+  let at = knownUnits;
   for (;;) {
     let end = at + TEXT_CHUNK;
     if (end > text.length) break;

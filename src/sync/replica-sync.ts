@@ -1,5 +1,5 @@
 import { createHash, randomBytes } from 'node:crypto';
-import { decode, encode } from '@msgpack/msgpack';
+import { Decoder, Encoder } from '@msgpack/msgpack';
 import type { Clock } from '../core/clock.js';
 import type { WorkerRegistry } from '../core/registry.js';
 import type { Worker } from '../core/worker.js';
@@ -202,6 +202,9 @@ export class ReplicaSync {
     peersExpired: 0,
   };
   private readonly dict: ChunkDictionary;
+  /** One encoder and decoder for every message (they keep their buffers; sync is single-threaded). */
+  private readonly encoder = new Encoder({ ignoreUndefined: true });
+  private readonly decoder = new Decoder();
   private readonly peers = new Map<string, Peer>();
   /** Sum of peers' loads per worker id (kept for workers not registered here yet). */
   private readonly peerLoadTotals = new Map<string, number>();
@@ -458,7 +461,7 @@ export class ReplicaSync {
   }
 
   private send(subject: string, msg: WireMessage): boolean {
-    const data = encode(msg, { ignoreUndefined: true });
+    const data = this.encoder.encode(msg);
     const ok = this.transport.publish(subject, data);
     if (ok) {
       this.stats.messagesSent++;
@@ -635,7 +638,7 @@ export class ReplicaSync {
     if (this.state === 'closed') return;
     let m: WireMessage;
     try {
-      m = decode(data) as WireMessage;
+      m = this.decoder.decode(data) as WireMessage;
       if (typeof m !== 'object' || m === null || typeof m.o !== 'string') throw new Error('not a sync message');
     } catch {
       this.stats.malformed++;

@@ -256,6 +256,22 @@ describe('chunk dictionary', () => {
     }
   });
 
+  it('a receiver that rebuilds a prefix from its cache still keeps that prefix recent (bounded receiver)', () => {
+    const send = new ChunkDictionary();
+    const recv = new ChunkDictionary(TEXT_CHUNK * 40);
+    const keep = 'k'.repeat(TEXT_CHUNK * 4);
+    for (let n = 0; n < 60; n++) {
+      // The shared prefix travels by reference and is rebuilt from the decoded-prefix cache...
+      const t = keep + `question ${n}`;
+      expect(recv.decodeText(send.encodeText(t))).toBe(t);
+      // ...while new texts push the receiver past its bound, evicting what was not used lately.
+      const filler = String(n).padEnd(TEXT_CHUNK * 3, '-');
+      expect(recv.decodeText(send.encodeText(filler))).toBe(filler);
+      expect(recv.storedUnits).toBeLessThanOrEqual(TEXT_CHUNK * 40);
+    }
+    expect(recv.unresolved).toBe(0);
+  });
+
   it('stays within its bound, dropping the least recently used chunks', () => {
     const d = new ChunkDictionary(TEXT_CHUNK * 40);
     const keep = 'k'.repeat(TEXT_CHUNK * 4);
