@@ -10,8 +10,10 @@
 // perf_hooks measures over IPC).
 //
 // Targets, in the same run: a bare Node proxy (no routing, no tokenization: the floor);
-// "before" = kvgate with --tokenize-threads 0, which tokenizes on the event loop exactly as the
-// version before this change did (same code path: tokenizeRequest called from buildContext);
+// "before" = kvgate with --tokenize-threads 0 --tokenizer-word-cache 0, which tokenizes on the
+// event loop exactly as the version before this change did (same code path: tokenizeRequest
+// called from buildContext, every word through the library's BPE);
+// "kvgate-nowc" = the defaults with --tokenizer-word-cache 0 (the threads as before the word cache);
 // "kvgate" = this version's defaults (tokenizer threads: min(cores, 4) at nice 10, a long prompt
 // spread over the idle ones, block hashes computed there; no budget); and
 // "kvgate+budget" = --max-routing-ms BENCH_BUDGET_MS (100).
@@ -173,7 +175,8 @@ try {
       target = { url: b.url, stats: b.stats };
     } else {
       const extra = ['--policy', 'kv_aware', '--tokenizer', QWEN3];
-      if (name === 'before') extra.push('--tokenize-threads', '0');
+      if (name === 'before') extra.push('--tokenize-threads', '0', '--tokenizer-word-cache', '0');
+      if (name === 'kvgate-nowc') extra.push('--tokenizer-word-cache', '0');
       if (name === 'kvgate+budget') extra.push('--max-routing-ms', String(BUDGET_MS));
       target = await startKvgate(engines, extra);
     }

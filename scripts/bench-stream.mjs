@@ -11,7 +11,8 @@
 // the proxy's event-loop lag p99 and utilisation.
 //
 // Env: BENCH_STREAM_COUNTS (400,1600,4000), BENCH_STREAM_SECS (8), BENCH_STREAM_RAMP_SECS (3),
-// BENCH_TARGETS (direct,bare,before,kvgate), BENCH_MAX_LOAD (1.5).
+// BENCH_TARGETS (direct,bare,before,kvgate), BENCH_MAX_LOAD (1.5); target "prev" = kvgate built
+// elsewhere (BENCH_PREV_MAIN = path of another checkout's dist/cli/main.js, e.g. the previous commit), same flags as kvgate.
 import { Agent, request } from 'node:http';
 import { loadavg } from 'node:os';
 import { children, cleanup, forkBare, machine, percentile, requireDist, sleep, startFakeEngines, startKvgate, waitForQuietMachine } from './lib/bench-util.mjs';
@@ -64,6 +65,11 @@ async function run(urls, n) {
   return { rate: chunks / secs, gapP99: percentile(gaps, 99), started, failed };
 }
 
+function prevMain() {
+  if (!process.env.BENCH_PREV_MAIN) throw new Error('target "prev" needs BENCH_PREV_MAIN (another build\'s dist/cli/main.js)');
+  return process.env.BENCH_PREV_MAIN;
+}
+
 const fmt = (x, d = 0) => (Number.isFinite(x) ? x.toFixed(d) : '–');
 const rows = [];
 try {
@@ -80,7 +86,7 @@ try {
         target = { urls: [b.url], stats: b.stats };
       } else {
         const extra = ['--policy', 'round_robin', ...(name === 'before' ? ['--max-connections-per-worker', '256'] : [])];
-        const k = await startKvgate(workers, extra);
+        const k = await startKvgate(workers, extra, name === 'prev' ? prevMain() : undefined);
         target = { urls: [k.url], stats: k.stats };
       }
       for (const n of COUNTS) {

@@ -1,4 +1,5 @@
 import type { Logger } from 'pino';
+import { boundObserver } from '../metrics/bound-observer.js';
 import type { RequestContext } from '../core/context.js';
 import type { Worker } from '../core/worker.js';
 import type { DecisionNote, GatewayMetrics } from '../metrics/gateway-metrics.js';
@@ -112,7 +113,8 @@ export class RequestInsight {
         if (tap.status > 0 && tap.status < 400) m.ttft.observe(labels, Math.max(0, at - arrivedAt) / 1000);
         firstToken?.end(at);
       },
-      onInterToken: (s) => m.itl.observe(labels, s),
+      // One series per stream: bound once (not prom-client's label hashing on every chunk).
+      onInterToken: boundObserver(m.itl, labels),
     });
     return tap;
   }

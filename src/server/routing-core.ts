@@ -290,9 +290,10 @@ export class RoutingCore {
    * threads holding the same tokenizers) and starts the KV-event hub.
    */
   async start(): Promise<void> {
-    const loaded = await loadTokenizerEntries(this.tokenizers, this.config.tokenizer);
+    const tokenizerOptions = { wordCacheEntries: this.config.tokenizerWordCache };
+    const loaded = await loadTokenizerEntries(this.tokenizers, this.config.tokenizer, tokenizerOptions);
     if (this.config.tokenizeThreads > 0 && this.policies().some((p) => p.needsTokens)) {
-      this.tokenizePool = await TokenizePool.start({ threads: this.config.tokenizeThreads, entries: this.config.tokenizer, nice: this.config.tokenizeNice });
+      this.tokenizePool = await TokenizePool.start({ threads: this.config.tokenizeThreads, entries: this.config.tokenizer, nice: this.config.tokenizeNice, tokenizerOptions });
       // The threads hold the same tokenizers: the loaded ones and the default (loaded, or the built-in chunk tokenizer).
       this.requestTokens.usePool(this.tokenizePool, new Set([...loaded, this.tokenizers.default]));
     }

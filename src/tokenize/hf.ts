@@ -5,6 +5,7 @@ import { Tokenizer as CoreTokenizer } from '@huggingface/tokenizers';
 import { errors } from '../core/errors.js';
 import { conversationOf, cutAfterFinalMessage, detectContentFormat } from './chat.js';
 import { LruCache } from './lru.js';
+import { WordCache, type WordIds } from './word-cache.js';
 import { EncodeCancelled, type ChatContentFormat, type ChatMessage, type ChatRenderOptions, type EncodeOptions, type Tokenizer } from './tokenizer.js';
 
 /**
@@ -52,6 +53,22 @@ export interface HfTokenizerOptions {
   /** Segment cache bounds (defaults 16,384 segments, 8M characters); 0 entries disables it. */
   segmentCacheEntries?: number;
   segmentCacheChars?: number;
+  /** Word cache bound (default 65,536 pre-tokens); 0 disables it. See `wordCaching`. */
+  wordCacheEntries?: number;
+}
+
+/** The parts of @huggingface/tokenizers' Tokenizer the word cache calls (its own objects, not re-implementations). */
+interface CoreParts {
+  normalizer: ((text: string) => string) | null;
+  pre_tokenizer: { tokenizers?: PreTokenizerPart[] } | null;
+  model: ((tokens: string[]) => string[]) & { fuse_unk?: boolean; tokens_to_ids: Map<string, number>; unk_token_id?: number; constructor: { name: string } };
+  added_tokens_map: Map<string, { id: number }>;
+  splitter_normalized: { trie: Record<string, unknown> };
+  remove_space?: unknown;
+  do_lowercase_and_remove_accent?: unknown;
+}
+interface PreTokenizerPart {
+  pre_tokenize_text(text: string, options?: unknown): string[];
 }
 
 export class HfTokenizer implements Tokenizer {
@@ -67,7 +84,19 @@ export class HfTokenizer implements Tokenizer {
    * same ids: see `cutPieces`. Only for the pre-tokenizers where that is provable.
    */
   readonly pieceSplitting: boolean;
+  /**
+   * Whether a segment is encoded pre-token by pre-token through the word cache: the library's
+   * normalizer and Split pre-tokenizer cut the text, each pre-token's ids come from the cache,
+   * and only new pre-tokens go through the library's byte-level mapping and BPE model. Exact
+   * because byte-level BPE encodes every pre-token independently of its neighbours; enabled only
+   * for the tokenizers `pieceSplitting` recognises (Qwen2/Qwen3, Llama-3: NFC or no normalizer,
+   * [Split, ByteLevel] pre-tokenizer, BPE without dropout or fuse_unk, no normalized added
+   * tokens) and checked against full encodes when loading.
+   */
+  readonly wordCaching: boolean;
   private readonly core: CoreTokenizer;
+  private readonly words: WordCache | undefined;
+  private wordParts: { normalizer: ((text: string) => string) | null; split: PreTokenizerPart; bytes: PreTokenizerPart; model: CoreParts['model']; addedIds: Map<string, { id: number }>; unkId: number | undefined } | undefined;
   private readonly templates = new Map<string, NamedTemplate>();
   private readonly templateVars: Json = {};
   private readonly decodeCache = new Map<number, string>();
@@ -104,7 +133,12 @@ export class HfTokenizer implements Tokenizer {
     this.addsSpecialTokens = !sameIds(this.core.encode('a b', { add_special_tokens: true }).ids, this.core.encode('a b', { add_special_tokens: false }).ids);
     this.segments = new LruCache(opts.segmentCacheEntries ?? 16_384, opts.segmentCacheChars ?? 8_000_000);
     this.segmentCaching = this.segments.maxEntries > 0 && this.setUpSegments(tokenizerJson);
-    this.pieceSplitting = this.segmentCaching && hasCutSafePreTokenizer(tokenizerJson) && this.checkPieces();
+    const cutSafe = this.segmentCaching && hasCutSafePreTokenizer(tokenizerJson);
+    const wordEntries = opts.wordCacheEntries ?? 65_536;
+    this.words = cutSafe && wordEntries >= 2 ? new WordCache(wordEntries) : undefined;
+    this.wordCaching = this.words !== undefined && this.setUpWords();
+    if (!this.wordCaching) this.wordParts = undefined;
+    this.pieceSplitting = cutSafe && this.checkPieces();
   }
 
   /**
@@ -265,9 +299,19 @@ export class HfTokenizer implements Tokenizer {
     return this.pieceSplitting ? cutAtSafePoints(segment, pieceChars) : [segment];
   }
 
-  /** Ids of one piece (or segment) without added special tokens, uncached. */
+  /** Ids of one piece (or segment) without added special tokens (through the word cache when `wordCaching`). */
   encodePiece(piece: string): Uint32Array {
-    return Uint32Array.from(this.core.encode(piece, { add_special_tokens: false }).ids);
+    return this.wordCaching ? this.encodeWords(piece) : Uint32Array.from(this.core.encode(piece, { add_special_tokens: false }).ids);
+  }
+
+  /** Word cache counters (zeros when `wordCaching` is off). */
+  wordCacheStats(): { hits: number; misses: number; entries: number } {
+    const w = this.wordCaching ? this.words : undefined;
+    return { hits: w?.hits ?? 0, misses: w?.misses ?? 0, entries: w?.size ?? 0 };
+  }
+
+  clearWordCache(): void {
+    this.words?.clear();
   }
 
   /** Puts a segment encoded in parts into the segment cache. */
@@ -407,6 +451,87 @@ export class HfTokenizer implements Tokenizer {
     return Uint32Array.from(ids);
   }
 
+  /**
+   * Takes the library's own normalizer, Split pre-tokenizer, ByteLevel pre-tokenizer and BPE
+   * model, if it is built the way `hasCutSafePreTokenizer` saw in tokenizer.json, and checks
+   * `encodeWords` against the library's full encode on samples (twice: cold and cached).
+   */
+  private setUpWords(): boolean {
+    const core = this.core as unknown as CoreParts;
+    const parts = core.pre_tokenizer?.tokenizers;
+    if (!Array.isArray(parts) || parts.length !== 2) return false;
+    const [split, bytes] = parts as [PreTokenizerPart, PreTokenizerPart];
+    if (typeof split?.pre_tokenize_text !== 'function' || typeof bytes?.pre_tokenize_text !== 'function') return false;
+    const model = core.model;
+    if (typeof model !== 'function' || model.fuse_unk === true || !(model.tokens_to_ids instanceof Map)) return false;
+    // Added tokens matched after normalization would be cut inside a segment: not handled here.
+    if (Object.keys(core.splitter_normalized?.trie ?? {}).length > 0) return false;
+    if (core.remove_space === true || core.do_lowercase_and_remove_accent === true) return false;
+    this.wordParts = { normalizer: core.normalizer, split, bytes, model, addedIds: core.added_tokens_map, unkId: model.unk_token_id };
+    const samples = [
+      'Hello world.\nThe next line\n\nAfter a blank line\n  indented\nx = 1;\n\tTabbed\nÉcole 日本語\n🙂 emoji\nfin',
+      "it's\nwe'll see\n 'quoted'\nA.\r\nB\n123456\nword \nword  two spaces ée X's 'twas Ünïcödé 한국어 텍스트 𝐀𝐁 𝐂 end   ",
+      'Cafe\u0301 e\u0301 \u212b \ufb01 👨‍👩‍👧 \u00a0nbsp\u2003em  \t\n\n\n   x',
+    ];
+    for (let round = 0; round < 2; round++) {
+      for (const s of samples) {
+        if (!sameIds(this.encodeWords(s), this.core.encode(s, { add_special_tokens: false }).ids)) return false;
+      }
+    }
+    this.words!.clear();
+    this.words!.hits = 0;
+    this.words!.misses = 0;
+    return true;
+  }
+
+  /**
+   * Ids of a segment (no added tokens in it) as the library computes them — normalize, split into
+   * pre-tokens, then byte-level map and BPE each — with each pre-token's ids taken from the word
+   * cache when seen before.
+   */
+  private encodeWords(text: string): Uint32Array {
+    const w = this.wordParts!;
+    const cache = this.words!;
+    const normalized = w.normalizer === null ? text : w.normalizer(text);
+    if (normalized.length === 0) return new Uint32Array(0);
+    const words = w.split.pre_tokenize_text(normalized);
+    let out = new Uint32Array(Math.max(16, words.length + (words.length >> 2)));
+    let n = 0;
+    for (let i = 0; i < words.length; i++) {
+      const word = words[i]!;
+      let ids = cache.get(word);
+      if (ids === undefined) {
+        ids = this.bpeWord(word);
+        // Copy the key: a slice of `text` would keep the whole text alive while cached.
+        if (word.length <= 256) cache.set(word.length >= 13 ? (' ' + word).slice(1) : word, ids);
+      }
+      const k = typeof ids === 'number' ? 1 : ids.length;
+      if (n + k > out.length) {
+        const grown = new Uint32Array(Math.max(out.length * 2, n + k));
+        grown.set(out.subarray(0, n));
+        out = grown;
+      }
+      if (typeof ids === 'number') out[n++] = ids;
+      else {
+        out.set(ids, n);
+        n += k;
+      }
+    }
+    return out.length === n ? out : out.slice(0, n);
+  }
+
+  /** One pre-token through the library's ByteLevel pre-tokenizer and BPE model; ids as its `encode` maps tokens. */
+  private bpeWord(word: string): WordIds {
+    const w = this.wordParts!;
+    const tokens = w.model(w.bytes.pre_tokenize_text(word));
+    const ids = new Uint32Array(tokens.length);
+    for (let i = 0; i < tokens.length; i++) {
+      const t = tokens[i]!;
+      ids[i] = w.addedIds.get(t)?.id ?? w.model.tokens_to_ids.get(t) ?? w.unkId ?? 0;
+    }
+    return ids.length === 1 ? ids[0]! : ids;
+  }
+
   private encodeSegments(text: string, shouldStop?: () => boolean): Uint32Array {
     const parts = this.split(text);
     const pieces: (Uint32Array | number)[] = [];
@@ -421,7 +546,7 @@ export class HfTokenizer implements Tokenizer {
       let ids = this.segments.get(s);
       if (ids === undefined) {
         if (shouldStop?.()) throw new EncodeCancelled();
-        ids = Uint32Array.from(this.core.encode(s, { add_special_tokens: false }).ids);
+        ids = this.encodePiece(s);
         // Copy the key: a slice of `text` would keep the whole text alive while cached.
         this.segments.set((' ' + s).slice(1), ids, s.length);
       }

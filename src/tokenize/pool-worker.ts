@@ -9,7 +9,7 @@ import { setPriority } from 'node:os';
 import { parentPort, threadId, workerData } from 'node:worker_threads';
 import type { RouteName } from '../core/context.js';
 import { GatewayError } from '../core/errors.js';
-import { HfTokenizer } from './hf.js';
+import { HfTokenizer, type HfTokenizerOptions } from './hf.js';
 import { ParallelEncoder } from './parallel-encode.js';
 import { loadTokenizerEntries, TokenizerRegistry, type TokenCacheOptions } from './registry.js';
 import { EncodeCancelled } from './tokenizer.js';
@@ -27,6 +27,8 @@ export interface PoolWorkerData {
   parallelChars: number;
   /** This thread's nice value (Linux only: per thread there). */
   nice: number;
+  /** Options of the tokenizers loaded here (the main thread's). */
+  tokenizerOptions: HfTokenizerOptions;
 }
 
 export interface PoolTask {
@@ -81,7 +83,7 @@ async function idsOf(task: PoolTask, body: Record<string, unknown>, stop: () => 
 }
 
 try {
-  await loadTokenizerEntries(registry, data.entries);
+  await loadTokenizerEntries(registry, data.entries, data.tokenizerOptions);
   port.postMessage({ type: 'ready' } satisfies PoolReply);
 } catch (e) {
   port.postMessage({ type: 'failed', message: (e as Error).message } satisfies PoolReply);

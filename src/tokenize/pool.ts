@@ -4,6 +4,7 @@ import { Worker } from 'node:worker_threads';
 import type { BlockHashes, RouteName } from '../core/context.js';
 import { errors, GatewayError } from '../core/errors.js';
 import type { PoolReply, PoolTask, PoolWorkerData } from './pool-worker.js';
+import type { HfTokenizerOptions } from './hf.js';
 import type { TokenCacheOptions } from './registry.js';
 
 /**
@@ -42,6 +43,8 @@ export interface TokenizePoolOptions {
    * without delaying routing and relaying. Ignored elsewhere (it would apply to the process).
    */
   nice?: number;
+  /** Options of the tokenizers the threads load (e.g. the word cache bound). */
+  tokenizerOptions?: HfTokenizerOptions;
 }
 
 export interface PoolRequest {
@@ -231,6 +234,7 @@ export class TokenizePool {
       channel: this.channel,
       parallelChars: parallelChars > 0 ? parallelChars : Infinity,
       nice: this.opts.nice ?? 0,
+      tokenizerOptions: this.opts.tokenizerOptions ?? {},
     };
     const worker = new Worker(workerScript(), { workerData: data });
     worker.unref();

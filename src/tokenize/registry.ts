@@ -285,12 +285,12 @@ export class TokenizerRegistry {
  * Loads `--tokenizer` entries into a registry: `PATH` sets the default tokenizer, `MODEL=PATH`
  * one model's. Returns the tokenizers loaded (the tokenizer threads load the same entries).
  */
-export async function loadTokenizerEntries(registry: TokenizerRegistry, entries: readonly string[]): Promise<Tokenizer[]> {
+export async function loadTokenizerEntries(registry: TokenizerRegistry, entries: readonly string[], opts?: HfTokenizerOptions): Promise<Tokenizer[]> {
   const loaded: Tokenizer[] = [];
   for (const entry of entries) {
     const eq = entry.indexOf('=');
-    if (eq > 0 && !/^[a-zA-Z]:[\\/]/.test(entry)) loaded.push(await registry.load(entry.slice(0, eq), entry.slice(eq + 1)));
-    else loaded.push((registry.default = await loadTokenizer(entry)));
+    if (eq > 0 && !/^[a-zA-Z]:[\\/]/.test(entry)) loaded.push(await registry.load(entry.slice(0, eq), entry.slice(eq + 1), opts));
+    else loaded.push((registry.default = await loadTokenizer(entry, opts)));
   }
   return loaded;
 }

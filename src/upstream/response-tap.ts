@@ -43,7 +43,10 @@ export class ResponseTap {
   private usageText: string | undefined;
   /** An unfinished usage object (it continues in the next read). */
   private partial: { text: string; depth: number; inString: boolean; escaped: boolean } | undefined;
-  private carry: Buffer = Buffer.alloc(0);
+  /** How many bytes of `"usage"` the previous read ended with (a key split across reads). */
+  private carried = 0;
+  /** The previous read ended after a `"usage"` key: 1 = its colon is still to come, 2 = its value. */
+  private afterKey: 0 | 1 | 2 = 0;
 
   constructor(private readonly hooks: TapHooks = {}) {}
 
@@ -99,27 +102,29 @@ export class ResponseTap {
   }
 
   private scanUsage(chunk: Buffer): void {
+    if (chunk.length === 0) return;
     let from = 0;
     if (this.partial) {
       from = this.continueCapture(chunk, 0);
       if (from < 0) return;
+    } else if (this.afterKey !== 0) {
+      const expect = this.afterKey;
+      this.afterKey = 0;
+      from = this.startCapture(chunk, 0, expect);
+      if (from < 0) return;
     }
-    // A key split between the previous read and this one.
-    const carried = this.carry.length;
-    if (carried > 0 && from === 0) {
-      const joint = Buffer.concat([this.carry, chunk.subarray(0, USAGE_KEY.length + 16)]);
-      const at = joint.indexOf(USAGE_KEY);
-      if (at >= 0 && at < carried && at + USAGE_KEY.length > carried) {
-        const next = this.startCapture(joint, at + USAGE_KEY.length);
-        // The capture began inside `joint`: map its end back onto `chunk`.
-        if (next >= 0) from = Math.max(0, next - carried);
-        else if (this.partial) {
-          // Still open: what followed the key in this chunk is already in the capture.
-          const consumed = joint.length - carried;
-          from = this.continueCapture(chunk, consumed);
-          if (from < 0) return;
-        }
+    // A key split between the previous read and this one: the previous read ended with the
+    // first `carried` bytes of `"usage"` (no copy kept: which prefix is enough).
+    const carried = this.carried;
+    this.carried = 0;
+    if (carried > 0 && from === 0 && continuesKey(chunk, carried)) {
+      const rest = USAGE_KEY.length - carried;
+      if (chunk.length < rest) {
+        this.carried = carried + chunk.length; // still inside the key
+        return;
       }
+      from = this.startCapture(chunk, rest);
+      if (from < 0) return; // continues in the next read
     }
     for (;;) {
       const at = chunk.indexOf(USAGE_KEY, from);
@@ -128,21 +133,29 @@ export class ResponseTap {
       if (next < 0) return; // continues in the next read
       from = next;
     }
-    this.carry = chunk.length >= USAGE_KEY.length ? chunk.subarray(chunk.length - (USAGE_KEY.length - 1)) : Buffer.from(chunk);
+    this.carried = usagePrefixAtEnd(chunk, from);
   }
 
   /** After a `"usage"` key at `pos`: `:` then `{…}` (captured) or null. Returns where scanning goes on, −1 while open. */
-  private startCapture(buf: Buffer, pos: number): number {
+  private startCapture(buf: Buffer, pos: number, expect: 1 | 2 = 1): number {
     let i = pos;
+    if (expect === 1) {
+      while (i < buf.length && SPACE.has(buf[i])) i++;
+      if (i >= buf.length) return this.awaitNext(1, buf.length);
+      if (buf[i] !== 0x3a /* : */) return i;
+      i++;
+    }
     while (i < buf.length && SPACE.has(buf[i])) i++;
-    if (i >= buf.length || buf[i] !== 0x3a /* : */) return Math.min(i, buf.length);
-    i++;
-    while (i < buf.length && SPACE.has(buf[i])) i++;
-    if (i >= buf.length || buf[i] !== 0x7b /* { */) return Math.min(i, buf.length);
+    if (i >= buf.length) return this.awaitNext(2, buf.length);
+    if (buf[i] !== 0x7b /* { */) return i;
     this.partial = { text: '', depth: 0, inString: false, escaped: false };
-    const r = this.continueCapture(buf, i);
-    if (r < 0) this.carry = Buffer.alloc(0);
-    return r;
+    return this.continueCapture(buf, i);
+  }
+
+  /** The read ended after the key (1: before its colon; 2: before the value): go on in the next read. */
+  private awaitNext(expect: 1 | 2, end: number): number {
+    this.afterKey = expect;
+    return end;
   }
 
   /** Scans the capture on from `start`; returns the index after its closing brace, or −1 when the read ended first. */
@@ -172,27 +185,74 @@ export class ResponseTap {
   }
 }
 
-/** Content events in one read: keys of CONTENT_KEYS whose value is a non-empty string (tool_calls: a non-empty array). */
+/** Whether `buf` goes on with `"usage"` from its byte `offset` (as far as `buf` reaches). */
+function continuesKey(buf: Buffer, offset: number): boolean {
+  const n = Math.min(buf.length, USAGE_KEY.length - offset);
+  for (let i = 0; i < n; i++) if (buf[i] !== USAGE_KEY[offset + i]) return false;
+  return true;
+}
+
+/**
+ * The length k (1..5, or 0) of the proper prefix of `"usage"` that `buf` ends with, not before
+ * `from`. At most one k matches: the prefixes all end in a different byte.
+ */
+function usagePrefixAtEnd(buf: Buffer, from: number): number {
+  const n = buf.length;
+  for (let k = Math.min(USAGE_KEY.length - 1, n - from); k > 0; k--) {
+    if (buf[n - 1] !== USAGE_KEY[k - 1]) continue;
+    let j = 0;
+    while (j < k && buf[n - k + j] === USAGE_KEY[j]) j++;
+    if (j === k) return k;
+  }
+  return 0;
+}
+
+/**
+ * Content events in one read: keys of CONTENT_KEYS whose value is a non-empty string
+ * (tool_calls: a non-empty array). One pass over the bytes: at each `"`, the byte after it
+ * tells which key it could start (c, t, r), then that key is compared — no key starts another
+ * one's prefix, and each `"` is tried, as a search for each key would.
+ */
 export function countContent(buf: Buffer): number {
   let n = 0;
-  for (const key of CONTENT_KEYS) {
-    let from = 0;
-    for (;;) {
-      const at = buf.indexOf(key, from);
-      if (at < 0) break;
-      from = at + key.length;
-      let i = from;
-      while (i < buf.length && SPACE.has(buf[i])) i++;
-      if (buf[i] !== 0x3a) continue;
-      i++;
-      while (i < buf.length && SPACE.has(buf[i])) i++;
-      const open = buf[i];
-      if (open === 0x22 /* " */ && i + 1 < buf.length && buf[i + 1] !== 0x22) n++;
-      else if (open === 0x5b /* [ */ && key === CONTENT_KEYS[4]) {
-        let j = i + 1;
-        while (j < buf.length && SPACE.has(buf[j])) j++;
-        if (j < buf.length && buf[j] !== 0x5d) n++;
-      }
+  const len = buf.length;
+  // Where the last match of each key ended: a key is not searched again inside its own match.
+  let end0 = 0;
+  let end1 = 0;
+  let end2 = 0;
+  let end3 = 0;
+  let end4 = 0;
+  for (let at = 0; at < len; at++) {
+    if (buf[at] !== 0x22) continue;
+    const c = buf[at + 1];
+    let k: number;
+    if (c === 0x63 /* c */) k = 0;
+    else if (c === 0x74 /* t */) k = buf[at + 2] === 0x65 /* e */ ? 1 : 4;
+    else if (c === 0x72 /* r */) k = buf[at + 10] === 0x5f /* _ */ ? 2 : 3;
+    else continue;
+    if (at < (k === 0 ? end0 : k === 1 ? end1 : k === 2 ? end2 : k === 3 ? end3 : end4)) continue;
+    const key = CONTENT_KEYS[k]!;
+    const kl = key.length;
+    if (at + kl > len) continue;
+    let j = 2;
+    while (j < kl && buf[at + j] === key[j]) j++;
+    if (j < kl) continue;
+    if (k === 0) end0 = at + kl;
+    else if (k === 1) end1 = at + kl;
+    else if (k === 2) end2 = at + kl;
+    else if (k === 3) end3 = at + kl;
+    else end4 = at + kl;
+    let i = at + kl;
+    while (i < len && SPACE.has(buf[i]!)) i++;
+    if (buf[i] !== 0x3a) continue;
+    i++;
+    while (i < len && SPACE.has(buf[i]!)) i++;
+    const open = buf[i];
+    if (open === 0x22 /* " */ && i + 1 < len && buf[i + 1] !== 0x22) n++;
+    else if (open === 0x5b /* [ */ && key === CONTENT_KEYS[4]) {
+      let k = i + 1;
+      while (k < len && SPACE.has(buf[k]!)) k++;
+      if (k < len && buf[k] !== 0x5d) n++;
     }
   }
   return n;

@@ -13,6 +13,8 @@ import { createPolicy, POLICY_NAMES, withSessionAffinity } from '../../src/polic
 import { KvAwarePolicy } from '../../src/policies/kv-aware.js';
 import type { PolicyDeps, RoutingPolicy } from '../../src/policies/policy.js';
 import { countContent, ResponseTap } from '../../src/upstream/response-tap.js';
+import { boundObserver } from '../../src/metrics/bound-observer.js';
+import { Histogram, Registry } from 'prom-client';
 
 const sse = (obj: unknown) => Buffer.from(`data: ${JSON.stringify(obj)}\n\n`);
 
@@ -72,6 +74,117 @@ describe('ResponseTap', () => {
     tap.end(25);
     expect(firsts).toEqual([25]);
     expect(tap.usage()).toEqual({ promptTokens: 5, completionTokens: 2, cachedTokens: undefined });
+  });
+});
+
+/** The previous countContent (one Buffer.indexOf search per key), as the reference for the one-pass scan. */
+function countContentByKeySearch(buf: Buffer): number {
+  const keys = ['"content"', '"text"', '"reasoning_content"', '"reasoning"', '"tool_calls"'].map((k) => Buffer.from(k));
+  const space = new Set([0x20, 0x09, 0x0a, 0x0d]);
+  let n = 0;
+  for (const key of keys) {
+    let from = 0;
+    for (;;) {
+      const at = buf.indexOf(key, from);
+      if (at < 0) break;
+      from = at + key.length;
+      let i = from;
+      while (i < buf.length && space.has(buf[i])) i++;
+      if (buf[i] !== 0x3a) continue;
+      i++;
+      while (i < buf.length && space.has(buf[i])) i++;
+      const open = buf[i];
+      if (open === 0x22 && i + 1 < buf.length && buf[i + 1] !== 0x22) n++;
+      else if (open === 0x5b && key === keys[4]) {
+        let j = i + 1;
+        while (j < buf.length && space.has(buf[j])) j++;
+        if (j < buf.length && buf[j] !== 0x5d) n++;
+      }
+    }
+  }
+  return n;
+}
+
+describe('ResponseTap per-chunk scanning', () => {
+  it('counts content events exactly as a search for each key does, on random SSE-like reads (cut anywhere)', () => {
+    const frags = ['"content"', '"text"', '"reasoning_content"', '"reasoning"', '"tool_calls"', '"content', 'content"', '"', ':', ' ', '\n', '"x"', '""', '[', ']', '[{"index":0}]', '{', '}', ',', 'data: ', '"delta"', '\\"', '"te', 'xt"', '"reasoning_', '"usage"', 'null', '"c"', '"t"', '"r"'];
+    let seed = 3;
+    const rnd = (k: number) => ((seed = (Math.imul(seed, 1103515245) + 12345) >>> 0) % k);
+    let total = 0;
+    for (let i = 0; i < 5000; i++) {
+      let s = '';
+      const len = 1 + rnd(30);
+      for (let j = 0; j < len; j++) s += frags[rnd(frags.length)];
+      const buf = Buffer.from(s);
+      const want = countContentByKeySearch(buf);
+      total += want;
+      expect(countContent(buf)).toBe(want);
+      const cut = rnd(buf.length + 1); // a read boundary anywhere
+      expect(countContent(buf.subarray(0, cut)) + countContent(buf.subarray(cut))).toBe(countContentByKeySearch(buf.subarray(0, cut)) + countContentByKeySearch(buf.subarray(cut)));
+    }
+    expect(total).toBeGreaterThan(100);
+    const vllm = Buffer.from('data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":" the","reasoning_content":"x"},"logprobs":null,"finish_reason":null}]}\n\n');
+    expect(countContent(vllm)).toBe(2);
+  });
+
+  it('finds the usage object whatever byte the reads are cut at (key, value, between), and only the last one', () => {
+    const body = Buffer.concat([
+      sse({ choices: [{ delta: { content: 'a' } }], usage: null }),
+      sse({ choices: [{ delta: { content: 'b' } }], usage: { prompt_tokens: 2, completion_tokens: 1 } }),
+      Buffer.from('data: {"choices":[],"usage" : {"prompt_tokens":41,"completion_tokens":9,"prompt_tokens_details":{"cached_tokens":32}}}\n\n'),
+      Buffer.from('data: [DONE]\n\n'),
+    ]);
+    for (let a = 0; a <= body.length; a += 1) {
+      for (const b of [a, Math.min(body.length, a + 3), Math.min(body.length, a + 17)]) {
+        const tap = new ResponseTap();
+        tap.headers(200, 'text/event-stream');
+        tap.data(body.subarray(0, a));
+        tap.data(body.subarray(a, b));
+        tap.data(body.subarray(b));
+        tap.end();
+        expect(tap.usage()).toEqual({ promptTokens: 41, completionTokens: 9, cachedTokens: 32 });
+      }
+    }
+    // A read ending in a prefix of "usage" that the next read does not complete.
+    const tap = new ResponseTap();
+    tap.headers(200, 'application/json');
+    tap.data(Buffer.from('{"x":"us'));
+    tap.data(Buffer.from('er","u'));
+    tap.data(Buffer.from('sage":{"prompt_tokens":3}}'));
+    expect(tap.usage()).toEqual({ promptTokens: 3, completionTokens: undefined, cachedTokens: undefined });
+  });
+
+  it('boundObserver records what Histogram#observe records, also after remove() and reset()', async () => {
+    const buckets = [0.001, 0.01, 0.1, 1];
+    const reg = new Registry();
+    const a = new Histogram({ name: 'a_seconds', help: 'a', labelNames: ['model', 'worker'], buckets, registers: [reg] });
+    const b = new Histogram({ name: 'b_seconds', help: 'b', labelNames: ['model', 'worker'], buckets, registers: [reg] });
+    const labels = { model: 'm', worker: 'w1' };
+    const other = { model: 'm', worker: 'w2' };
+    const fast = boundObserver(b, labels);
+    const values = [0.0005, 0.001, 0.002, 0.05, 0.1, 0.5, 1, 3, 0, 0.01];
+    const both = (v: number) => {
+      a.observe(labels, v);
+      fast(v);
+      a.observe(other, v * 2);
+      b.observe(other, v * 2);
+    };
+    const same = async () => {
+      const [x, y] = [(await a.get()).values, (await b.get()).values];
+      expect(y.map((v) => ({ ...v, metricName: v.metricName?.replace('b_', 'a_') }))).toEqual(x);
+    };
+    values.forEach(both);
+    await same();
+    a.remove(labels);
+    b.remove(labels);
+    values.forEach(both);
+    await same();
+    a.reset();
+    b.reset();
+    values.forEach(both);
+    await same();
+    expect((await b.get()).values.find((v) => v.metricName === 'b_seconds_count' && v.labels.worker === 'w1')?.value).toBe(values.length);
+    expect(() => fast(Number.NaN)).toThrow();
   });
 });
 
