@@ -16,7 +16,7 @@
 // Options (env): BENCH_WRK_SECS (10), BENCH_WRK_WARMUP_SECS (2), BENCH_WRK_CONNECTIONS (64),
 // BENCH_WRK_THREADS (1), BENCH_ROUNDS (3), BENCH_KVGATE_NODE_ARGS (node options for kvgate, e.g. --cpu-prof --cpu-prof-dir=DIR: every
 // process writes a profile), BENCH_KVGATE_ARGS (extra kvgate flags for every kvgate target), BENCH_TARGETS (nginx,bare,bare2,kvgate1,kvgate2,kvgate2nosync: which to
-// measure; each ratio is printed when its targets were measured).
+// measure; a kvgate target may add flags, e.g. 'kvgate2[--replica-sync-flush-ms=10]'; each ratio is printed when its targets were measured).
 import { execFileSync, fork, spawn } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { request as httpRequest, Agent } from 'node:http';
@@ -334,7 +334,17 @@ try {
   };
   const targets = {};
   for (const name of names) {
-    if (!starters[name]) throw new Error(`unknown target ${name}; known: ${Object.keys(starters).join(',')}`);
+    // A kvgate target may carry its own extra flags: kvgate2[--replica-sync-flush-ms=10].
+    const m = /^(kvgate1|kvgate2|kvgate2nosync)\[(.*)\]$/.exec(name);
+    if (m) {
+      const flags = m[2].split(/\s+/).filter(Boolean).flatMap((f) => f.split('=', 2));
+      const base = m[1];
+      const procs = base === 'kvgate1' ? 1 : 2;
+      targets[name] = await startKvgate(procs, base === 'kvgate2nosync' ? ['--replica-sync', 'off', ...flags] : flags, name);
+      labels[name] = `${labels[base]} ${m[2]}`;
+      continue;
+    }
+    if (!starters[name]) throw new Error(`unknown target ${name}; known: ${Object.keys(starters).join(',')} (and kvgate1/kvgate2/kvgate2nosync[--flag=value ...])`);
     targets[name] = await starters[name]();
   }
   for (let round = 0; round < ROUNDS; round++) {
@@ -354,7 +364,7 @@ try {
       console.log(`round ${round + 1} ${name.padEnd(7)} req/s=${r.rps.toFixed(0)} p50=${r.p50.toFixed(3)}ms p99=${r.p99.toFixed(3)}ms${errs}${loop}${cpu}`);
     }
   }
-  for (const name of ['kvgate1', 'kvgate2', 'kvgate2nosync'].filter((n) => targets[n])) {
+  for (const name of names.filter((n) => n.startsWith('kvgate'))) {
     runOnly(name);
     scrapes[name] = [];
     for (let i = 0; i < 8; i++) {
@@ -388,6 +398,7 @@ if (med.bare && med.bare2) console.log(`bare proxy 2 processes/1 process req/s=$
 if (med.kvgate1 && med.kvgate2) {
   console.log(`processes2/processes1 req/s=${(med.kvgate2.rps / med.kvgate1.rps).toFixed(2)} p50=${(med.kvgate2.p50 / med.kvgate1.p50).toFixed(2)}`);
 }
+for (const n of names.filter((x) => x.includes('['))) if (med.kvgate1) console.log(`${n}/processes1 req/s=${(med[n].rps / med.kvgate1.rps).toFixed(2)}`);
 if (med.kvgate1 && med.kvgate2nosync) console.log(`processes2 without replica sync/processes1 req/s=${(med.kvgate2nosync.rps / med.kvgate1.rps).toFixed(2)} (the cost of sharing state: compare with the line above)`);
 console.log('\ncache_aware on kvgate /metrics after all rounds (8 scrapes, a fresh connection each; with --processes 2 each scrape is answered by one process, whose counters are its own):');
 for (const name of Object.keys(scrapes)) {
