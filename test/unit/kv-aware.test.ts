@@ -5,7 +5,7 @@ import type { RequestContext } from '../../src/core/context.js';
 import { SeededRng } from '../../src/core/rng.js';
 import { Worker } from '../../src/core/worker.js';
 import type { KvCacheEvent } from '../../src/events/types.js';
-import { defaultKvAwareConfig, KvAwarePolicy, type KvAwareConfig } from '../../src/policies/kv-aware.js';
+import { blockKeys, defaultKvAwareConfig, KvAwarePolicy, type KvAwareConfig } from '../../src/policies/kv-aware.js';
 
 const BS = 4;
 const tokens = (n: number, from = 1) => Array.from({ length: n }, (_, i) => from + i);
@@ -61,6 +61,21 @@ describe('kv_aware', () => {
     expect(busy[0]).toBe(workers[0]);
     expect(policy.activeOf(workers[0].id).pendingPrefillTokens).toBe(400);
     expect(policy.selectWorker(workers, ctx(prompt))).not.toBe(workers[0]);
+  });
+
+  it('counts as new exactly the blocks not in flight on the worker (a shared in-flight prefix is not new)', () => {
+    const { workers, policy, ctx } = setup();
+    const first = tokens(80); // 20 blocks
+    const c1 = ctx(first);
+    const w = policy.selectWorker([workers[0]], c1)!;
+    // 12 blocks shared with the request in flight, then 8 of its own, then a partial block.
+    const second = [...first.slice(0, 48), ...tokens(34, 9000)];
+    const terms = policy.explain([w], ctx(second)).candidates[0].terms as Record<string, number>;
+    expect(terms.in_flight_prefix_blocks).toBe(12);
+    expect(terms.new_blocks).toBe(Math.ceil(second.length / 4) - 12);
+    policy.onRequestComplete(w, c1);
+    const after = policy.explain([w], ctx(second)).candidates[0].terms as Record<string, number>;
+    expect(after.new_blocks).toBe(Math.ceil(second.length / 4));
   });
 
   it('tracks in-flight work: prefill done at the first token, everything freed at the end', () => {
@@ -184,5 +199,20 @@ describe('kv_aware with block hashes computed off the event loop (ctx.blockHashe
     // ...and ignored for another block size or seed (hashed here instead).
     expect(decide(BS * 2, LOCAL_HASH_SEED)).toEqual({ worker: 'http://w2:8000', overlapBlocks: 9 });
     expect(decide(BS, loraSeed('other'))).toEqual({ worker: 'http://w2:8000', overlapBlocks: 9 });
+  });
+});
+
+describe('kv_aware in-flight block keys', () => {
+  it('are the low 30 bits of each sequence hash, read without bigints', () => {
+    const tokens = Array.from({ length: 4096 }, (_, i) => (i * 7919) % 151_000);
+    const seq = sequenceHashes(hashBlocks(tokens, 16, 0n));
+    const keys = blockKeys(seq);
+    expect(keys.length).toBe(seq.length);
+    for (let k = 0; k < seq.length; k++) expect(keys[k]).toBe(Number(seq[k] & 0x3fffffffn));
+    // From a view at an offset too (hashes handed over from the tokenizer thread share a buffer).
+    const big = new BigUint64Array(seq.length + 3);
+    big.set(seq, 3);
+    expect([...blockKeys(big.subarray(3))]).toEqual([...keys]);
+    expect(new Set(keys).size).toBe(new Set(seq).size);
   });
 });
