@@ -97,7 +97,8 @@ export async function waitReady(url, path = '/health', tries = 1200) {
 /** Starts `kvgate serve` (dist/) with these extra arguments; returns its URL and a stats() reading its event-loop metrics. */
 export async function startKvgate(workers, extra, main = here('../../dist/cli/main.js')) {
   const port = await freePort();
-  const args = ['serve', '--host', '127.0.0.1', '--port', String(port), '--worker-urls', ...workers, '--log-level', 'warn', '--engine-metrics-interval-secs', '0', ...extra];
+  const args = ['serve', '--host', '127.0.0.1', '--port', String(port), '--worker-urls', ...workers, '--log-level', 'warn', '--engine-metrics-interval-secs', '0', ...extra, ...(process.env.BENCH_KVGATE_ARGS ?? '').split(/\s+/).filter(Boolean)];
+  // BENCH_KVGATE_ARGS: extra kvgate flags for every kvgate target (e.g. "--max-tree-size 8000000").
   // BENCH_KVGATE_NODE_ARGS: node options for the kvgate process only, e.g. "--cpu-prof --cpu-prof-dir=/tmp/prof"
   // (profiles are written when kvgate exits on the SIGTERM the scripts send; one file per thread).
   const nodeArgs = (process.env.BENCH_KVGATE_NODE_ARGS ?? '').split(/\s+/).filter(Boolean);
