@@ -270,7 +270,7 @@ export const serveOptionSpecs: readonly OptionSpec[] = [
   { flag: 'replica-sync-tls-ca', kind: 'string', description: 'CA certificate (PEM) to verify the NATS server', argName: 'path' },
   { flag: 'replica-sync-tls-cert', kind: 'string', description: 'Client certificate (PEM) for NATS mutual TLS', argName: 'path' },
   { flag: 'replica-sync-tls-key', kind: 'string', description: 'Client key (PEM) for NATS mutual TLS', argName: 'path' },
-  { flag: 'replica-sync-flush-ms', kind: 'number', description: 'Routing events are batched for this long before they are published', default: 5, min: 0 },
+  { flag: 'replica-sync-flush-ms', kind: 'number', description: 'Routing events are batched for this long before they are published', default: 10, min: 0 },
   { flag: 'replica-heartbeat-ms', kind: 'number', description: 'A replica publishes at least this often (heartbeat)', default: 1000, min: 10 },
   { flag: 'replica-expiry-secs', kind: 'number', description: 'A peer silent this long is dropped with its in-flight load', default: 3, min: 0, exclusiveMin: true },
   { flag: 'replica-snapshot-timeout-secs', kind: 'number', description: 'Longest a joining replica waits for the shared state before it reports ready', default: 5, min: 0 },

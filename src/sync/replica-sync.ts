@@ -52,7 +52,7 @@ export interface ReplicaSyncOptions {
 
 export const defaultReplicaSyncOptions: Omit<ReplicaSyncOptions, 'replicaId'> = {
   subject: 'kvgate',
-  flushMs: 5,
+  flushMs: 10,
   heartbeatMs: 1000,
   peerExpiryMs: 3000,
   snapshotTimeoutMs: 3000,
