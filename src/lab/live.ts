@@ -1,4 +1,5 @@
 import { setMaxListeners } from 'node:events';
+import { monitorEventLoopDelay } from 'node:perf_hooks';
 import { Agent, request } from 'undici';
 import { quantile } from './report.js';
 import type { Workload } from './workload.js';
@@ -89,6 +90,9 @@ export interface LiveResult {
   e2eP99: number;
   /** Seconds requests waited for a free concurrency slot (client-side queueing), p90. */
   slotWaitP90: number;
+  /** The load generator's own event-loop delay during the run (ms): p99 and max. Every client-side time includes it. */
+  clientLoopDelayMsP99: number;
+  clientLoopDelayMsMax: number;
   outputTokensPerSec: number;
   /** Requests per worker, from the x-kvgate-worker response header (kvgate targets). */
   perWorker: Record<string, number>;
@@ -166,6 +170,8 @@ export async function runLive(o: LiveOptions): Promise<LiveResult> {
   const cut = new AbortController();
   // Every request in flight listens on this one signal: as many listeners as --concurrency.
   setMaxListeners(0, cut.signal);
+  const loopDelay = monitorEventLoopDelay({ resolution: 10 });
+  loopDelay.enable();
   const t0 = performance.now();
   const deadline = t0 + o.durationSecs * 1000;
   const path = o.route === 'chat' ? '/v1/chat/completions' : '/v1/completions';
@@ -284,6 +290,9 @@ export async function runLive(o: LiveOptions): Promise<LiveResult> {
   await agent.close();
   o.progress?.(1);
   const wallSecs = (performance.now() - t0) / 1000;
+  loopDelay.disable();
+  // The histogram holds how late each 10 ms tick fired (ns), the period included.
+  const lateMs = (ns: number) => Math.max(0, ns / 1e6 - 10);
   const sorted = (xs: number[]) => Float64Array.from(xs).sort();
   const t = sorted(ttft);
   const e = sorted(e2e);
@@ -302,6 +311,8 @@ export async function runLive(o: LiveOptions): Promise<LiveResult> {
     e2eP50: quantile(e, 0.5),
     e2eP99: quantile(e, 0.99),
     slotWaitP90: quantile(sorted(slotWait), 0.9),
+    clientLoopDelayMsP99: lateMs(loopDelay.percentile(99)),
+    clientLoopDelayMsMax: lateMs(loopDelay.max),
     outputTokensPerSec: outTokens / wallSecs,
     perWorker,
     wallSecs,
@@ -342,6 +353,7 @@ export function liveMarkdown(r: LiveResult): string {
       ? `The workload ran out after ${r.sendSecs.toFixed(1)} s of arrivals, before --duration-secs: give it more requests (n=, duration=).`
       : `Sent arrivals for ${r.sendSecs} s (--duration-secs).`,
     errs ? `Errors: ${errs}.` : 'No errors.',
+    `Load generator's own event-loop delay: p99 ${r.clientLoopDelayMsP99.toFixed(1)} ms, max ${r.clientLoopDelayMsMax.toFixed(1)} ms (in every client-side time here).`,
     r.classes
       ? [
           '',

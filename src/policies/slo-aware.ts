@@ -151,7 +151,13 @@ export class SloAwarePolicy extends KvAwarePolicy {
     const preds: Prediction[] = [];
     const uncached: number[] = [];
     for (let k = 0; k < healthy.length; k++) {
-      const cached = Math.min(sc.inputTokens, sc.meta[k].overlap * sc.bs);
+      // What the engine will find cached: its own KV events (and the blocks its in-flight
+      // requests are computing), not the routing history kv_aware's overlap adds for affinity —
+      // a prefix the engine evicted must be prefilled again, and counting it as cached hid that
+      // work from the prediction (docs/benchmarks.md §10.10.2). Without fresh events, the tree.
+      const c = sc.meta[k];
+      const held = c.fallback ? c.overlap : Math.max(c.indexed, c.pending);
+      const cached = Math.min(sc.inputTokens, held * sc.bs);
       const u = sc.inputTokens - cached;
       uncached.push(u);
       preds.push(this.predictor.predict(healthy[k].id, now, cached, u, this.loadOf(healthy[k], sc.bs), ctx.maxOutputTokens ?? 0));

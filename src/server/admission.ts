@@ -68,6 +68,20 @@ export class Admission {
     return this.enabled && this.active >= this.config.maxConcurrent;
   }
 
+  /**
+   * Whether a request of this priority would be refused at once now (sheddable, no free slot).
+   * Depends on nothing but the priority and the slots, so the gateway asks it when the headers
+   * arrive, before reading the body; `acquire` gives the same answer later.
+   */
+  shedsAtOnce(priority: number): boolean {
+    return priority < 0 && this.saturated;
+  }
+
+  /** The 429 (`saturated`) a sheddable request gets when no slot is free. */
+  shedError(priority: number): DroppedError {
+    return new DroppedError(429, `kvgate is at its limit of ${this.config.maxConcurrent} concurrent requests: sheddable requests (priority ${priority}) are refused instead of queued`, 'saturated');
+  }
+
   /** Resolves with a release function once admitted; rejects with 429/408. */
   acquire(signal?: AbortSignal, who: AdmissionRequest = {}): Promise<Release> {
     if (!this.enabled) return Promise.resolve(noop);
@@ -78,9 +92,7 @@ export class Admission {
       this.count(key);
       return Promise.resolve(this.releaser());
     }
-    if (priority < 0) {
-      return Promise.reject(new DroppedError(429, `kvgate is at its limit of ${this.config.maxConcurrent} concurrent requests: sheddable requests (priority ${priority}) are refused instead of queued`, 'saturated'));
-    }
+    if (priority < 0) return Promise.reject(this.shedError(priority));
     if (this.queue.length >= this.config.queueSize) {
       // Full: the newcomer takes the place of the lowest-priority waiter if it outranks it.
       let lowest: Waiter | undefined;

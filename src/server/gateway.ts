@@ -30,6 +30,9 @@ export { createLogger, timerScheduler } from './routing-core.js';
 
 export type GatewayOptions = RoutingCoreOptions;
 
+/** How long the body of a request refused before its body was read may keep arriving (then the connection is closed). */
+const BODY_DRAIN_TIMEOUT_MS = 30_000;
+
 /**
  * The composition root of `kvgate serve`: the routing core shared with `kvgate epp` (registry,
  * policies, worker manager, KV events, metrics; server/routing-core.ts), upstream pools, the
@@ -336,9 +339,13 @@ export class Gateway {
             throw new GatewayError(429, 'Token rate limit for this API key exceeded (prompt + completion tokens per minute)', 'rate_limit_error', 'token_rate_limited');
           }
         }
+        // Priority and fairness come from headers alone: a sheddable request that admission would
+        // refuse anyway is refused now, before its body is read, parsed or tokenized.
+        const who = this.admissionRequest(req, apiKey, started);
+        // (A body declared over --max-payload-size still gets its 413 from readBody.)
+        if (this.admission.shedsAtOnce(who.priority) && !(Number(req.headers['content-length']) > this.config.maxPayloadSize)) this.refuseBeforeBody(req, who.priority);
         const raw = await readBody(req, this.config.maxPayloadSize);
         const body = parseJsonObject(raw, this.config.maxJsonDepth);
-        const who = this.admissionRequest(req, apiKey, started);
         const release = await this.admit(res, who);
         let served: RoutedRequest | undefined;
         try {
@@ -438,6 +445,43 @@ export class Gateway {
     const key = this.digest(keySource).slice(0, 16);
     const objective = objectiveFrom(req.headers[SLO_TTFT_HEADER]) ?? this.config.ttftSloMs;
     return { priority, key, deadlineMs: objective !== undefined ? arrivedAt + objective : undefined };
+  }
+
+  /**
+   * Refuses a sheddable request while admission is full, from its headers alone (429, reason
+   * `saturated`, the same answer `Admission.acquire` gives). Its body is not read for routing but
+   * still drained, so the connection stays usable for keep-alive: Node discards an unread body
+   * after the response ends; here it is counted, and a body that grows past --max-payload-size (or
+   * is still arriving 30 s later) closes the connection instead of being read on.
+   */
+  private refuseBeforeBody(req: IncomingMessage, priority: number): never {
+    this.metrics.admissionRejected.inc({ reason: 'shed' });
+    if (!req.complete) {
+      const limit = this.config.maxPayloadSize;
+      let size = 0;
+      const onData = (chunk: Buffer) => {
+        size += chunk.length;
+        if (size > limit) {
+          cleanup();
+          req.socket.destroy();
+        }
+      };
+      const timer = setTimeout(() => {
+        cleanup();
+        req.socket.destroy();
+      }, BODY_DRAIN_TIMEOUT_MS);
+      timer.unref();
+      const cleanup = () => {
+        clearTimeout(timer);
+        req.removeListener('data', onData);
+        req.removeListener('end', cleanup);
+        req.removeListener('close', cleanup);
+      };
+      req.on('data', onData);
+      req.once('end', cleanup);
+      req.once('close', cleanup);
+    }
+    throw this.admission.shedError(priority);
   }
 
   /** An admission slot for a generation request (a no-op without --max-concurrent-requests). */

@@ -1,3 +1,4 @@
+import { connect, type Socket } from 'node:net';
 import { afterEach, describe, expect, it } from 'vitest';
 import { FakeWorker } from '../helpers/fake-worker.js';
 import { send } from '../helpers/http.js';
@@ -17,6 +18,58 @@ async function setup(overrides: Parameters<typeof startGateway>[0], workerOpts: 
   if (waitHealthy) await waitFor(() => gw.registry.all().length > 0 && gw.registry.all().every((w) => w.healthy), 5000, 'healthy worker');
   return { worker, gw, url: (p: string) => gw.url + p };
 }
+
+
+/** A raw HTTP/1.1 client on one socket: responses are read by Content-Length, in order. */
+class RawConnection {
+  private buf = Buffer.alloc(0);
+  private waiters: Array<() => void> = [];
+  closed = false;
+  readonly socket: Socket;
+  constructor(port: number) {
+    this.socket = connect(port, '127.0.0.1');
+    this.socket.on('data', (d: Buffer) => {
+      this.buf = Buffer.concat([this.buf, d]);
+      for (const w of this.waiters.splice(0)) w();
+    });
+    this.socket.on('error', () => undefined);
+    this.socket.on('close', () => {
+      this.closed = true;
+      for (const w of this.waiters.splice(0)) w();
+    });
+  }
+  write(text: string): void {
+    this.socket.write(text);
+  }
+  /** The next complete response (status, headers, body), or undefined if the connection closes first. */
+  async response(): Promise<{ status: number; headers: Record<string, string>; body: string } | undefined> {
+    for (;;) {
+      const end = this.buf.indexOf('\r\n\r\n');
+      if (end >= 0) {
+        const head = this.buf.subarray(0, end).toString('latin1').split('\r\n');
+        const headers: Record<string, string> = {};
+        for (const line of head.slice(1)) headers[line.slice(0, line.indexOf(':')).toLowerCase()] = line.slice(line.indexOf(':') + 1).trim();
+        const len = Number(headers['content-length'] ?? 0);
+        if (this.buf.length >= end + 4 + len) {
+          const body = this.buf.subarray(end + 4, end + 4 + len).toString('utf8');
+          this.buf = this.buf.subarray(end + 4 + len);
+          return { status: Number(head[0].split(' ')[1]), headers, body };
+        }
+      }
+      if (this.closed) return undefined;
+      await new Promise<void>((r) => this.waiters.push(r));
+    }
+  }
+  closedPromise(): Promise<void> {
+    return this.closed ? Promise.resolve() : new Promise((r) => this.socket.once('close', () => r()));
+  }
+}
+
+const chunk = (text: string) => `${Buffer.byteLength(text).toString(16)}\r\n${text}\r\n`;
+const postHead = (headers: Record<string, string>) =>
+  `POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n${Object.entries(headers)
+    .map(([k, v]) => `${k}: ${v}\r\n`)
+    .join('')}\r\n`;
 
 const chat = (tag: string) => ({ model: 'fake-model', messages: [{ role: 'user', content: tag }], max_tokens: 4 });
 
@@ -47,6 +100,65 @@ describe('admission by priority and predicted latency, end to end', () => {
     expect(order).toEqual(['blocker', 'interactive', 'batch']);
     await waitFor(() => gw.admission.inUse === 0, 3000, 'slots released');
     expect(worker.received.some((r) => r.body.includes('shed'))).toBe(false);
+  });
+
+  it('a sheddable request is refused from its headers, before its body has arrived; the body is drained and the connection kept alive', async () => {
+    const { worker, gw } = await setup({ maxConcurrentRequests: 1, queueSize: 4 }, { hang: true });
+    const blocker = new AbortController();
+    const first = send(gw.url + '/v1/chat/completions', { body: chat('blocker'), signal: blocker.signal }).catch(() => undefined);
+    await waitFor(() => worker.received.some((r) => r.body.includes('blocker')), 3000, 'blocker at the worker');
+    const conn = new RawConnection(gw.port);
+    cleanups.push(async () => void conn.socket.destroy());
+    // Headers and half a body: the refusal comes while the rest of the body is still unsent.
+    conn.write(postHead({ 'transfer-encoding': 'chunked', 'x-kvgate-priority': '-1' }) + chunk('{"model":"fake-model","messages":[{"role":"user",'));
+    const shed = await conn.response();
+    expect(shed?.status).toBe(429);
+    expect(shed?.headers['x-kvgate-dropped-reason']).toBe('saturated');
+    expect(JSON.parse(shed!.body).error).toMatchObject({ type: 'rate_limit_error', code: 'saturated' });
+    expect(shed?.headers.connection).not.toBe('close');
+    // The rest of the body follows; the same connection then carries the next requests.
+    conn.write(chunk('"content":"shed"}],"max_tokens":4}') + '0\r\n\r\n');
+    const again = JSON.stringify(chat('shed-again'));
+    conn.write(postHead({ 'content-length': String(Buffer.byteLength(again)), 'x-kvgate-priority': '-2' }) + again);
+    const second = await conn.response();
+    expect(second?.status).toBe(429);
+    expect(second?.headers['x-kvgate-dropped-reason']).toBe('saturated');
+    expect(gw.admission.inUse).toBe(1);
+    expect(gw.admission.waiting).toBe(0);
+    // Free the slot: a request on the same connection is served.
+    worker.opts.hang = false;
+    blocker.abort();
+    await first;
+    await waitFor(() => gw.admission.inUse === 0, 3000, 'slot released');
+    const ok = JSON.stringify(chat('served'));
+    conn.write(postHead({ 'content-length': String(Buffer.byteLength(ok)), 'x-kvgate-priority': '-1' }) + ok);
+    const served = await conn.response();
+    expect(served?.status).toBe(200);
+    expect(conn.closed).toBe(false);
+    expect(worker.received.some((r) => r.body.includes('shed'))).toBe(false);
+    expect(worker.received.some((r) => r.body.includes('served'))).toBe(true);
+    await waitFor(() => gw.admission.inUse === 0 && gw.activeRequests === 0, 3000, 'nothing left in flight');
+    const text = await (await fetch(gw.url + '/metrics')).text();
+    expect(text).toMatch(/kvgate_admission_rejected_total\{reason="shed"\} 2/);
+  });
+
+  it('a refused request whose body keeps growing past --max-payload-size has its connection closed instead of being read on', async () => {
+    const { worker, gw } = await setup({ maxConcurrentRequests: 1, queueSize: 4, maxPayloadSize: 4096 }, { hang: true });
+    const blocker = new AbortController();
+    const first = send(gw.url + '/v1/chat/completions', { body: chat('blocker'), signal: blocker.signal }).catch(() => undefined);
+    await waitFor(() => worker.received.some((r) => r.body.includes('blocker')), 3000, 'blocker at the worker');
+    const conn = new RawConnection(gw.port);
+    cleanups.push(async () => void conn.socket.destroy());
+    conn.write(postHead({ 'transfer-encoding': 'chunked', 'x-kvgate-priority': '-1' }) + chunk('{"model":"fake-model","prompt":"'));
+    const shed = await conn.response();
+    expect(shed?.status).toBe(429);
+    conn.write(chunk('x'.repeat(3000)));
+    conn.write(chunk('x'.repeat(3000)));
+    await conn.closedPromise();
+    expect(conn.closed).toBe(true);
+    blocker.abort();
+    await first;
+    await waitFor(() => gw.admission.inUse === 0 && gw.activeRequests === 0, 3000, 'nothing left in flight');
   });
 
   it('a malformed priority is a 400; an API key maps to its class', async () => {

@@ -27,6 +27,21 @@ describe('admission: priorities, fairness, shedding', () => {
     expect(a.inUse).toBe(0);
   });
 
+  it('shedsAtOnce answers from the priority and the slots alone, as acquire would', async () => {
+    const off = new Admission({ maxConcurrent: 0, queueSize: 0, queueTimeoutMs: 1000 });
+    expect(off.shedsAtOnce(-1)).toBe(false);
+    const a = new Admission({ maxConcurrent: 1, queueSize: 4, queueTimeoutMs: 60_000 });
+    expect(a.shedsAtOnce(-1)).toBe(false);
+    const held = await a.acquire(undefined, { priority: -1 });
+    expect(a.shedsAtOnce(-1)).toBe(true);
+    expect(a.shedsAtOnce(0)).toBe(false); // waits instead
+    await expect(a.acquire(undefined, { priority: -1 })).rejects.toMatchObject({ status: 429, reason: 'saturated' });
+    expect(a.shedError(-3)).toBeInstanceOf(DroppedError);
+    held();
+    expect(a.shedsAtOnce(-1)).toBe(false);
+    expect(a.inUse).toBe(0);
+  });
+
   it('refuses a sheddable request at once when no slot is free, and admits it when one is', async () => {
     const a = new Admission({ maxConcurrent: 1, queueSize: 10, queueTimeoutMs: 60_000 });
     const r1 = await a.acquire(undefined, { priority: -1 }); // a free slot: sheddable is served

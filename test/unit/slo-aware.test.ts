@@ -221,6 +221,24 @@ describe('slo_aware', () => {
     expect(policy.lastSlo).toMatchObject({ rule: 'slo_headroom', ttftObjectiveMs: 5000, feasible: true });
   });
 
+  it('predicts with the cache the engine holds (its events), not the routing history that kv_aware counts for affinity', () => {
+    const { workers, policy, store, ctx } = setup({ historyWeight: 1 });
+    const prompt = tokens(2000);
+    // w0 served this prompt before (routing history), but its engine reports none of it cached (evicted).
+    const first = ctx(prompt);
+    expect(policy.selectWorker([workers[0]], first)).toBe(workers[0]);
+    policy.onFirstToken(workers[0], first);
+    policy.onRequestComplete(workers[0], first);
+    store(1, prompt.slice(0, 1600)); // w1's engine does hold most of it
+    const e = policy.explain(workers, ctx(prompt));
+    const w0 = e.candidates.find((c) => c.worker === workers[0].id)!;
+    const w1 = e.candidates.find((c) => c.worker === workers[1].id)!;
+    expect(w0.matchedBlocks).toBeGreaterThan(0); // the history still gives w0 affinity in the cost...
+    expect(w0.terms!.uncached_tokens).toBe(2000); // ...but the prediction prefills all of it there
+    expect(w1.terms!.uncached_tokens).toBe(400);
+    expect(Number(w0.terms!.predicted_ttft_ms)).toBeGreaterThan(Number(w1.terms!.predicted_ttft_ms));
+  });
+
   it('with an objective no worker can meet: lowest predicted TTFT, marked infeasible', () => {
     const { workers, policy, ctx } = setup();
     policy.selectWorker([workers[0]], ctx(tokens(8000, 900_000)));
