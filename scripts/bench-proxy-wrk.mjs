@@ -293,8 +293,26 @@ function runOnly(name) {
 }
 function cpuSnapshot() {
   const comp = {};
-  for (const [name, pids] of Object.entries(componentPids)) comp[name] = pids().reduce((a, p) => a + pidTicks(p), 0);
-  return { t: process.hrtime.bigint(), machine: machineTicks().busy, wrk: selfReapedTicks(), comp };
+  const perPid = {};
+  for (const [name, pids] of Object.entries(componentPids)) {
+    let sum = 0;
+    for (const p of pids()) {
+      const t = pidTicks(p);
+      perPid[p] = t;
+      sum += t;
+    }
+    comp[name] = sum;
+  }
+  return { t: process.hrtime.bigint(), machine: machineTicks().busy, wrk: selfReapedTicks(), comp, perPid };
+}
+/** Cores used by each process of `name` since snapshot `a` (largest first): how evenly a multi-process target's connections were spread. */
+function spreadSince(a, name) {
+  const b = cpuSnapshot();
+  const secs = Number(b.t - a.t) / 1e9;
+  return componentPids[name]()
+    .map((p) => ((b.perPid[p] ?? 0) - (a.perPid[p] ?? 0)) / TICK / secs)
+    .filter((c) => c >= 0.05)
+    .sort((x, y) => y - x);
 }
 function cpuSince(a) {
   const b = cpuSnapshot();
@@ -356,12 +374,14 @@ try {
       const cpu0 = cpuSnapshot();
       const r = wrk(targets[name], SECS);
       r.cpu = cpuSince(cpu0);
+      r.spread = spreadSince(cpu0, name);
       Object.assign(r, await loopStats(name, targets[name], before));
       results[name].push(r);
       const errs = r.non2xx || r.socketErrors ? ` non2xx=${r.non2xx} socket_errors=${r.socketErrors ?? 0}` : '';
       const loop = r.lagP99 !== undefined ? ` loop_lag_p99=${r.lagP99.toFixed(1)}ms ELU=${r.elu.toFixed(2)}` : '';
       const cpu = ` cores: busy=${r.cpu.busy.toFixed(2)} ` + Object.entries(r.cpu).filter(([k, v]) => k !== 'busy' && v >= 0.005).map(([k, v]) => `${k}=${v.toFixed(2)}`).join(' ');
-      console.log(`round ${round + 1} ${name.padEnd(7)} req/s=${r.rps.toFixed(0)} p50=${r.p50.toFixed(3)}ms p99=${r.p99.toFixed(3)}ms${errs}${loop}${cpu}`);
+      const spread = r.spread.length > 1 ? ` per-process cores=${r.spread.map((c) => c.toFixed(2)).join('/')}` : '';
+      console.log(`round ${round + 1} ${name.padEnd(7)} req/s=${r.rps.toFixed(0)} p50=${r.p50.toFixed(3)}ms p99=${r.p99.toFixed(3)}ms${errs}${loop}${cpu}${spread}`);
     }
   }
   for (const name of names.filter((n) => n.startsWith('kvgate'))) {
@@ -394,12 +414,16 @@ if (med.nginx && med.bare && med.kvgate1) {
   console.log(`\nadded p50 over nginx direct: bare ${added('bare').toFixed(3)} ms, kvgate ${added('kvgate1').toFixed(3)} ms (ratio ${(added('kvgate1') / added('bare')).toFixed(2)})`);
   console.log(`ratios: kvgate(1 process)/bare req/s=${(med.kvgate1.rps / med.bare.rps).toFixed(2)} p50=${(med.kvgate1.p50 / med.bare.p50).toFixed(2)}`);
 }
-if (med.bare && med.bare2) console.log(`bare proxy 2 processes/1 process req/s=${(med.bare2.rps / med.bare.rps).toFixed(2)}: what this machine gives a stateless Node proxy for a second process`);
+// Ratios are given two ways: of the medians, and the median of the per-round ratios (each round
+// measures every target once, a minute apart, so its ratio pairs measurements taken under the same
+// machine state; the second is the paired statistic, robust to drift across rounds).
+const paired = (a, b) => median(results[a].map((r, i) => r.rps / results[b][i].rps)).toFixed(2);
+if (med.bare && med.bare2) console.log(`bare proxy 2 processes/1 process req/s=${(med.bare2.rps / med.bare.rps).toFixed(2)} (per-round median ${paired('bare2', 'bare')}): what this machine gives a stateless Node proxy for a second process`);
 if (med.kvgate1 && med.kvgate2) {
-  console.log(`processes2/processes1 req/s=${(med.kvgate2.rps / med.kvgate1.rps).toFixed(2)} p50=${(med.kvgate2.p50 / med.kvgate1.p50).toFixed(2)}`);
+  console.log(`processes2/processes1 req/s=${(med.kvgate2.rps / med.kvgate1.rps).toFixed(2)} (per-round median ${paired('kvgate2', 'kvgate1')}) p50=${(med.kvgate2.p50 / med.kvgate1.p50).toFixed(2)}`);
 }
-for (const n of names.filter((x) => x.includes('['))) if (med.kvgate1) console.log(`${n}/processes1 req/s=${(med[n].rps / med.kvgate1.rps).toFixed(2)}`);
-if (med.kvgate1 && med.kvgate2nosync) console.log(`processes2 without replica sync/processes1 req/s=${(med.kvgate2nosync.rps / med.kvgate1.rps).toFixed(2)} (the cost of sharing state: compare with the line above)`);
+for (const n of names.filter((x) => x.includes('['))) if (med.kvgate1) console.log(`${n}/processes1 req/s=${(med[n].rps / med.kvgate1.rps).toFixed(2)} (per-round median ${paired(n, 'kvgate1')})`);
+if (med.kvgate1 && med.kvgate2nosync) console.log(`processes2 without replica sync/processes1 req/s=${(med.kvgate2nosync.rps / med.kvgate1.rps).toFixed(2)} (per-round median ${paired('kvgate2nosync', 'kvgate1')}; the cost of sharing state: compare with the line above)`);
 console.log('\ncache_aware on kvgate /metrics after all rounds (8 scrapes, a fresh connection each; with --processes 2 each scrape is answered by one process, whose counters are its own):');
 for (const name of Object.keys(scrapes)) {
   const distinct = [...new Map(scrapes[name].map((s) => [`${s.hits}/${s.misses}`, s])).values()];
