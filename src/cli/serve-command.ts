@@ -2,6 +2,7 @@ import cluster from 'node:cluster';
 import type { Command } from 'commander';
 import { addOptions, ConfigError } from '../config/options.js';
 import { resolveServeConfig, serveOptionSpecs } from '../config/serve-config.js';
+import { CONNECTION_REPORT_MS, ConnectionBalancer, isConnectionShareMessage } from '../processes/connection-balance.js';
 import { isShutdownMessage, replicaIdOf, runSupervisor } from '../processes/supervisor.js';
 import { createLogger, Gateway } from '../server/gateway.js';
 
@@ -57,6 +58,17 @@ export function registerServeCommand(program: Command): void {
     } catch (e) {
       process.stderr.write(`kvgate serve: cannot start: ${(e as Error).message}\n`);
       process.exit(1);
+    }
+    if (cluster.isWorker && g.httpServer && !config.disableConnectionBalance) {
+      // --processes N: report this process's connections; shed its excess when the supervisor says it holds more than its share.
+      const balancer = new ConnectionBalancer();
+      balancer.attach(g.httpServer);
+      setInterval(() => {
+        if (process.connected) process.send?.(balancer.report());
+      }, CONNECTION_REPORT_MS).unref();
+      process.on('message', (m) => {
+        if (isConnectionShareMessage(m)) balancer.onShare(m);
+      });
     }
     g.log.info(
       {

@@ -136,6 +136,7 @@ export interface ServeConfig {
   modelIdFrom: string | undefined;
   // Several processes on one machine
   processes: number;
+  disableConnectionBalance: boolean;
   natsServerBin: string | undefined;
 }
 
@@ -283,6 +284,7 @@ export const serveOptionSpecs: readonly OptionSpec[] = [
   { flag: 'model-id-from', kind: 'string', description: "Service discovery: take each pod's model id from its namespace, label:<key> or annotation:<key> instead of its /v1/models", argName: 'source', check: ((v: string) => { try { parseModelIdFrom(v); return undefined; } catch (e) { return (e as Error).message; } }) as never },
   { flag: 'pd-protocol', kind: 'enum', description: 'Hand-off protocol: sglang (bootstrap room, both at once) or vllm (NIXL kv_transfer_params, prefill then decode)', default: 'sglang', choices: ['sglang', 'vllm'] },
   { flag: 'processes', kind: 'string', description: 'Serving processes sharing the port (auto = one per core); above 1 a supervisor forks and restarts them', default: '1', argName: 'n|auto', check: ((v: string) => (/^(auto|[1-9][0-9]{0,3})$/.test(v) ? undefined : 'expected a whole number from 1 to 9999, or auto')) as never },
+  { flag: 'disable-connection-balance', kind: 'bool', description: 'With --processes above 1, never ask clients to reconnect to even out the processes\' shares of connections', default: false },
   { flag: 'nats-server-bin', kind: 'string', description: 'With --processes above 1 and no --replica-sync: the nats-server the supervisor starts (default: nats-server on PATH, else /usr/sbin/nats-server)', argName: 'path' },
 ];
 

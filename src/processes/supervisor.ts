@@ -8,6 +8,7 @@ import cluster, { type Worker as ClusterWorker } from 'node:cluster';
 import { hostname } from 'node:os';
 import type { Logger } from 'pino';
 import type { ServeConfig } from '../config/serve-config.js';
+import { CONNECTION_REPORT_MS, isConnectionCountMessage, type ConnectionShareMessage } from './connection-balance.js';
 import { findNatsServer, NatsServer } from './nats-server.js';
 
 /** The IPC message that tells a serving process to drain, as a first SIGTERM/SIGINT would. */
@@ -52,6 +53,8 @@ interface Slot {
   failures: number;
   restartTimer: NodeJS.Timeout | undefined;
   listened: boolean;
+  /** Client connections the process last reported holding (connection-balance.ts). */
+  connections: number;
 }
 
 /**
@@ -127,7 +130,7 @@ export async function runSupervisor(config: ServeConfig, log: Logger): Promise<v
   const childEnv = configuredReplicaSync(config) === undefined ? { KVGATE_REPLICA_SYNC: syncUrl } : {};
   const host = config.host === '0.0.0.0' || config.host === '::' ? '127.0.0.1' : config.host;
   const url = `${config.tlsCertPath ? 'https' : 'http'}://${host}:${config.port}`;
-  const slots: Slot[] = Array.from({ length: n }, (_, index) => ({ index, worker: undefined, startedAt: 0, failures: 0, restartTimer: undefined, listened: false }));
+  const slots: Slot[] = Array.from({ length: n }, (_, index) => ({ index, worker: undefined, startedAt: 0, failures: 0, restartTimer: undefined, listened: false, connections: 0 }));
   let ready = false;
   let anyFailed = false;
   let killTimer: NodeJS.Timeout | undefined;
@@ -201,6 +204,7 @@ export async function runSupervisor(config: ServeConfig, log: Logger): Promise<v
     const slot = slotOf(w);
     if (!slot) return;
     slot.worker = undefined;
+    slot.connections = 0;
     if (stopping) {
       // Killed by the very signal being forwarded (it came before the process set up its handlers) is a clean stop too.
       if (code !== 0 && signal !== stopSignal) anyFailed = true;
@@ -225,6 +229,18 @@ export async function runSupervisor(config: ServeConfig, log: Logger): Promise<v
       log.info({ index: slot.index, childPid: slot.worker!.process.pid }, 'process restarted');
     }, delay);
   });
+
+  // Connection balancing: each process reports its connections; every process hears the total.
+  cluster.on('message', (w, m) => {
+    const slot = slotOf(w);
+    if (slot && isConnectionCountMessage(m)) slot.connections = m.open;
+  });
+  setInterval(() => {
+    if (stopping) return;
+    const running = live();
+    const share: ConnectionShareMessage = { kvgate: 'connection-share', total: running.reduce((a, s) => a + s.connections, 0), processes: running.length };
+    for (const s of running) if (s.worker!.isConnected()) s.worker!.send(share);
+  }, CONNECTION_REPORT_MS).unref();
 
   process.on('SIGTERM', () => stop('SIGTERM'));
   process.on('SIGINT', () => stop('SIGINT'));

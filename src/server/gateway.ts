@@ -193,6 +193,12 @@ export class Gateway {
   }
 
   private boundPort = 0;
+
+  /** The client-facing HTTP(S) server, once started (the process supervisor's connection balancing attaches to it). */
+  get httpServer(): Server | undefined {
+    return this.server;
+  }
+
   /** The --prometheus-port listener (GET /metrics only), when configured. */
   private metricsServer: Server | undefined;
   private metricsBoundPort = 0;
