@@ -14,8 +14,9 @@ export function registerServeCommand(program: Command): void {
       'after',
       '\nEvery flag can also be set in the --config file (same name) or as KVGATE_<FLAG_IN_UPPER_SNAKE>.' +
         '\nWith --processes N above 1, a supervisor forks N serving processes that share the port (node:cluster, one' +
-        '\nlistening socket; not SO_REUSEPORT) and restarts any that dies; without --replica-sync it starts a' +
-        '\nnats-server on 127.0.0.1 for them. See docs/operations.md.',
+        '\nlistening socket; not SO_REUSEPORT), keeps their shares of client connections even (a process over its' +
+        '\nshare answers Connection: close; --disable-connection-balance) and restarts any that dies; without' +
+        '\n--replica-sync it starts a nats-server on 127.0.0.1 for them. See docs/operations.md.',
     );
   addOptions(cmd, serveOptionSpecs);
   cmd.action(async (opts: Record<string, unknown>) => {

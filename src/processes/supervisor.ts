@@ -1,7 +1,8 @@
 // `kvgate serve --processes N` (N > 1): this process becomes a supervisor. It forks N serving
 // processes with node:cluster, which all accept on one listening socket that the supervisor
 // opened (cluster.SCHED_NONE: the kernel hands each connection to whichever process accepts
-// first; this is not SO_REUSEPORT, which Node 20 lacks). It restarts a process that dies,
+// first; this is not SO_REUSEPORT, which Node 20 lacks), and keeps their shares of connections
+// even (connection-balance.ts: it relays each process's connection count). It restarts a process that dies,
 // forwards SIGTERM/SIGINT for a graceful drain, and starts a nats-server for the processes'
 // replica sync when no --replica-sync URL is configured.
 import cluster, { type Worker as ClusterWorker } from 'node:cluster';
