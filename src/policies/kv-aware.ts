@@ -117,7 +117,8 @@ export interface KvScore {
   requestBlocks: number;
   inputTokens: number;
   bs: number;
-  seq: Int32Array;
+  /** blockKeys() of the request's sequence hashes. */
+  keys: Int32Array;
   textChars: number;
   tree: CharTree;
   text: string;
@@ -197,7 +198,7 @@ export class KvAwarePolicy extends BasePolicy {
 
   /** Records the decision: observer, in-flight accounting, routing history, replica share. */
   protected commit(healthy: readonly Worker[], sc: KvScore, i: number, ctx: RequestContext): void {
-    const { costs, meta, requestBlocks, inputTokens, bs, seq, textChars, tree, text } = sc;
+    const { costs, meta, requestBlocks, inputTokens, bs, keys, textChars, tree, text } = sc;
     const chosen = healthy[i];
     this.lastDecision = { worker: chosen, overlapBlocks: meta[i].overlap, requestBlocks, cost: costs[i], fallback: meta[i].fallback };
     const observer = this.deps.observer;
@@ -210,7 +211,7 @@ export class KvAwarePolicy extends BasePolicy {
       if (avoidable > 0) observer.avoidablePrefill(chosen, ctx, { tokens: avoidable });
     }
     const prefillTokens = Math.max(0, inputTokens - meta[i].overlap * bs);
-    this.track(chosen, ctx.requestId, seq, prefillTokens);
+    this.track(chosen, ctx.requestId, keys, prefillTokens);
     if (textChars > 0) tree.insert(text, chosen.id);
     // The tree key (model, or model + adapter) goes to peers as the record's model: they insert under the same key.
     const treeKey = ctx.loraName ? `${ctx.model}\u0000lora:${ctx.loraName}` : ctx.model;
@@ -237,7 +238,7 @@ export class KvAwarePolicy extends BasePolicy {
     const inputTokens = tokens ? tokens.length : Math.ceil(codePointLength(text) / 4);
     const requestBlocks = Math.ceil(inputTokens / bs);
     // In-flight blocks are tracked by number keys, not bigints (see blockKeys).
-    const seq = blockKeys(reuse ? given.seq : sequenceHashes(local));
+    const keys = blockKeys(reuse ? given.seq : sequenceHashes(local));
     const fullBlocks = Math.floor(inputTokens / bs);
     const overlaps = tokens
       ? this.view.index.matchTiered(local, { host: this.config.hostHitWeight ?? 0, disk: this.config.diskHitWeight ?? 0 }, readOnly ? { touch: false } : undefined)
@@ -276,7 +277,7 @@ export class KvAwarePolicy extends BasePolicy {
       // not arrived yet, so the index cannot know).
       let pending = 0;
       if (s && s.blocks.size > 0) {
-        while (pending < seq.length && s.blocks.has(seq[pending])) pending++;
+        while (pending < keys.length && s.blocks.has(keys[pending])) pending++;
         if (pending > overlap) overlap = pending;
       }
       const uncached = Math.max(0, inputTokens - overlap * bs);
@@ -294,7 +295,7 @@ export class KvAwarePolicy extends BasePolicy {
       costs.push((this.config.overlapWeight * uncached) / bs + active);
       meta.push({ overlap, fallback: !fresh, indexed: fresh ? indexed : 0, history, pending, prefillBlocks: uncached / bs, active, newBlocks });
     }
-    return { costs, meta, requestBlocks, inputTokens, bs, seq, textChars, tree, text };
+    return { costs, meta, requestBlocks, inputTokens, bs, keys, textChars, tree, text };
   }
 
   /** Per candidate: overlap (index, history, in-flight), prefill blocks, active load, cost; the argmin or softmax. */
@@ -437,15 +438,15 @@ export class KvAwarePolicy extends BasePolicy {
     return { blocks: p?.blocks ?? 0, pendingPrefillTokens: p?.pendingPrefillTokens ?? 0 };
   }
 
-  private track(worker: Worker, requestId: string, seq: Int32Array, prefillTokens: number): void {
+  private track(worker: Worker, requestId: string, keys: Int32Array, prefillTokens: number): void {
     let s = this.state.get(worker.id);
     if (!s) {
       s = { active: new Map(), blocks: new Map(), pendingPrefillTokens: 0, lastCompletionMs: -Infinity };
       this.state.set(worker.id, s);
     }
-    s.active.set(requestId, { blockKeys: seq, prefillTokens });
+    s.active.set(requestId, { blockKeys: keys, prefillTokens });
     s.pendingPrefillTokens += prefillTokens;
-    for (let k = 0; k < seq.length; k++) s.blocks.set(seq[k], (s.blocks.get(seq[k]) ?? 0) + 1);
+    for (let k = 0; k < keys.length; k++) s.blocks.set(keys[k], (s.blocks.get(keys[k]) ?? 0) + 1);
   }
 
   private argmin(ws: readonly Worker[], costs: number[]): number {

@@ -141,12 +141,12 @@ export class ChunkDictionary {
     if (known > 0) {
       if (!last) return this.fail();
       parent = last;
-      const parts = this.walk(parent, known);
-      if (!parts) return this.fail();
+      const entries = this.walkEntries(parent, known);
+      if (!entries) return this.fail();
       let at = 0;
-      for (const p of parts as Uint32Array[]) {
-        out.set(p, at);
-        at += p.length;
+      for (const e of entries) {
+        out.set(e.chunk as Uint32Array, at);
+        at += e.chunk.length;
       }
     }
     out.set(rest, known * TOKEN_CHUNK);
@@ -186,20 +186,6 @@ export class ChunkDictionary {
     }
   }
 
-  /** Chunks `[0, count)` ending at `last`, oldest first; undefined if any is missing. Refreshes them. */
-  private walk(last: number, count: number): Array<string | Uint32Array> | undefined {
-    const parts = new Array<string | Uint32Array>(count);
-    let h = last;
-    const now = ++this.clock;
-    for (let i = count - 1; i >= 0; i--) {
-      const e = this.entries.get(h);
-      if (!e) return undefined;
-      parts[i] = e.chunk;
-      e.used = now;
-      h = e.parent;
-    }
-    return parts;
-  }
 
   /**
    * Chain hashes of a text's full chunks. The chunks it shares with the last text encoded that

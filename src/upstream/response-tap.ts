@@ -217,11 +217,7 @@ export function countContent(buf: Buffer): number {
   let n = 0;
   const len = buf.length;
   // Where the last match of each key ended: a key is not searched again inside its own match.
-  let end0 = 0;
-  let end1 = 0;
-  let end2 = 0;
-  let end3 = 0;
-  let end4 = 0;
+  const ends = [0, 0, 0, 0, 0];
   for (let at = 0; at < len; at++) {
     if (buf[at] !== 0x22) continue;
     const c = buf[at + 1];
@@ -230,18 +226,14 @@ export function countContent(buf: Buffer): number {
     else if (c === 0x74 /* t */) k = buf[at + 2] === 0x65 /* e */ ? 1 : 4;
     else if (c === 0x72 /* r */) k = buf[at + 10] === 0x5f /* _ */ ? 2 : 3;
     else continue;
-    if (at < (k === 0 ? end0 : k === 1 ? end1 : k === 2 ? end2 : k === 3 ? end3 : end4)) continue;
+    if (at < ends[k]!) continue;
     const key = CONTENT_KEYS[k]!;
     const kl = key.length;
     if (at + kl > len) continue;
     let j = 2;
     while (j < kl && buf[at + j] === key[j]) j++;
     if (j < kl) continue;
-    if (k === 0) end0 = at + kl;
-    else if (k === 1) end1 = at + kl;
-    else if (k === 2) end2 = at + kl;
-    else if (k === 3) end3 = at + kl;
-    else end4 = at + kl;
+    ends[k] = at + kl;
     let i = at + kl;
     while (i < len && SPACE.has(buf[i]!)) i++;
     if (buf[i] !== 0x3a) continue;
@@ -250,9 +242,9 @@ export function countContent(buf: Buffer): number {
     const open = buf[i];
     if (open === 0x22 /* " */ && i + 1 < len && buf[i + 1] !== 0x22) n++;
     else if (open === 0x5b /* [ */ && key === CONTENT_KEYS[4]) {
-      let k = i + 1;
-      while (k < len && SPACE.has(buf[k]!)) k++;
-      if (k < len && buf[k] !== 0x5d) n++;
+      let m = i + 1;
+      while (m < len && SPACE.has(buf[m]!)) m++;
+      if (m < len && buf[m] !== 0x5d) n++;
     }
   }
   return n;

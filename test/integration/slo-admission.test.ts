@@ -102,13 +102,19 @@ describe('admission by priority and predicted latency, end to end', () => {
     expect(worker.received.some((r) => r.body.includes('shed'))).toBe(false);
   });
 
-  it('a sheddable request is refused from its headers, before its body has arrived; the body is drained and the connection kept alive', async () => {
-    const { worker, gw } = await setup({ maxConcurrentRequests: 1, queueSize: 4 }, { hang: true });
+  /** A gateway with its one admission slot held by a hanging request, and a raw connection to it. */
+  async function saturatedRawConnection(extra: Parameters<typeof setup>[0]) {
+    const { worker, gw } = await setup({ maxConcurrentRequests: 1, queueSize: 4, ...extra }, { hang: true });
     const blocker = new AbortController();
     const first = send(gw.url + '/v1/chat/completions', { body: chat('blocker'), signal: blocker.signal }).catch(() => undefined);
     await waitFor(() => worker.received.some((r) => r.body.includes('blocker')), 3000, 'blocker at the worker');
     const conn = new RawConnection(gw.port);
     cleanups.push(async () => void conn.socket.destroy());
+    return { worker, gw, blocker, first, conn };
+  }
+
+  it('a sheddable request is refused from its headers, before its body has arrived; the body is drained and the connection kept alive', async () => {
+    const { worker, gw, blocker, first, conn } = await saturatedRawConnection({});
     // Headers and half a body: the refusal comes while the rest of the body is still unsent.
     conn.write(postHead({ 'transfer-encoding': 'chunked', 'x-kvgate-priority': '-1' }) + chunk('{"model":"fake-model","messages":[{"role":"user",'));
     const shed = await conn.response();
@@ -143,12 +149,7 @@ describe('admission by priority and predicted latency, end to end', () => {
   });
 
   it('a refused request whose body keeps growing past --max-payload-size has its connection closed instead of being read on', async () => {
-    const { worker, gw } = await setup({ maxConcurrentRequests: 1, queueSize: 4, maxPayloadSize: 4096 }, { hang: true });
-    const blocker = new AbortController();
-    const first = send(gw.url + '/v1/chat/completions', { body: chat('blocker'), signal: blocker.signal }).catch(() => undefined);
-    await waitFor(() => worker.received.some((r) => r.body.includes('blocker')), 3000, 'blocker at the worker');
-    const conn = new RawConnection(gw.port);
-    cleanups.push(async () => void conn.socket.destroy());
+    const { gw, blocker, first, conn } = await saturatedRawConnection({ maxPayloadSize: 4096 });
     conn.write(postHead({ 'transfer-encoding': 'chunked', 'x-kvgate-priority': '-1' }) + chunk('{"model":"fake-model","prompt":"'));
     const shed = await conn.response();
     expect(shed?.status).toBe(429);
