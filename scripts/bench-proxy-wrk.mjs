@@ -11,14 +11,20 @@
 // ports that answer POST /v1/chat/completions with a fixed small chat completion): port A is the
 // upstream of the bare proxy and the one nginx measured directly, kvgate gets ports A and B as
 // two workers so cache_aware has a choice to make. wrk POSTs 4,000-character chat bodies (a shared
-// 3,800-character system prompt and a varying user turn).
+// 3,800-character system prompt and a varying user turn): 1,024 bodies in turn, or with
+// BENCH_WRK_UNIQUE=1 a new user turn for every request (no prompt ever repeats).
+//
+// Per round it prints each target's cores (all processes, the main threads, system time),
+// context switches per request, and with several processes each one's share; at the end each
+// kvgate target's cache counters and replica-sync traffic (messages, records, bytes per record,
+// repeats not published again).
 //
 // Options (env): BENCH_WRK_SECS (10), BENCH_WRK_WARMUP_SECS (2), BENCH_WRK_CONNECTIONS (64),
 // BENCH_WRK_THREADS (1), BENCH_ROUNDS (3), BENCH_KVGATE_NODE_ARGS (node options for kvgate, e.g. --cpu-prof --cpu-prof-dir=DIR: every
 // process writes a profile), BENCH_KVGATE_ARGS (extra kvgate flags for every kvgate target), BENCH_TARGETS (nginx,bare,bare2,kvgate1,kvgate2,kvgate2nosync: which to
 // measure; a kvgate target may add flags, e.g. 'kvgate2[--replica-sync-flush-ms=10]'; each ratio is printed when its targets were measured).
 import { execFileSync, fork, spawn } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { request as httpRequest, Agent } from 'node:http';
 import { createServer } from 'node:net';
 import { cpus, loadavg, tmpdir } from 'node:os';
@@ -156,6 +162,7 @@ async function startKvgate(processes, extra = [], name = `kvgate${processes}`) {
 
 // --- wrk ------------------------------------------------------------------------------------
 const lua = join(tmp, 'chat.lua');
+const UNIQUE = process.env.BENCH_WRK_UNIQUE === '1';
 writeFileSync(
   lua,
   `-- 1,024 chat bodies of 4,000 characters: one shared 3,800-character system prompt, a varying user turn.
@@ -170,8 +177,15 @@ init = function(args)
     requests[i + 1] = wrk.format("POST", "/v1/chat/completions", { ["Content-Type"] = "application/json" }, body)
   end
 end
+local unique = ${UNIQUE ? 'true' : 'false'}
 request = function()
   n = n + 1
+  if unique then
+    -- BENCH_WRK_UNIQUE=1: every request's user turn is new (no prompt repeats).
+    local user = string.format("Customer %d: where is my order number %d? ", n, (n * 7919) % 100000)
+    user = user .. string.rep(".", 200 - #user)
+    return wrk.format("POST", "/v1/chat/completions", { ["Content-Type"] = "application/json" }, '{"model":"bench-model","messages":[{"role":"system","content":"' .. system .. '"},{"role":"user","content":"' .. user .. '"}],"max_tokens":16}')
+  end
   return requests[(n % 1024) + 1]
 end
 `,
@@ -240,6 +254,32 @@ function pidTicks(pid) {
     return 0;
   }
 }
+/** System time and context switches (voluntary + involuntary, all threads) of a process. */
+function sysAndSwitches(pid) {
+  let sys = 0;
+  let sw = 0;
+  try {
+    const st = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    sys = Number(st.slice(st.lastIndexOf(')') + 2).split(' ')[12]);
+    for (const tid of readdirSync(`/proc/${pid}/task`)) {
+      const s = readFileSync(`/proc/${pid}/task/${tid}/status`, 'utf8');
+      sw += Number(/voluntary_ctxt_switches:\s+(\d+)/.exec(s)?.[1] ?? 0) + Number(/nonvoluntary_ctxt_switches:\s+(\d+)/.exec(s)?.[1] ?? 0);
+    }
+  } catch {
+    /* gone */
+  }
+  return { sys, sw };
+}
+/** The main (JavaScript) thread's own time: /proc/PID/task/PID/stat (the rest of a process is GC helpers, libuv's pool, its other threads). */
+function mainThreadTicks(pid) {
+  try {
+    const st = readFileSync(`/proc/${pid}/task/${pid}/stat`, 'utf8');
+    const f = st.slice(st.lastIndexOf(')') + 2).split(' ');
+    return Number(f[11]) + Number(f[12]);
+  } catch {
+    return 0;
+  }
+}
 function childPids(pid) {
   try {
     return readFileSync(`/proc/${pid}/task/${pid}/children`, 'utf8').trim().split(/\s+/).filter(Boolean).map(Number);
@@ -294,16 +334,29 @@ function runOnly(name) {
 function cpuSnapshot() {
   const comp = {};
   const perPid = {};
+  const mainThreads = {};
+  const sysTicks = {};
+  const switches = {};
   for (const [name, pids] of Object.entries(componentPids)) {
     let sum = 0;
+    let main = 0;
+    let sys = 0;
+    let sw = 0;
     for (const p of pids()) {
       const t = pidTicks(p);
       perPid[p] = t;
       sum += t;
+      main += mainThreadTicks(p);
+      const x = sysAndSwitches(p);
+      sys += x.sys;
+      sw += x.sw;
     }
     comp[name] = sum;
+    mainThreads[name] = main;
+    sysTicks[name] = sys;
+    switches[name] = sw;
   }
-  return { t: process.hrtime.bigint(), machine: machineTicks().busy, wrk: selfReapedTicks(), comp, perPid };
+  return { t: process.hrtime.bigint(), machine: machineTicks().busy, wrk: selfReapedTicks(), comp, perPid, mainThreads, sysTicks, switches };
 }
 /** Cores used by each process of `name` since snapshot `a` (largest first): how evenly a multi-process target's connections were spread. */
 function spreadSince(a, name) {
@@ -320,6 +373,14 @@ function cpuSince(a) {
   const cores = (ticks) => ticks / TICK / secs;
   const out = { busy: cores(b.machine - a.machine), wrk: cores(b.wrk - a.wrk) };
   for (const name of Object.keys(b.comp)) out[name] = cores(b.comp[name] - (a.comp[name] ?? 0));
+  out.mainThreads = {};
+  for (const name of Object.keys(b.mainThreads)) out.mainThreads[name] = cores(b.mainThreads[name] - (a.mainThreads[name] ?? 0));
+  out.sys = {};
+  out.switchesPerSec = {};
+  for (const name of Object.keys(b.sysTicks)) {
+    out.sys[name] = cores(b.sysTicks[name] - (a.sysTicks[name] ?? 0));
+    out.switchesPerSec[name] = (b.switches[name] - (a.switches[name] ?? 0)) / secs;
+  }
   return out;
 }
 
@@ -332,7 +393,7 @@ for (let waited = 0; loadavg()[0] >= Number(process.env.BENCH_MAX_LOAD ?? 1.5) &
 }
 const cpuModel = readFileSync('/proc/cpuinfo', 'utf8').match(/model name\s*:\s*(.*)/)?.[1] ?? 'unknown';
 console.log(`machine: ${cpus().length} CPUs (${cpuModel}), Node ${process.version}; load average ${loadavg().map((x) => x.toFixed(2)).join(' ')}`);
-console.log(`wrk: ${THREADS} thread(s), ${CONNS} connections, ${SECS} s per measurement after a ${WARMUP} s warm-up; ${ROUNDS} rounds`);
+console.log(`wrk: ${THREADS} thread(s), ${CONNS} connections, ${SECS} s per measurement after a ${WARMUP} s warm-up; ${ROUNDS} rounds; ${UNIQUE ? 'a new user turn for every request (BENCH_WRK_UNIQUE=1)' : '1,024 bodies in turn'}`);
 
 const names = (process.env.BENCH_TARGETS ?? 'nginx,bare,bare2,kvgate1,kvgate2,kvgate2nosync').split(',');
 const labels = { nginx: 'nginx direct', bare: 'bare Node proxy', bare2: 'bare Node proxy, 2 processes (no shared state)', kvgate1: 'kvgate cache_aware, 1 process', kvgate2: 'kvgate cache_aware, --processes 2', kvgate2nosync: 'kvgate cache_aware, --processes 2 --replica-sync off' };
@@ -379,9 +440,11 @@ try {
       results[name].push(r);
       const errs = r.non2xx || r.socketErrors ? ` non2xx=${r.non2xx} socket_errors=${r.socketErrors ?? 0}` : '';
       const loop = r.lagP99 !== undefined ? ` loop_lag_p99=${r.lagP99.toFixed(1)}ms ELU=${r.elu.toFixed(2)}` : '';
-      const cpu = ` cores: busy=${r.cpu.busy.toFixed(2)} ` + Object.entries(r.cpu).filter(([k, v]) => k !== 'busy' && v >= 0.005).map(([k, v]) => `${k}=${v.toFixed(2)}`).join(' ');
+      const cpu = ` cores: busy=${r.cpu.busy.toFixed(2)} ` + Object.entries(r.cpu).filter(([k, v]) => k !== 'busy' && typeof v === 'number' && v >= 0.005).map(([k, v]) => `${k}=${v.toFixed(2)}`).join(' ');
       const spread = r.spread.length > 1 ? ` per-process cores=${r.spread.map((c) => c.toFixed(2)).join('/')}` : '';
-      console.log(`round ${round + 1} ${name.padEnd(7)} req/s=${r.rps.toFixed(0)} p50=${r.p50.toFixed(3)}ms p99=${r.p99.toFixed(3)}ms${errs}${loop}${cpu}${spread}`);
+      const mainT = r.cpu.mainThreads[name];
+      const threads = mainT !== undefined && r.cpu[name] > 0 ? ` main-thread=${mainT.toFixed(2)} other-threads=${(r.cpu[name] - mainT).toFixed(2)} system=${r.cpu.sys[name].toFixed(2)} switches/req=${(r.cpu.switchesPerSec[name] / r.rps).toFixed(3)}` : '';
+      console.log(`round ${round + 1} ${name.padEnd(7)} req/s=${r.rps.toFixed(0)} p50=${r.p50.toFixed(3)}ms p99=${r.p99.toFixed(3)}ms${errs}${loop}${cpu}${spread}${threads}`);
     }
   }
   for (const name of names.filter((n) => n.startsWith('kvgate'))) {
@@ -389,7 +452,7 @@ try {
     scrapes[name] = [];
     for (let i = 0; i < 8; i++) {
       const text = await scrape(targets[name]);
-      scrapes[name].push({ hits: metric(text, 'kvgate_cache_hits_total'), misses: metric(text, 'kvgate_cache_misses_total'), lb: metric(text, 'kvgate_load_balancing_events_total') });
+      scrapes[name].push({ hits: metric(text, 'kvgate_cache_hits_total'), misses: metric(text, 'kvgate_cache_misses_total'), lb: metric(text, 'kvgate_load_balancing_events_total'), syncMsgs: metric(text, 'kvgate_replica_sync_messages_sent_total'), syncBytes: metric(text, 'kvgate_replica_sync_bytes_sent_total'), syncRouted: metric(text, 'kvgate_replica_sync_routed_sent_total'), syncRepeats: metric(text, 'kvgate_replica_sync_repeats_suppressed_total') });
     }
   }
 } finally {
@@ -429,6 +492,6 @@ for (const name of Object.keys(scrapes)) {
   const distinct = [...new Map(scrapes[name].map((s) => [`${s.hits}/${s.misses}`, s])).values()];
   for (const s of distinct) {
     const rate = s.hits / (s.hits + s.misses);
-    console.log(`  ${labels[name]}: kvgate_cache_hits_total=${s.hits} kvgate_cache_misses_total=${s.misses} hit_rate=${(rate * 100).toFixed(3)}% kvgate_load_balancing_events_total=${s.lb}`);
+    console.log(`  ${labels[name]}: kvgate_cache_hits_total=${s.hits} kvgate_cache_misses_total=${s.misses} hit_rate=${(rate * 100).toFixed(3)}% kvgate_load_balancing_events_total=${s.lb}${s.syncMsgs ? ` replica sync: ${s.syncMsgs} messages, ${s.syncRouted} routing records published (${Math.round(s.syncBytes / Math.max(1, s.syncRouted))} bytes each on average, ${Math.round(s.syncRouted / s.syncMsgs)} per message), ${s.syncRepeats} repeats not published again` : ''}`);
   }
 }

@@ -436,6 +436,7 @@ export interface ReplicaSyncView {
     readonly messagesReceived: number;
     readonly bytesReceived: number;
     readonly routedSent: number;
+    readonly repeatsSuppressed: number;
     readonly routedReceived: number;
     readonly gaps: number;
     readonly refusedVersion: number;
@@ -468,6 +469,7 @@ export function registerReplicaSyncMetrics(metrics: GatewayMetrics, sync: Replic
   counter('kvgate_replica_sync_messages_received_total', 'Replica-sync messages received from peers', () => sync.stats.messagesReceived);
   counter('kvgate_replica_sync_bytes_received_total', 'Replica-sync bytes received from peers', () => sync.stats.bytesReceived);
   counter('kvgate_replica_sync_routed_sent_total', 'Routing records (one per routed request and policy) published', () => sync.stats.routedSent);
+  counter('kvgate_replica_sync_repeats_suppressed_total', 'Routing records whose prompt was not published again (same worker, published within the repeat window)', () => sync.stats.repeatsSuppressed);
   counter('kvgate_replica_sync_routed_received_total', 'Routing records applied from peers', () => sync.stats.routedReceived);
   counter('kvgate_replica_sync_gaps_total', 'Gaps in a peer’s sequence numbers (each repaired by a state request)', () => sync.stats.gaps);
   counter('kvgate_replica_sync_refused_total', 'Messages refused because the peer runs another state format version', () => sync.stats.refusedVersion);

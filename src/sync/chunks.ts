@@ -69,6 +69,12 @@ export class ChunkDictionary {
   private recentUnits = 0;
   /** Texts and token runs that could not be rebuilt (a chunk was missing). */
   unresolved = 0;
+  /**
+   * A 53-bit name of the whole sequence the last encodeText / encodeTokens call encoded (its last
+   * full chunk's chain hash, chained over the units after it): equal sequences get equal names,
+   * whatever this dictionary knew when each was encoded.
+   */
+  lastFingerprint = 0;
 
   /** `recentTexts`: how many recent texts encoding may reuse hashes from (0: hash every text in full). */
   constructor(
@@ -90,6 +96,8 @@ export class ChunkDictionary {
     const known = this.knownPrefix(hashes);
     this.remember(hashes, known, (i) => text.slice(i === 0 ? 0 : ends[i - 1], ends[i]));
     const from = known === 0 ? 0 : ends[known - 1];
+    const full = ends.length;
+    this.lastFingerprint = hashUnits(text, full === 0 ? 0 : ends[full - 1], text.length, full === 0 ? 0 : hashes[full - 1]);
     return [known, known === 0 ? 0 : hashes[known - 1], text.slice(from)];
   }
 
@@ -129,6 +137,7 @@ export class ChunkDictionary {
     const hashes = chainTokens(arr, full, 0, TOKEN_DOMAIN);
     const known = this.knownPrefix(hashes);
     this.remember(hashes, known, (i) => arr.slice(i * TOKEN_CHUNK, (i + 1) * TOKEN_CHUNK));
+    this.lastFingerprint = hashUnits(arr, full * TOKEN_CHUNK, arr.length, full === 0 ? TOKEN_DOMAIN : hashes[full - 1]);
     return [known, known === 0 ? 0 : hashes[known - 1], u32Bytes(arr.subarray(known * TOKEN_CHUNK))];
   }
 

@@ -48,6 +48,13 @@ export interface ReplicaSyncOptions {
   maxPendingRecords: number;
   /** Chunk dictionary bound (UTF-16 units or tokens). */
   dictionaryUnits: number;
+  /**
+   * A prompt this replica routed to the same worker (same policy, model) and published within
+   * this many ms is not published again: its peers already hold it, and a refresh of its recency
+   * that is at most this late changes nothing (trees are evicted every `--eviction-interval-secs`).
+   * In-flight accounting is still sent. 0 publishes every prompt.
+   */
+  repeatWindowMs: number;
 }
 
 export const defaultReplicaSyncOptions: Omit<ReplicaSyncOptions, 'replicaId'> = {
@@ -58,7 +65,11 @@ export const defaultReplicaSyncOptions: Omit<ReplicaSyncOptions, 'replicaId'> = 
   snapshotTimeoutMs: 3000,
   maxPendingRecords: 20_000,
   dictionaryUnits: 32 * 1024 * 1024,
+  repeatWindowMs: 1000,
 };
+
+/** Prompts remembered for repeat suppression (by fingerprint; the oldest go first). */
+const REPEATS_KEPT = 65_536;
 
 /** A worker registry change made through the admin API. */
 export interface AdminChange {
@@ -112,6 +123,8 @@ export interface SyncStats {
   /** Routed records whose text was dropped because the send queue was full. */
   droppedText: number;
   peersExpired: number;
+  /** Prompts not published again: routed to the same worker and published within repeatWindowMs. */
+  repeatsSuppressed: number;
 }
 
 interface LocalActive {
@@ -200,8 +213,11 @@ export class ReplicaSync {
     unsent: 0,
     droppedText: 0,
     peersExpired: 0,
+    repeatsSuppressed: 0,
   };
   private readonly dict: ChunkDictionary;
+  /** Prompts published recently: fingerprint → where they were routed and when (repeatWindowMs). */
+  private readonly published = new Map<number, { role: string; model: string; workerId: string; atMs: number }>();
   /** One encoder and decoder for every message (they keep their buffers; sync is single-threaded). */
   private readonly encoder = new Encoder({ ignoreUndefined: true });
   private readonly decoder = new Decoder();
@@ -387,7 +403,9 @@ export class ReplicaSync {
           }
         : null,
       refused_replicas: [...this.refusedFrom],
-      bytes_per_routed_request: this.stats.routedSent === 0 ? null : Math.round(this.stats.bytesSent / this.stats.routedSent),
+      // Every routed request counts, published or suppressed as a repeat.
+      bytes_per_routed_request: this.stats.routedSent + this.stats.repeatsSuppressed === 0 ? null : Math.round(this.stats.bytesSent / (this.stats.routedSent + this.stats.repeatsSuppressed)),
+      repeats_suppressed: this.stats.repeatsSuppressed,
     };
   }
 
@@ -422,18 +440,27 @@ export class ReplicaSync {
       bytes = 64;
     };
     if (loads.length > 0) msg.l = loads;
+    const now = this.deps.clock.now();
     for (const [role, rec] of p.routed) {
-      const wire: WireRouted = [
-        role,
-        rec.model,
-        rec.workerId,
-        rec.requestId ?? null,
-        rec.text !== undefined ? this.dict.encodeText(rec.text) : null,
-        rec.tokens !== undefined ? this.dict.encodeTokens(rec.tokens) : null,
-        rec.blocks ?? 0,
-        rec.prefillTokens ?? 0,
-        rec.costMs ?? 0,
-      ];
+      let text: EncodedText | null = null;
+      let tokens: EncodedTokens | null = null;
+      let fingerprint = 0;
+      if (rec.text !== undefined) {
+        text = this.dict.encodeText(rec.text);
+        fingerprint = this.dict.lastFingerprint;
+      }
+      if (rec.tokens !== undefined) {
+        tokens = this.dict.encodeTokens(rec.tokens);
+        fingerprint += this.dict.lastFingerprint;
+      }
+      if ((text || tokens) && this.publishedRecently(role, rec, fingerprint, now)) {
+        text = null;
+        tokens = null;
+        this.stats.repeatsSuppressed++;
+        // Nothing else to tell (no in-flight accounting, no cost): the record is not sent at all.
+        if (rec.requestId === undefined && !rec.costMs) continue;
+      }
+      const wire: WireRouted = [role, rec.model, rec.workerId, rec.requestId ?? null, text, tokens, rec.blocks ?? 0, rec.prefillTokens ?? 0, rec.costMs ?? 0];
       const size = 48 + rec.model.length + rec.workerId.length + (wire[4] ? wire[4][2].length * 3 : 0) + (wire[5] ? wire[5][2].byteLength : 0);
       if (bytes + size > budget && bytes > 64) cut();
       (msg.r ??= []).push(wire);
@@ -445,6 +472,26 @@ export class ReplicaSync {
     if (p.admin.length > 0) msg.w = p.admin;
     if (p.rate.size > 0) msg.q = [...p.rate];
     this.publishEvents(msg);
+  }
+
+  /**
+   * Whether this prompt (text and/or tokens, by fingerprint) went to the same worker, for the same policy and
+   * model, in a record published less than repeatWindowMs ago; remembers it as published if not.
+   */
+  private publishedRecently(role: string, rec: RoutedRecord, key: number, now: number): boolean {
+    const window = this.options.repeatWindowMs;
+    if (window <= 0) return false;
+    const last = this.published.get(key);
+    if (last !== undefined && last.workerId === rec.workerId && last.role === role && last.model === rec.model && now - last.atMs < window) return true;
+    this.published.delete(key); // re-inserted last: Map order is publication order
+    this.published.set(key, { role, model: rec.model, workerId: rec.workerId, atMs: now });
+    if (this.published.size > REPEATS_KEPT) this.published.delete(this.published.keys().next().value!);
+    return false;
+  }
+
+  /** Forgets what was published (a peer joined or restarted, or a message was lost): the next record of every prompt is sent in full. */
+  private forgetPublished(): void {
+    this.published.clear();
   }
 
   private batch(): WireMessage {
@@ -466,7 +513,10 @@ export class ReplicaSync {
     if (ok) {
       this.stats.messagesSent++;
       this.stats.bytesSent += data.byteLength;
-    } else this.stats.unsent++;
+    } else {
+      this.stats.unsent++;
+      this.forgetPublished();
+    }
     return ok;
   }
 
@@ -513,6 +563,7 @@ export class ReplicaSync {
     if (this.state === 'closed') return;
     if (!up) {
       this.state = 'disconnected';
+      this.forgetPublished();
       if (!this.warnedDisconnected) {
         this.warnedDisconnected = true;
         this.deps.log?.warn({ replica: this.options.replicaId }, 'replica sync: disconnected; routing on local state until it returns');
@@ -699,6 +750,7 @@ export class ReplicaSync {
     if (!p) {
       p = { id: m.o, incarnation: String(m.i), lastSeq: 0, lastSeenMs: now, loads: new Map(), actives: new Map(), synced: false };
       this.peers.set(m.o, p);
+      this.forgetPublished();
       if (m.k !== 'st') this.need(m.o);
       // Introduce ourselves at once: a joining peer learns who can answer its snapshot request.
       this.stateRequested();

@@ -189,6 +189,57 @@ describe('replica sync (in-memory bus, virtual time)', () => {
     expect(kb.peerActiveOf(w.id)).toEqual({ blocks: 0, pendingPrefillTokens: 0 });
   });
 
+  it('a prompt routed to the same worker again within the repeat window is not published again', () => {
+    const { vt, a, b } = twoPeers();
+    const text = systemPrompt + 'the same question';
+    const w = a.policy.selectWorker(a.registry.all(), ctx(text))!;
+    vt.advance(10);
+    expect(a.sync.stats.routedSent).toBe(1);
+    const received = b.sync.stats.routedReceived;
+    // Again, 0.5 s later: the peer holds it already; nothing is published.
+    vt.advance(500);
+    expect(a.policy.selectWorker(a.registry.all(), ctx(text))!.id).toBe(w.id);
+    vt.advance(10);
+    expect(a.sync.stats.repeatsSuppressed).toBe(1);
+    expect(a.sync.stats.routedSent).toBe(1);
+    expect(b.sync.stats.routedReceived).toBe(received);
+    // Past the window it is published again (the peer's recency is refreshed).
+    vt.advance(1000);
+    a.policy.selectWorker(a.registry.all(), ctx(text));
+    vt.advance(10);
+    expect(a.sync.stats.routedSent).toBe(2);
+    expect(b.sync.stats.routedReceived).toBe(received + 1);
+    // The same prompt on another worker is news, window or not.
+    const other = a.registry.all().find((x) => x.id !== w.id)!;
+    a.sync.shareFor('main').routed({ model: 'm', workerId: other.id, text });
+    vt.advance(10);
+    expect(a.sync.stats.routedSent).toBe(3);
+    expect(a.sync.stats.repeatsSuppressed).toBe(1);
+  });
+
+  it('a repeated prompt with in-flight accounting still sends the accounting (kv_aware), without the prompt', () => {
+    const { vt, a, b } = twoPeers('kv_aware');
+    const tokens = Array.from({ length: 640 }, (_, i) => i % 1000);
+    const c1 = ctx(systemPrompt, 'req-1', tokens);
+    const c2 = ctx(systemPrompt, 'req-2', tokens);
+    const w = a.policy.selectWorker(a.registry.all(), c1)!;
+    vt.advance(10);
+    const bytesAfterFirst = a.sync.stats.bytesSent;
+    expect(a.policy.selectWorker(a.registry.all(), c2)!.id).toBe(w.id);
+    vt.advance(10);
+    expect(a.sync.stats.repeatsSuppressed).toBe(1);
+    expect(a.sync.stats.routedSent).toBe(2);
+    // The second record carried no prompt: far fewer bytes than the first.
+    expect(a.sync.stats.bytesSent - bytesAfterFirst).toBeLessThan(200);
+    const kb = b.policy as KvAwarePolicy;
+    // Both requests are in flight on the peer; the second has nothing new to prefill (its prefix is pending already).
+    expect(kb.peerActiveOf(w.id)).toEqual({ blocks: 80, pendingPrefillTokens: 640 });
+    a.policy.onRequestComplete!(w, c1, 'success');
+    a.policy.onRequestComplete!(w, c2, 'success');
+    vt.advance(10);
+    expect(kb.peerActiveOf(w.id)).toEqual({ blocks: 0, pendingPrefillTokens: 0 });
+  });
+
   it('rate-limit use is charged to the same (hashed) bucket on every peer', () => {
     const { vt, a, b } = twoPeers();
     for (let i = 0; i < 3; i++) a.sync.rateLimitTaken('bucket-1');
