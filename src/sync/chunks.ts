@@ -43,6 +43,25 @@ interface Entry {
   used: number;
 }
 
+/**
+ * A text cut and hashed, not yet encoded. `fingerprint` names the whole text (its last full
+ * chunk's chain hash, chained over the units after it): equal texts get equal fingerprints,
+ * whatever a dictionary knows, on the sender (prepareText) and on a receiver (decodeText).
+ */
+export interface PreparedText {
+  text: string;
+  ends: number[];
+  hashes: number[];
+  fingerprint: number;
+}
+
+/** A token run cut and hashed, not yet encoded (fingerprint as for PreparedText, in the token domain). */
+export interface PreparedTokens {
+  tokens: Uint32Array;
+  hashes: number[];
+  fingerprint: number;
+}
+
 /** A text encoded recently: its chunk ends and chain hashes, reused for texts that share its start. */
 interface RecentText {
   text: string;
@@ -70,9 +89,8 @@ export class ChunkDictionary {
   /** Texts and token runs that could not be rebuilt (a chunk was missing). */
   unresolved = 0;
   /**
-   * A 53-bit name of the whole sequence the last encodeText / encodeTokens call encoded (its last
-   * full chunk's chain hash, chained over the units after it): equal sequences get equal names,
-   * whatever this dictionary knew when each was encoded.
+   * The fingerprint (see PreparedText) of the sequence the last decodeText / decodeTokens call
+   * rebuilt; 0 after a failed decode.
    */
   lastFingerprint = 0;
 
@@ -91,13 +109,23 @@ export class ChunkDictionary {
   }
 
   encodeText(text: string): EncodedText {
+    return this.encodePreparedText(this.prepareText(text));
+  }
+
+  /** Cuts and hashes a text (reusing a recent text's hashes where equal): enough to name it, before deciding to send it. */
+  prepareText(text: string): PreparedText {
     const ends = textChunkEnds(text);
     const hashes = this.hashText(text, ends);
+    const full = ends.length;
+    return { text, ends, hashes, fingerprint: hashUnits(text, full === 0 ? 0 : ends[full - 1], text.length, full === 0 ? 0 : hashes[full - 1]) };
+  }
+
+  /** The wire form of a prepared text; the dictionary learns (and refreshes) its chunks. */
+  encodePreparedText(p: PreparedText): EncodedText {
+    const { text, ends, hashes } = p;
     const known = this.knownPrefix(hashes);
     this.remember(hashes, known, (i) => text.slice(i === 0 ? 0 : ends[i - 1], ends[i]));
     const from = known === 0 ? 0 : ends[known - 1];
-    const full = ends.length;
-    this.lastFingerprint = hashUnits(text, full === 0 ? 0 : ends[full - 1], text.length, full === 0 ? 0 : hashes[full - 1]);
     return [known, known === 0 ? 0 : hashes[known - 1], text.slice(from)];
   }
 
@@ -128,16 +156,28 @@ export class ChunkDictionary {
     const ends = textChunkEnds(text, known, prefix.length);
     const hashes = chainText(text, ends, known, parent);
     this.remember(hashes, known, (i) => text.slice(i === 0 ? 0 : ends[i - 1], ends[i]), true);
+    const full = ends.length;
+    this.lastFingerprint = hashUnits(text, full === 0 ? 0 : ends[full - 1], text.length, full === 0 ? 0 : hashes[full - 1]);
     return text;
   }
 
   encodeTokens(tokens: ArrayLike<number>): EncodedTokens {
+    return this.encodePreparedTokens(this.prepareTokens(tokens));
+  }
+
+  /** Cuts and hashes a token run: enough to name it, before deciding to send it. */
+  prepareTokens(tokens: ArrayLike<number>): PreparedTokens {
     const arr = toU32(tokens);
     const full = Math.floor(arr.length / TOKEN_CHUNK);
     const hashes = chainTokens(arr, full, 0, TOKEN_DOMAIN);
+    return { tokens: arr, hashes, fingerprint: hashUnits(arr, full * TOKEN_CHUNK, arr.length, full === 0 ? TOKEN_DOMAIN : hashes[full - 1]) };
+  }
+
+  /** The wire form of a prepared token run; the dictionary learns (and refreshes) its chunks. */
+  encodePreparedTokens(p: PreparedTokens): EncodedTokens {
+    const { tokens: arr, hashes } = p;
     const known = this.knownPrefix(hashes);
     this.remember(hashes, known, (i) => arr.slice(i * TOKEN_CHUNK, (i + 1) * TOKEN_CHUNK));
-    this.lastFingerprint = hashUnits(arr, full * TOKEN_CHUNK, arr.length, full === 0 ? TOKEN_DOMAIN : hashes[full - 1]);
     return [known, known === 0 ? 0 : hashes[known - 1], u32Bytes(arr.subarray(known * TOKEN_CHUNK))];
   }
 
@@ -162,6 +202,7 @@ export class ChunkDictionary {
     const full = Math.floor(out.length / TOKEN_CHUNK);
     const hashes = chainTokens(out, full, known, parent);
     this.remember(hashes, known, (i) => out.slice(i * TOKEN_CHUNK, (i + 1) * TOKEN_CHUNK), true);
+    this.lastFingerprint = hashUnits(out, full * TOKEN_CHUNK, out.length, full === 0 ? TOKEN_DOMAIN : hashes[full - 1]);
     return out;
   }
 
@@ -285,6 +326,7 @@ export class ChunkDictionary {
 
   private fail(): undefined {
     this.unresolved++;
+    this.lastFingerprint = 0;
     return undefined;
   }
 }

@@ -216,7 +216,7 @@ export class ReplicaSync {
     repeatsSuppressed: 0,
   };
   private readonly dict: ChunkDictionary;
-  /** Prompts published recently: fingerprint → where they were routed and when (repeatWindowMs). */
+  /** Prompts published recently, by this replica or a peer: fingerprint → where they were routed and when (repeatWindowMs). */
   private readonly published = new Map<number, { role: string; model: string; workerId: string; atMs: number }>();
   /** One encoder and decoder for every message (they keep their buffers; sync is single-threaded). */
   private readonly encoder = new Encoder({ ignoreUndefined: true });
@@ -442,23 +442,22 @@ export class ReplicaSync {
     if (loads.length > 0) msg.l = loads;
     const now = this.deps.clock.now();
     for (const [role, rec] of p.routed) {
+      // Name the prompt first (cut and hash it), and encode it only if it is news to the peers.
+      const preparedText = rec.text !== undefined ? this.dict.prepareText(rec.text) : undefined;
+      const preparedTokens = rec.tokens !== undefined ? this.dict.prepareTokens(rec.tokens) : undefined;
       let text: EncodedText | null = null;
       let tokens: EncodedTokens | null = null;
-      let fingerprint = 0;
-      if (rec.text !== undefined) {
-        text = this.dict.encodeText(rec.text);
-        fingerprint = this.dict.lastFingerprint;
-      }
-      if (rec.tokens !== undefined) {
-        tokens = this.dict.encodeTokens(rec.tokens);
-        fingerprint += this.dict.lastFingerprint;
-      }
-      if ((text || tokens) && this.publishedRecently(role, rec, fingerprint, now)) {
-        text = null;
-        tokens = null;
-        this.stats.repeatsSuppressed++;
-        // Nothing else to tell (no in-flight accounting, no cost): the record is not sent at all.
-        if (rec.requestId === undefined && !rec.costMs) continue;
+      if (preparedText || preparedTokens) {
+        const fingerprint = (preparedText?.fingerprint ?? 0) + (preparedTokens?.fingerprint ?? 0);
+        if (this.seenRecently(fingerprint, role, rec.model, rec.workerId, now)) {
+          this.stats.repeatsSuppressed++;
+          // Nothing else to tell (no in-flight accounting, no cost): the record is not sent at all.
+          if (rec.requestId === undefined && !rec.costMs) continue;
+        } else {
+          this.markSeen(fingerprint, role, rec.model, rec.workerId, now);
+          if (preparedText) text = this.dict.encodePreparedText(preparedText);
+          if (preparedTokens) tokens = this.dict.encodePreparedTokens(preparedTokens);
+        }
       }
       const wire: WireRouted = [role, rec.model, rec.workerId, rec.requestId ?? null, text, tokens, rec.blocks ?? 0, rec.prefillTokens ?? 0, rec.costMs ?? 0];
       const size = 48 + rec.model.length + rec.workerId.length + (wire[4] ? wire[4][2].length * 3 : 0) + (wire[5] ? wire[5][2].byteLength : 0);
@@ -475,18 +474,22 @@ export class ReplicaSync {
   }
 
   /**
-   * Whether this prompt (text and/or tokens, by fingerprint) went to the same worker, for the same policy and
-   * model, in a record published less than repeatWindowMs ago; remembers it as published if not.
+   * Whether this prompt (text and/or tokens, by fingerprint) went to the same worker, for the
+   * same policy and model, in a record published — by this replica or a peer, so every replica
+   * holds it — less than repeatWindowMs ago.
    */
-  private publishedRecently(role: string, rec: RoutedRecord, key: number, now: number): boolean {
-    const window = this.options.repeatWindowMs;
-    if (window <= 0) return false;
-    const last = this.published.get(key);
-    if (last !== undefined && last.workerId === rec.workerId && last.role === role && last.model === rec.model && now - last.atMs < window) return true;
-    this.published.delete(key); // re-inserted last: Map order is publication order
-    this.published.set(key, { role, model: rec.model, workerId: rec.workerId, atMs: now });
+  private seenRecently(fingerprint: number, role: string, model: string, workerId: string, now: number): boolean {
+    if (this.options.repeatWindowMs <= 0) return false;
+    const last = this.published.get(fingerprint);
+    return last !== undefined && last.workerId === workerId && last.role === role && last.model === model && now - last.atMs < this.options.repeatWindowMs;
+  }
+
+  /** Remembers a prompt as published now (bounded; Map order is publication order, the oldest go first). */
+  private markSeen(fingerprint: number, role: string, model: string, workerId: string, now: number): void {
+    if (this.options.repeatWindowMs <= 0) return;
+    this.published.delete(fingerprint);
+    this.published.set(fingerprint, { role, model, workerId, atMs: now });
     if (this.published.size > REPEATS_KEPT) this.published.delete(this.published.keys().next().value!);
-    return false;
   }
 
   /** Forgets what was published (a peer joined or restarted, or a message was lost): the next record of every prompt is sent in full. */
@@ -787,8 +790,17 @@ export class ReplicaSync {
     this.stats.routedReceived++;
     // Decode even for unknown workers: the dictionary must learn the chunks either way.
     const rec: RoutedRecord = { model, workerId };
-    if (text) rec.text = this.dict.decodeText(text);
-    if (tokens) rec.tokens = this.dict.decodeTokens(tokens);
+    let fingerprint = 0;
+    if (text) {
+      rec.text = this.dict.decodeText(text);
+      fingerprint = this.dict.lastFingerprint;
+    }
+    if (tokens) {
+      rec.tokens = this.dict.decodeTokens(tokens);
+      fingerprint = rec.tokens && (fingerprint || !text) ? fingerprint + this.dict.lastFingerprint : 0;
+    }
+    // Every replica has it now: none needs to publish it again for this worker within the window.
+    if (fingerprint !== 0) this.markSeen(fingerprint, role, model, workerId, this.deps.clock.now());
     if (requestId !== null) {
       rec.requestId = requestId;
       rec.blocks = blocks;

@@ -209,6 +209,10 @@ describe('replica sync (in-memory bus, virtual time)', () => {
     vt.advance(10);
     expect(a.sync.stats.routedSent).toBe(2);
     expect(b.sync.stats.routedReceived).toBe(received + 1);
+    // A peer that received it does not publish it either when it routes it there itself.
+    expect(b.policy.selectWorker(b.registry.all(), ctx(text))!.id).toBe(w.id);
+    vt.advance(10);
+    expect(b.sync.stats.repeatsSuppressed).toBe(1);
     // The same prompt on another worker is news, window or not.
     const other = a.registry.all().find((x) => x.id !== w.id)!;
     a.sync.shareFor('main').routed({ model: 'm', workerId: other.id, text });
@@ -261,6 +265,24 @@ describe('replica sync (in-memory bus, virtual time)', () => {
 });
 
 describe('chunk dictionary', () => {
+  it('names a sequence the same on the sender and on a receiver, whatever either knew before', () => {
+    const send = new ChunkDictionary();
+    const recv = new ChunkDictionary();
+    const base = 'β'.repeat(700) + '😀'.repeat(129);
+    for (const t of [base, base + 'x', 'short', '', base + 'x']) {
+      const p = send.prepareText(t);
+      expect(recv.decodeText(send.encodePreparedText(p))).toBe(t);
+      expect(recv.lastFingerprint).toBe(p.fingerprint);
+      expect(new ChunkDictionary().prepareText(t).fingerprint).toBe(p.fingerprint);
+    }
+    expect(send.prepareText(base).fingerprint).not.toBe(send.prepareText(base + 'x').fingerprint);
+    const tokens = Uint32Array.from({ length: 200 }, (_, i) => i * 31);
+    const pt = send.prepareTokens(tokens);
+    expect([...recv.decodeTokens(send.encodePreparedTokens(pt))!]).toEqual([...tokens]);
+    expect(recv.lastFingerprint).toBe(pt.fingerprint);
+    expect(send.prepareTokens(tokens.subarray(0, 199)).fingerprint).not.toBe(pt.fingerprint);
+  });
+
   it('round-trips texts and tokens, sending known prefixes by reference', () => {
     const send = new ChunkDictionary();
     const recv = new ChunkDictionary();
