@@ -16,7 +16,8 @@
  * a snapshot.
  *
  * Bounded: least recently used chunks are dropped beyond `maxUnits` (UTF-16 units or tokens).
- * Recency is a counter stamped on use; eviction sorts by it and drops the oldest tenth at once.
+ * Recency is a counter stamped on use; eviction drops about the oldest tenth at once (the
+ * cutoff stamp read from a sorted sample, not a sort of every chunk).
  *
  * Encoding a text hashes it only past what it shares with the last text encoded that began with
  * the same chunk: the shared length is found by comparing slices (native, about 15× cheaper than
@@ -315,13 +316,29 @@ export class ChunkDictionary {
     // Cached prefixes hold entry objects that may be dropped now: start that cache afresh.
     this.prefixes.clear();
     this.prefixUnits = 0;
+    // Not a full sort (a dictionary holds ~10^5 chunks, and unique prompts fill it every second
+    // or two): the recency stamp below which a tenth of the chunks lie is read from a sorted
+    // sample, and every chunk older than that goes in one pass; again, a little further, if the
+    // sample was off.
     const target = this.maxUnits * 0.9;
-    const byAge = [...this.entries].sort((a, b) => a[1].used - b[1].used);
-    for (const [h, e] of byAge) {
-      if (this.units <= target) break;
-      this.entries.delete(h);
-      this.units -= e.chunk.length;
+    for (let share = 0.12; this.units > target && this.entries.size > 0; share = Math.min(1, share * 2)) {
+      const cutoff = this.usedQuantile(share);
+      for (const [h, e] of this.entries) {
+        if (e.used > cutoff) continue;
+        this.entries.delete(h);
+        this.units -= e.chunk.length;
+      }
     }
+  }
+
+  /** About the `share` quantile of the chunks' recency stamps (from a sample of at most 2,048). */
+  private usedQuantile(share: number): number {
+    const step = Math.max(1, Math.floor(this.entries.size / 2048));
+    const sample: number[] = [];
+    let i = 0;
+    for (const e of this.entries.values()) if (i++ % step === 0) sample.push(e.used);
+    sample.sort((a, b) => a - b);
+    return sample[Math.min(sample.length - 1, Math.floor(share * sample.length))];
   }
 
   private fail(): undefined {

@@ -5,6 +5,7 @@ import type { WorkerRegistry } from '../core/registry.js';
 import type { Worker } from '../core/worker.js';
 import type { PeerRoutingEvent, RoutedRecord, RoutingPolicy, RoutingShare } from '../policies/policy.js';
 import { ChunkDictionary, type EncodedText, type EncodedTokens } from './chunks.js';
+import { RecentlyPublished } from './recently-published.js';
 import type { SyncTransport } from './transport.js';
 
 /**
@@ -68,8 +69,8 @@ export const defaultReplicaSyncOptions: Omit<ReplicaSyncOptions, 'replicaId'> = 
   repeatWindowMs: 1000,
 };
 
-/** Prompts remembered for repeat suppression (by fingerprint; the oldest go first). */
-const REPEATS_KEPT = 65_536;
+/** Slots of the table that remembers recently published prompts (RecentlyPublished). */
+const RECENT_PROMPT_SLOTS = 65_536;
 
 /** A worker registry change made through the admin API. */
 export interface AdminChange {
@@ -216,8 +217,8 @@ export class ReplicaSync {
     repeatsSuppressed: 0,
   };
   private readonly dict: ChunkDictionary;
-  /** Prompts published recently, by this replica or a peer: fingerprint → where they were routed and when (repeatWindowMs). */
-  private readonly published = new Map<number, { role: string; model: string; workerId: string; atMs: number }>();
+  /** Prompts published recently, by this replica or a peer, and for which worker (repeatWindowMs). */
+  private readonly published = new RecentlyPublished(RECENT_PROMPT_SLOTS);
   /** One encoder and decoder for every message (they keep their buffers; sync is single-threaded). */
   private readonly encoder = new Encoder({ ignoreUndefined: true });
   private readonly decoder = new Decoder();
@@ -479,17 +480,13 @@ export class ReplicaSync {
    * holds it — less than repeatWindowMs ago.
    */
   private seenRecently(fingerprint: number, role: string, model: string, workerId: string, now: number): boolean {
-    if (this.options.repeatWindowMs <= 0) return false;
-    const last = this.published.get(fingerprint);
-    return last !== undefined && last.workerId === workerId && last.role === role && last.model === model && now - last.atMs < this.options.repeatWindowMs;
+    const window = this.options.repeatWindowMs;
+    return window > 0 && this.published.seen(fingerprint, role, model, workerId, now, window);
   }
 
-  /** Remembers a prompt as published now (bounded; Map order is publication order, the oldest go first). */
+  /** Remembers a prompt as published now, for this worker. */
   private markSeen(fingerprint: number, role: string, model: string, workerId: string, now: number): void {
-    if (this.options.repeatWindowMs <= 0) return;
-    this.published.delete(fingerprint);
-    this.published.set(fingerprint, { role, model, workerId, atMs: now });
-    if (this.published.size > REPEATS_KEPT) this.published.delete(this.published.keys().next().value!);
+    if (this.options.repeatWindowMs > 0) this.published.mark(fingerprint, role, model, workerId, now);
   }
 
   /** Forgets what was published (a peer joined or restarted, or a message was lost): the next record of every prompt is sent in full. */
