@@ -16,7 +16,9 @@
 // "kvgate-nowc" = the defaults with --tokenizer-word-cache 0 (the threads as before the word cache);
 // "kvgate" = this version's defaults (tokenizer threads: min(cores, 4) at nice 10, a long prompt
 // spread over the idle ones, block hashes computed there; no budget); and
-// "kvgate+budget" = --max-routing-ms BENCH_BUDGET_MS (100).
+// "kvgate+budget" = --max-routing-ms BENCH_BUDGET_MS (100); "prev" = kvgate built elsewhere
+// (BENCH_PREV_MAIN = another checkout's dist/cli/main.js, e.g. the previous commit), kvgate's flags;
+// "kvgate-onloop" = the defaults with --parse-off-loop-bytes 0 (every body parsed on the event loop).
 //
 // Env: BENCH_LONG_SECS (8) per scenario, BENCH_LONG_SIZES (8000,32000,100000),
 // BENCH_LONG_CONC (1,8,32), BENCH_SHORT_RPS (40), BENCH_STREAMS (16), BENCH_TARGETS, BENCH_MAX_LOAD (1.5),
@@ -178,7 +180,9 @@ try {
       if (name === 'before') extra.push('--tokenize-threads', '0', '--tokenizer-word-cache', '0');
       if (name === 'kvgate-nowc') extra.push('--tokenizer-word-cache', '0');
       if (name === 'kvgate+budget') extra.push('--max-routing-ms', String(BUDGET_MS));
-      target = await startKvgate(engines, extra);
+      if (name === 'kvgate-onloop') extra.push('--parse-off-loop-bytes', '0');
+      if (name === 'prev' && !process.env.BENCH_PREV_MAIN) throw new Error('target "prev" needs BENCH_PREV_MAIN (another build\'s dist/cli/main.js)');
+      target = await startKvgate(engines, extra, name === 'prev' ? process.env.BENCH_PREV_MAIN : undefined);
     }
     // Warm up (JIT, connections, template).
     for (let i = 0; i < 20; i++) await timed(target.url, shortBody());

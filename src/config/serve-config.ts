@@ -98,6 +98,7 @@ export interface ServeConfig {
   maxRoutingMs: number;
   maxTokenizeChars: number;
   inlineTokenizeChars: number;
+  parseOffLoopBytes: number;
   maxConnectionsPerWorker: number | undefined;
   dpAware: boolean;
   dpSize: number | undefined;
@@ -249,6 +250,7 @@ export const serveOptionSpecs: readonly OptionSpec[] = [
   { flag: 'tokenizer-word-cache', kind: 'int', description: 'Pre-tokens (words) whose BPE ids each tokenizer (per thread) keeps, for the byte-level BPE tokenizers where that is exact (Qwen2/3, Llama-3); 0 = off', default: 65536, min: 0 },
   { flag: 'max-routing-ms', kind: 'number', description: 'Wait at most this long for a request\'s token ids, then route it by text (counted in kvgate_tokenize_fallbacks_total); 0 = wait', default: 0, min: 0 },
   { flag: 'max-tokenize-chars', kind: 'int', description: 'Prompts longer than this (characters) are routed by text, not tokenized (the engine refuses prompts past its context itself)', default: 1500000, min: 1 },
+  { flag: 'parse-off-loop-bytes', kind: 'int', description: 'Request bodies at least this large (bytes) are parsed, validated and tokenized in a tokenizer thread, not on the event loop (needs the threads, a policy that tokenizes, no --max-routing-ms; not in PD mode); 0 = never', default: 262144, min: 0 },
   { flag: 'inline-tokenize-chars', kind: 'int', description: 'Prompts up to this long (characters) are tokenized on the event loop, not queued behind long ones in the tokenizer threads', default: 512, min: 0 },
   { flag: 'max-connections-per-worker', kind: 'int', description: 'Cap on open connections (= concurrent requests) to each worker; default: no cap (engines queue and report it). Time waiting for a connection: kvgate_upstream_connection_wait_seconds', min: 1 },
   { flag: 'dp-aware', kind: 'bool', description: 'Route to each data-parallel rank of a worker as its own worker (url@rank)', default: false },

@@ -2,6 +2,7 @@ import { CharTree, codePointLength } from '../cache/char-tree.js';
 import { hashBlocks, loraSeed, sequenceHashes, type BlockIndex } from '../cache/block-index.js';
 import type { RequestContext } from '../core/context.js';
 import type { Worker } from '../core/worker.js';
+import { KeyCounts } from './key-counts.js';
 import { describeAll, noneAvailable, round, type RouteExplanation } from './explain.js';
 import { available, BasePolicy, type PeerRoutingEvent, type PolicyDeps, type RoutedRecord } from './policy.js';
 
@@ -72,7 +73,7 @@ interface Active {
 interface WorkerState {
   active: Map<string, Active>;
   /** Refcounts of the block keys of active requests' blocks (shared prefixes counted once). */
-  blocks: Map<number, number>;
+  blocks: KeyCounts;
   pendingPrefillTokens: number;
   lastCompletionMs: number;
 }
@@ -365,12 +366,7 @@ export class KvAwarePolicy extends BasePolicy {
     this.deps.share?.completed(worker.id, ctx.requestId);
     s.active.delete(ctx.requestId);
     s.pendingPrefillTokens -= a.prefillTokens;
-    for (let k = 0; k < a.blockKeys.length; k++) {
-      const h = a.blockKeys[k];
-      const n = s.blocks.get(h)! - 1;
-      if (n === 0) s.blocks.delete(h);
-      else s.blocks.set(h, n);
-    }
+    for (let k = 0; k < a.blockKeys.length; k++) s.blocks.release(a.blockKeys[k]);
   }
 
   applyPeer(origin: string, event: PeerRoutingEvent): void {
@@ -441,12 +437,12 @@ export class KvAwarePolicy extends BasePolicy {
   private track(worker: Worker, requestId: string, keys: Int32Array, prefillTokens: number): void {
     let s = this.state.get(worker.id);
     if (!s) {
-      s = { active: new Map(), blocks: new Map(), pendingPrefillTokens: 0, lastCompletionMs: -Infinity };
+      s = { active: new Map(), blocks: new KeyCounts(), pendingPrefillTokens: 0, lastCompletionMs: -Infinity };
       this.state.set(worker.id, s);
     }
     s.active.set(requestId, { blockKeys: keys, prefillTokens });
     s.pendingPrefillTokens += prefillTokens;
-    for (let k = 0; k < keys.length; k++) s.blocks.set(keys[k], (s.blocks.get(keys[k]) ?? 0) + 1);
+    for (let k = 0; k < keys.length; k++) s.blocks.add(keys[k]);
   }
 
   private argmin(ws: readonly Worker[], costs: number[]): number {

@@ -14,7 +14,7 @@ import { sendError } from '../server/http-util.js';
 import { explainWith, withOutsideExclusions, type RouteExplanation } from '../policies/explain.js';
 import type { RequestInsight } from '../observability/insight.js';
 import { SpanKind, SpanStatusCode } from '../observability/tracing.js';
-import { buildContext, contextFor, type TokenSource, resolveModel, routeModel, tracedTokenize, type RoutedRequest, type Tokenize } from './request.js';
+import { buildContext, contextFor, preparedContext, type PreparingSource, type TokenSource, resolveModel, routeModel, tracedTokenize, type RoutedRequest, type Tokenize } from './request.js';
 
 export interface RegularRouterDeps {
   registry: WorkerRegistry;
@@ -35,6 +35,8 @@ export interface RegularRouterDeps {
   tokens?: TokenSource;
   /** --strict-model: the request's `model` must be served even when only one model is. */
   strictModel?: boolean;
+  /** --max-json-depth (bodies parsed off the event loop check it in the thread). */
+  maxJsonDepth?: number;
   /** Decisions feed, explanations, latency/token metrics of exchanges, trace spans. */
   insight?: RequestInsight;
   /** Seconds a request waited for an upstream connection (set when --max-connections-per-worker caps the pools). */
@@ -68,11 +70,26 @@ export class RegularRouter {
     const { registry, policy, metrics, retry } = this.deps;
     const insight = this.deps.insight;
     r.arrivedAt ??= performance.now();
-    const model = routeModel(this.deps.registry, r, ['regular'], this.deps.strictModel);
-    const built = this.deps.tokens
-      ? contextFor(r, model, this.deps.clock, this.deps.tokens, !!policy.needsTokens, r.res, this.deps.registry, r.trace, policy.blockHashing?.bind(policy))
-      : buildContext(r, model, this.deps.clock, tracedTokenize(this.deps.tokenize, r.trace), !!policy.needsTokens, this.deps.registry);
-    const ctx = built instanceof Promise ? await built : built;
+    let ctx: RequestContext | undefined;
+    let model = '';
+    const hashing = policy.blockHashing?.bind(policy);
+    if (r.unparsed) {
+      // A body over --parse-off-loop-bytes: a tokenizer thread parses, validates and tokenizes it.
+      const source = this.deps.tokens as PreparingSource;
+      const off = await preparedContext(r, ['regular'], { registry, clock: this.deps.clock, source, strict: this.deps.strictModel, maxJsonDepth: this.deps.maxJsonDepth ?? 64, hashing });
+      if (off === 'aborted') {
+        metrics.clientAborts.inc({ route: r.route });
+        return 0;
+      }
+      if (off !== 'fallback') ({ model, ctx } = off);
+    }
+    if (ctx === undefined) {
+      model = routeModel(this.deps.registry, r, ['regular'], this.deps.strictModel);
+      const built = this.deps.tokens
+        ? contextFor(r, model, this.deps.clock, this.deps.tokens, !!policy.needsTokens, r.res, this.deps.registry, r.trace, hashing)
+        : buildContext(r, model, this.deps.clock, tracedTokenize(this.deps.tokenize, r.trace), !!policy.needsTokens, this.deps.registry);
+      ctx = built instanceof Promise ? await built : built;
+    }
     if (r.res.destroyed) {
       metrics.clientAborts.inc({ route: r.route });
       return 0;

@@ -2,11 +2,13 @@ import type { IncomingHttpHeaders, IncomingMessage, ServerResponse } from 'node:
 import type { Clock } from '../core/clock.js';
 import type { BlockHashes, RequestContext, RouteName } from '../core/context.js';
 import type { BlockHashing } from '../policies/policy.js';
-import { errors } from '../core/errors.js';
+import { errors, GatewayError } from '../core/errors.js';
 import type { WorkerRegistry } from '../core/registry.js';
 import type { WorkerType } from '../core/worker.js';
 import type { RequestTrace } from '../observability/tracing.js';
-import { routingTextOf } from '../server/routing-text.js';
+import { bodyView, lazyBody, parseJsonObject, type BodyView } from '../core/request-body.js';
+import type { PrepareResult } from '../tokenize/pool.js';
+import type { BodyError } from '../tokenize/pool-worker.js';
 
 /** A generation request as the HTTP front hands it to a router. */
 export interface RoutedRequest {
@@ -25,6 +27,11 @@ export interface RoutedRequest {
   model?: string;
   /** Admission priority (x-kvgate-priority / --api-key-priority; negative = sheddable). */
   priority?: number;
+  /**
+   * The HTTP front did not parse the body (over --parse-off-loop-bytes): `body` is empty until
+   * the router has a tokenizer thread parse it (preparedContext).
+   */
+  unparsed?: boolean;
   /** Token usage the engine reported for the exchange that answered (per-key token limits). */
   usage?: { promptTokens?: number; completionTokens?: number };
 }
@@ -118,22 +125,35 @@ export function routeModel(registry: WorkerRegistry, r: RoutedRequest, types: re
  * is an adapter a worker of `model` lists).
  */
 export function buildContext(r: ContextSource, model: string, clock: Clock, tokenize: Tokenize | undefined, needsTokens: boolean, registry?: WorkerRegistry): RequestContext {
-  const routing = routingTextOf(r.route, r.body);
-  if (r.body.stream !== undefined && r.body.stream !== null && typeof r.body.stream !== 'boolean') {
-    throw errors.badRequest("'stream' must be a boolean", 'invalid_type', 'stream');
-  }
-  const tokenIds = routing.tokenIds ?? (needsTokens ? tokenize?.(r.route, model, r.body) : undefined);
-  const lora = typeof r.body.model === 'string' && r.body.model !== model ? r.body.model : undefined;
+  const view = bodyView(r.route, r.body);
+  const tokenIds = view.tokenIds ?? (needsTokens ? tokenize?.(r.route, model, r.body) : undefined);
+  return contextOf(r, view, model, clock, registry, tokenIds);
+}
+
+/**
+ * The context from a body's view (core/request-body.ts `bodyView`, computed here or by a
+ * tokenizer thread) and its `model` field: the one place a RequestContext is assembled.
+ */
+export function contextOf(
+  r: { route: RouteName; requestId: string; body: Record<string, unknown>; req: { headers: IncomingHttpHeaders } },
+  view: BodyView,
+  model: string,
+  clock: Clock,
+  registry: WorkerRegistry | undefined,
+  tokenIds: ArrayLike<number> | undefined,
+): RequestContext {
+  const named = r.body.model;
+  const lora = typeof named === 'string' && named !== model ? named : undefined;
   return {
     requestId: r.requestId,
     route: r.route,
     model,
     loraName: lora !== undefined && registry?.forModel(model).some((w) => w.loraAdapters.includes(lora)) ? lora : undefined,
-    routingText: routing.text,
+    routingText: view.text,
     tokenIds,
     headers: r.req.headers,
-    stream: r.body.stream === true,
-    maxOutputTokens: maxOutputTokens(r.body),
+    stream: view.stream,
+    maxOutputTokens: view.maxOutputTokens,
     arrivalMs: clock.now(),
   };
 }
@@ -158,6 +178,19 @@ export function contextFor(
 ): RequestContext | Promise<RequestContext> {
   const ctx = buildContext(r, model, clock, undefined, false, registry);
   if (!needsTokens || !source || ctx.tokenIds !== undefined) return ctx;
+  return withTokens(r, ctx, model, source, client, trace, hashing);
+}
+
+/** `ctx` with the token ids (and block hashes) of `source`; see contextFor. */
+function withTokens(
+  r: ContextSource & { rawBody?: Uint8Array },
+  ctx: RequestContext,
+  model: string,
+  source: TokenSource,
+  client?: Closable | AbortSignal,
+  trace?: RequestTrace,
+  hashing?: (ctx: RequestContext) => BlockHashing | undefined,
+): RequestContext | Promise<RequestContext> {
   const span = trace?.child('tokenize', { 'kvgate.model': model });
   const done = (got: { ids: ArrayLike<number> } | undefined) => {
     if (span) {
@@ -202,10 +235,73 @@ export function contextFor(
   );
 }
 
-function maxOutputTokens(body: Record<string, unknown>): number | undefined {
-  const sp = body.sampling_params as Record<string, unknown> | undefined;
-  const v = body.max_completion_tokens ?? body.max_tokens ?? (sp && typeof sp === 'object' ? sp.max_new_tokens : undefined);
-  return typeof v === 'number' && Number.isInteger(v) && v > 0 ? v : undefined;
+/** A TokenSource that can also parse, validate and tokenize whole bodies off the event loop (tokenize/request-tokens.ts). */
+export interface PreparingSource extends TokenSource {
+  offLoop(bytes: number): boolean;
+  sameTokenizer(encodedFor: string | undefined, model: string): boolean;
+  prepare(route: RouteName, raw: Uint8Array, blocks: BlockHashing | undefined, signal?: AbortSignal): Promise<PrepareResult | undefined>;
+}
+
+/**
+ * The model and context of a request whose body the HTTP front left unparsed
+ * (`RoutedRequest.unparsed`, a body over --parse-off-loop-bytes): a tokenizer thread parses,
+ * validates and tokenizes it (the same functions as the event loop), and here the model is
+ * resolved from its top-level fields and the context assembled from what the thread found, with
+ * the errors raised in the event-loop path's order (not JSON → model → fields → tokenizing).
+ * `r.body` becomes a lazy view (prompt fields parsed here only if something reads them: a model
+ * or data-parallel-rank rewrite); the bytes forwarded are `r.rawBody`, as on the event-loop path.
+ * Resolves 'aborted' when the client left first, or 'fallback' when the thread failed (then
+ * `r.body` is the body parsed here and the caller takes the event-loop path).
+ */
+export async function preparedContext(
+  r: RoutedRequest,
+  types: readonly WorkerType[],
+  deps: { registry: WorkerRegistry; clock: Clock; source: PreparingSource; strict?: boolean; maxJsonDepth: number; hashing?: (ctx: RequestContext) => BlockHashing | undefined },
+): Promise<{ model: string; ctx: RequestContext } | 'aborted' | 'fallback'> {
+  const { registry, clock, source } = deps;
+  const span = r.trace?.child('tokenize', { 'kvgate.off_loop': true });
+  const ac = new AbortController();
+  const onClose = () => ac.abort();
+  if (r.res.destroyed) ac.abort();
+  else r.res.once('close', onClose);
+  // Block hashing as asked for a request on the base model (a LoRA adapter's seed differs: the
+  // policy then sees hashes of another seed and hashes itself, as it does for any mismatch).
+  const before: RequestContext = { requestId: r.requestId, route: r.route, model: '', routingText: '', headers: r.req.headers, stream: false, arrivalMs: clock.now() };
+  let got: PrepareResult | undefined;
+  try {
+    got = await source.prepare(r.route, r.rawBody, deps.hashing?.(before), ac.signal);
+  } finally {
+    r.res.removeListener('close', onClose);
+    if (span) {
+      span.setAttribute('kvgate.prompt_tokens', got?.ids?.length ?? 0);
+      span.end();
+    }
+  }
+  if (r.res.destroyed) return 'aborted';
+  r.unparsed = false;
+  if (!got) {
+    r.body = parseJsonObject(r.rawBody, deps.maxJsonDepth);
+    return 'fallback';
+  }
+  const p = got.prepared;
+  r.body = lazyBody(p.head, p.omitted, r.rawBody, deps.maxJsonDepth);
+  const model = routeModel(registry, r, types, deps.strict);
+  if (p.fieldError) throw bodyErrorOf(p.fieldError);
+  const view = p.view!;
+  let ctx = contextOf(r, view, model, clock, registry, view.tokenIds);
+  if (ctx.tokenIds !== undefined || p.tooLong) return { model, ctx };
+  if (source.sameTokenizer(p.tokenModel, model)) {
+    if (p.tokenError) throw bodyErrorOf(p.tokenError);
+    if (got.ids) ctx = { ...ctx, tokenIds: got.ids, blockHashes: got.hashes };
+    return { model, ctx };
+  }
+  // The model resolved to one whose tokenizer is not the one the thread used: tokenize again with it.
+  const again = withTokens(r, ctx, model, source, r.res, r.trace, deps.hashing);
+  return { model, ctx: again instanceof Promise ? await again : again };
+}
+
+function bodyErrorOf(e: BodyError): GatewayError {
+  return new GatewayError(e.status, e.message, e.errType, e.code, e.param);
 }
 
 /** `tokenize` inside a `tokenize` span of the request's trace (as is without tracing). */

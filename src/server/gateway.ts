@@ -129,6 +129,7 @@ export class Gateway {
       tokenize: (route, model, body) => this.tokenizers.tokenize(route, body, model),
       tokens: core.requestTokens,
       strictModel: config.strictModel,
+      maxJsonDepth: config.maxJsonDepth,
       forwardHeaders: new Set(config.forwardHeaders),
       insight: core.insight,
       connectionWait: this.pools.capped ? (s) => core.hotPath.connectionWait.observe(s) : undefined,
@@ -351,11 +352,13 @@ export class Gateway {
         // (A body declared over --max-payload-size still gets its 413 from readBody.)
         if (this.admission.shedsAtOnce(who.priority) && !(Number(req.headers['content-length']) > this.config.maxPayloadSize)) this.refuseBeforeBody(req, who.priority);
         const raw = await readBody(req, this.config.maxPayloadSize);
-        const body = parseJsonObject(raw, this.config.maxJsonDepth);
+        // A large body for a policy that tokenizes is parsed (and tokenized) in a tokenizer thread, not here.
+        const unparsed = !this.pd && !!this.policy.needsTokens && this.core.requestTokens.offLoop(raw.length);
+        const body = unparsed ? {} : parseJsonObject(raw, this.config.maxJsonDepth);
         const release = await this.admit(res, who);
         let served: RoutedRequest | undefined;
         try {
-          const r: RoutedRequest = { req, res, route, path, requestId, rawBody: raw, body, arrivedAt: started, trace, priority: who.priority };
+          const r: RoutedRequest = { req, res, route, path, requestId, rawBody: raw, body, arrivedAt: started, trace, priority: who.priority, unparsed };
           routed = served = r;
           status = await (this.pd ? this.pd.handle(r) : this.router.handle(r));
         } finally {
@@ -363,7 +366,8 @@ export class Gateway {
           // Charge what the engine reported; without a usage report, an estimate (body / 4 + max tokens).
           if (this.tokenLimiter && tokenBucket && served && status > 0 && status < 400) {
             const u = served.usage;
-            const maxTokens = Number(body.max_tokens ?? body.max_completion_tokens ?? 0) || 0;
+            const b = served.body;
+            const maxTokens = Number(b.max_tokens ?? b.max_completion_tokens ?? 0) || 0;
             const used = u && (u.promptTokens !== undefined || u.completionTokens !== undefined) ? (u.promptTokens ?? 0) + (u.completionTokens ?? 0) : Math.ceil(raw.length / 4) + maxTokens;
             this.tokenLimiter.charge(tokenBucket, used);
           }

@@ -1,5 +1,4 @@
 import type { IncomingMessage, OutgoingHttpHeaders, ServerResponse } from 'node:http';
-import { isUtf8 } from 'node:buffer';
 import { errors, GatewayError } from '../core/errors.js';
 
 export function sendJson(res: ServerResponse, status: number, body: unknown, headers: OutgoingHttpHeaders = {}): void {
@@ -56,39 +55,4 @@ export function readBody(req: IncomingMessage, limit: number): Promise<Buffer> {
   });
 }
 
-/**
- * Whether a parsed JSON value nests arrays/objects deeper than `limit`. Visits containers only
- * (cost grows with the number of JSON nodes, not bytes) and stops at limit + 1, so it never
- * recurses deeper than that. (V8's JSON.parse is iterative, so parsing itself is safe.)
- */
-export function deeperThan(value: unknown, limit: number, depth = 0): boolean {
-  if (value === null || typeof value !== 'object') return false;
-  if (depth + 1 > limit) return true;
-  if (Array.isArray(value)) {
-    for (const v of value) if (v !== null && typeof v === 'object' && deeperThan(v, limit, depth + 1)) return true;
-    return false;
-  }
-  for (const k in value) {
-    const v = (value as Record<string, unknown>)[k];
-    if (v !== null && typeof v === 'object' && deeperThan(v, limit, depth + 1)) return true;
-  }
-  return false;
-}
-
-/**
- * Parses a JSON object body; anything else is a 400 naming the problem: empty, invalid UTF-8,
- * nested deeper than `maxDepth`, not JSON, or not an object.
- */
-export function parseJsonObject(buf: Buffer, maxDepth = 64): Record<string, unknown> {
-  if (buf.length === 0) throw errors.badRequest('Request body is empty; expected a JSON object', 'invalid_json');
-  if (!isUtf8(buf)) throw errors.badRequest('Request body is not valid UTF-8', 'invalid_utf8');
-  let value: unknown;
-  try {
-    value = JSON.parse(buf.toString('utf8'));
-  } catch (e) {
-    throw errors.badRequest(`Request body is not valid JSON: ${(e as Error).message}`, 'invalid_json');
-  }
-  if (value === null || typeof value !== 'object' || Array.isArray(value)) throw errors.badRequest('Request body must be a JSON object', 'invalid_json');
-  if (deeperThan(value, maxDepth)) throw errors.badRequest(`Request body nests JSON deeper than ${maxDepth} levels`, 'json_too_deep');
-  return value as Record<string, unknown>;
-}
+export { deeperThan, parseJsonObject } from '../core/request-body.js';

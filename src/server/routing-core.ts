@@ -152,6 +152,8 @@ export class RoutingCore {
       maxRoutingMs: config.maxRoutingMs,
       maxChars: config.maxTokenizeChars,
       inlineChars: config.inlineTokenizeChars,
+      offLoopBytes: config.parseOffLoopBytes,
+      maxJsonDepth: config.maxJsonDepth,
       onFallback: (reason) => this.hotPath.tokenizeFallbacks.inc({ reason }),
       onCancelled: () => this.hotPath.tokenizeCancelled.inc(),
       onTokenized: (where, secs) => this.hotPath.tokenizeSeconds.observe({ where }, secs),

@@ -3,7 +3,7 @@ import { fileURLToPath } from 'node:url';
 import { Worker } from 'node:worker_threads';
 import type { BlockHashes, RouteName } from '../core/context.js';
 import { errors, GatewayError } from '../core/errors.js';
-import type { PoolReply, PoolTask, PoolWorkerData } from './pool-worker.js';
+import type { PoolReply, PoolTask, PoolWorkerData, Prepared, PrepareTask } from './pool-worker.js';
 import type { HfTokenizerOptions } from './hf.js';
 import type { TokenCacheOptions } from './registry.js';
 
@@ -65,12 +65,29 @@ export interface PoolResult {
   hashes?: BlockHashes;
 }
 
+/** A body to parse, validate and tokenize in a thread (--parse-off-loop-bytes). */
+export interface PrepareRequest {
+  route: RouteName;
+  /** The body's bytes (copied to the thread: they stay here to be forwarded). */
+  raw: Uint8Array;
+  maxDepth: number;
+  maxChars: number;
+  blocks?: { blockSize: number; seed: bigint };
+}
+
+/** What the thread found in the body; ids (and hashes) when it tokenized. */
+export interface PrepareResult {
+  prepared: Prepared;
+  ids?: Uint32Array;
+  hashes?: BlockHashes;
+}
+
 interface Task {
   id: number;
   /** Prompt length: the queue is shortest first. */
   size: number;
-  msg: PoolTask;
-  resolve(r: PoolResult | undefined): void;
+  msg: PoolTask | PrepareTask;
+  resolve(r: PoolResult | PrepareResult | undefined): void;
   reject(e: Error): void;
   signal?: AbortSignal;
   onAbort?: () => void;
@@ -149,14 +166,32 @@ export class TokenizePool {
 
   /** `tokenize`, with the block hashes of the ids when `req.blocks` asks for them. */
   encode(req: PoolRequest, signal?: AbortSignal): Promise<PoolResult | undefined> {
+    const msg = (id: number): PoolTask => ({ id, route: req.route, model: req.model, raw: req.raw, body: req.raw ? undefined : req.body, blocks: req.blocks });
+    return this.submit(msg, req.affinity.length, hashChars(req.affinity), signal) as Promise<PoolResult | undefined>;
+  }
+
+  /**
+   * A body parsed, validated and tokenized in a thread, as the event loop would (the same
+   * functions): rejects with its 400 GatewayError when it is not a JSON object (empty, not
+   * UTF-8, too deep, not JSON), else resolves with what the event loop needs of it — its
+   * top-level fields without the prompt, the routing text, stream flag and output limit (or the
+   * 400 of a malformed field), and the ids and block hashes (or the 400 tokenizing raised).
+   * Cancelled and failed as `encode`. The thread is chosen by the body's first bytes.
+   */
+  prepare(req: PrepareRequest, signal?: AbortSignal): Promise<PrepareResult> {
+    const msg = (id: number): PrepareTask => ({ kind: 'prepare', id, route: req.route, raw: req.raw, maxDepth: req.maxDepth, maxChars: req.maxChars, blocks: req.blocks });
+    return this.submit(msg, req.raw.length, hashBytes(req.raw), signal) as Promise<PrepareResult>;
+  }
+
+  private submit(make: (id: number) => PoolTask | PrepareTask, size: number, affinity: number, signal?: AbortSignal): Promise<PoolResult | PrepareResult | undefined> {
     if (this.closed) return Promise.reject(new Error('tokenizer pool closed'));
     if (signal?.aborted) return Promise.reject(new TokenizeCancelled());
     const id = this.nextId;
     this.nextId = this.nextId >= 0x7fffffff ? 1 : this.nextId + 1;
     this.counters.tasks++;
     return new Promise((resolve, reject) => {
-      const task: Task = { id, size: req.affinity.length, msg: { id, route: req.route, model: req.model, raw: req.raw, body: req.raw ? undefined : req.body, blocks: req.blocks }, resolve, reject, signal };
-      const slot = this.pick(req.affinity);
+      const task: Task = { id, size, msg: make(id), resolve, reject, signal };
+      const slot = this.pick(affinity);
       if (signal) {
         task.onAbort = () => this.cancel(task);
         signal.addEventListener('abort', task.onAbort, { once: true });
@@ -182,14 +217,11 @@ export class TokenizePool {
 
   // -------------------------------------------------------------------------------------------
 
-  private pick(affinity: string): Slot {
+  /** `affinity`: hashChars or hashBytes of the request's start (conversation turns meet their thread's caches). */
+  private pick(affinity: number): Slot {
     const n = this.slots.length;
     if (n === 1) return this.slots[0];
-    // FNV-1a over the first 512 characters: the start of a conversation (system prompt, first turn).
-    let h = 0x811c9dc5;
-    const len = Math.min(affinity.length, 512);
-    for (let i = 0; i < len; i++) h = Math.imul(h ^ affinity.charCodeAt(i), 0x01000193);
-    const preferred = this.slots[(h >>> 0) % n];
+    const preferred = this.slots[affinity % n];
     const load = (s: Slot) => s.queue.length + (s.running ? 1 : 0);
     let least = preferred;
     for (const s of this.slots) if (load(s) < load(least)) least = s;
@@ -217,7 +249,7 @@ export class TokenizePool {
     }
   }
 
-  private finish(task: Task, r: PoolResult | undefined, err?: Error): void {
+  private finish(task: Task, r: PoolResult | PrepareResult | undefined, err?: Error): void {
     if (task.onAbort) task.signal!.removeEventListener('abort', task.onAbort);
     if (err) task.reject(err);
     else task.resolve(r);
@@ -256,9 +288,11 @@ export class TokenizePool {
         const task = slot.running;
         if (!task || task.id !== m.id) return;
         slot.running = undefined;
-        if (m.type === 'done') {
+        if (m.type === 'done' || m.type === 'prepared') {
           const b = task.msg.blocks;
-          this.finish(task, m.ids ? { ids: m.ids, hashes: b && m.local && m.seq ? { blockSize: b.blockSize, seed: b.seed, local: m.local, seq: m.seq } : undefined } : undefined);
+          const hashes = m.ids && b && m.local && m.seq ? { blockSize: b.blockSize, seed: b.seed, local: m.local, seq: m.seq } : undefined;
+          if (m.type === 'prepared') this.finish(task, { prepared: m.prepared, ids: m.ids ?? undefined, hashes });
+          else this.finish(task, m.ids ? { ids: m.ids, hashes } : undefined);
         }
         else if (m.type === 'cancelled') this.finish(task, undefined, new TokenizeCancelled());
         else {
@@ -294,4 +328,20 @@ export class TokenizePool {
       });
     });
   }
+}
+
+/** FNV-1a over the first 512 characters: the start of a conversation (system prompt, first turn). */
+function hashChars(s: string): number {
+  let h = 0x811c9dc5;
+  const len = Math.min(s.length, 512);
+  for (let i = 0; i < len; i++) h = Math.imul(h ^ s.charCodeAt(i), 0x01000193);
+  return h >>> 0;
+}
+
+/** FNV-1a over the first 512 bytes of a body (its fields before and at the start of the prompt). */
+function hashBytes(b: Uint8Array): number {
+  let h = 0x811c9dc5;
+  const len = Math.min(b.length, 512);
+  for (let i = 0; i < len; i++) h = Math.imul(h ^ b[i], 0x01000193);
+  return h >>> 0;
 }

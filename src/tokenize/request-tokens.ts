@@ -1,6 +1,6 @@
 import type { BlockHashes, RouteName } from '../core/context.js';
 import { GatewayError } from '../core/errors.js';
-import { TokenizeCancelled, type TokenizePool } from './pool.js';
+import { TokenizeCancelled, type PrepareResult, type TokenizePool } from './pool.js';
 import type { TokenizerRegistry } from './registry.js';
 import type { Tokenizer } from './tokenizer.js';
 
@@ -20,6 +20,13 @@ export interface RequestTokensOptions {
    * a millisecond), so short requests never wait behind long ones in the threads' queues.
    */
   inlineChars?: number;
+  /**
+   * --parse-off-loop-bytes: bodies at least this large are parsed, validated and tokenized in a
+   * tokenizer thread, never on the event loop (0: never). Needs the threads and no --max-routing-ms.
+   */
+  offLoopBytes?: number;
+  /** --max-json-depth (the threads check it as the event loop does). */
+  maxJsonDepth?: number;
   onFallback?: (reason: FallbackReason) => void;
   onCancelled?: () => void;
   onTokenized?: (where: 'pool' | 'inline', seconds: number) => void;
@@ -60,6 +67,39 @@ export class RequestTokens {
   usePool(pool: TokenizePool | undefined, pooled: ReadonlySet<Tokenizer>): void {
     this.opts.pool = pool;
     this.opts.pooled = pooled;
+  }
+
+  /** Whether a body of `bytes` bytes is to be parsed in a tokenizer thread (`prepare`). */
+  offLoop(bytes: number): boolean {
+    const o = this.opts;
+    return o.pool !== undefined && !(o.maxRoutingMs > 0) && (o.offLoopBytes ?? 0) > 0 && bytes >= o.offLoopBytes!;
+  }
+
+  /** Whether ids encoded with the tokenizer of `encodedFor` (a body's `model`, or the default) are the ids `model` needs. */
+  sameTokenizer(encodedFor: string | undefined, model: string): boolean {
+    const t = this.tokenizers.get(encodedFor);
+    return t === this.tokenizers.get(model) && this.opts.pooled?.has(t) === true;
+  }
+
+  /**
+   * A body parsed, validated and tokenized in a thread (TokenizePool.prepare). Rejects with the
+   * body's 400 (not a JSON object); resolves undefined when the thread failed (the caller then
+   * parses on the event loop, counted as an 'error' fallback) or the client left (cancelled).
+   */
+  async prepare(route: RouteName, raw: Uint8Array, blocks: TokenRequest['blocks'], signal?: AbortSignal): Promise<PrepareResult | undefined> {
+    const o = this.opts;
+    const started = performance.now();
+    try {
+      const r = await o.pool!.prepare({ route, raw, maxDepth: o.maxJsonDepth ?? 64, maxChars: o.maxChars, blocks }, signal);
+      if (r.ids) o.onTokenized?.('pool', (performance.now() - started) / 1000);
+      if (r.prepared.tooLong) o.onFallback?.('too_long');
+      return r;
+    } catch (e) {
+      if (e instanceof GatewayError && e.status < 500) throw e;
+      if (e instanceof TokenizeCancelled) o.onCancelled?.();
+      else o.onFallback?.('error');
+      return undefined;
+    }
   }
 
   tokens(t: TokenRequest, signal?: AbortSignal): TokenResult | undefined | Promise<TokenResult | undefined> {
