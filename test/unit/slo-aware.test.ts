@@ -233,6 +233,33 @@ describe('slo_aware', () => {
     expect(policy.lastSlo).toMatchObject({ rule: 'slo_headroom', ttftObjectiveMs: 5000, feasible: true });
   });
 
+  it('stays with the worker whose engine holds the prefix while it is calm (holdFraction), and leaves it when at risk', () => {
+    const prompt = tokens(6000);
+    const run = (over: Partial<SloAwareConfig>, objectiveMs: number) => {
+      const { workers, policy, store, ctx } = setup(over);
+      store(0, prompt.slice(0, 3000)); // w0's engine holds half of it
+      for (let k = 0; k < 3; k++) policy.selectWorker([workers[0]], ctx(tokens(3000, 700_000 + 10_000 * k))); // and w0 is busy
+      const obj = { 'x-slo-ttft-ms': String(objectiveMs) };
+      const e = policy.explain(workers, ctx(prompt, obj));
+      const w = policy.selectWorker(workers, ctx(prompt, obj))!;
+      expect(w.id).toBe(e.chosen);
+      return { w, workers, slo: policy.lastSlo!, holder: Number(e.candidates[0].terms!.predicted_ttft_ms) };
+    };
+    // Without the rule the cost (weight 1) prefers an idle cold worker, though w0 meets the objective easily.
+    const off = run({ holdFraction: 0 }, 5000);
+    expect(off.w).not.toBe(off.workers[0]);
+    expect(off.slo.rule).toBe('slo_headroom');
+    expect(off.holder).toBeLessThan(0.5 * 5000);
+    // With it, w0 keeps the request: its predicted TTFT is within 0.75 × the objective.
+    const on = run({ holdFraction: 0.75 }, 5000);
+    expect(on.w).toBe(on.workers[0]);
+    expect(on.slo).toMatchObject({ rule: 'slo_hold', feasible: true });
+    // An objective w0 meets, but not with that margin: decided as without the rule.
+    const tight = run({ holdFraction: 0.75 }, Math.ceil(on.holder / 0.9));
+    expect(tight.w).not.toBe(tight.workers[0]);
+    expect(tight.slo.rule).toBe('slo_headroom');
+  });
+
   it('predicts with the cache the engine holds (its events), not the routing history that kv_aware counts for affinity', () => {
     const { workers, policy, store, ctx } = setup({ historyWeight: 1 });
     const prompt = tokens(2000);
