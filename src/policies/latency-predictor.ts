@@ -46,11 +46,11 @@ export interface PredictorConfig {
    */
   fixedQuantile: number;
   /**
-   * Faster re-learning when the error is persistent: the slowness's step grows from
-   * 1 − forgetting towards this as recent residuals agree in sign (|mean| / mean |·| → 1), and the
-   * fixed part's step grows up to `1 + persistentBoost`× alike. Random errors keep the slow, robust
-   * steps; a lasting change (an engine that sped up again after a slow phase, a cache the
-   * prediction credited that the engine no longer holds) is followed in tens of first tokens, not
+   * Faster unlearning when the predictions are persistently too high: the slowness's step grows
+   * from 1 − forgetting towards this as the recent residuals agree in being negative
+   * (−mean / mean |·| → 1), and the fixed part's step grows up to `1 + persistentBoost`× alike.
+   * Random errors, and under-predictions, keep the slow, robust steps; a worker that is fast
+   * again after a slow or saturated phase is predicted right again in tens of first tokens, not
    * hundreds. 0 = off (the rule before, docs/benchmarks.md §10.12).
    */
   persistentRate: number;
@@ -254,9 +254,9 @@ export class LatencyPredictor {
    * - the slowness: an exponentially weighted mean, in log space, of (observed − fixed) /
    *   modelled, Huber-clipped (a one-parameter regression through the origin).
    * A wild observation moves either little; a lasting change of speed first widens the clip
-   * scale, then moves them — faster the more the recent residuals agree in sign
-   * (`persistentRate`, `persistentBoost`: after a long saturated or slow phase the terms learned
-   * there are unlearned in tens of first tokens). (A joint least-squares fit of both proved unstable: on a busy worker
+   * scale, then moves them — and when the recent predictions were too high, again and again,
+   * faster (`persistentRate`, `persistentBoost`: after a long slow or saturated phase the terms
+   * learned there are unlearned in tens of first tokens). (A joint least-squares fit of both proved unstable: on a busy worker
    * the two inputs are nearly collinear; a mean-tracked fixed part soaked up the queueing of a
    * slowed-down engine.)
    */
@@ -267,7 +267,11 @@ export class LatencyPredictor {
     const cfg = this.config;
     // How persistent the recent errors are (0 = random signs, 1 = all one way), from the
     // observations before this one: one wild observation does not make itself persistent.
-    const persistence = (bias: number, abs: number) => (m.observations < 8 || !(abs > 0) ? 0 : Math.min(1, Math.abs(bias) / abs) ** 2);
+    // Only over-prediction is unlearned fast (observed below predicted, again and again: the
+    // slowness or fixed part learned in a slow or saturated phase is stale). Under-prediction is
+    // learned at the slow rate: under load it is mostly queueing the model does not see, and
+    // chasing it made the lab's predictions noisier (docs/benchmarks.md §10.12).
+    const persistence = (bias: number, abs: number) => (m.observations < 8 || !(abs > 0) || bias >= 0 ? 0 : Math.min(1, -bias / abs) ** 2);
     const pFixed = persistence(m.biasMs, m.absResidualMs);
     const pSlow = persistence(m.bias, m.absResidual);
     const alpha0 = Math.max(1 - cfg.forgetting, 1 / (m.observations + 2));
