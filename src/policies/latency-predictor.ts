@@ -45,16 +45,6 @@ export interface PredictorConfig {
    * into it, high enough to cover the usual network and proxy time.
    */
   fixedQuantile: number;
-  /**
-   * Faster unlearning when the predictions are persistently too high: the slowness's step grows
-   * from 1 − forgetting towards this as the recent residuals agree in being negative
-   * (−mean / mean |·| → 1), and the fixed part's step grows up to `1 + persistentBoost`× alike.
-   * Random errors, and under-predictions, keep the slow, robust steps; a worker that is fast
-   * again after a slow or saturated phase is predicted right again in tens of first tokens, not
-   * hundreds. 0 = off (the rule before, docs/benchmarks.md §10.12).
-   */
-  persistentRate: number;
-  persistentBoost: number;
 }
 
 export const defaultPredictorConfig: PredictorConfig = {
@@ -63,8 +53,6 @@ export const defaultPredictorConfig: PredictorConfig = {
   forgetting: 0.97,
   huberK: 3,
   fixedQuantile: 0.3,
-  persistentRate: 0.3,
-  persistentBoost: 5,
 };
 
 /** What the predictor needs to know about the candidate worker now. */
@@ -104,9 +92,6 @@ interface WorkerModel {
   /** Exponential mean of |log residual| (Huber scale of the slowness) and of |residual| in ms (of the fixed part). */
   absResidualMs: number;
   absResidual: number;
-  /** Exponential means of the signed residuals (same weights as the absolute ones): their ratio says how persistent the error is. */
-  biasMs: number;
-  bias: number;
   observations: number;
   /** Fluid prefill backlog (ms of model work) at `backlogAtMs`. */
   backlogWorkMs: number;
@@ -144,7 +129,7 @@ export class LatencyPredictor {
   private model(id: string, nowMs: number): WorkerModel {
     let m = this.workers.get(id);
     if (!m) {
-      m = { slowness: 1, fixedMs: 0, absResidualMs: 0, absResidual: 0, biasMs: 0, bias: 0, observations: 0, backlogWorkMs: 0, backlogAtMs: nowMs, stepMs: this.config.cost.overheadMs, pending: new Map(), pendingWorkMs: 0, relError: 0 };
+      m = { slowness: 1, fixedMs: 0, absResidualMs: 0, absResidual: 0, observations: 0, backlogWorkMs: 0, backlogAtMs: nowMs, stepMs: this.config.cost.overheadMs, pending: new Map(), pendingWorkMs: 0, relError: 0 };
       this.workers.set(id, m);
     }
     return m;
@@ -254,9 +239,7 @@ export class LatencyPredictor {
    * - the slowness: an exponentially weighted mean, in log space, of (observed − fixed) /
    *   modelled, Huber-clipped (a one-parameter regression through the origin).
    * A wild observation moves either little; a lasting change of speed first widens the clip
-   * scale, then moves them — and when the recent predictions were too high, again and again,
-   * faster (`persistentRate`, `persistentBoost`: after a long slow or saturated phase the terms
-   * learned there are unlearned in tens of first tokens). (A joint least-squares fit of both proved unstable: on a busy worker
+   * scale, then moves them. (A joint least-squares fit of both proved unstable: on a busy worker
    * the two inputs are nearly collinear; a mean-tracked fixed part soaked up the queueing of a
    * slowed-down engine.)
    */
@@ -264,35 +247,22 @@ export class LatencyPredictor {
     if (!Number.isFinite(y) || y <= 0) return;
     const base = x[0] + x[1];
     if (!(base > 0)) return;
-    const cfg = this.config;
-    // How persistent the recent errors are (0 = random signs, 1 = all one way), from the
-    // observations before this one: one wild observation does not make itself persistent.
-    // Only over-prediction is unlearned fast (observed below predicted, again and again: the
-    // slowness or fixed part learned in a slow or saturated phase is stale). Under-prediction is
-    // learned at the slow rate: under load it is mostly queueing the model does not see, and
-    // chasing it made the lab's predictions noisier (docs/benchmarks.md §10.12).
-    const persistence = (bias: number, abs: number) => (m.observations < 8 || !(abs > 0) || bias >= 0 ? 0 : Math.min(1, -bias / abs) ** 2);
-    const pFixed = persistence(m.biasMs, m.absResidualMs);
-    const pSlow = persistence(m.bias, m.absResidual);
-    const alpha0 = Math.max(1 - cfg.forgetting, 1 / (m.observations + 2));
-    const alpha = alpha0 + Math.max(0, cfg.persistentRate - alpha0) * pSlow;
+    const alpha = Math.max(1 - this.config.forgetting, 1 / (m.observations + 2));
     const clip = (v: number, scale: number) => {
       if (m.observations < 8) return v;
-      const limit = cfg.huberK * scale;
+      const limit = this.config.huberK * scale;
       return Math.abs(v) > limit ? Math.sign(v) * limit : v;
     };
     // Fixed part: residual against the current prediction, in ms (scale: the residuals' mean in ms).
     const r = y - (m.fixedMs + m.slowness * base);
-    const tau = cfg.fixedQuantile;
-    const eta = Math.max(0.05, 0.05 * m.absResidualMs) * (1 + cfg.persistentBoost * pFixed);
+    const tau = this.config.fixedQuantile;
+    const eta = Math.max(0.05, 0.05 * m.absResidualMs);
     m.fixedMs = Math.max(0, m.fixedMs + eta * (r >= 0 ? tau : tau - 1));
     m.absResidualMs = m.observations === 0 ? Math.abs(r) : 0.8 * m.absResidualMs + 0.2 * Math.abs(r);
-    m.biasMs = m.observations === 0 ? r : 0.8 * m.biasMs + 0.2 * r;
     const engine = Math.max(y - m.fixedMs, 0.05 * y);
     const d = Math.log(engine / base) - Math.log(m.slowness);
     m.slowness = Math.min(MAX_SLOWNESS, Math.max(MIN_SLOWNESS, Math.exp(Math.log(m.slowness) + alpha * clip(d, Math.max(0.02, m.absResidual)))));
     m.absResidual = m.observations === 0 ? Math.abs(d) : 0.8 * m.absResidual + 0.2 * Math.abs(d);
-    m.bias = m.observations === 0 ? d : 0.8 * m.bias + 0.2 * d;
     m.observations++;
     m.relError = m.observations === 1 ? Math.abs(y - predictedMs) / y : 0.95 * m.relError + 0.05 * (Math.abs(y - predictedMs) / y);
   }
