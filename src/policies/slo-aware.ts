@@ -170,7 +170,9 @@ export class SloAwarePolicy extends KvAwarePolicy {
       const cached = Math.min(sc.inputTokens, h * sc.bs);
       const u = sc.inputTokens - cached;
       uncached.push(u);
-      preds.push(this.predictor.predict(healthy[k].id, now, cached, u, this.loadOf(healthy[k], sc.bs), ctx.maxOutputTokens ?? 0));
+      // On the approximate tree all of it is routing history: the predictor credits it at the
+      // share the worker's first tokens showed real (an engine evicts what the tree remembers).
+      preds.push(this.predictor.predict(healthy[k].id, now, cached, u, this.loadOf(healthy[k], sc.bs), ctx.maxOutputTokens ?? 0, c.fallback ? cached : 0));
     }
     const safety = this.sloConfig.sloSafety;
     const feasible = preds.map((p) => (ttft === undefined || p.ttftMs <= safety * ttft) && (tpot === undefined || p.tpotMs <= safety * tpot));
@@ -328,6 +330,7 @@ export class SloAwarePolicy extends KvAwarePolicy {
         own_work_ms: round(p.ownWorkMs),
         meets_objective: e.feasible[k],
         slowness: round(st.slowness),
+        history_credit: round(st.historyCredit),
         observations: st.observations,
       };
     }

@@ -115,6 +115,50 @@ describe('latency predictor', () => {
     expect(after - before).toBeLessThan(0.5 * before);
   });
 
+  it('learns how much of the history-only cache the engine really holds, instead of a wrong speed', () => {
+    // No KV events: the routing history says 2,800 of 3,000 tokens are cached, but the engine
+    // evicted them, so every first token takes the full prefill (the engine is the model).
+    const p = new LatencyPredictor();
+    const load = { inFlight: 0, inFlightTokens: 0 };
+    const truth = p.predict('w', 0, 0, 3000, load).ttftMs;
+    let now = 0;
+    const within = (predicted: number) => Math.abs(predicted - truth) <= 0.25 * truth;
+    const hits: boolean[] = [];
+    for (let i = 0; i < 40; i++) {
+      const pr = p.predict('w', now, 2800, 200, load, 0, 2800);
+      hits.push(within(pr.ttftMs));
+      p.routed('w', `r${i}`, now, now, pr);
+      now += truth;
+      p.firstToken('w', `r${i}`, now);
+      now += 1000;
+    }
+    // The first predictions trust the history (far too low)...
+    expect(hits[0]).toBe(false);
+    // ...within ~15 first tokens the credit is learned and the predictions are right...
+    expect(hits.slice(15).every(Boolean)).toBe(true);
+    expect(p.stats('w', now).historyCredit).toBeLessThan(0.05);
+    // ...and the speed was not bent to fit: a request without history is still predicted as the model.
+    expect(p.stats('w', now).slowness).toBeCloseTo(1, 6);
+    expect(within(p.predict('w', now, 0, 3000, load).ttftMs)).toBe(true);
+    // Cache confirmed by the engine's events is credited in full whatever the history taught.
+    expect(p.predict('w', now, 2800, 200, load).ttftMs).toBeLessThan(0.3 * truth);
+  });
+
+  it('keeps crediting history-only cache that the engine does hold', () => {
+    const p = new LatencyPredictor();
+    const load = { inFlight: 0, inFlightTokens: 0 };
+    let now = 0;
+    for (let i = 0; i < 30; i++) {
+      const pr = p.predict('w', now, 2800, 200, load, 0, 2800);
+      const real = p.predict('w', now, 2800, 200, load).ttftMs; // the engine holds the 2,800 tokens
+      p.routed('w', `r${i}`, now, now, pr);
+      now += real;
+      p.firstToken('w', `r${i}`, now);
+      now += 1000;
+    }
+    expect(p.stats('w', now).historyCredit).toBeGreaterThan(0.95);
+  });
+
   it('counts the backlog of requests routed before and empties it on their first tokens', () => {
     const p = new LatencyPredictor();
     const load = { inFlight: 0, inFlightTokens: 0 };
