@@ -252,7 +252,8 @@ describe('slo_aware', () => {
 
   it('with an objective: among workers predicted to meet it, the one adding the least prefill', () => {
     // Overlap weight 4: half the prompt cached outweighs w2's backlog in the cost (with slo_aware's default 1 they tie).
-    const { workers, policy, store, ctx } = setup({ affinityMarginMs: 0, affinityMarginRel: 0, overlapWeight: 4 });
+    // The hold rule off: this is the cost ranking beneath it (the hold has its own test).
+    const { workers, policy, store, ctx } = setup({ affinityMarginMs: 0, affinityMarginRel: 0, overlapWeight: 4, holdFraction: 0 });
     const prompt = tokens(6000);
     store(2, prompt.slice(0, 3000)); // w2 holds half; w0, w1 cold
     policy.selectWorker([workers[2]], ctx(tokens(3000, 700_000))); // w2 has a backlog: no longer the fastest
