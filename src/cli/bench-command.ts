@@ -23,6 +23,7 @@ const policyFlags = [
   'max-tree-size',
   'kv-overlap-weight',
   'slo-overlap-weight',
+  'slo-hold-fraction',
   'kv-active-weight',
   'kv-history-weight',
   'kv-host-hit-weight',
@@ -111,7 +112,7 @@ export function benchPolicyOptions(o: Record<string, unknown>): PolicyOptions {
     },
     prefixLoad: { windowSecs: o.windowSecs as number },
     engineLoad: { staleAfterMs: (o.engineMetricsStaleSecs as number) * 1000 },
-    sloAware: { overlapWeight: o.sloOverlapWeight as number, ...(o.ttftSloMs !== undefined ? { ttftSloMs: o.ttftSloMs as number } : {}) },
+    sloAware: { overlapWeight: o.sloOverlapWeight as number, holdFraction: o.sloHoldFraction as number, ...(o.ttftSloMs !== undefined ? { ttftSloMs: o.ttftSloMs as number } : {}) },
   };
 }
 

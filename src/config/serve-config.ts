@@ -86,6 +86,7 @@ export interface ServeConfig {
   kvIndexMaxBlocks: number;
   kvOverlapWeight: number;
   sloOverlapWeight: number;
+  sloHoldFraction: number;
   kvActiveWeight: number;
   kvHistoryWeight: number;
   kvHostHitWeight: number;
@@ -239,6 +240,7 @@ export const serveOptionSpecs: readonly OptionSpec[] = [
   { flag: 'kv-index-max-blocks', kind: 'int', description: 'Largest KV block index (nodes); LRU leaves are pruned beyond it', default: 1000000, min: 1000 },
   { flag: 'kv-overlap-weight', kind: 'number', description: 'kv_aware: weight of the prefill blocks still needed (see docs/benchmarks.md for why 4, not Dynamo\'s 1; slo_aware has --slo-overlap-weight)', default: 4, min: 0 },
   { flag: 'slo-overlap-weight', kind: 'number', description: 'slo_aware: its own weight of the prefill blocks still needed (kv_aware\'s is --kv-overlap-weight; see docs/benchmarks.md §10.9 for why 1)', default: 1, min: 0 },
+  { flag: 'slo-hold-fraction', kind: 'number', description: 'slo_aware: keep a request on the worker whose engine holds most of it while that worker is predicted within this fraction of the TTFT objective (0 = off: the cheapest worker meeting it; docs/benchmarks.md §10.12 for why 0.75)', default: 0.75, min: 0 },
   { flag: 'kv-active-weight', kind: 'number', description: 'kv_aware: weight of the blocks in-flight requests occupy', default: 0.1, min: 0 },
   { flag: 'kv-host-hit-weight', kind: 'number', description: 'kv_aware: a prefix block held only in host memory (CPU offload tier) counts this much of a GPU block (with --kv-events-mediums separate)', default: 0.75, min: 0, max: 1 },
   { flag: 'kv-disk-hit-weight', kind: 'number', description: 'kv_aware: a prefix block held only on disk/remote storage counts this much of a GPU block (with --kv-events-mediums separate)', default: 0.25, min: 0, max: 1 },

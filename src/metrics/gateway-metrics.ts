@@ -482,7 +482,7 @@ export function registerReplicaSyncMetrics(metrics: GatewayMetrics, sync: Replic
 /** What the predictor metrics read: each slo_aware pool's predictor. */
 export interface PredictorView {
   pool: string;
-  predictor: { workerIds(): IterableIterator<string>; stats(id: string, nowMs: number): { slowness: number; fixedMs: number; observations: number; backlogWorkMs: number; relError: number } };
+  predictor: { workerIds(): IterableIterator<string>; stats(id: string, nowMs: number): { slowness: number; fixedMs: number; observations: number; backlogWorkMs: number; relError: number; historyCredit: number } };
 }
 
 /** slo_aware's learned per-worker speeds and prediction error, read at scrape time. */
@@ -504,5 +504,6 @@ export function registerPredictorMetrics(metrics: GatewayMetrics, views: () => P
   gauge('kvgate_slo_predictor_fixed_ms', 'slo_aware: learned fixed latency outside the engine model (network, proxying), per worker', (s) => s.fixedMs);
   gauge('kvgate_slo_predictor_observations', 'slo_aware: first-token times the worker\'s predictor has learned from', (s) => s.observations);
   gauge('kvgate_slo_predictor_backlog_ms', 'slo_aware: predicted prefill backlog of the worker (ms of engine-model work)', (s) => s.backlogWorkMs);
+  gauge('kvgate_slo_predictor_history_credit', 'slo_aware: learned share of the cache known only from routing history (no KV events) that the worker\'s engine held, per worker (1 = all of it)', (s) => s.historyCredit);
   gauge('kvgate_slo_predictor_relative_error', 'slo_aware: recent mean |observed − predicted| / observed TTFT of the worker', (s) => s.relError);
 }

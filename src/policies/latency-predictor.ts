@@ -73,6 +73,14 @@ export interface Prediction {
   ownWorkMs: number;
   /** Regression inputs [work, stepCost]. */
   x: [number, number];
+  /**
+   * Model work (ms) the cache known only from the routing history is worth: the prediction with
+   * none of it cached minus with all of it cached (0 when every cached token is confirmed by the
+   * engine's events). The prediction credits `historyCredit` of it.
+   */
+  historySpanMs: number;
+  /** This request's own prefill work had the history been credited in full (= ownWorkMs without history). */
+  fullCreditWorkMs: number;
   /** Cost of one step with the worker's batch (ms of model time). */
   stepMs: number;
 }
@@ -80,6 +88,9 @@ export interface Prediction {
 interface Pending {
   workMs: number;
   x: [number, number];
+  /** The prediction's model work with the history fully credited, and its span (see Prediction). */
+  fullBase: number;
+  historySpanMs: number;
   arrivalMs: number;
   predictedMs: number;
 }
@@ -103,6 +114,13 @@ interface WorkerModel {
   pendingWorkMs: number;
   /** Exponential mean of |observed − predicted| / observed, over the recent first tokens. */
   relError: number;
+  /**
+   * Share of the cache known only from the routing history (no KV events: the approximate tree)
+   * that the engine turned out to hold, learned from first tokens (1 = it holds what was sent to
+   * it). The history does not know what the engine evicted; crediting it in full priced evicted
+   * prefixes as hits, and the slowness rose ~14× to absorb that (docs/benchmarks.md §10.12).
+   */
+  historyCredit: number;
 }
 
 /** Bounds of the slowness: an engine 20× faster or 100× slower than the model is not believed. */
@@ -119,6 +137,8 @@ export interface WorkerPredictorStats {
   pendingRequests: number;
   /** Mean relative error of recent predictions (exponential, ~20 observations). */
   relError: number;
+  /** Learned share of history-only cache the engine holds (1 until learned otherwise). */
+  historyCredit: number;
 }
 
 export class LatencyPredictor {
@@ -129,7 +149,7 @@ export class LatencyPredictor {
   private model(id: string, nowMs: number): WorkerModel {
     let m = this.workers.get(id);
     if (!m) {
-      m = { slowness: 1, fixedMs: 0, absResidualMs: 0, absResidual: 0, observations: 0, backlogWorkMs: 0, backlogAtMs: nowMs, stepMs: this.config.cost.overheadMs, pending: new Map(), pendingWorkMs: 0, relError: 0 };
+      m = { slowness: 1, fixedMs: 0, absResidualMs: 0, absResidual: 0, observations: 0, backlogWorkMs: 0, backlogAtMs: nowMs, stepMs: this.config.cost.overheadMs, pending: new Map(), pendingWorkMs: 0, relError: 0, historyCredit: 1 };
       this.workers.set(id, m);
     }
     return m;
@@ -155,14 +175,20 @@ export class LatencyPredictor {
 
   /**
    * Predicted TTFT and TPOT of a request on worker `id` that would prefill `uncached` tokens
-   * on top of `cached` ones there. Changes nothing.
+   * on top of `cached` ones there, of which `unconfirmed` are known only from the routing
+   * history (not from the engine's KV events): those are credited as cached at the worker's
+   * learned `historyCredit`. Changes nothing.
    */
-  predict(id: string, nowMs: number, cached: number, uncached: number, load: WorkerLoadView, outputContext = 0): Prediction {
+  predict(id: string, nowMs: number, cached: number, uncached: number, load: WorkerLoadView, outputContext = 0, unconfirmed = 0): Prediction {
     const m = this.workers.get(id);
     const slowness = m?.slowness ?? 1;
     const fixedMs = m?.fixedMs ?? 0;
     const backlogWorkMs = m ? this.backlog(m, nowMs) : 0;
-    const ownWorkMs = this.prefillWorkMs(cached, uncached);
+    const history = Math.max(0, Math.min(unconfirmed, cached));
+    const dropped = Math.round(history * (1 - (m?.historyCredit ?? 1)));
+    const fullCreditWorkMs = this.prefillWorkMs(cached, uncached);
+    const historySpanMs = history > 0 ? this.prefillWorkMs(cached - history, uncached + history) - fullCreditWorkMs : 0;
+    const ownWorkMs = this.prefillWorkMs(cached - dropped, uncached + dropped);
     const c = this.config.cost;
     const work = backlogWorkMs + ownWorkMs;
     // Tokens the work spans, for the number of steps (attention priced as extra tokens).
@@ -173,7 +199,7 @@ export class LatencyPredictor {
     const ttftMs = fixedMs + slowness * (x[0] + x[1]);
     const decodeStep = c.overheadMs + c.decodeSeqMs * (load.inFlight + 1) + c.decodeContextTokenMs * (load.inFlightTokens + cached + uncached + outputContext);
     const tpotMs = c.slowFactor * slowness * decodeStep;
-    return { ttftMs, tpotMs, backlogWorkMs, ownWorkMs, x, stepMs };
+    return { ttftMs, tpotMs, backlogWorkMs, ownWorkMs, x, stepMs, historySpanMs, fullCreditWorkMs };
   }
 
   /** The request was routed to `id` with this prediction: its prefill joins the worker's backlog. */
@@ -184,7 +210,7 @@ export class LatencyPredictor {
     m.stepMs = p.stepMs;
     const prev = m.pending.get(requestId);
     if (prev) m.pendingWorkMs -= prev.workMs;
-    m.pending.set(requestId, { workMs: p.ownWorkMs, x: p.x, arrivalMs, predictedMs: p.ttftMs });
+    m.pending.set(requestId, { workMs: p.ownWorkMs, x: p.x, fullBase: p.x[0] + p.x[1] - (p.ownWorkMs - p.fullCreditWorkMs), historySpanMs: p.historySpanMs, arrivalMs, predictedMs: p.ttftMs });
     m.pendingWorkMs += p.ownWorkMs;
   }
 
@@ -198,7 +224,15 @@ export class LatencyPredictor {
     if (!m || !r) return undefined;
     this.release(m, requestId, r, nowMs);
     const y = nowMs - r.arrivalMs;
-    this.learn(m, r.x, y, r.predictedMs);
+    // A prediction that leaned on history-only cache teaches how much of that cache was real, not
+    // the speed: the engine's model time this TTFT implies, placed between "all of it cached" and
+    // "none of it", is the share it held. (Small spans — a shared template — learn as usual.)
+    if (r.historySpanMs > 0.25 * r.fullBase && Number.isFinite(y) && y > 0) {
+      const modelMs = Math.max(0, y - m.fixedMs) / m.slowness;
+      const held = Math.min(1, Math.max(0, (r.fullBase + r.historySpanMs - modelMs) / r.historySpanMs));
+      m.historyCredit += 0.25 * (held - m.historyCredit);
+      m.relError = 0.95 * m.relError + 0.05 * (Math.abs(y - r.predictedMs) / y);
+    } else this.learn(m, r.x, y, r.predictedMs);
     return { observedMs: y, predictedMs: r.predictedMs };
   }
 
@@ -215,8 +249,8 @@ export class LatencyPredictor {
 
   stats(id: string, nowMs: number): WorkerPredictorStats {
     const m = this.workers.get(id);
-    if (!m) return { slowness: 1, fixedMs: 0, observations: 0, backlogWorkMs: 0, pendingRequests: 0, relError: 0 };
-    return { slowness: m.slowness, fixedMs: m.fixedMs, observations: m.observations, backlogWorkMs: this.backlog(m, nowMs), pendingRequests: m.pending.size, relError: m.relError };
+    if (!m) return { slowness: 1, fixedMs: 0, observations: 0, backlogWorkMs: 0, pendingRequests: 0, relError: 0, historyCredit: 1 };
+    return { slowness: m.slowness, fixedMs: m.fixedMs, observations: m.observations, backlogWorkMs: this.backlog(m, nowMs), pendingRequests: m.pending.size, relError: m.relError, historyCredit: m.historyCredit };
   }
 
   workerIds(): IterableIterator<string> {

@@ -222,7 +222,7 @@ export class RoutingCore {
         },
         prefixLoad: { windowSecs: config.windowSecs },
         engineLoad: { staleAfterMs: config.engineMetricsStaleSecs * 1000 },
-        sloAware: { ttftSloMs: config.ttftSloMs, tpotSloMs: config.tpotSloMs, overlapWeight: config.sloOverlapWeight },
+        sloAware: { ttftSloMs: config.ttftSloMs, tpotSloMs: config.tpotSloMs, overlapWeight: config.sloOverlapWeight, holdFraction: config.sloHoldFraction },
       },
     )), policyDeps, config.sessionAffinityHeader, config.sessionAffinityTtlSecs);
     };

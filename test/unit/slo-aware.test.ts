@@ -115,6 +115,50 @@ describe('latency predictor', () => {
     expect(after - before).toBeLessThan(0.5 * before);
   });
 
+  it('learns how much of the history-only cache the engine really holds, instead of a wrong speed', () => {
+    // No KV events: the routing history says 2,800 of 3,000 tokens are cached, but the engine
+    // evicted them, so every first token takes the full prefill (the engine is the model).
+    const p = new LatencyPredictor();
+    const load = { inFlight: 0, inFlightTokens: 0 };
+    const truth = p.predict('w', 0, 0, 3000, load).ttftMs;
+    let now = 0;
+    const within = (predicted: number) => Math.abs(predicted - truth) <= 0.25 * truth;
+    const hits: boolean[] = [];
+    for (let i = 0; i < 40; i++) {
+      const pr = p.predict('w', now, 2800, 200, load, 0, 2800);
+      hits.push(within(pr.ttftMs));
+      p.routed('w', `r${i}`, now, now, pr);
+      now += truth;
+      p.firstToken('w', `r${i}`, now);
+      now += 1000;
+    }
+    // The first predictions trust the history (far too low)...
+    expect(hits[0]).toBe(false);
+    // ...within ~15 first tokens the credit is learned and the predictions are right...
+    expect(hits.slice(15).every(Boolean)).toBe(true);
+    expect(p.stats('w', now).historyCredit).toBeLessThan(0.05);
+    // ...and the speed was not bent to fit: a request without history is still predicted as the model.
+    expect(p.stats('w', now).slowness).toBeCloseTo(1, 6);
+    expect(within(p.predict('w', now, 0, 3000, load).ttftMs)).toBe(true);
+    // Cache confirmed by the engine's events is credited in full whatever the history taught.
+    expect(p.predict('w', now, 2800, 200, load).ttftMs).toBeLessThan(0.3 * truth);
+  });
+
+  it('keeps crediting history-only cache that the engine does hold', () => {
+    const p = new LatencyPredictor();
+    const load = { inFlight: 0, inFlightTokens: 0 };
+    let now = 0;
+    for (let i = 0; i < 30; i++) {
+      const pr = p.predict('w', now, 2800, 200, load, 0, 2800);
+      const real = p.predict('w', now, 2800, 200, load).ttftMs; // the engine holds the 2,800 tokens
+      p.routed('w', `r${i}`, now, now, pr);
+      now += real;
+      p.firstToken('w', `r${i}`, now);
+      now += 1000;
+    }
+    expect(p.stats('w', now).historyCredit).toBeGreaterThan(0.95);
+  });
+
   it('counts the backlog of requests routed before and empties it on their first tokens', () => {
     const p = new LatencyPredictor();
     const load = { inFlight: 0, inFlightTokens: 0 };
@@ -208,7 +252,8 @@ describe('slo_aware', () => {
 
   it('with an objective: among workers predicted to meet it, the one adding the least prefill', () => {
     // Overlap weight 4: half the prompt cached outweighs w2's backlog in the cost (with slo_aware's default 1 they tie).
-    const { workers, policy, store, ctx } = setup({ affinityMarginMs: 0, affinityMarginRel: 0, overlapWeight: 4 });
+    // The hold rule off: this is the cost ranking beneath it (the hold has its own test).
+    const { workers, policy, store, ctx } = setup({ affinityMarginMs: 0, affinityMarginRel: 0, overlapWeight: 4, holdFraction: 0 });
     const prompt = tokens(6000);
     store(2, prompt.slice(0, 3000)); // w2 holds half; w0, w1 cold
     policy.selectWorker([workers[2]], ctx(tokens(3000, 700_000))); // w2 has a backlog: no longer the fastest
@@ -219,6 +264,33 @@ describe('slo_aware', () => {
     const loose = ctx(prompt, { 'x-slo-ttft-ms': '5000' });
     expect(policy.selectWorker(workers, loose)).toBe(workers[2]);
     expect(policy.lastSlo).toMatchObject({ rule: 'slo_headroom', ttftObjectiveMs: 5000, feasible: true });
+  });
+
+  it('stays with the worker whose engine holds the prefix while it is calm (holdFraction), and leaves it when at risk', () => {
+    const prompt = tokens(6000);
+    const run = (over: Partial<SloAwareConfig>, objectiveMs: number) => {
+      const { workers, policy, store, ctx } = setup(over);
+      store(0, prompt.slice(0, 3000)); // w0's engine holds half of it
+      for (let k = 0; k < 3; k++) policy.selectWorker([workers[0]], ctx(tokens(3000, 700_000 + 10_000 * k))); // and w0 is busy
+      const obj = { 'x-slo-ttft-ms': String(objectiveMs) };
+      const e = policy.explain(workers, ctx(prompt, obj));
+      const w = policy.selectWorker(workers, ctx(prompt, obj))!;
+      expect(w.id).toBe(e.chosen);
+      return { w, workers, slo: policy.lastSlo!, holder: Number(e.candidates[0].terms!.predicted_ttft_ms) };
+    };
+    // Without the rule the cost (weight 1) prefers an idle cold worker, though w0 meets the objective easily.
+    const off = run({ holdFraction: 0 }, 5000);
+    expect(off.w).not.toBe(off.workers[0]);
+    expect(off.slo.rule).toBe('slo_headroom');
+    expect(off.holder).toBeLessThan(0.5 * 5000);
+    // With it, w0 keeps the request: its predicted TTFT is within 0.75 × the objective.
+    const on = run({ holdFraction: 0.75 }, 5000);
+    expect(on.w).toBe(on.workers[0]);
+    expect(on.slo).toMatchObject({ rule: 'slo_hold', feasible: true });
+    // An objective w0 meets, but not with that margin: decided as without the rule.
+    const tight = run({ holdFraction: 0.75 }, Math.ceil(on.holder / 0.9));
+    expect(tight.w).not.toBe(tight.workers[0]);
+    expect(tight.slo.rule).toBe('slo_headroom');
   });
 
   it('predicts with the cache the engine holds (its events), not the routing history that kv_aware counts for affinity', () => {
