@@ -117,8 +117,7 @@ export class ChunkDictionary {
   prepareText(text: string): PreparedText {
     const ends = textChunkEnds(text);
     const hashes = this.hashText(text, ends);
-    const full = ends.length;
-    return { text, ends, hashes, fingerprint: hashUnits(text, full === 0 ? 0 : ends[full - 1], text.length, full === 0 ? 0 : hashes[full - 1]) };
+    return { text, ends, hashes, fingerprint: textFingerprint(text, ends, hashes) };
   }
 
   /** The wire form of a prepared text; the dictionary learns (and refreshes) its chunks. */
@@ -157,8 +156,7 @@ export class ChunkDictionary {
     const ends = textChunkEnds(text, known, prefix.length);
     const hashes = chainText(text, ends, known, parent);
     this.remember(hashes, known, (i) => text.slice(i === 0 ? 0 : ends[i - 1], ends[i]), true);
-    const full = ends.length;
-    this.lastFingerprint = hashUnits(text, full === 0 ? 0 : ends[full - 1], text.length, full === 0 ? 0 : hashes[full - 1]);
+    this.lastFingerprint = textFingerprint(text, ends, hashes);
     return text;
   }
 
@@ -171,7 +169,7 @@ export class ChunkDictionary {
     const arr = toU32(tokens);
     const full = Math.floor(arr.length / TOKEN_CHUNK);
     const hashes = chainTokens(arr, full, 0, TOKEN_DOMAIN);
-    return { tokens: arr, hashes, fingerprint: hashUnits(arr, full * TOKEN_CHUNK, arr.length, full === 0 ? TOKEN_DOMAIN : hashes[full - 1]) };
+    return { tokens: arr, hashes, fingerprint: tokensFingerprint(arr, hashes) };
   }
 
   /** The wire form of a prepared token run; the dictionary learns (and refreshes) its chunks. */
@@ -203,7 +201,7 @@ export class ChunkDictionary {
     const full = Math.floor(out.length / TOKEN_CHUNK);
     const hashes = chainTokens(out, full, known, parent);
     this.remember(hashes, known, (i) => out.slice(i * TOKEN_CHUNK, (i + 1) * TOKEN_CHUNK), true);
-    this.lastFingerprint = hashUnits(out, full * TOKEN_CHUNK, out.length, full === 0 ? TOKEN_DOMAIN : hashes[full - 1]);
+    this.lastFingerprint = tokensFingerprint(out, hashes);
     return out;
   }
 
@@ -346,6 +344,18 @@ export class ChunkDictionary {
     this.lastFingerprint = 0;
     return undefined;
   }
+}
+
+/** A text's fingerprint (PreparedText): its last full chunk's chain hash, chained over the units after it. */
+function textFingerprint(text: string, ends: number[], hashes: number[]): number {
+  const full = ends.length;
+  return hashUnits(text, full === 0 ? 0 : ends[full - 1], text.length, full === 0 ? 0 : hashes[full - 1]);
+}
+
+/** A token run's fingerprint (PreparedTokens), in the token domain. */
+function tokensFingerprint(tokens: Uint32Array, hashes: number[]): number {
+  const full = hashes.length;
+  return hashUnits(tokens, full * TOKEN_CHUNK, tokens.length, full === 0 ? TOKEN_DOMAIN : hashes[full - 1]);
 }
 
 /** End offsets of the full chunks of a text (the remainder after the last one is not a chunk). */
