@@ -314,8 +314,8 @@ export class ChunkDictionary {
     // Cached prefixes hold entry objects that may be dropped now: start that cache afresh.
     this.prefixes.clear();
     this.prefixUnits = 0;
-    // Not a full sort (a dictionary holds ~10^5 chunks, and unique prompts fill it every second
-    // or two): the recency stamp below which a tenth of the chunks lie is read from a sorted
+    // Not a full sort (a full dictionary holds ~10^5 chunks, and under unique prompts a tenth of
+    // it turns over every second or two): the recency stamp below which a tenth of the chunks lie is read from a sorted
     // sample, and every chunk older than that goes in one pass; again, a little further, if the
     // sample was off.
     const target = this.maxUnits * 0.9;
