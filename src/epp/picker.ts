@@ -7,7 +7,7 @@ import type { RequestOutcome, RoutingPolicy } from '../policies/policy.js';
 import type { ResponseTap } from '../upstream/response-tap.js';
 import { contextFor, resolveModel } from '../routers/request.js';
 import type { Release } from '../server/admission.js';
-import { parseJsonObject } from '../server/http-util.js';
+import { parseJsonObject } from '../core/request-body.js';
 import { GENERATION_ROUTES, type RoutingCore } from '../server/routing-core.js';
 
 /** `ip:port` of a worker, as the gateway addresses it (IPv6 in brackets). */

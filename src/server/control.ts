@@ -6,7 +6,8 @@ import type { WorkerRegistry } from '../core/registry.js';
 import type { WorkerManager } from '../core/worker-manager.js';
 import { normalizeUrl, workerIdOf, type Worker, type WorkerType } from '../core/worker.js';
 import type { GatewayMetrics } from '../metrics/gateway-metrics.js';
-import { parseJsonObject, readBody, sendJson } from './http-util.js';
+import { parseJsonObject } from '../core/request-body.js';
+import { readBody, sendJson } from './http-util.js';
 
 /** Routes anyone may call (probes and metrics). */
 export const PUBLIC_ROUTES = new Set(['/health', '/liveness', '/readiness', '/metrics']);

@@ -23,7 +23,8 @@ import { KeyRateLimiter, KeyTokenLimiter, type Admission, type AdmissionRequest 
 import { objectiveFrom, SLO_TTFT_HEADER } from '../policies/slo-aware.js';
 import { isLoopback, KeySet, readKeyFile } from './auth.js';
 import { isAdminRoute, PUBLIC_ROUTES, type ControlRoutes, type WorkerRegistration } from './control.js';
-import { parseJsonObject, readBody, sendError } from './http-util.js';
+import { parseJsonObject } from '../core/request-body.js';
+import { readBody, sendError } from './http-util.js';
 import { GENERATION_ROUTES, RoutingCore, type RoutingCoreOptions } from './routing-core.js';
 
 export { createLogger, timerScheduler } from './routing-core.js';

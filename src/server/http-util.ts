@@ -55,4 +55,3 @@ export function readBody(req: IncomingMessage, limit: number): Promise<Buffer> {
   });
 }
 
-export { deeperThan, parseJsonObject } from '../core/request-body.js';

@@ -10,7 +10,8 @@ import { explainPairWith, explainWith, withOutsideExclusions } from '../policies
 import type { RoutingPolicy } from '../policies/policy.js';
 import { buildContext, resolveModel, type Tokenize } from '../routers/request.js';
 import { DASHBOARD_HTML } from './dashboard-page.js';
-import { parseJsonObject, readBody, sendJson } from './http-util.js';
+import { parseJsonObject } from '../core/request-body.js';
+import { readBody, sendJson } from './http-util.js';
 import { GENERATION_ROUTES } from './routing-core.js';
 
 /** Routes of this module (admin-protected by the fronts). */

@@ -379,7 +379,7 @@ describe('fault: fuzzed request bodies', () => {
     expect(leaks).toEqual({ leakedInFlight: 0, leakedAdmissionSlots: 0, openResponses: 0 });
   }, 90_000);
 
-  // BUG (src/server/routing-text.ts): some well-formed JSON bodies make routing-text extraction
+  // BUG (src/core/routing-text.ts): some well-formed JSON bodies make routing-text extraction
   // throw a TypeError ("Cannot convert object to primitive value"), answered 500 internal_error
   // instead of 400. Fails until fixed.
   it('malformed client input never causes a 500 internal_error (fuzz results and two known reproducers)', async () => {

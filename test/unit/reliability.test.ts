@@ -5,7 +5,7 @@ import { backoffMs, defaultRetryConfig, RETRYABLE_STATUSES } from '../../src/cor
 import { SeededRng } from '../../src/core/rng.js';
 import { Admission, KeyRateLimiter } from '../../src/server/admission.js';
 import { KeySet } from '../../src/server/auth.js';
-import { deeperThan, parseJsonObject } from '../../src/server/http-util.js';
+import { deeperThan, parseJsonObject } from '../../src/core/request-body.js';
 import { GatewayError } from '../../src/core/errors.js';
 import type { IncomingMessage } from 'node:http';
 

@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import { GatewayError } from '../../src/core/errors.js';
-import { routingTextOf } from '../../src/server/routing-text.js';
+import { routingTextOf } from '../../src/core/routing-text.js';
 
 describe('routing text', () => {
   it('chat uses every message in order, roles included, multi-part text included', () => {
