@@ -1,7 +1,6 @@
 import type { Command } from 'commander';
 import { eppOptionSpecs, resolveEppConfig } from '../config/epp-config.js';
 import { addOptions, ConfigError } from '../config/options.js';
-import { EndpointPicker } from '../epp/endpoint-picker.js';
 
 export function registerEppCommand(program: Command): void {
   const cmd = program
@@ -25,6 +24,9 @@ export function registerEppCommand(program: Command): void {
       }
       throw e;
     }
+    // Loaded here, not at the top: the picker brings gRPC and the Kubernetes client, which every
+    // other command (serve above all: each of its processes) would otherwise load and keep.
+    const { EndpointPicker } = await import('../epp/endpoint-picker.js');
     const epp = new EndpointPicker(config);
     try {
       await epp.start();

@@ -2,7 +2,6 @@ import type { MediumMode } from '../cache/block-index.js';
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import type { PolicyOptions } from '../policies/factory.js';
-import { attainmentChart, hitRateChart, sweepChart, ttftCdfChart } from './charts.js';
 import { LAB_DEFAULTS, runCluster, type LabEngineConfig } from './cluster.js';
 import { PD_DEFAULTS, runPdCluster } from './pd-cluster.js';
 import { markdownTable, summarise, type PolicyResult } from './report.js';
@@ -359,6 +358,9 @@ function computeFindings(rows: PolicyResult[], rates: number[], pdAgainst: Reado
 }
 
 async function writeOutputs(dir: string, report: BenchReport, markdown: string): Promise<void> {
+  // Vega is loaded only when charts are written, so the commands that load this module for its
+  // defaults (serve, sim, epp share the CLI's entry point) do not keep it in their heaps.
+  const { attainmentChart, hitRateChart, sweepChart, ttftCdfChart } = await import('./charts.js');
   mkdirSync(dir, { recursive: true });
   writeFileSync(join(dir, 'report.json'), JSON.stringify(report, null, 2) + '\n');
   writeFileSync(join(dir, 'report.md'), markdown + '\n');

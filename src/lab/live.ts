@@ -116,6 +116,10 @@ interface Usage {
   prompt_tokens_details?: { cached_tokens?: number } | null;
 }
 
+/** Request bodies built before a live run starts, at most this many bytes (the rest are built when sent). */
+const PREBUILT_BODY_BYTES = 256 * 1024 * 1024;
+const EMPTY_BODY = Buffer.alloc(0);
+
 async function firstModel(target: string, agent: Agent, headers: Record<string, string>): Promise<string> {
   const res = await request(`${target}/v1/models`, { dispatcher: agent, headers, signal: AbortSignal.timeout(10_000) });
   if (res.statusCode !== 200) throw new Error(`GET ${target}/v1/models answered ${res.statusCode}`);
@@ -170,23 +174,38 @@ export async function runLive(o: LiveOptions): Promise<LiveResult> {
   const cut = new AbortController();
   // Every request in flight listens on this one signal: as many listeners as --concurrency.
   setMaxListeners(0, cut.signal);
+  const path = o.route === 'chat' ? '/v1/chat/completions' : '/v1/completions';
+  const bodyOf = (i: number): Buffer => {
+    const r = reqs[i];
+    const text = r.text();
+    return Buffer.from(
+      JSON.stringify({
+        model,
+        ...(o.route === 'chat' ? { messages: [{ role: 'user', content: text }] } : { prompt: text }),
+        max_tokens: r.outputTokens,
+        stream: true,
+        stream_options: { include_usage: true },
+        ignore_eos: true,
+      }),
+    );
+  };
+  // The bodies are built before the clock starts (up to PREBUILT_BODY_BYTES; later ones when
+  // sent), so building prompts and their JSON does not hold this event loop while responses
+  // arrive: that delay would be counted in every TTFT and refusal time measured here.
+  const prebuilt: Buffer[] = [];
+  let prebuiltBytes = 0;
+  for (let i = 0; i < reqs.length && reqs[i].arrivalMs <= o.durationSecs * 1000 && prebuiltBytes < PREBUILT_BODY_BYTES; i++) {
+    prebuilt.push(bodyOf(i));
+    prebuiltBytes += prebuilt[i].byteLength;
+  }
   const loopDelay = monitorEventLoopDelay({ resolution: 10 });
   loopDelay.enable();
   const t0 = performance.now();
   const deadline = t0 + o.durationSecs * 1000;
-  const path = o.route === 'chat' ? '/v1/chat/completions' : '/v1/completions';
 
   const one = async (i: number, scheduledAt: number) => {
-    const r = reqs[i];
-    const text = r.text();
-    const body = {
-      model,
-      ...(o.route === 'chat' ? { messages: [{ role: 'user', content: text }] } : { prompt: text }),
-      max_tokens: r.outputTokens,
-      stream: true,
-      stream_options: { include_usage: true },
-      ignore_eos: true,
-    };
+    const body = prebuilt[i] ?? bodyOf(i);
+    if (i < prebuilt.length) prebuilt[i] = EMPTY_BODY; // sent once: let it go
     const start = performance.now();
     slotWait.push((start - scheduledAt) / 1000);
     let first = -1;
@@ -196,7 +215,7 @@ export async function runLive(o: LiveOptions): Promise<LiveResult> {
     const pc = k >= 0 ? perClass[k] : undefined;
     if (pc) pc.sent++;
     try {
-      const res = await request(targets[i % targets.length] + path, { method: 'POST', dispatcher: agent, headers: k >= 0 ? { ...headers, ...classes[k].headers } : headers, body: JSON.stringify(body), signal: cut.signal });
+      const res = await request(targets[i % targets.length] + path, { method: 'POST', dispatcher: agent, headers: k >= 0 ? { ...headers, ...classes[k].headers } : headers, body, signal: cut.signal });
       const worker = res.headers['x-kvgate-worker'];
       const predicted = Number(res.headers['x-kvgate-predicted-ttft-ms']);
       if (typeof worker === 'string') perWorker[worker] = (perWorker[worker] ?? 0) + 1;
