@@ -45,6 +45,13 @@ export interface TokenizePoolOptions {
   nice?: number;
   /** Options of the tokenizers the threads load (e.g. the word cache bound). */
   tokenizerOptions?: HfTokenizerOptions;
+  /**
+   * Prompts up to this many characters go to one more thread of their own (the short lane), which
+   * longer prompts never use and which never joins a parallel encode: a short prompt never waits
+   * behind a long one. It runs at nice 0 (it holds the event loop's short requests). 0: no lane
+   * (default), short prompts share the threads with long ones (shortest first).
+   */
+  shortChars?: number;
 }
 
 export interface PoolRequest {
@@ -94,6 +101,8 @@ interface Task {
 }
 
 interface Slot {
+  /** The short lane's thread (`shortChars`): short prompts only. */
+  short: boolean;
   worker: Worker;
   cancel: Int32Array;
   running: Task | undefined;
@@ -132,7 +141,8 @@ export class TokenizePool {
     if (!(opts.threads >= 1)) throw new RangeError('threads must be >= 1');
     const pool = new TokenizePool(opts);
     try {
-      await Promise.all(Array.from({ length: opts.threads }, (_, i) => pool.spawn(i)));
+      const lane = (opts.shortChars ?? 0) > 0 ? 1 : 0;
+      await Promise.all(Array.from({ length: opts.threads + lane }, (_, i) => pool.spawn(i)));
     } catch (e) {
       await pool.close();
       throw e;
@@ -140,8 +150,14 @@ export class TokenizePool {
     return pool;
   }
 
+  /** Threads started (the short lane's included). */
   get threads(): number {
     return this.slots.length;
+  }
+
+  /** Characters up to which a prompt goes to the short lane (0: no lane). */
+  get shortChars(): number {
+    return this.opts.shortChars ?? 0;
   }
 
   /** Tasks running or waiting. */
@@ -191,7 +207,7 @@ export class TokenizePool {
     this.counters.tasks++;
     return new Promise((resolve, reject) => {
       const task: Task = { id, size, msg: make(id), resolve, reject, signal };
-      const slot = this.pick(affinity);
+      const slot = this.pick(size, affinity);
       if (signal) {
         task.onAbort = () => this.cancel(task);
         signal.addEventListener('abort', task.onAbort, { once: true });
@@ -217,14 +233,20 @@ export class TokenizePool {
 
   // -------------------------------------------------------------------------------------------
 
-  /** `affinity`: hashChars or hashBytes of the request's start (conversation turns meet their thread's caches). */
-  private pick(affinity: number): Slot {
-    const n = this.slots.length;
+  /**
+   * A prompt of `size` characters up to `shortChars` goes to the short lane (the last slot);
+   * others to the shared threads. `affinity`: hashChars or hashBytes of the request's start
+   * (conversation turns meet their thread's caches).
+   */
+  private pick(size: number, affinity: number): Slot {
+    const lane = this.slots.length > this.opts.threads ? this.slots[this.opts.threads] : undefined;
+    if (lane && size <= this.shortChars) return lane;
+    const n = this.opts.threads;
     if (n === 1) return this.slots[0];
     const preferred = this.slots[affinity % n];
     const load = (s: Slot) => s.queue.length + (s.running ? 1 : 0);
     let least = preferred;
-    for (const s of this.slots) if (load(s) < load(least)) least = s;
+    for (let i = 0; i < n; i++) if (load(this.slots[i]) < load(least)) least = this.slots[i];
     return load(preferred) >= load(least) + 2 ? least : preferred;
   }
 
@@ -258,19 +280,21 @@ export class TokenizePool {
   private spawn(index: number): Promise<void> {
     const cancel = new SharedArrayBuffer(4);
     const parallelChars = this.opts.parallelChars ?? 32_768;
+    // The short lane: alone (threads 1: no parallel encodes, never a piece of a long prompt), at nice 0.
+    const short = index >= this.opts.threads;
     const data: PoolWorkerData = {
       entries: [...this.opts.entries],
       cache: this.opts.cache ?? {},
       cancel,
-      threads: this.opts.threads,
-      channel: this.channel,
+      threads: short ? 1 : this.opts.threads,
+      channel: short ? `${this.channel}-short` : this.channel,
       parallelChars: parallelChars > 0 ? parallelChars : Infinity,
-      nice: this.opts.nice ?? 0,
+      nice: short ? 0 : (this.opts.nice ?? 0),
       tokenizerOptions: this.opts.tokenizerOptions ?? {},
     };
     const worker = new Worker(workerScript(), { workerData: data });
     worker.unref();
-    const slot: Slot = { worker, cancel: new Int32Array(cancel), running: undefined, queue: [] };
+    const slot: Slot = { short, worker, cancel: new Int32Array(cancel), running: undefined, queue: [] };
     return new Promise<void>((resolve, reject) => {
       let ready = false;
       worker.on('message', (m: PoolReply) => {
