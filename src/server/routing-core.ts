@@ -295,9 +295,10 @@ export class RoutingCore {
     const c = this.config;
     const tokenizerOptions = { wordCacheEntries: c.tokenizerWordCache };
     const threads = c.tokenizeThreads > 0 && this.policies().some((p) => p.needsTokens);
-    // Every prompt tokenized in the threads (short ones in the short lane): the event loop loads
-    // its tokenizers only if something still tokenizes there (/debug/route), at that first use.
-    const deferred = threads && c.inlineTokenizeChars === 0 && c.shortTokenizeChars > 0;
+    // Every prompt tokenized in the threads (short ones in the short lane, --short-tokenize-chars):
+    // the event loop loads its tokenizers only if something still tokenizes there (/debug/route),
+    // at that first use.
+    const deferred = threads && c.inlineTokenizeChars === 0;
     const loaded = await loadTokenizerEntries(this.tokenizers, c.tokenizer, tokenizerOptions, deferred);
     if (threads) {
       this.tokenizePool = await TokenizePool.start({ threads: c.tokenizeThreads, entries: c.tokenizer, nice: c.tokenizeNice, tokenizerOptions, shortChars: c.shortTokenizeChars });
