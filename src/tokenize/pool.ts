@@ -22,6 +22,9 @@ import type { TokenCacheOptions } from './registry.js';
  *   turns, unless that thread has 2 more tasks waiting than the least busy one;
  * - cancelling (the client left) drops a queued task, and stops a running one between the pieces
  *   of its encode (a shared flag the thread polls), keeping the thread and its caches.
+ * - with `shortChars` (--short-tokenize-chars), one more thread, the short lane, takes the prompts
+ *   up to that length and nothing else, so a short prompt never waits behind a running long one
+ *   and the event loop needs no tokenizer of its own for them;
  * A thread that dies fails its task (the caller then routes by text) and is started again.
  * One long prompt is encoded by all idle threads together (parallel-encode.ts), and on Linux the
  * threads may run below the event loop's priority (`nice`).
