@@ -24,7 +24,8 @@ import type { TokenCacheOptions } from './registry.js';
  *   of its encode (a shared flag the thread polls), keeping the thread and its caches.
  * - with `shortChars` (--short-tokenize-chars), one more thread, the short lane, takes the prompts
  *   up to that length and nothing else, so a short prompt never waits behind a running long one
- *   and the event loop needs no tokenizer of its own for them;
+ *   and the event loop needs no tokenizer of its own for them (when 3 are already in the lane, a
+ *   shared thread with nothing queued or running takes the next short one);
  * A thread that dies fails its task (the caller then routes by text) and is started again.
  * One long prompt is encoded by all idle threads together (parallel-encode.ts), and on Linux the
  * threads may run below the event loop's priority (`nice`).
@@ -128,12 +129,14 @@ function workerScript(): URL {
 }
 
 let poolCount = 0;
+/** Tasks in the short lane (running and waiting) from which a short prompt may go to an idle shared thread instead. */
+const LANE_BACKLOG = 3;
 
 export class TokenizePool {
   private readonly slots: Slot[] = [];
   private nextId = 1;
   private closed = false;
-  private counters = { tasks: 0, cancelled: 0, failed: 0, restarts: 0 };
+  private counters = { tasks: 0, cancelled: 0, failed: 0, restarts: 0, laneOverflow: 0 };
   /** The threads' BroadcastChannel (one per pool: several pools may live in one process). */
   private readonly channel = `kvgate-tokenize-${process.pid}-${++poolCount}`;
 
@@ -170,7 +173,8 @@ export class TokenizePool {
     return n;
   }
 
-  stats(): { tasks: number; cancelled: number; failed: number; restarts: number; pending: number } {
+  /** `laneOverflow`: short prompts a shared thread took because the short lane was backed up. */
+  stats(): { tasks: number; cancelled: number; failed: number; restarts: number; laneOverflow: number; pending: number } {
     return { ...this.counters, pending: this.pending };
   }
 
@@ -242,12 +246,23 @@ export class TokenizePool {
    * (conversation turns meet their thread's caches).
    */
   private pick(size: number, affinity: number): Slot {
-    const lane = this.slots.length > this.opts.threads ? this.slots[this.opts.threads] : undefined;
-    if (lane && size <= this.shortChars) return lane;
+    const load = (s: Slot) => s.queue.length + (s.running ? 1 : 0);
     const n = this.opts.threads;
+    const lane = this.slots.length > n ? this.slots[n] : undefined;
+    if (lane && size <= this.shortChars) {
+      // Backed up (a burst of short prompts): a shared thread with nothing to do takes one.
+      if (load(lane) >= LANE_BACKLOG) {
+        for (let i = 0; i < n; i++) {
+          if (load(this.slots[i]) === 0) {
+            this.counters.laneOverflow++;
+            return this.slots[i];
+          }
+        }
+      }
+      return lane;
+    }
     if (n === 1) return this.slots[0];
     const preferred = this.slots[affinity % n];
-    const load = (s: Slot) => s.queue.length + (s.running ? 1 : 0);
     let least = preferred;
     for (let i = 0; i < n; i++) if (load(this.slots[i]) < load(least)) least = this.slots[i];
     return load(preferred) >= load(least) + 2 ? least : preferred;

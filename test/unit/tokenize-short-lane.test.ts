@@ -84,6 +84,21 @@ describe('short lane', () => {
     await Promise.all(plain.longs);
   }, 120_000);
 
+  it('hands a burst of short prompts partly to an idle shared thread (same ids), never to a busy one', async () => {
+    const before = lanePool.stats().laneOverflow;
+    const bodies = Array.from({ length: 12 }, (_, i) => ({ messages: [{ role: 'user', content: `burst ${i}: ${para}` }] }));
+    const got = await Promise.all(bodies.map((b) => lanePool.tokenize({ route: 'chat', model: 'm', raw: raw(b), affinity: 'burst' })));
+    // Submitted at once: the lane holds 3, the idle shared thread takes the 4th; then the lane again.
+    expect(lanePool.stats().laneOverflow).toBe(before + 1);
+    for (let i = 0; i < bodies.length; i++) expect(got[i]).toEqual(qwen.tokenize('chat', bodies[i], 'm'));
+    // The shared thread busy with a long prompt: the burst all waits in the lane.
+    const long = lanePool.tokenize({ route: 'chat', model: 'm', raw: raw(longChat(400, 100_000)), affinity: 'x'.repeat(100_000) });
+    const mid = lanePool.stats().laneOverflow;
+    await Promise.all(bodies.map((b) => lanePool.tokenize({ route: 'chat', model: 'm', raw: raw(b), affinity: 'burst' })));
+    expect(lanePool.stats().laneOverflow).toBe(mid);
+    await long;
+  }, 60_000);
+
   it('gives the ids of the event loop (short prompts in the lane, longer ones in the shared thread)', async () => {
     for (const [route, body] of SHORT) {
       const want = qwen.tokenize(route, body, 'm');
