@@ -169,7 +169,7 @@ export class HfTokenizer implements Tokenizer {
       throw new Error(`Invalid tokenizer file ${jsonPath}: not a Hugging Face tokenizer.json (no "model" with a "type")`);
     }
     const configPath = join(dir, 'tokenizer_config.json');
-    const config = (readJson(configPath)) ?? {};
+    const config = readJson(configPath) ?? {};
     if (!isObject(config)) throw new Error(`Invalid ${configPath}: expected a JSON object`);
     let chatTemplate = opts.chatTemplate;
     if (chatTemplate === undefined) {
