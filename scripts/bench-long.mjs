@@ -15,7 +15,8 @@
 // called from buildContext, every word through the library's BPE);
 // "kvgate-nowc" = the defaults with --tokenizer-word-cache 0 (the threads as before the word cache);
 // "kvgate" = this version's defaults (tokenizer threads: min(cores, 4) at nice 10, a long prompt
-// spread over the idle ones, block hashes computed there; no budget); and
+// spread over the idle ones, block hashes computed there, short prompts in a thread of their own
+// and no tokenizer on the event loop; no budget); and
 // "kvgate+budget" = --max-routing-ms BENCH_BUDGET_MS (100); "prev" = kvgate built elsewhere
 // (BENCH_PREV_MAIN = another checkout's dist/cli/main.js, e.g. the previous commit), kvgate's flags;
 // "kvgate-onloop" = the defaults with --parse-off-loop-bytes 0 (every body parsed on the event loop).

@@ -99,6 +99,7 @@ export interface ServeConfig {
   maxRoutingMs: number;
   maxTokenizeChars: number;
   inlineTokenizeChars: number;
+  shortTokenizeChars: number;
   parseOffLoopBytes: number;
   maxConnectionsPerWorker: number | undefined;
   dpAware: boolean;
@@ -253,7 +254,8 @@ export const serveOptionSpecs: readonly OptionSpec[] = [
   { flag: 'max-routing-ms', kind: 'number', description: 'Wait at most this long for a request\'s token ids, then route it by text (counted in kvgate_tokenize_fallbacks_total); 0 = wait', default: 0, min: 0 },
   { flag: 'max-tokenize-chars', kind: 'int', description: 'Prompts longer than this (characters) are routed by text, not tokenized (the engine refuses prompts past its context itself)', default: 1500000, min: 1 },
   { flag: 'parse-off-loop-bytes', kind: 'int', description: 'Request bodies at least this large (bytes) are parsed, validated and tokenized in a tokenizer thread, not on the event loop (needs the threads, a policy that tokenizes, no --max-routing-ms; not in PD mode); 0 = never', default: 262144, min: 0 },
-  { flag: 'inline-tokenize-chars', kind: 'int', description: 'Prompts up to this long (characters) are tokenized on the event loop, not queued behind long ones in the tokenizer threads', default: 512, min: 0 },
+  { flag: 'inline-tokenize-chars', kind: 'int', description: 'Prompts up to this long (characters) are tokenized on the event loop, which then loads the tokenizers at start; 0 = none: every prompt goes to the tokenizer threads and the event loop loads a tokenizer only if something still needs one there (/debug/route)', default: 0, min: 0 },
+  { flag: 'short-tokenize-chars', kind: 'int', description: 'Prompts up to this long (characters, and longer than --inline-tokenize-chars) are tokenized by one more thread of their own that longer prompts never use, so they never wait behind a long prompt; 0 = no such thread (they share the tokenizer threads)', default: 4096, min: 0 },
   { flag: 'max-connections-per-worker', kind: 'int', description: 'Cap on open connections (= concurrent requests) to each worker; default: no cap (engines queue and report it). Time waiting for a connection: kvgate_upstream_connection_wait_seconds', min: 1 },
   { flag: 'dp-aware', kind: 'bool', description: 'Route to each data-parallel rank of a worker as its own worker (url@rank)', default: false },
   { flag: 'dp-size', kind: 'int', description: 'DP ranks per worker when /get_server_info does not say (vLLM)', min: 1, max: 1024 },

@@ -292,10 +292,16 @@ export class RoutingCore {
    * threads holding the same tokenizers) and starts the KV-event hub.
    */
   async start(): Promise<void> {
-    const tokenizerOptions = { wordCacheEntries: this.config.tokenizerWordCache };
-    const loaded = await loadTokenizerEntries(this.tokenizers, this.config.tokenizer, tokenizerOptions);
-    if (this.config.tokenizeThreads > 0 && this.policies().some((p) => p.needsTokens)) {
-      this.tokenizePool = await TokenizePool.start({ threads: this.config.tokenizeThreads, entries: this.config.tokenizer, nice: this.config.tokenizeNice, tokenizerOptions });
+    const c = this.config;
+    const tokenizerOptions = { wordCacheEntries: c.tokenizerWordCache };
+    const threads = c.tokenizeThreads > 0 && this.policies().some((p) => p.needsTokens);
+    // Every prompt tokenized in the threads (short ones in the short lane, --short-tokenize-chars):
+    // the event loop loads its tokenizers only if something still tokenizes there (/debug/route),
+    // at that first use.
+    const deferred = threads && c.inlineTokenizeChars === 0;
+    const loaded = await loadTokenizerEntries(this.tokenizers, c.tokenizer, tokenizerOptions, deferred);
+    if (threads) {
+      this.tokenizePool = await TokenizePool.start({ threads: c.tokenizeThreads, entries: c.tokenizer, nice: c.tokenizeNice, tokenizerOptions, shortChars: c.shortTokenizeChars });
       // The threads hold the same tokenizers: the loaded ones and the default (loaded, or the built-in chunk tokenizer).
       this.requestTokens.usePool(this.tokenizePool, new Set([...loaded, this.tokenizers.default]));
     }

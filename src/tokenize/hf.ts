@@ -1,4 +1,4 @@
-import { readFile, stat } from 'node:fs/promises';
+import { readFileSync, statSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { Template } from '@huggingface/jinja';
 import { Tokenizer as CoreTokenizer } from '@huggingface/tokenizers';
@@ -147,9 +147,14 @@ export class HfTokenizer implements Tokenizer {
    * takes precedence, as in transformers) are read when present.
    */
   static async load(path: string, opts: HfTokenizerOptions = {}): Promise<HfTokenizer> {
+    return HfTokenizer.loadSync(path, opts);
+  }
+
+  /** `load`, synchronously (the main thread's deferred tokenizers: registry.ts `DeferredTokenizer`). */
+  static loadSync(path: string, opts: HfTokenizerOptions = {}): HfTokenizer {
     let isDir: boolean;
     try {
-      isDir = (await stat(path)).isDirectory();
+      isDir = statSync(path).isDirectory();
     } catch (err) {
       if ((err as NodeJS.ErrnoException).code === 'ENOENT') {
         throw new Error(`Tokenizer not found: ${path} (expected a tokenizer.json file or a directory holding one)`);
@@ -158,18 +163,18 @@ export class HfTokenizer implements Tokenizer {
     }
     const jsonPath = isDir ? join(path, 'tokenizer.json') : path;
     const dir = isDir ? path : dirname(path);
-    const tokenizerJson = await readJson(jsonPath, isDir ? `No tokenizer.json in directory ${path}` : undefined);
+    const tokenizerJson = readJson(jsonPath, isDir ? `No tokenizer.json in directory ${path}` : undefined);
     if (tokenizerJson === undefined) throw new Error(`Tokenizer not found: ${jsonPath}`);
     if (!isObject(tokenizerJson) || !isObject(tokenizerJson['model']) || typeof tokenizerJson['model']['type'] !== 'string') {
       throw new Error(`Invalid tokenizer file ${jsonPath}: not a Hugging Face tokenizer.json (no "model" with a "type")`);
     }
     const configPath = join(dir, 'tokenizer_config.json');
-    const config = (await readJson(configPath)) ?? {};
+    const config = readJson(configPath) ?? {};
     if (!isObject(config)) throw new Error(`Invalid ${configPath}: expected a JSON object`);
     let chatTemplate = opts.chatTemplate;
     if (chatTemplate === undefined) {
       try {
-        chatTemplate = await readFile(join(dir, 'chat_template.jinja'), 'utf8');
+        chatTemplate = readFileSync(join(dir, 'chat_template.jinja'), 'utf8');
       } catch (err) {
         if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
       }
@@ -642,10 +647,10 @@ function containsPositionalPreTokenizer(node: unknown): boolean {
 }
 
 /** Parsed JSON of a file; undefined when it does not exist (or `missing` is thrown as the message). */
-async function readJson(path: string, missing?: string): Promise<unknown> {
+function readJson(path: string, missing?: string): unknown {
   let text: string;
   try {
-    text = await readFile(path, 'utf8');
+    text = readFileSync(path, 'utf8');
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code === 'ENOENT') {
       if (missing !== undefined) throw new Error(missing);

@@ -22,6 +22,10 @@ import type { TokenCacheOptions } from './registry.js';
  *   turns, unless that thread has 2 more tasks waiting than the least busy one;
  * - cancelling (the client left) drops a queued task, and stops a running one between the pieces
  *   of its encode (a shared flag the thread polls), keeping the thread and its caches.
+ * - with `shortChars` (--short-tokenize-chars), one more thread, the short lane, takes the prompts
+ *   up to that length and nothing else, so a short prompt never waits behind a running long one
+ *   and the event loop needs no tokenizer of its own for them (when 3 are already in the lane, a
+ *   shared thread with nothing queued or running takes the next short one);
  * A thread that dies fails its task (the caller then routes by text) and is started again.
  * One long prompt is encoded by all idle threads together (parallel-encode.ts), and on Linux the
  * threads may run below the event loop's priority (`nice`).
@@ -45,6 +49,13 @@ export interface TokenizePoolOptions {
   nice?: number;
   /** Options of the tokenizers the threads load (e.g. the word cache bound). */
   tokenizerOptions?: HfTokenizerOptions;
+  /**
+   * Prompts up to this many characters go to one more thread of their own (the short lane), which
+   * longer prompts never use and which never joins a parallel encode: a short prompt never waits
+   * behind a long one. It runs at nice 0 (it holds the event loop's short requests). 0: no lane
+   * (default), short prompts share the threads with long ones (shortest first).
+   */
+  shortChars?: number;
 }
 
 export interface PoolRequest {
@@ -94,6 +105,8 @@ interface Task {
 }
 
 interface Slot {
+  /** The short lane's thread (`shortChars`): short prompts only. */
+  short: boolean;
   worker: Worker;
   cancel: Int32Array;
   running: Task | undefined;
@@ -116,12 +129,14 @@ function workerScript(): URL {
 }
 
 let poolCount = 0;
+/** Tasks in the short lane (running and waiting) from which a short prompt may go to an idle shared thread instead. */
+const LANE_BACKLOG = 3;
 
 export class TokenizePool {
   private readonly slots: Slot[] = [];
   private nextId = 1;
   private closed = false;
-  private counters = { tasks: 0, cancelled: 0, failed: 0, restarts: 0 };
+  private counters = { tasks: 0, cancelled: 0, failed: 0, restarts: 0, laneOverflow: 0 };
   /** The threads' BroadcastChannel (one per pool: several pools may live in one process). */
   private readonly channel = `kvgate-tokenize-${process.pid}-${++poolCount}`;
 
@@ -132,7 +147,8 @@ export class TokenizePool {
     if (!(opts.threads >= 1)) throw new RangeError('threads must be >= 1');
     const pool = new TokenizePool(opts);
     try {
-      await Promise.all(Array.from({ length: opts.threads }, (_, i) => pool.spawn(i)));
+      const lane = (opts.shortChars ?? 0) > 0 ? 1 : 0;
+      await Promise.all(Array.from({ length: opts.threads + lane }, (_, i) => pool.spawn(i)));
     } catch (e) {
       await pool.close();
       throw e;
@@ -140,8 +156,14 @@ export class TokenizePool {
     return pool;
   }
 
+  /** Threads started (the short lane's included). */
   get threads(): number {
     return this.slots.length;
+  }
+
+  /** Characters up to which a prompt goes to the short lane (0: no lane). */
+  get shortChars(): number {
+    return this.opts.shortChars ?? 0;
   }
 
   /** Tasks running or waiting. */
@@ -151,7 +173,8 @@ export class TokenizePool {
     return n;
   }
 
-  stats(): { tasks: number; cancelled: number; failed: number; restarts: number; pending: number } {
+  /** `laneOverflow`: short prompts a shared thread took because the short lane was backed up. */
+  stats(): { tasks: number; cancelled: number; failed: number; restarts: number; laneOverflow: number; pending: number } {
     return { ...this.counters, pending: this.pending };
   }
 
@@ -191,7 +214,7 @@ export class TokenizePool {
     this.counters.tasks++;
     return new Promise((resolve, reject) => {
       const task: Task = { id, size, msg: make(id), resolve, reject, signal };
-      const slot = this.pick(affinity);
+      const slot = this.pick(size, affinity);
       if (signal) {
         task.onAbort = () => this.cancel(task);
         signal.addEventListener('abort', task.onAbort, { once: true });
@@ -217,14 +240,31 @@ export class TokenizePool {
 
   // -------------------------------------------------------------------------------------------
 
-  /** `affinity`: hashChars or hashBytes of the request's start (conversation turns meet their thread's caches). */
-  private pick(affinity: number): Slot {
-    const n = this.slots.length;
+  /**
+   * A prompt of `size` characters up to `shortChars` goes to the short lane (the last slot);
+   * others to the shared threads. `affinity`: hashChars or hashBytes of the request's start
+   * (conversation turns meet their thread's caches).
+   */
+  private pick(size: number, affinity: number): Slot {
+    const load = (s: Slot) => s.queue.length + (s.running ? 1 : 0);
+    const n = this.opts.threads;
+    const lane = this.slots.length > n ? this.slots[n] : undefined;
+    if (lane && size <= this.shortChars) {
+      // Backed up (a burst of short prompts): a shared thread with nothing to do takes one.
+      if (load(lane) >= LANE_BACKLOG) {
+        for (let i = 0; i < n; i++) {
+          if (load(this.slots[i]) === 0) {
+            this.counters.laneOverflow++;
+            return this.slots[i];
+          }
+        }
+      }
+      return lane;
+    }
     if (n === 1) return this.slots[0];
     const preferred = this.slots[affinity % n];
-    const load = (s: Slot) => s.queue.length + (s.running ? 1 : 0);
     let least = preferred;
-    for (const s of this.slots) if (load(s) < load(least)) least = s;
+    for (let i = 0; i < n; i++) if (load(this.slots[i]) < load(least)) least = this.slots[i];
     return load(preferred) >= load(least) + 2 ? least : preferred;
   }
 
@@ -258,19 +298,21 @@ export class TokenizePool {
   private spawn(index: number): Promise<void> {
     const cancel = new SharedArrayBuffer(4);
     const parallelChars = this.opts.parallelChars ?? 32_768;
+    // The short lane: alone (threads 1: no parallel encodes, never a piece of a long prompt), at nice 0.
+    const short = index >= this.opts.threads;
     const data: PoolWorkerData = {
       entries: [...this.opts.entries],
       cache: this.opts.cache ?? {},
       cancel,
-      threads: this.opts.threads,
-      channel: this.channel,
+      threads: short ? 1 : this.opts.threads,
+      channel: short ? `${this.channel}-short` : this.channel,
       parallelChars: parallelChars > 0 ? parallelChars : Infinity,
-      nice: this.opts.nice ?? 0,
+      nice: short ? 0 : (this.opts.nice ?? 0),
       tokenizerOptions: this.opts.tokenizerOptions ?? {},
     };
     const worker = new Worker(workerScript(), { workerData: data });
     worker.unref();
-    const slot: Slot = { worker, cancel: new Int32Array(cancel), running: undefined, queue: [] };
+    const slot: Slot = { short, worker, cancel: new Int32Array(cancel), running: undefined, queue: [] };
     return new Promise<void>((resolve, reject) => {
       let ready = false;
       worker.on('message', (m: PoolReply) => {

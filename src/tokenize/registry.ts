@@ -4,7 +4,7 @@ import { hasMediaContent, toolsOf } from './chat.js';
 import { ChunkTokenizer } from './chunk.js';
 import { HfTokenizer, type HfTokenizerOptions } from './hf.js';
 import { LruCache } from './lru.js';
-import type { ChatMessage, Tokenizer } from './tokenizer.js';
+import type { ChatContentFormat, ChatMessage, ChatRenderOptions, EncodeOptions, Tokenizer } from './tokenizer.js';
 
 type Json = Record<string, unknown>;
 
@@ -254,11 +254,14 @@ export class TokenizerRegistry {
     return [...this.byModel.keys()];
   }
 
-  /** Load a Hugging Face tokenizer for a model; models given the same path share one instance (and its caches). */
-  async load(model: string, path: string, opts?: HfTokenizerOptions): Promise<Tokenizer> {
+  /**
+   * Load a Hugging Face tokenizer for a model; models given the same path share one instance (and
+   * its caches). `deferred`: a DeferredTokenizer, loaded at its first use.
+   */
+  async load(model: string, path: string, opts?: HfTokenizerOptions, deferred = false): Promise<Tokenizer> {
     let p = this.loading.get(path);
     if (p === undefined) {
-      p = HfTokenizer.load(path, opts);
+      p = deferred ? Promise.resolve(new DeferredTokenizer(path, opts)) : HfTokenizer.load(path, opts);
       this.loading.set(path, p);
       p.catch(() => this.loading.delete(path));
     }
@@ -282,15 +285,75 @@ export class TokenizerRegistry {
 }
 
 /**
+ * A Hugging Face tokenizer loaded at its first use (synchronously), not before. The main thread
+ * holds these when every request's tokens come from the tokenizer threads (--inline-tokenize-chars
+ * 0 with the short lane): a loaded tokenizer is tens of MB of small objects that each of the main
+ * thread's full garbage collections would have to mark. Only what still tokenizes on the event
+ * loop (/debug/route, a model whose tokenizer the threads do not hold) loads it, once, which then
+ * holds the event loop for as long as loading takes (about a second for Qwen3). Its identity
+ * stands for the tokenizer in the registry (which models share one, which the threads hold).
+ */
+export class DeferredTokenizer implements Tokenizer {
+  private loaded: Tokenizer | undefined;
+
+  constructor(
+    readonly path: string,
+    private readonly opts?: HfTokenizerOptions,
+  ) {}
+
+  /** Whether the tokenizer was loaded (something used it). */
+  get isLoaded(): boolean {
+    return this.loaded !== undefined;
+  }
+
+  private get t(): Tokenizer {
+    return (this.loaded ??= HfTokenizer.loadSync(this.path, this.opts));
+  }
+
+  get name(): string {
+    return this.t.name;
+  }
+  get vocabSize(): number {
+    return this.t.vocabSize;
+  }
+  get hasChatTemplate(): boolean {
+    return this.t.hasChatTemplate;
+  }
+  encode(text: string, opts?: EncodeOptions): number[] {
+    return this.t.encode(text, opts);
+  }
+  encodeIds(text: string, opts?: EncodeOptions): Uint32Array {
+    return this.t.encodeIds(text, opts);
+  }
+  decode(ids: ArrayLike<number>, opts?: { skipSpecialTokens?: boolean }): string {
+    return this.t.decode!(ids, opts);
+  }
+  decodeToken(id: number): string {
+    return this.t.decodeToken(id);
+  }
+  chatContentFormat(opts?: ChatRenderOptions): ChatContentFormat {
+    return this.t.chatContentFormat(opts);
+  }
+  renderChat(messages: readonly ChatMessage[], opts?: ChatRenderOptions): string {
+    return this.t.renderChat(messages, opts);
+  }
+  encodeChat(messages: readonly ChatMessage[], opts?: ChatRenderOptions): number[] {
+    return this.t.encodeChat(messages, opts);
+  }
+}
+
+/**
  * Loads `--tokenizer` entries into a registry: `PATH` sets the default tokenizer, `MODEL=PATH`
  * one model's. Returns the tokenizers loaded (the tokenizer threads load the same entries).
+ * `deferred`: DeferredTokenizers, loaded at their first use (the tokenizer threads load the entries
+ * at start, so a bad path still fails the start).
  */
-export async function loadTokenizerEntries(registry: TokenizerRegistry, entries: readonly string[], opts?: HfTokenizerOptions): Promise<Tokenizer[]> {
+export async function loadTokenizerEntries(registry: TokenizerRegistry, entries: readonly string[], opts?: HfTokenizerOptions, deferred = false): Promise<Tokenizer[]> {
   const loaded: Tokenizer[] = [];
   for (const entry of entries) {
     const eq = entry.indexOf('=');
-    if (eq > 0 && !/^[a-zA-Z]:[\\/]/.test(entry)) loaded.push(await registry.load(entry.slice(0, eq), entry.slice(eq + 1), opts));
-    else loaded.push((registry.default = await loadTokenizer(entry, opts)));
+    if (eq > 0 && !/^[a-zA-Z]:[\\/]/.test(entry)) loaded.push(await registry.load(entry.slice(0, eq), entry.slice(eq + 1), opts, deferred));
+    else loaded.push((registry.default = deferred ? new DeferredTokenizer(entry, opts) : await loadTokenizer(entry, opts)));
   }
   return loaded;
 }

@@ -17,7 +17,8 @@ export interface RequestTokensOptions {
   maxChars: number;
   /**
    * --inline-tokenize-chars: prompts up to this long are tokenized on the event loop (well under
-   * a millisecond), so short requests never wait behind long ones in the threads' queues.
+   * a millisecond). Default 0: short prompts go to the pool's short lane (--short-tokenize-chars),
+   * so the event loop holds no tokenizer.
    */
   inlineChars?: number;
   /**
