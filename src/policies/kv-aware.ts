@@ -463,7 +463,7 @@ export class KvAwarePolicy extends BasePolicy {
    * the first — explanations do not draw). Never the lowest index by default: that would send
    * every tie to the same worker and load its cache with the most new blocks.
    */
-  protected breakTie(ws: readonly Worker[], ties: readonly number[], draw = true): number {
+  protected breakTie(ws: readonly Worker[], ties: readonly number[], draw = true, onDraw?: (group: number[]) => void): number {
     if (ties.length === 1) return ties[0];
     let fewest = Infinity;
     let emptiest: number[] = [];
@@ -474,6 +474,7 @@ export class KvAwarePolicy extends BasePolicy {
         emptiest = [i];
       } else if (blocks === fewest) emptiest.push(i);
     }
+    if (emptiest.length > 1) onDraw?.(emptiest);
     return emptiest.length === 1 || !draw ? emptiest[0] : emptiest[this.deps.rng.int(emptiest.length)];
   }
 

@@ -181,8 +181,11 @@ export class SloAwarePolicy extends KvAwarePolicy {
       for (const k of ties) best = Math.min(best, key(k));
       ties = ties.filter((k) => key(k) <= best + 1e-9);
     }
-    return this.breakTie(healthy, ties, draw);
+    return this.breakTie(healthy, ties, draw, this.drawn ? (g) => this.drawn!.push(g) : undefined);
   }
+
+  /** While explain() evaluates: the groups of workers a decision would draw among. */
+  private drawn: number[][] | undefined;
 
   private evaluate(healthy: readonly Worker[], sc: KvScore, ctx: RequestContext, draw = true): Scored {
     const now = this.deps.clock.now();
@@ -345,7 +348,16 @@ export class SloAwarePolicy extends KvAwarePolicy {
     const healthy = available(candidates);
     if (healthy.length === 0) return noneAvailable(this.name, described);
     const sc = this.score(healthy, ctx, true);
-    const e = this.evaluate(healthy, sc, ctx, false);
+    const drawn: number[][] = [];
+    this.drawn = drawn;
+    let e: Scored;
+    try {
+      e = this.evaluate(healthy, sc, ctx, false);
+    } finally {
+      this.drawn = undefined;
+    }
+    // The decision draws at random among equally good workers (see pick): no one chosen worker.
+    const random = drawn.some((g) => g.includes(e.i));
     const byId = new Map(described.map((c) => [c.worker, c]));
     const now = this.deps.clock.now();
     for (let k = 0; k < healthy.length; k++) {
@@ -383,6 +395,6 @@ export class SloAwarePolicy extends KvAwarePolicy {
             ? `no objective: lowest predicted TTFT ${round(p.ttftMs, 1)} ms`
             : `no objective: most cached among workers within the margin of the lowest predicted TTFT; predicted ${round(p.ttftMs, 1)} ms`;
     const input = { tokens: sc.inputTokens, blocks: sc.requestBlocks, blockSize: sc.bs, chars: ctx.routingText.length };
-    return { policy: this.name, chosen: chosen.id, rule: e.rule, detail, deterministic: true, input, candidates: described };
+    return { policy: this.name, chosen: random ? undefined : chosen.id, rule: e.rule, detail: random ? `${detail} (a tie: one of the equally good workers with the emptiest cache is drawn at random)` : detail, deterministic: !random, input, candidates: described };
   }
 }
