@@ -1,5 +1,12 @@
-// Scratch: for requests the peer hit more on, while slo_aware went to the holder, trace the first
-// block slo_aware's worker lacked back to the last earlier request that computed it.
+// Where the tokens a peer hit and slo_aware did not came from (docs/benchmarks.md §10.13.1): for
+// every request the peer got more cached prompt tokens on, takes the first block slo_aware's engine
+// lacked and finds the last earlier request that computed it; says whether slo_aware's router
+// believed the chosen engine held it (lost between routing and admission) or not (the engine held
+// less at routing: evicted, or computed elsewhere), and where that earlier request went (the same
+// worker — evicted since — or another, by which rule). Also: over all requests, the cache the
+// router believed the chosen engine held but the engine no longer had at admission, and slo_aware's
+// rule mix. Usage (after `npx tsc`): node scripts/slo-hits-why.mjs RATE_SCALE PEER
+// Env as scripts/slo-hits.mjs (TRACE, WINDOW, SLO_MS, WORKLOAD, SLO).
 import { runCluster } from '../dist/lab/cluster.js';
 import { loadWorkload } from '../dist/lab/workloads/index.js';
 import { SloAwarePolicy } from '../dist/policies/slo-aware.js';

@@ -135,6 +135,8 @@ interface Scored {
  * 2 s against kv_aware — see docs/lab.md.)
  * - PD (one slo_aware for both pools): prefill worker by the rules above, decode worker by
  *   lowest predicted TPOT among those meeting the TPOT objective.
+ * - Ties under any of these rules go to the emptier cache, then at random (kv_aware's
+ *   tie-break), never to the first worker in the list.
  */
 export class SloAwarePolicy extends KvAwarePolicy {
   override readonly name: string = 'slo_aware';
