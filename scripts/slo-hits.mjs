@@ -30,8 +30,8 @@ const wl = process.env.WORKLOAD
 // home (most overlap, routing history included), the chosen worker, the rule, the predictions.
 const decided = new Map();
 const evaluate = SloAwarePolicy.prototype.evaluate;
-SloAwarePolicy.prototype.evaluate = function (healthy, sc, ctx) {
-  const e = evaluate.call(this, healthy, sc, ctx);
+SloAwarePolicy.prototype.evaluate = function (healthy, sc, ctx, ...rest) {
+  const e = evaluate.call(this, healthy, sc, ctx, ...rest);
   const held = sc.meta.map((c) => (c.fallback ? c.overlap : Math.max(c.indexed, c.pending)));
   let holder = 0;
   for (let k = 1; k < held.length; k++) if (held[k] > held[holder]) holder = k;

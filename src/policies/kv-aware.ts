@@ -454,19 +454,28 @@ export class KvAwarePolicy extends BasePolicy {
         ties = [i];
       } else if (Math.abs(costs[i] - best) <= 1e-9) ties.push(i);
     }
-    if (ties.length > 1) {
-      let fewest = Infinity;
-      let emptiest: number[] = [];
-      for (const i of ties) {
-        const blocks = this.view.index.blocksOf(ws[i].id);
-        if (blocks < fewest) {
-          fewest = blocks;
-          emptiest = [i];
-        } else if (blocks === fewest) emptiest.push(i);
-      }
-      ties = emptiest;
+    return this.breakTie(ws, ties);
+  }
+
+  /**
+   * One of `ties` (indices into `ws`, equally good by the caller's criteria): the emptier cache
+   * (fewer indexed blocks: placing there evicts the least), then at random (`draw`; without it,
+   * the first — explanations do not draw). Never the lowest index by default: that would send
+   * every tie to the same worker and load its cache with the most new blocks.
+   */
+  protected breakTie(ws: readonly Worker[], ties: readonly number[], draw = true, onDraw?: (group: number[]) => void): number {
+    if (ties.length === 1) return ties[0];
+    let fewest = Infinity;
+    let emptiest: number[] = [];
+    for (const i of ties) {
+      const blocks = this.view.index.blocksOf(ws[i].id);
+      if (blocks < fewest) {
+        fewest = blocks;
+        emptiest = [i];
+      } else if (blocks === fewest) emptiest.push(i);
     }
-    return ties.length === 1 ? ties[0] : ties[this.deps.rng.int(ties.length)];
+    if (emptiest.length > 1) onDraw?.(emptiest);
+    return emptiest.length === 1 || !draw ? emptiest[0] : emptiest[this.deps.rng.int(emptiest.length)];
   }
 
   private sample(costs: number[]): number {

@@ -135,6 +135,8 @@ interface Scored {
  * 2 s against kv_aware — see docs/lab.md.)
  * - PD (one slo_aware for both pools): prefill worker by the rules above, decode worker by
  *   lowest predicted TPOT among those meeting the TPOT objective.
+ * - Ties under any of these rules go to the emptier cache, then at random (kv_aware's
+ *   tie-break), never to the first worker in the list.
  */
 export class SloAwarePolicy extends KvAwarePolicy {
   override readonly name: string = 'slo_aware';
@@ -167,7 +169,27 @@ export class SloAwarePolicy extends KvAwarePolicy {
     return { inFlight: Math.max(w.load, s?.active.size ?? 0), inFlightTokens: ((s?.blocks.size ?? 0) + (peer?.blocks ?? 0)) * bs + (this.decodeTokens.get(w.id) ?? 0) };
   }
 
-  private evaluate(healthy: readonly Worker[], sc: KvScore, ctx: RequestContext): Scored {
+  /**
+   * The best of `set` by `keys` in turn (each minimised; within 1e-9 counts as a tie), and the
+   * workers still tied after the last key split by {@link KvAwarePolicy.breakTie} (emptier cache,
+   * then at random): never the lowest index by default, which sent every tie — e.g. idle workers
+   * all holding the same shared first block — to the first worker (docs/benchmarks.md §10.13).
+   */
+  private pick(healthy: readonly Worker[], set: readonly number[], draw: boolean, ...keys: Array<(k: number) => number>): number {
+    let ties = [...set];
+    for (const key of keys) {
+      if (ties.length === 1) break;
+      let best = Infinity;
+      for (const k of ties) best = Math.min(best, key(k));
+      ties = ties.filter((k) => key(k) <= best + 1e-9);
+    }
+    return this.breakTie(healthy, ties, draw, this.drawn ? (g) => this.drawn!.push(g) : undefined);
+  }
+
+  /** While explain() evaluates: the groups of workers a decision would draw among. */
+  private drawn: number[][] | undefined;
+
+  private evaluate(healthy: readonly Worker[], sc: KvScore, ctx: RequestContext, draw = true): Scored {
     const now = this.deps.clock.now();
     const { ttft, tpot } = this.objectives(ctx);
     const preds: Prediction[] = [];
@@ -190,23 +212,24 @@ export class SloAwarePolicy extends KvAwarePolicy {
     }
     const safety = this.sloConfig.sloSafety;
     const feasible = preds.map((p) => (ttft === undefined || p.ttftMs <= safety * ttft) && (tpot === undefined || p.tpotMs <= safety * tpot));
-    let best = 0;
-    for (let k = 1; k < preds.length; k++) if (preds[k].ttftMs < preds[best].ttftMs) best = k;
+    const all = preds.map((_, k) => k);
+    const costs = sc.costs;
+    const ttftOf = (k: number) => preds[k].ttftMs;
+    const costOf = (k: number) => costs[k];
+    const fastest = () => this.pick(healthy, all, draw, ttftOf);
     // Among `set`, the lowest kv_aware cost (prefill still needed weighed against the load in
     // flight: cache affinity without piling up); ties by lowest predicted TTFT.
-    const costs = sc.costs;
-    const cheapest = (set: number[]) => set.reduce((a, k) => (costs[k] < costs[a] - 1e-9 || (Math.abs(costs[k] - costs[a]) <= 1e-9 && preds[k].ttftMs < preds[a].ttftMs) ? k : a), set[0]);
+    const cheapest = (set: number[]) => this.pick(healthy, set, draw, costOf, ttftOf);
     if (ttft !== undefined || tpot !== undefined) {
-      const all = preds.map((_, k) => k);
       // The holder is calm: stay with the cache (no detour, no cost ranking).
       const hold = this.sloConfig.holdFraction;
       if (hold > 0 && ttft !== undefined) {
-        const holder = all.reduce((a, k) => (held[k] > held[a] || (held[k] === held[a] && costs[k] < costs[a] - 1e-9) ? k : a), 0);
+        const holder = this.pick(healthy, all, draw, (k) => -held[k], costOf);
         if (held[holder] > 0 && feasible[holder] && preds[holder].ttftMs <= hold * ttft) return { sc, preds, uncached, i: holder, rule: 'slo_hold', feasible, ttftObjective: ttft, tpotObjective: tpot };
       }
       // The request's home: the worker holding most of it (ties: the lowest cost).
       const ov = sc.meta;
-      const home = all.reduce((a, k) => (ov[k].overlap > ov[a].overlap || (ov[k].overlap === ov[a].overlap && costs[k] < costs[a] - 1e-9) ? k : a), 0);
+      const home = this.pick(healthy, all, draw, (k) => -ov[k].overlap, costOf);
       const factor = this.sloConfig.detourCostFactor;
       // A detour pays when the TTFT it saves this request covers the extra prefill it makes the
       // cluster do (which delays the requests queued behind it there). Only a TTFT objective
@@ -224,13 +247,14 @@ export class SloAwarePolicy extends KvAwarePolicy {
         return { sc, preds, uncached, i: home, rule: 'slo_detour_not_worth', feasible, ttftObjective: ttft, tpotObjective: tpot };
       }
       // None meets it: the lowest predicted TTFT, unless leaving home for it does not pay either.
+      const best = fastest();
       return { sc, preds, uncached, i: pays(best) ? best : home, rule: 'slo_unreachable', feasible, ttftObjective: ttft, tpotObjective: tpot };
     }
-    const min = preds[best].ttftMs;
+    const min = Math.min(...preds.map((p) => p.ttftMs));
     const margin = Math.max(this.sloConfig.affinityMarginMs, this.sloConfig.affinityMarginRel * min);
-    const near = preds.map((_, k) => k).filter((k) => preds[k].ttftMs <= min + margin);
+    const near = all.filter((k) => preds[k].ttftMs <= min + margin);
     const i = cheapest(near);
-    return { sc, preds, uncached, i, rule: i === best ? 'lowest_ttft' : 'affinity_within_margin', feasible };
+    return { sc, preds, uncached, i, rule: preds[i].ttftMs <= min + 1e-9 ? 'lowest_ttft' : 'affinity_within_margin', feasible };
   }
 
   /** Prefill work (ms, at each worker's learned speed) the request costs on `k` beyond what it costs on `home`. */
@@ -326,7 +350,16 @@ export class SloAwarePolicy extends KvAwarePolicy {
     const healthy = available(candidates);
     if (healthy.length === 0) return noneAvailable(this.name, described);
     const sc = this.score(healthy, ctx, true);
-    const e = this.evaluate(healthy, sc, ctx);
+    const drawn: number[][] = [];
+    this.drawn = drawn;
+    let e: Scored;
+    try {
+      e = this.evaluate(healthy, sc, ctx, false);
+    } finally {
+      this.drawn = undefined;
+    }
+    // The decision draws at random among equally good workers (see pick): no one chosen worker.
+    const random = drawn.some((g) => g.includes(e.i));
     const byId = new Map(described.map((c) => [c.worker, c]));
     const now = this.deps.clock.now();
     for (let k = 0; k < healthy.length; k++) {
@@ -364,6 +397,6 @@ export class SloAwarePolicy extends KvAwarePolicy {
             ? `no objective: lowest predicted TTFT ${round(p.ttftMs, 1)} ms`
             : `no objective: most cached among workers within the margin of the lowest predicted TTFT; predicted ${round(p.ttftMs, 1)} ms`;
     const input = { tokens: sc.inputTokens, blocks: sc.requestBlocks, blockSize: sc.bs, chars: ctx.routingText.length };
-    return { policy: this.name, chosen: chosen.id, rule: e.rule, detail, deterministic: true, input, candidates: described };
+    return { policy: this.name, chosen: random ? undefined : chosen.id, rule: e.rule, detail: random ? `${detail} (a tie: one of the equally good workers with the emptiest cache is drawn at random)` : detail, deterministic: !random, input, candidates: described };
   }
 }
