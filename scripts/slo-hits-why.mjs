@@ -7,32 +7,17 @@
 // router believed the chosen engine held but the engine no longer had at admission, and slo_aware's
 // rule mix. Usage (after `npx tsc`): node scripts/slo-hits-why.mjs RATE_SCALE PEER
 // Env as scripts/slo-hits.mjs (TRACE, WINDOW, SLO_MS, WORKLOAD, SLO).
-import { runCluster } from '../dist/lab/cluster.js';
-import { loadWorkload } from '../dist/lab/workloads/index.js';
-import { SloAwarePolicy } from '../dist/policies/slo-aware.js';
 import { hashBlocks } from '../dist/cache/block-index.js';
+import { analysisWorkload, onSloDecision, runAnalysis, sloMs as slo } from './lib/slo-analysis.mjs';
 
 const rate = Number(process.argv[2]);
 const peer = process.argv[3];
-const trace = process.env.TRACE ?? '../shared/data/mooncake/conversation_trace.jsonl';
-const [w0, w1] = (process.env.WINDOW ?? '0:1800').split(':').map(Number);
-const slo = Number(process.env.SLO_MS ?? 2000);
-const extra = process.env.SLO ? JSON.parse(process.env.SLO) : {};
-const wl = process.env.WORKLOAD
-  ? loadWorkload(process.env.WORKLOAD, { seed: 1, rps: rate })
-  : loadWorkload(`mooncake:${trace}`, { seed: 1, rateScale: rate, timeWindow: [w0, w1] });
+const wl = analysisWorkload(rate);
 const decided = new Map();
-const evaluate = SloAwarePolicy.prototype.evaluate;
-SloAwarePolicy.prototype.evaluate = function (healthy, sc, ctx, ...rest) {
-  const e = evaluate.call(this, healthy, sc, ctx, ...rest);
-  const held = sc.meta.map((c) => (c.fallback ? c.overlap : Math.max(c.indexed, c.pending)));
-  let holder = 0;
-  for (let k = 1; k < held.length; k++) if (held[k] > held[holder]) holder = k;
+onSloDecision((e, sc, ctx, held, holder) => {
   decided.set(ctx.requestId, { rule: e.rule, chosen: e.i, holder, held: held.slice(), heldChosen: held[e.i] * sc.bs, heldHolder: held[holder] * sc.bs, predChosen: e.preds[e.i].ttftMs, preds: e.preds.map((p) => p.ttftMs), costs: sc.costs.slice(), feasible: e.feasible.slice() });
-  return e;
-};
-const options = { kvAware: { activeWeight: 0.1 }, sloAware: { ttftSloMs: slo, ...extra } };
-const run = (policy) => runCluster(wl.requests, { workers: 8, policy, engine: {}, seed: 1, policyOptions: options });
+});
+const run = (policy) => runAnalysis(wl.requests, policy);
 const S = run('slo_aware');
 const P = run(peer);
 const sBy = new Map(S.records.map((r) => [r.id, r]));

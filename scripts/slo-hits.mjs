@@ -8,33 +8,20 @@
 // Env: TRACE (default ../shared/data/mooncake/conversation_trace.jsonl), WINDOW (0:1800), SLO_MS (2000),
 //      WORKLOAD (a generator spec instead of TRACE/WINDOW, e.g. shared-prefix:...; RATE_SCALE is then its req/s),
 //      SLO (JSON of extra slo_aware options, e.g. '{"holdMargin":0.5}').
-import { runCluster } from '../dist/lab/cluster.js';
-import { loadWorkload } from '../dist/lab/workloads/index.js';
-import { SloAwarePolicy } from '../dist/policies/slo-aware.js';
+import { analysisWorkload, onSloDecision, runAnalysis, sloMs as slo } from './lib/slo-analysis.mjs';
 
 const rate = Number(process.argv[2]);
 const peers = process.argv.slice(3);
-const trace = process.env.TRACE ?? '../shared/data/mooncake/conversation_trace.jsonl';
-const [w0, w1] = (process.env.WINDOW ?? '0:1800').split(':').map(Number);
-const slo = Number(process.env.SLO_MS ?? 2000);
-const extra = process.env.SLO ? JSON.parse(process.env.SLO) : {};
 if (!(rate > 0) || peers.length === 0) {
   console.error('usage: node scripts/slo-hits.mjs RATE_SCALE PEER...');
   process.exit(2);
 }
-const wl = process.env.WORKLOAD
-  ? loadWorkload(process.env.WORKLOAD, { seed: 1, rps: rate })
-  : loadWorkload(`mooncake:${trace}`, { seed: 1, rateScale: rate, timeWindow: [w0, w1] });
+const wl = analysisWorkload(rate);
 
 // slo_aware's decision per request: the holder (most blocks the engine holds or is computing), the
 // home (most overlap, routing history included), the chosen worker, the rule, the predictions.
 const decided = new Map();
-const evaluate = SloAwarePolicy.prototype.evaluate;
-SloAwarePolicy.prototype.evaluate = function (healthy, sc, ctx, ...rest) {
-  const e = evaluate.call(this, healthy, sc, ctx, ...rest);
-  const held = sc.meta.map((c) => (c.fallback ? c.overlap : Math.max(c.indexed, c.pending)));
-  let holder = 0;
-  for (let k = 1; k < held.length; k++) if (held[k] > held[holder]) holder = k;
+onSloDecision((e, sc, ctx, held, holder) => {
   let home = 0;
   for (let k = 1; k < held.length; k++) if (sc.meta[k].overlap > sc.meta[home].overlap) home = k;
   decided.set(ctx.requestId, {
@@ -50,10 +37,8 @@ SloAwarePolicy.prototype.evaluate = function (healthy, sc, ctx, ...rest) {
     costChosen: sc.costs[e.i],
     costHolder: sc.costs[holder],
   });
-  return e;
-};
-const options = { kvAware: { activeWeight: 0.1 }, sloAware: { ttftSloMs: slo, ...extra } };
-const run = (policy) => runCluster(wl.requests, { workers: 8, policy, engine: {}, seed: 1, policyOptions: options });
+});
+const run = (policy) => runAnalysis(wl.requests, policy);
 const summary = (r) => {
   let c = 0;
   let p = 0;
