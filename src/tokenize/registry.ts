@@ -8,9 +8,10 @@ import type { ChatContentFormat, ChatMessage, ChatRenderOptions, EncodeOptions, 
 
 type Json = Record<string, unknown>;
 
-/** The tokenizer for `--tokenizer PATH` (a tokenizer.json or its directory), or the default chunk tokenizer. */
-export async function loadTokenizer(path?: string, opts?: HfTokenizerOptions): Promise<Tokenizer> {
-  return path ? HfTokenizer.load(path, opts) : new ChunkTokenizer();
+/** The tokenizer for `--tokenizer PATH` (a tokenizer.json or its directory), or the default chunk tokenizer; `deferred`: a DeferredTokenizer, loaded at its first use. */
+export async function loadTokenizer(path?: string, opts?: HfTokenizerOptions, deferred = false): Promise<Tokenizer> {
+  if (!path) return new ChunkTokenizer();
+  return deferred ? new DeferredTokenizer(path, opts) : HfTokenizer.load(path, opts);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -261,7 +262,7 @@ export class TokenizerRegistry {
   async load(model: string, path: string, opts?: HfTokenizerOptions, deferred = false): Promise<Tokenizer> {
     let p = this.loading.get(path);
     if (p === undefined) {
-      p = deferred ? Promise.resolve(new DeferredTokenizer(path, opts)) : HfTokenizer.load(path, opts);
+      p = loadTokenizer(path, opts, deferred);
       this.loading.set(path, p);
       p.catch(() => this.loading.delete(path));
     }
@@ -353,7 +354,7 @@ export async function loadTokenizerEntries(registry: TokenizerRegistry, entries:
   for (const entry of entries) {
     const eq = entry.indexOf('=');
     if (eq > 0 && !/^[a-zA-Z]:[\\/]/.test(entry)) loaded.push(await registry.load(entry.slice(0, eq), entry.slice(eq + 1), opts, deferred));
-    else loaded.push((registry.default = deferred ? new DeferredTokenizer(entry, opts) : await loadTokenizer(entry, opts)));
+    else loaded.push((registry.default = await loadTokenizer(entry, opts, deferred)));
   }
   return loaded;
 }
