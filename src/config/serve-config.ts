@@ -95,6 +95,7 @@ export interface ServeConfig {
   tokenizer: string[];
   tokenizeThreads: number;
   tokenizeNice: number;
+  v8ConcurrentMarking: 'auto' | 'on' | 'off';
   tokenizerWordCache: number;
   maxRoutingMs: number;
   maxTokenizeChars: number;
@@ -250,6 +251,7 @@ export const serveOptionSpecs: readonly OptionSpec[] = [
   { flag: 'tokenizer', kind: 'list', description: 'Hugging Face tokenizer.json (or its directory) for every model, or MODEL=PATH per model; default: the simulator\'s tokenizer', default: [], argName: 'path...' },
   { flag: 'tokenize-threads', kind: 'int', description: 'Threads that tokenize requests for kv_aware / prefix_load off the event loop (0: on the event loop); a long prompt is spread over all idle ones; default: cores, at most 4', default: Math.min(4, availableParallelism()), min: 0, max: 64 },
   { flag: 'tokenize-nice', kind: 'int', description: 'Linux: nice value of the tokenizer threads (the event loop keeps its own), so that tokenizing never delays routing and relaying; 0 = same priority', default: 10, min: 0, max: 19 },
+  { flag: 'v8-concurrent-marking', kind: 'enum', description: "Whether V8 marks the heap on background threads during garbage collection: on (Node's default), off (on the event loop only), auto = off when this process runs tokenizer threads (they take every idle core under long prompts, and the event loop's marking steps then stall on descheduled marking threads; docs/benchmarks.md §9.11), on otherwise", default: 'auto', choices: ['auto', 'on', 'off'] },
   { flag: 'tokenizer-word-cache', kind: 'int', description: 'Pre-tokens (words) whose BPE ids each tokenizer (per thread) keeps, for the byte-level BPE tokenizers where that is exact (Qwen2/3, Llama-3); 0 = off', default: 65536, min: 0 },
   { flag: 'max-routing-ms', kind: 'number', description: 'Wait at most this long for a request\'s token ids, then route it by text (counted in kvgate_tokenize_fallbacks_total); 0 = wait', default: 0, min: 0 },
   { flag: 'max-tokenize-chars', kind: 'int', description: 'Prompts longer than this (characters) are routed by text, not tokenized (the engine refuses prompts past its context itself)', default: 1500000, min: 1 },

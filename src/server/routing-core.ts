@@ -27,6 +27,7 @@ import { DecisionFeed } from '../observability/decision-feed.js';
 import { RequestInsight } from '../observability/insight.js';
 import { Tracing } from '../observability/tracing.js';
 import { KvAwarePolicy } from '../policies/kv-aware.js';
+import { applyConcurrentMarking } from '../processes/v8-flags.js';
 import { Admission } from './admission.js';
 import { ControlRoutes, type WorkerRegistration } from './control.js';
 import { InsightRoutes } from './insight-routes.js';
@@ -300,6 +301,8 @@ export class RoutingCore {
     // at that first use.
     const deferred = threads && c.inlineTokenizeChars === 0;
     const loaded = await loadTokenizerEntries(this.tokenizers, c.tokenizer, tokenizerOptions, deferred);
+    // Process-wide: with tokenizer threads busy on every idle core, V8 marks on the event loop (auto).
+    applyConcurrentMarking(c.v8ConcurrentMarking, threads);
     if (threads) {
       this.tokenizePool = await TokenizePool.start({ threads: c.tokenizeThreads, entries: c.tokenizer, nice: c.tokenizeNice, tokenizerOptions, shortChars: c.shortTokenizeChars });
       // The threads hold the same tokenizers: the loaded ones and the default (loaded, or the built-in chunk tokenizer).
