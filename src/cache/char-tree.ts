@@ -12,6 +12,12 @@
  *    the stopping node when the epoch it draws is a multiple of 8;
  *  - eviction is LRU over "leaves for a tenant", with a per-tenant character cap.
  *
+ * Unlike SGLang's tree, which is trimmed only by a periodic pass, a tree given `maxTenantChars`
+ * also trims itself when an insert takes a tenant a quarter past the cap (at least 1 Mi
+ * characters past it): unique long prompts (100k tokens, ~0.5 MB each, a hundred a second) would
+ * otherwise grow it by gigabytes between passes, until the heap is full and every collection of
+ * it stalls the event loop.
+ *
  * Representation (this is where the speed is):
  *  - Labels are JS strings in UTF-16. Splits never separate a surrogate pair, so every label
  *    boundary is a code point boundary; each node caches its label's code point count. Text
@@ -235,6 +241,23 @@ export class CharTree {
   private readonly freeIds: number[] = [];
   private nodes = 0;
   private chars = 0;
+  /** A tenant past this many characters after an insert triggers an eviction pass (Infinity: never). */
+  private readonly trimAbove: number;
+  private trims = 0;
+
+  /**
+   * `maxTenantChars`: the per-tenant cap that inserts enforce themselves (with slack, see the
+   * module comment); omitted, only explicit `evictTenantBySize` calls trim the tree.
+   */
+  constructor(private readonly opts: { maxTenantChars?: number } = {}) {
+    const cap = opts.maxTenantChars;
+    this.trimAbove = cap === undefined ? Infinity : cap + Math.max(Math.floor(cap / 4), 1 << 20);
+  }
+
+  /** Eviction passes that inserts triggered (a tenant past its cap with slack). */
+  get sizeTriggeredTrims(): number {
+    return this.trims;
+  }
 
   /** Number of nodes, not counting the root. */
   get nodeCount(): number {
@@ -250,6 +273,14 @@ export class CharTree {
   insert(text: string, tenant: string): void {
     let id = this.tenantIds.get(tenant);
     if (id === undefined) id = this.register(tenant);
+    this.insertFor(text, id);
+    if (this.charCounts[id] > this.trimAbove) {
+      this.trims++;
+      this.evictTenantBySize(this.opts.maxTenantChars!);
+    }
+  }
+
+  private insertFor(text: string, id: number): void {
     const counts = this.charCounts;
     const wide = SURROGATE.test(text);
     const end = text.length;

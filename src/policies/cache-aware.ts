@@ -170,7 +170,7 @@ export class CacheAwarePolicy extends BasePolicy {
   private treeFor(model: string): CharTree {
     let tree = this.trees.get(model);
     if (!tree) {
-      tree = new CharTree();
+      tree = new CharTree({ maxTenantChars: this.config.maxTreeSize });
       this.trees.set(model, tree);
     }
     return tree;

@@ -494,7 +494,7 @@ export class KvAwarePolicy extends BasePolicy {
   private treeFor(model: string): CharTree {
     let t = this.trees.get(model);
     if (!t) {
-      t = new CharTree();
+      t = new CharTree({ maxTenantChars: this.config.maxTreeSize });
       this.trees.set(model, t);
     }
     return t;

@@ -354,3 +354,33 @@ describe('CharTree randomized consistency', () => {
     }
   });
 });
+
+describe('CharTree with maxTenantChars: inserts keep each tenant near its cap', () => {
+  const unique = (i: number, chars: number) => `prompt ${i} `.padEnd(chars, String.fromCharCode(97 + (i % 26)));
+
+  it('trims a tenant that an insert takes a quarter (at least 1 Mi characters) past the cap, LRU first', () => {
+    const cap = 2_000_000;
+    const tree = new CharTree({ maxTenantChars: cap });
+    for (let i = 0; i < 12; i++) {
+      tree.insert(unique(i, 1_000_000), 'w1');
+      tree.insert(`short ${i}`, 'w2');
+      // The threshold is cap + max(cap / 4, 1 Mi): never more than that after an insert.
+      expect(tree.tenantCharCount('w1')).toBeLessThanOrEqual(cap + (1 << 20));
+    }
+    expect(tree.sizeTriggeredTrims).toBeGreaterThan(0);
+    // The newest prompt is kept, the oldest evicted; the other tenant is untouched.
+    expect(tree.prefixMatch(unique(11, 1_000_000)).matchedChars).toBe(1_000_000);
+    expect(tree.prefixMatch(unique(0, 1_000_000)).matchedChars).toBeLessThan(1_000_000);
+    expect(tree.tenantCharCount('w2')).toBeGreaterThan(0);
+    expect(tree.storedChars).toBeLessThanOrEqual(cap + (1 << 20) + 1000);
+  });
+
+  it('without a cap, only explicit passes trim (SGLang semantics)', () => {
+    const tree = new CharTree();
+    for (let i = 0; i < 6; i++) tree.insert(unique(i, 1_000_000), 'w1');
+    expect(tree.tenantCharCount('w1')).toBeGreaterThan(5_999_000); // (their common start "prompt " counts once)
+    expect(tree.sizeTriggeredTrims).toBe(0);
+    tree.evictTenantBySize(2_000_000);
+    expect(tree.tenantCharCount('w1')).toBeLessThanOrEqual(2_000_000);
+  });
+});
