@@ -188,7 +188,7 @@ export const serveOptionSpecs: readonly OptionSpec[] = [
   { flag: 'balance-abs-threshold', kind: 'int', description: 'cache_aware: in-flight difference (max-min) above which load wins over affinity', default: 64, min: 0 },
   { flag: 'balance-rel-threshold', kind: 'number', description: 'cache_aware: ...and max must exceed this multiple of min', default: 1.5, min: 1 },
   { flag: 'eviction-interval-secs', kind: 'number', description: 'cache_aware: seconds between tree eviction passes (0 = never)', default: 120, min: 0 },
-  { flag: 'max-tree-size', kind: 'int', description: 'cache_aware: characters kept in the tree per worker', default: 67108864, min: 0 },
+  { flag: 'max-tree-size', kind: 'int', description: 'cache_aware (and kv_aware\'s routing history): characters kept in the tree per worker; trimmed every --eviction-interval-secs, and at once when an insert takes a worker a quarter past it', default: 67108864, min: 0 },
   { flag: 'health-check-interval-secs', kind: 'number', description: 'Seconds between health checks of each worker', default: 10, min: 0, exclusiveMin: true },
   { flag: 'health-failure-threshold', kind: 'int', description: 'Consecutive failed checks before a worker is marked unhealthy', default: 3, min: 1 },
   { flag: 'health-success-threshold', kind: 'int', description: 'Consecutive passed checks before an unhealthy worker is used again', default: 2, min: 1 },
