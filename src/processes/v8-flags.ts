@@ -1,4 +1,5 @@
 import v8 from 'node:v8';
+import { runInNewContext } from 'node:vm';
 
 export type ConcurrentMarking = 'auto' | 'on' | 'off';
 
@@ -21,9 +22,30 @@ export function marksOnEventLoop(mode: ConcurrentMarking, tokenizerThreads: bool
 
 /**
  * Applies the choice (process-wide; V8 reads the flag when each collection starts marking).
- * `auto` without tokenizer threads leaves the flag as node was started with.
+ * `auto` without tokenizer threads leaves the flag as node was started with, and so does any mode
+ * when node was started with GC flags of its own. Returns whether it changed the flag.
+ *
+ * Changing a GC flag while a collection is marking is unsafe (V8 can abort: a cycle started
+ * with background markers must finish with them), so a full collection runs first: it finishes
+ * any marking in progress and joins its threads, and nothing runs between it and the change
+ * that could start another (marking starts from allocation or from a task, never from a flag).
  */
-export function applyConcurrentMarking(mode: ConcurrentMarking, tokenizerThreads: boolean): void {
-  if (marksOnEventLoop(mode, tokenizerThreads)) v8.setFlagsFromString('--no-concurrent-marking');
-  else if (mode === 'on') v8.setFlagsFromString('--concurrent-marking');
+export function applyConcurrentMarking(mode: ConcurrentMarking, tokenizerThreads: boolean): boolean {
+  const off = marksOnEventLoop(mode, tokenizerThreads);
+  if (!off && mode !== 'on') return false;
+  // Node started with GC flags of its own (e.g. --single-threaded-gc): those decide.
+  if (process.execArgv.some((a) => GC_FLAG.test(a))) return false;
+  finishCollection();
+  v8.setFlagsFromString(off ? '--no-concurrent-marking' : '--concurrent-marking');
+  return true;
+}
+
+const GC_FLAG = /^--(no-)?(single[-_]threaded[-_]gc|parallel[-_]|concurrent[-_]marking)/;
+
+/** One full, synchronous collection (through a context created with V8's gc extension). */
+function finishCollection(): void {
+  v8.setFlagsFromString('--expose-gc');
+  const gc = runInNewContext('gc') as () => void;
+  v8.setFlagsFromString('--no-expose-gc');
+  gc();
 }
