@@ -68,6 +68,8 @@ interface RecentText {
   text: string;
   ends: number[];
   hashes: number[];
+  /** Leading chunks it shared with the recent text it replaced (hashText's first guess for the next one). */
+  shared: number;
 }
 
 /** Recent texts remembered for encoding, and the UTF-16 units they may pin in total. */
@@ -246,12 +248,22 @@ export class ChunkDictionary {
     const key = text.slice(0, ends[0]);
     const prev = this.recent.get(key);
     let hashes: number[];
+    let shared = 0;
     if (prev) {
       // Largest k such that the first k chunks are equal (chunk ends depend only on the text
       // before them). Bisection; chunks [0, lo) are known equal, so each probe compares only
       // the span from ends[lo − 1] to the probe's end.
       let lo = 1;
       let hi = Math.min(ends.length, prev.ends.length);
+      // First guess: as many chunks as `prev` shared with the text before it (requests behind
+      // one system prompt share the same count), so the usual case takes one comparison of that
+      // span and one probe past it instead of a bisection from the first chunk.
+      const guess = Math.min(prev.shared, hi);
+      if (guess > 1) {
+        const end = ends[guess - 1];
+        if (prev.ends[guess - 1] === end && text.slice(ends[0], end) === prev.text.slice(ends[0], end)) lo = guess;
+        else hi = guess - 1;
+      }
       while (lo < hi) {
         const mid = (lo + hi + 1) >> 1;
         const from = ends[lo - 1];
@@ -261,13 +273,14 @@ export class ChunkDictionary {
       }
       hashes = chainText(text, ends, lo, prev.hashes[lo - 1]);
       for (let i = 0; i < lo - 1; i++) hashes[i] = prev.hashes[i];
+      shared = lo;
       this.recent.delete(key);
       this.recentUnits -= prev.text.length;
     } else {
       hashes = chainText(text, ends, 0, 0);
     }
     if (this.recentTexts > 0 && text.length <= RECENT_UNITS / 8) {
-      this.recent.set(key, { text, ends, hashes });
+      this.recent.set(key, { text, ends, hashes, shared });
       this.recentUnits += text.length;
       for (const [k, r] of this.recent) {
         if (this.recent.size <= this.recentTexts && this.recentUnits <= RECENT_UNITS) break;

@@ -221,6 +221,32 @@ describe('replica sync (in-memory bus, virtual time)', () => {
     expect(a.sync.stats.repeatsSuppressed).toBe(1);
   });
 
+  it('the peer’s tree holds exactly the local tree after many mixed repeated, growing and unique prompts', () => {
+    const { vt, a, b } = twoPeers();
+    let seed = 11;
+    const rnd = (n: number) => ((seed = (seed * 1103515245 + 12345) % 2147483648) % n);
+    const users = Array.from({ length: 40 }, (_, i) => `user ${i}: ` + 'where is my order? '.repeat(1 + (i % 17)));
+    let convo = systemPrompt;
+    for (let n = 0; n < 600; n++) {
+      const kind = rnd(5);
+      let text: string;
+      if (kind <= 1) text = systemPrompt + users[rnd(users.length)]; // repeats behind one system prompt
+      else if (kind === 2) text = convo += users[rnd(users.length)]; // a growing conversation
+      else if (kind === 3) text = systemPrompt.slice(0, rnd(systemPrompt.length)) + `unique ${n} ` + 'x'.repeat(rnd(700));
+      else text = `short ${rnd(30)}`; // below one chunk
+      a.policy.selectWorker(a.registry.all(), ctx(text));
+      vt.advance(rnd(3) === 0 ? 300 : 1); // some repeats fall inside the window, some outside
+    }
+    vt.advance(50);
+    expect(a.sync.stats.repeatsSuppressed).toBeGreaterThan(0);
+    expect(b.sync.unresolvedTexts).toBe(0);
+    const tree = (r: Replica) =>
+      [...r.policy.exportHistory!()].map((h) => `${h.model}|${h.workerId}|${h.text}`).sort();
+    const local = tree(a);
+    expect(local.length).toBeGreaterThan(4);
+    expect(tree(b)).toEqual(local);
+  });
+
   it('a repeated prompt with in-flight accounting still sends the accounting (kv_aware), without the prompt', () => {
     const { vt, a, b } = twoPeers('kv_aware');
     const tokens = Array.from({ length: 640 }, (_, i) => i % 1000);
