@@ -34,21 +34,6 @@ export interface SloAwareConfig extends KvAwareConfig {
    * says (rule `slo_hold`). 0 = off (the cheapest worker meeting the objective, as before).
    */
   holdFraction: number;
-  /**
-   * Requests no worker is predicted to meet the objective with (`slo_unreachable`): 0 = the
-   * fastest (the rule before this option); r > 0 = among the workers predicted within (1 + r) ×
-   * the fastest's TTFT, the one that has already taken the most such prefill (uncached tokens of
-   * earlier `slo_unreachable` requests): the long cold prompts' evictions stay on few engines.
-   */
-  unreachableSink: number;
-  /**
-   * Ties of `slo_hold` (several calm workers hold the same of the request, e.g. a new
-   * conversation that only shares the trace's first block): 0 = the lowest cost (then kv_aware's
-   * tie-break); τ > 0 (ms) = the worker that has been sent the fewest uncached prompt tokens lately
-   * (exponentially decayed with time constant τ), i.e. whose LRU cache turns over slowest, so the
-   * blocks its prefill evicts are the oldest in the cluster.
-   */
-  coldChurnTauMs: number;
   predictor: PredictorConfig;
 }
 
@@ -75,8 +60,6 @@ export const defaultSloAwareConfig: SloAwareConfig = {
   overlapWeight: SLO_OVERLAP_WEIGHT,
   detourCostFactor: 1,
   holdFraction: SLO_HOLD_FRACTION,
-  unreachableSink: 0,
-  coldChurnTauMs: 0,
   affinityMarginMs: 100,
   affinityMarginRel: 0.2,
   sloSafety: 1,
@@ -162,15 +145,6 @@ export class SloAwarePolicy extends KvAwarePolicy {
   lastSlo: SloDecision | undefined;
   private readonly decodeTokens = new Map<string, number>();
   private readonly decodeOf = new Map<string, { workerId: string; tokens: number }>();
-  /** Uncached prompt tokens of the `slo_unreachable` requests each worker has taken. */
-  private readonly sunk = new Map<string, number>();
-  /** Uncached prompt tokens sent to each worker, decayed with `coldChurnTauMs` (value, at ms). */
-  private readonly churn = new Map<string, { v: number; t: number }>();
-
-  private churnOf(id: string, now: number): number {
-    const c = this.churn.get(id);
-    return c ? c.v * Math.exp(-(now - c.t) / this.sloConfig.coldChurnTauMs) : 0;
-  }
 
   constructor(
     deps: PolicyDeps,
@@ -250,13 +224,8 @@ export class SloAwarePolicy extends KvAwarePolicy {
       // The holder is calm: stay with the cache (no detour, no cost ranking).
       const hold = this.sloConfig.holdFraction;
       if (hold > 0 && ttft !== undefined) {
-        let holder = this.pick(healthy, all, draw, (k) => -held[k], costOf);
-        const calm = (k: number) => held[k] > 0 && feasible[k] && preds[k].ttftMs <= hold * ttft;
-        if ((this.sloConfig.coldChurnTauMs ?? 0) > 0 && calm(holder)) {
-          const tied = all.filter((k) => held[k] === held[holder] && calm(k));
-          if (tied.length > 1) holder = this.pick(healthy, tied, draw, (k) => this.churnOf(healthy[k].id, now), costOf);
-        }
-        if (calm(holder)) return { sc, preds, uncached, i: holder, rule: 'slo_hold', feasible, ttftObjective: ttft, tpotObjective: tpot };
+        const holder = this.pick(healthy, all, draw, (k) => -held[k], costOf);
+        if (held[holder] > 0 && feasible[holder] && preds[holder].ttftMs <= hold * ttft) return { sc, preds, uncached, i: holder, rule: 'slo_hold', feasible, ttftObjective: ttft, tpotObjective: tpot };
       }
       // The request's home: the worker holding most of it (ties: the lowest cost).
       const ov = sc.meta;
@@ -278,13 +247,7 @@ export class SloAwarePolicy extends KvAwarePolicy {
         return { sc, preds, uncached, i: home, rule: 'slo_detour_not_worth', feasible, ttftObjective: ttft, tpotObjective: tpot };
       }
       // None meets it: the lowest predicted TTFT, unless leaving home for it does not pay either.
-      let best = fastest();
-      const sink = this.sloConfig.unreachableSink ?? 0;
-      if (sink > 0) {
-        const limit = preds[best].ttftMs * (1 + sink);
-        const near = all.filter((k) => preds[k].ttftMs <= limit);
-        best = this.pick(healthy, near, draw, (k) => -(this.sunk.get(healthy[k].id) ?? 0), ttftOf);
-      }
+      const best = fastest();
       return { sc, preds, uncached, i: pays(best) ? best : home, rule: 'slo_unreachable', feasible, ttftObjective: ttft, tpotObjective: tpot };
     }
     const min = Math.min(...preds.map((p) => p.ttftMs));
@@ -312,12 +275,6 @@ export class SloAwarePolicy extends KvAwarePolicy {
     const e = this.pending!;
     this.pending = undefined;
     const p = e.preds[i];
-    const tau = this.sloConfig.coldChurnTauMs ?? 0;
-    if (tau > 0) {
-      const now = this.deps.clock.now();
-      this.churn.set(healthy[i].id, { v: this.churnOf(healthy[i].id, now) + e.uncached[i], t: now });
-    }
-    if (e.rule === 'slo_unreachable') this.sunk.set(healthy[i].id, (this.sunk.get(healthy[i].id) ?? 0) + e.uncached[i]);
     this.predictor.routed(healthy[i].id, ctx.requestId, this.deps.clock.now(), this.deps.clock.now(), p);
     this.lastSlo = {
       requestId: ctx.requestId,
@@ -360,8 +317,6 @@ export class SloAwarePolicy extends KvAwarePolicy {
     super.onWorkerRemoved(worker);
     this.predictor.removeWorker(worker.id);
     this.decodeTokens.delete(worker.id);
-    this.sunk.delete(worker.id);
-    this.churn.delete(worker.id);
   }
 
   /** PD: prefill worker by predicted TTFT (the rules above), decode worker by predicted TPOT. */
