@@ -224,14 +224,8 @@ export class SloAwarePolicy extends KvAwarePolicy {
       // The holder is calm: stay with the cache (no detour, no cost ranking).
       const hold = this.sloConfig.holdFraction;
       if (hold > 0 && ttft !== undefined) {
-        let holder = this.pick(healthy, all, draw, (k) => -held[k], costOf);
-        const calm = (k: number) => held[k] > 0 && feasible[k] && preds[k].ttftMs <= hold * ttft;
-        // Experiment (KVGATE_SLO_TIE_RUNNING=1): calm ties on held go to the fewest running requests (AIBrix's least load), then the emptier cache / at random.
-        if (process.env.KVGATE_SLO_TIE_RUNNING === '1' && calm(holder)) {
-          const tied = all.filter((k) => held[k] === held[holder] && calm(k));
-          if (tied.length > 1) holder = this.pick(healthy, tied, draw, (k) => this.loadOf(healthy[k], sc.bs).inFlight);
-        }
-        if (calm(holder)) return { sc, preds, uncached, i: holder, rule: 'slo_hold', feasible, ttftObjective: ttft, tpotObjective: tpot };
+        const holder = this.pick(healthy, all, draw, (k) => -held[k], costOf);
+        if (held[holder] > 0 && feasible[holder] && preds[holder].ttftMs <= hold * ttft) return { sc, preds, uncached, i: holder, rule: 'slo_hold', feasible, ttftObjective: ttft, tpotObjective: tpot };
       }
       // The request's home: the worker holding most of it (ties: the lowest cost).
       const ov = sc.meta;
