@@ -71,10 +71,13 @@ export async function startFakeEngines(n) {
  */
 export const LOADGEN_NICE = Number(process.env.BENCH_LOADGEN_NICE ?? 0);
 if (LOADGEN_NICE > 0) setPriority(LOADGEN_NICE);
-const targetExec = () => (LOADGEN_NICE > 0 ? { execPath: 'nice', execArgv: ['-n', String(-LOADGEN_NICE), process.execPath] } : {});
+/** How to start node for a router under test: through `nice -n -N` when BENCH_LOADGEN_NICE is set. */
+const targetNode = () => (LOADGEN_NICE > 0 ? { cmd: 'nice', pre: ['-n', String(-LOADGEN_NICE), process.execPath] } : { cmd: process.execPath, pre: [] });
 
 export function forkBare(upstream, cap = 'unlimited') {
-  const child = fork(here('./bare-proxy.mjs'), [upstream, cap], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'], ...targetExec() });
+  const node = targetNode();
+  const viaNice = node.pre.length > 0 ? { execPath: node.cmd, execArgv: node.pre } : {}; // else fork's default: this node
+  const child = fork(here('./bare-proxy.mjs'), [upstream, cap], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'], ...viaNice });
   children.push(child);
   return new Promise((resolve, reject) => {
     child.once('message', (m) =>
@@ -111,9 +114,8 @@ export async function startKvgate(workers, extra, main = here('../../dist/cli/ma
   // BENCH_KVGATE_NODE_ARGS: node options for the kvgate process only, e.g. "--cpu-prof --cpu-prof-dir=/tmp/prof"
   // (profiles are written when kvgate exits on the SIGTERM the scripts send; one file per thread).
   const nodeArgs = (process.env.BENCH_KVGATE_NODE_ARGS ?? '').split(/\s+/).filter(Boolean);
-  const c = LOADGEN_NICE > 0
-    ? spawn('nice', ['-n', String(-LOADGEN_NICE), process.execPath, ...nodeArgs, main, ...args], { stdio: ['ignore', 'inherit', 'inherit'] })
-    : spawn(process.execPath, [...nodeArgs, main, ...args], { stdio: ['ignore', 'inherit', 'inherit'] });
+  const node = targetNode();
+  const c = spawn(node.cmd, [...node.pre, ...nodeArgs, main, ...args], { stdio: ['ignore', 'inherit', 'inherit'] });
   children.push(c);
   const url = `http://127.0.0.1:${port}`;
   await waitReady(url, '/readiness');

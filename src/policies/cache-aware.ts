@@ -1,6 +1,7 @@
 import type { RequestContext } from '../core/context.js';
 import type { Worker } from '../core/worker.js';
 import { CharTree } from '../cache/char-tree.js';
+import { TreesByModel } from '../cache/trees-by-model.js';
 import { describeAll, noneAvailable, round, type RouteExplanation } from './explain.js';
 import { available, BasePolicy, leastLoaded, type PeerRoutingEvent, type PolicyDeps, type RoutedRecord } from './policy.js';
 
@@ -38,23 +39,20 @@ export const defaultCacheAwareConfig: CacheAwareConfig = {
  */
 export class CacheAwarePolicy extends BasePolicy {
   readonly name = 'cache_aware';
-  private readonly trees = new Map<string, CharTree>();
-  private readonly cancelEviction: (() => void) | undefined;
+  private readonly trees: TreesByModel;
 
   constructor(
     deps: PolicyDeps,
     readonly config: CacheAwareConfig = defaultCacheAwareConfig,
   ) {
     super(deps);
-    if (config.evictionIntervalSecs > 0 && deps.schedule) {
-      this.cancelEviction = deps.schedule(config.evictionIntervalSecs * 1000, () => this.evict());
-    }
+    this.trees = new TreesByModel(config.maxTreeSize, config.evictionIntervalSecs, deps.schedule);
   }
 
   selectWorker(candidates: readonly Worker[], ctx: RequestContext): Worker | undefined {
     const healthy = available(candidates);
     if (healthy.length === 0) return undefined;
-    const tree = this.treeFor(ctx.model);
+    const tree = this.trees.tree(ctx.model);
     const observer = this.deps.observer;
     const d = this.decide(healthy, tree, ctx.routingText, true);
     const chosen = d.chosen;
@@ -119,7 +117,7 @@ export class CacheAwarePolicy extends BasePolicy {
     const described = describeAll(candidates, this.deps.clock.now());
     const healthy = available(candidates);
     if (healthy.length === 0) return noneAvailable(this.name, described);
-    const tree = this.trees.get(ctx.model) ?? new CharTree();
+    const tree = this.trees.existing(ctx.model) ?? new CharTree();
     const text = ctx.routingText;
     const d = this.decide(healthy, tree, text, false);
     for (const c of described) {
@@ -138,41 +136,28 @@ export class CacheAwarePolicy extends BasePolicy {
   }
 
   applyPeer(_origin: string, event: PeerRoutingEvent): void {
-    if (event.kind === 'routed' && event.rec.text !== undefined) this.treeFor(event.rec.model).insert(event.rec.text, event.rec.workerId);
+    if (event.kind === 'routed' && event.rec.text !== undefined) this.trees.tree(event.rec.model).insert(event.rec.text, event.rec.workerId);
   }
 
   *exportHistory(): Iterable<RoutedRecord> {
-    for (const [model, tree] of this.trees) for (const [workerId, text] of tree.tenantStrings()) yield { model, workerId, text };
+    yield* this.trees.history();
   }
 
   onWorkerRemoved(worker: Worker): void {
-    for (const tree of this.trees.values()) tree.removeTenant(worker.id);
+    this.trees.removeTenant(worker.id);
   }
 
   /** Trim every worker's share of every tree to maxTreeSize characters (LRU leaves first). */
   evict(): void {
-    for (const tree of this.trees.values()) tree.evictTenantBySize(this.config.maxTreeSize);
+    this.trees.evict();
   }
 
   /** Characters held per worker id, summed over models (for kvgate_tree_chars). */
   treeChars(): Map<string, number> {
-    const out = new Map<string, number>();
-    for (const tree of this.trees.values()) {
-      for (const [tenant, chars] of tree.tenantCharCounts()) out.set(tenant, (out.get(tenant) ?? 0) + chars);
-    }
-    return out;
+    return this.trees.charsByWorker();
   }
 
   close(): void {
-    this.cancelEviction?.();
-  }
-
-  private treeFor(model: string): CharTree {
-    let tree = this.trees.get(model);
-    if (!tree) {
-      tree = new CharTree({ maxTenantChars: this.config.maxTreeSize });
-      this.trees.set(model, tree);
-    }
-    return tree;
+    this.trees.close();
   }
 }

@@ -1,4 +1,5 @@
 import { CharTree, codePointLength } from '../cache/char-tree.js';
+import { TreesByModel } from '../cache/trees-by-model.js';
 import { hashBlocks, loraSeed, sequenceHashes, type BlockIndex } from '../cache/block-index.js';
 import type { RequestContext } from '../core/context.js';
 import type { Worker } from '../core/worker.js';
@@ -148,12 +149,12 @@ export class KvAwarePolicy extends BasePolicy {
   readonly name: string = 'kv_aware';
   readonly needsTokens = true;
   protected readonly state = new Map<string, WorkerState>();
-  private readonly trees = new Map<string, CharTree>();
+  /** Routing history per model (and per adapter of a model). */
+  private readonly trees: TreesByModel;
   private readonly seenResets = new Map<string, number>();
   /** Peer replicas' in-flight requests, by origin then request id, and their sum per worker. */
   private readonly peerActive = new Map<string, Map<string, PeerActive>>();
   protected readonly peerLoad = new Map<string, PeerLoad>();
-  private readonly cancelEviction: (() => void) | undefined;
   /** The last decision (for metrics and tests). */
   lastDecision: KvDecision | undefined;
 
@@ -163,11 +164,7 @@ export class KvAwarePolicy extends BasePolicy {
     readonly config: KvAwareConfig = defaultKvAwareConfig,
   ) {
     super(deps);
-    if (config.evictionIntervalSecs > 0 && deps.schedule) {
-      this.cancelEviction = deps.schedule(config.evictionIntervalSecs * 1000, () => {
-        for (const t of this.trees.values()) t.evictTenantBySize(config.maxTreeSize);
-      });
-    }
+    this.trees = new TreesByModel(config.maxTreeSize, config.evictionIntervalSecs, deps.schedule);
   }
 
   /** Whether a worker's KV events can be trusted now. */
@@ -246,7 +243,7 @@ export class KvAwarePolicy extends BasePolicy {
       : new Map<string, number>();
     // Routing history per model, and per adapter of a model (peers get the same key).
     const treeKey = ctx.loraName ? `${ctx.model}\u0000lora:${ctx.loraName}` : ctx.model;
-    const tree = readOnly ? (this.trees.get(treeKey) ?? new CharTree()) : this.treeFor(treeKey);
+    const tree = readOnly ? (this.trees.existing(treeKey) ?? new CharTree()) : this.trees.tree(treeKey);
     const textChars = text.length > 0 ? codePointLength(text) : 0;
 
     const costs: number[] = [];
@@ -258,7 +255,7 @@ export class KvAwarePolicy extends BasePolicy {
         reset = true;
         if (!readOnly) {
           this.seenResets.set(w.id, resets);
-          for (const t of this.trees.values()) t.removeTenant(w.id);
+          this.trees.removeTenant(w.id);
         }
       }
       const fresh = tokens !== undefined && this.isFresh(w.id);
@@ -372,7 +369,7 @@ export class KvAwarePolicy extends BasePolicy {
   applyPeer(origin: string, event: PeerRoutingEvent): void {
     if (event.kind === 'routed') {
       const { rec } = event;
-      if (rec.text !== undefined && rec.text.length > 0) this.treeFor(rec.model).insert(rec.text, rec.workerId);
+      if (rec.text !== undefined && rec.text.length > 0) this.trees.tree(rec.model).insert(rec.text, rec.workerId);
       if (rec.requestId === undefined) return;
       let mine = this.peerActive.get(origin);
       if (!mine) this.peerActive.set(origin, (mine = new Map()));
@@ -402,7 +399,7 @@ export class KvAwarePolicy extends BasePolicy {
   }
 
   *exportHistory(): Iterable<RoutedRecord> {
-    for (const [model, tree] of this.trees) for (const [workerId, text] of tree.tenantStrings()) yield { model, workerId, text };
+    yield* this.trees.history();
   }
 
   private addPeerLoad(a: PeerActive, sign: 1 | -1): void {
@@ -415,11 +412,11 @@ export class KvAwarePolicy extends BasePolicy {
 
   onWorkerRemoved(worker: Worker): void {
     this.state.delete(worker.id);
-    for (const t of this.trees.values()) t.removeTenant(worker.id);
+    this.trees.removeTenant(worker.id);
   }
 
   close(): void {
-    this.cancelEviction?.();
+    this.trees.close();
   }
 
   /** In-flight view of a worker (for metrics and tests). */
@@ -491,14 +488,6 @@ export class KvAwarePolicy extends BasePolicy {
     return weights.length - 1;
   }
 
-  private treeFor(model: string): CharTree {
-    let t = this.trees.get(model);
-    if (!t) {
-      t = new CharTree({ maxTenantChars: this.config.maxTreeSize });
-      this.trees.set(model, t);
-    }
-    return t;
-  }
 }
 
 /**
