@@ -55,6 +55,13 @@ export class TreesByModel {
     return out;
   }
 
+  /** Times an insert took a worker past the bound with slack and trimmed it at once, over all keys. */
+  sizeTrims(): number {
+    let n = 0;
+    for (const t of this.trees.values()) n += t.sizeTriggeredTrims;
+    return n;
+  }
+
   close(): void {
     this.cancelEviction?.();
   }

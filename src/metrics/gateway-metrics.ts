@@ -3,7 +3,7 @@ import type { RequestContext } from '../core/context.js';
 import type { WorkerRegistry } from '../core/registry.js';
 import type { Worker } from '../core/worker.js';
 import type { KvEventHub } from '../events/hub.js';
-import type { PolicyObserver } from '../policies/policy.js';
+import type { PolicyObserver, TextTreeStats } from '../policies/policy.js';
 import type { EngineUsage } from '../upstream/response-tap.js';
 
 /** Buckets from 1 ms to 4 min, as LLM requests span both. */
@@ -110,7 +110,7 @@ export class GatewayMetrics {
   readonly pdErrors: Counter<'kind'>;
   readonly kvOverlap: Histogram;
 
-  constructor(workers: WorkerRegistry, treeChars: () => Map<string, number>, kv?: KvEventHub, opts: { processMetrics?: boolean; /** The KV-event hub's clock (ms). */ now?: () => number } = {}) {
+  constructor(workers: WorkerRegistry, textTrees: () => TextTreeStats[], kv?: KvEventHub, opts: { processMetrics?: boolean; /** The KV-event hub's clock (ms). */ now?: () => number } = {}) {
     const registers = [this.registry];
     // Node and process metrics (CPU, memory, heap, GC, event-loop lag, handles) on this registry.
     if (opts.processMetrics !== false) collectDefaultMetrics({ register: this.registry });
@@ -174,21 +174,33 @@ export class GatewayMetrics {
     perWorker('kvgate_worker_engine_waiting', 'Requests waiting in the engine queue (scraped from the engine /metrics)', (w) => w.engineLoad?.waiting, 'sum');
     perWorker('kvgate_worker_engine_running', 'Requests running in the engine (scraped)', (w) => w.engineLoad?.running, 'sum');
     perWorker('kvgate_worker_engine_kv_usage', 'Engine KV-cache usage, 0..1 (scraped)', (w) => w.engineLoad?.kvUsage, 'max');
-    let chars = new Map<string, number>();
     new Gauge({
       name: 'kvgate_tree_chars',
-      help: 'Characters held per worker in the cache_aware prefix tree',
+      help: "Characters held per worker in the serving policy's character tree (cache_aware's prefix tree; kv_aware's and slo_aware's routing history)",
       labelNames: ['worker'],
       registers,
       collect() {
         this.reset();
-        chars = treeChars();
+        const trees = textTrees();
         const out = new Map<string, number>();
         for (const w of workers.all()) {
           const l = labels.of(w.id);
-          out.set(l, (out.get(l) ?? 0) + (chars.get(w.id) ?? 0));
+          let n = out.get(l) ?? 0;
+          for (const t of trees) n += t.charsByWorker.get(w.id) ?? 0;
+          out.set(l, n);
         }
         for (const [l, v] of out) this.set({ worker: l }, v);
+      },
+    });
+    new Counter({
+      name: 'kvgate_tree_size_trims_total',
+      help: 'Times an insert took a worker a quarter past --max-tree-size in a character tree and trimmed its share at once, between eviction passes (a sign of unique long prompts arriving faster than --eviction-interval-secs)',
+      registers,
+      collect() {
+        this.reset();
+        let n = 0;
+        for (const t of textTrees()) n += t.sizeTrims;
+        this.inc(n);
       },
     });
     new Gauge({

@@ -3,7 +3,7 @@ import type { Worker } from '../core/worker.js';
 import { CharTree } from '../cache/char-tree.js';
 import { TreesByModel } from '../cache/trees-by-model.js';
 import { describeAll, noneAvailable, round, type RouteExplanation } from './explain.js';
-import { available, BasePolicy, leastLoaded, type PeerRoutingEvent, type PolicyDeps, type RoutedRecord } from './policy.js';
+import { available, BasePolicy, leastLoaded, type PeerRoutingEvent, type PolicyDeps, type RoutedRecord, type TextTreeStats } from './policy.js';
 
 export interface CacheAwareConfig {
   /** Minimum matched/total character ratio for prefix affinity (strictly greater). */
@@ -155,6 +155,10 @@ export class CacheAwarePolicy extends BasePolicy {
   /** Characters held per worker id, summed over models (for kvgate_tree_chars). */
   treeChars(): Map<string, number> {
     return this.trees.charsByWorker();
+  }
+
+  textTrees(): TextTreeStats {
+    return { charsByWorker: this.trees.charsByWorker(), sizeTrims: this.trees.sizeTrims() };
   }
 
   close(): void {

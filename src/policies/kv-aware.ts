@@ -5,7 +5,7 @@ import type { RequestContext } from '../core/context.js';
 import type { Worker } from '../core/worker.js';
 import { KeyCounts } from './key-counts.js';
 import { describeAll, noneAvailable, round, type RouteExplanation } from './explain.js';
-import { available, BasePolicy, type PeerRoutingEvent, type PolicyDeps, type RoutedRecord } from './policy.js';
+import { available, BasePolicy, type PeerRoutingEvent, type PolicyDeps, type RoutedRecord, type TextTreeStats } from './policy.js';
 
 /** What kv_aware reads from the KV-event side: the index and each worker's event freshness. */
 export interface KvIndexView {
@@ -400,6 +400,11 @@ export class KvAwarePolicy extends BasePolicy {
 
   *exportHistory(): Iterable<RoutedRecord> {
     yield* this.trees.history();
+  }
+
+  /** The routing history's trees (characters per worker, insert-time trims). */
+  textTrees(): TextTreeStats {
+    return { charsByWorker: this.trees.charsByWorker(), sizeTrims: this.trees.sizeTrims() };
   }
 
   private addPeerLoad(a: PeerActive, sign: 1 | -1): void {

@@ -127,6 +127,18 @@ export interface RoutingPolicy {
   predictionFor?(requestId: string): LatencyPrediction | undefined;
   /** explain() for a (prefill, decode) pair (PD mode). */
   explainPair?(prefill: readonly Worker[], decode: readonly Worker[], ctx: RequestContext): PairExplanation;
+  /**
+   * The character trees the policy keeps (cache_aware's prefix tree, kv_aware's routing
+   * history): characters per worker, and how often an insert trimmed a worker's share at once
+   * (a quarter past --max-tree-size between eviction passes). For metrics.
+   */
+  textTrees?(): TextTreeStats;
+}
+
+/** What a policy's character trees hold (RoutingPolicy.textTrees). */
+export interface TextTreeStats {
+  charsByWorker: Map<string, number>;
+  sizeTrims: number;
 }
 
 export interface LatencyPrediction {

@@ -18,7 +18,7 @@ import { ReplicaSync, type AdminChange } from '../sync/replica-sync.js';
 import { CacheAwarePolicy } from '../policies/cache-aware.js';
 import { createPolicy, withSessionAffinity } from '../policies/factory.js';
 import { loadWorkerTls } from '../core/tls.js';
-import type { RoutingPolicy, Scheduler } from '../policies/policy.js';
+import type { RoutingPolicy, Scheduler, TextTreeStats } from '../policies/policy.js';
 import { loadTokenizerEntries, TokenizerRegistry } from '../tokenize/registry.js';
 import { TokenizePool } from '../tokenize/pool.js';
 import { RequestTokens } from '../tokenize/request-tokens.js';
@@ -147,7 +147,7 @@ export class RoutingCore {
       workers: () => this.registry.all(),
       staleAfterMs: config.kvEventsStaleSecs * 1000,
     });
-    this.metrics = new GatewayMetrics(this.registry, () => (this.policy instanceof CacheAwarePolicy ? this.policy.treeChars() : new Map()), this.kvEvents, { now: () => clock.now() });
+    this.metrics = new GatewayMetrics(this.registry, () => this.textTrees(), this.kvEvents, { now: () => clock.now() });
     this.hotPath = new HotPathMetrics(this.metrics.registry, () => this.tokenizePool?.pending ?? 0);
     this.requestTokens = new RequestTokens(this.tokenizers, {
       maxRoutingMs: config.maxRoutingMs,
@@ -401,6 +401,16 @@ export class RoutingCore {
       replicas: this.sync ? () => this.sync!.status() : undefined,
       replicaId: this.replicaId,
     });
+  }
+
+  /** The character trees of the policies in use (each policy once, wrappers looked through). */
+  private textTrees(): TextTreeStats[] {
+    const out: TextTreeStats[] = [];
+    for (const p of new Set([this.policy, this.prefillPolicy, this.decodePolicy].filter(Boolean).map((x) => innermost(x)))) {
+      const t = p.textTrees?.();
+      if (t) out.push(t);
+    }
+    return out;
   }
 
   /** What the policy's own structures hold per worker (cache_aware tree chars, kv_aware indexed blocks). */

@@ -297,3 +297,36 @@ describe('OpenTelemetry tracing', () => {
     }
   });
 });
+
+describe('character-tree metrics', () => {
+  // Unique 400k-character prompts to one worker: with --max-tree-size 1000 the worker's share
+  // passes the insert-time bound (the cap plus at least 1 Mi characters of slack) on the third
+  // insert, and the tree trims itself.
+  const unique = (i: number) => Array.from({ length: 400_000 }, (_, k) => String.fromCharCode(97 + ((k * 7 + i + ((k * k) % 11)) % 26))).join('');
+
+  for (const policy of ['cache_aware', 'kv_aware'] as const) {
+    it(`${policy}: kvgate_tree_chars holds its tree per worker and kvgate_tree_size_trims_total counts insert-time trims`, async () => {
+      const fake = await new FakeWorker().start();
+      const gw = await startGateway({ workerUrls: [fake.url], policy, maxTreeSize: 1000, evictionIntervalSecs: 0 });
+      try {
+        const first = await post(gw.url + '/v1/chat/completions', { model: 'fake-model', messages: [{ role: 'user', content: unique(0) }], max_tokens: 1 });
+        expect(first.status).toBe(200);
+        let m = (await get(gw.url + '/metrics')).text;
+        expect(sample(m, 'kvgate_tree_chars', {})).toBeGreaterThan(400_000);
+        expect(sample(m, 'kvgate_tree_size_trims_total', {})).toBe(0);
+        for (let i = 1; i < 4; i++) {
+          const r = await post(gw.url + '/v1/chat/completions', { model: 'fake-model', messages: [{ role: 'user', content: unique(i) }], max_tokens: 1 });
+          expect(r.status).toBe(200);
+        }
+        m = (await get(gw.url + '/metrics')).text;
+        expect(sample(m, 'kvgate_tree_size_trims_total', {})).toBeGreaterThanOrEqual(1);
+        // Trimmed back to the cap (LRU leaves first): far below the 1.6 M characters inserted.
+        expect(sample(m, 'kvgate_tree_chars', {})).toBeLessThan(1_200_000);
+        expect(m).toMatch(/# TYPE kvgate_tree_size_trims_total counter/);
+      } finally {
+        await gw.close();
+        await fake.close();
+      }
+    });
+  }
+});

@@ -200,7 +200,7 @@ describe('WorkerLabels', () => {
 
 describe('metric types', () => {
   it('every *_total metric is a counter, and process metrics are on the registry', async () => {
-    const m = new GatewayMetrics(new WorkerRegistry(), () => new Map());
+    const m = new GatewayMetrics(new WorkerRegistry(), () => []);
     const text = await m.registry.metrics();
     const types = [...text.matchAll(/^# TYPE (\S+) (\S+)$/gm)].map((x) => [x[1], x[2]]);
     for (const [name, type] of types) if (name.startsWith('kvgate_') && name.endsWith('_total')) expect({ name, type }).toEqual({ name, type: 'counter' });
