@@ -120,10 +120,11 @@ export class LlmdDefaultPolicy extends BasePolicy {
 /**
  * AIBrix's prefix-cache routing (gateway plugin `prefix-cache`, defaults): if the running
  * requests of the pods differ by more than 16 (max − min), the pod with the fewest; otherwise
- * the pods holding a prefix of the request, by decreasing match percentage then fewest running
- * requests, and the first whose running requests are below mean + 2 standard deviations;
- * no such pod: the fewest running (ties at random). Running requests are the router's own in-flight counts;
- * the match comes from the KV-event index (AIBrix keeps its own table of routed prefixes).
+ * the pods holding a prefix of the request, shuffled, then by decreasing match percentage (a
+ * whole percent, as AIBrix computes it) then fewest running requests, and the first whose
+ * running requests are below mean + 2 standard deviations; no such pod: the fewest running
+ * (ties at random). Running requests are the router's own in-flight counts; the match comes
+ * from the KV-event index (AIBrix keeps its own table of routed prefixes).
  */
 export class AibrixPrefixPolicy extends BasePolicy {
   readonly name = 'peer_aibrix';
@@ -137,25 +138,36 @@ export class AibrixPrefixPolicy extends BasePolicy {
     super(deps);
   }
 
-  /** `draw`: break least-load ties with the RNG (decisions); explanations do not draw. */
-  private decide(healthy: readonly Worker[], ctx: RequestContext, draw = true): { worker: Worker; rule: string } {
+  /**
+   * `draw`: break ties with the RNG (decisions); explanations do not draw, and `tied` says
+   * whether the decision would have been a draw.
+   */
+  private decide(healthy: readonly Worker[], ctx: RequestContext, draw = true): { worker: Worker; rule: string; tied: boolean } {
     const loads = healthy.map((w) => w.load);
     // Ties at random: AIBrix picks among the least-loaded pods in Go map order, which is random.
-    const least = (): Worker => {
+    const least = (): { worker: Worker; tied: boolean } => {
       const min = Math.min(...loads);
       const ties = healthy.filter((_, k) => loads[k] === min);
-      return ties.length === 1 || !draw ? ties[0] : ties[this.deps.rng.int(ties.length)];
+      return { worker: ties.length === 1 || !draw ? ties[0] : ties[this.deps.rng.int(ties.length)], tied: ties.length > 1 };
     };
-    if (Math.max(...loads) - Math.min(...loads) > this.imbalanceAbs) return { worker: least(), rule: 'imbalance' };
+    if (Math.max(...loads) - Math.min(...loads) > this.imbalanceAbs) return { ...least(), rule: 'imbalance' };
     const { matched, blocks } = prefixMatch(this.view, ctx);
     const mean = loads.reduce((a, b) => a + b, 0) / loads.length;
     const std = Math.sqrt(loads.reduce((a, b) => a + (b - mean) ** 2, 0) / loads.length);
+    // AIBrix's match percent is an integer ((i + 1) · 100 / blocks in Go's int arithmetic), and
+    // it shuffles the matched pods before a stable sort by percent (descending) and running
+    // requests (ascending): pods equal on both are taken in random order, not by position.
     const matches = healthy
-      .map((w, k) => ({ w, k, pct: blocks > 0 ? (matched.get(w.id) ?? 0) / blocks : 0 }))
-      .filter((x) => x.pct > 0)
-      .sort((a, b) => b.pct - a.pct || loads[a.k] - loads[b.k]);
-    for (const m of matches) if (loads[m.k] <= mean + this.stdFactor * std) return { worker: m.w, rule: 'prefix_match' };
-    return { worker: least(), rule: 'least_request' };
+      .map((w, k) => ({ w, k, pct: blocks > 0 ? Math.floor(((matched.get(w.id) ?? 0) * 100) / blocks) : 0 }))
+      .filter((x) => x.pct > 0 && loads[x.k] <= mean + this.stdFactor * std);
+    if (matches.length > 0) {
+      if (draw) shuffle(matches, this.deps.rng);
+      matches.sort((a, b) => b.pct - a.pct || loads[a.k] - loads[b.k]);
+      const first = matches[0];
+      const tied = matches.filter((m) => m.pct === first.pct && loads[m.k] === loads[first.k]).length > 1;
+      return { worker: first.w, rule: 'prefix_match', tied };
+    }
+    return { ...least(), rule: 'least_request' };
   }
 
   selectWorker(candidates: readonly Worker[], ctx: RequestContext): Worker | undefined {
@@ -169,7 +181,16 @@ export class AibrixPrefixPolicy extends BasePolicy {
     const healthy = available(candidates);
     if (healthy.length === 0) return noneAvailable(this.name, described);
     const d = this.decide(healthy, ctx, false);
-    const random = d.rule !== 'prefix_match' && healthy.filter((w) => w.load === d.worker.load).length > 1;
-    return { policy: this.name, chosen: random ? undefined : d.worker.id, rule: d.rule, detail: 'AIBrix prefix-cache: imbalance > 16 → least running; else best prefix match under mean + 2σ running', deterministic: !random, candidates: described };
+    return { policy: this.name, chosen: d.tied ? undefined : d.worker.id, rule: d.rule, detail: 'AIBrix prefix-cache: imbalance > 16 → least running; else best integer prefix-match percent under mean + 2σ running (ties at random)', deterministic: !d.tied, candidates: described };
+  }
+}
+
+/** Fisher–Yates shuffle in place with the injected RNG. */
+function shuffle<T>(a: T[], rng: { int(n: number): number }): void {
+  for (let i = a.length - 1; i > 0; i--) {
+    const j = rng.int(i + 1);
+    const t = a[i];
+    a[i] = a[j];
+    a[j] = t;
   }
 }
