@@ -271,28 +271,62 @@ export class CharTree {
 
   /** Records that `tenant` now holds `text` (its whole length). `insert("", t)` just registers t. */
   insert(text: string, tenant: string): void {
+    this.insertParts(text, '', tenant);
+  }
+
+  /**
+   * `insert(head + tail, tenant)`, leaving the tree exactly as that would, without joining the
+   * two: only the characters of new labels are copied. For a caller that holds a text as a
+   * shared prefix and its own rest (a peer's decoded prompt: reading `head + tail` would first
+   * flatten the whole concatenation).
+   */
+  insertParts(head: string, tail: string, tenant: string): void {
     let id = this.tenantIds.get(tenant);
     if (id === undefined) id = this.register(tenant);
-    this.insertFor(text, id);
+    if (tail.length > 0 && isHigh(head.charCodeAt(head.length - 1)) && isLow(tail.charCodeAt(0))) {
+      this.insertFor(head + tail, '', id); // a surrogate pair across the seam: walk the joined text
+    } else {
+      this.insertFor(head, tail, id);
+    }
     if (this.charCounts[id] > this.trimAbove) {
       this.trims++;
       this.evictTenantBySize(this.opts.maxTenantChars!);
     }
   }
 
-  private insertFor(text: string, id: number): void {
+  /**
+   * Inserts the text `head + tail` (no surrogate pair across the seam). Positions are in the
+   * joined text; the walk reads whichever part holds them, and the one label that may straddle
+   * the seam is compared with the end of `head`, then the start of `tail`.
+   */
+  private insertFor(head: string, tail: string, id: number): void {
     const counts = this.charCounts;
-    const wide = SURROGATE.test(text);
-    const end = text.length;
+    const wide = SURROGATE.test(head) || (tail.length > 0 && SURROGATE.test(tail));
+    const seam = head.length;
+    const end = seam + tail.length;
     let node = this.root;
     let pos = 0;
     while (pos < end) {
-      let key = text.charCodeAt(pos);
-      if (wide && isHigh(key)) key = text.codePointAt(pos)!;
+      const inHead = pos < seam;
+      const s = inHead ? head : tail;
+      const at = inHead ? pos : pos - seam;
+      let key = s.charCodeAt(at);
+      if (wide && isHigh(key)) key = s.codePointAt(at)!;
       const child = node.children === null ? undefined : node.children.get(key);
       if (child === undefined) {
-        const cpLen = wide ? countCodePoints(text, pos, end) : end - pos;
-        const leaf = new Node(ownedCopy(text, pos), cpLen, node, [id, this.epoch++], id);
+        let label: string;
+        let cpLen: number;
+        if (!inHead) {
+          label = ownedCopy(tail, at);
+          cpLen = wide ? countCodePoints(tail, at, tail.length) : end - pos;
+        } else if (tail.length === 0) {
+          label = ownedCopy(head, at);
+          cpLen = wide ? countCodePoints(head, at, seam) : end - pos;
+        } else {
+          label = (head.slice(at) + tail + '\0').slice(0, -1); // one flat copy of both pieces
+          cpLen = wide ? countCodePoints(head, at, seam) + countCodePoints(tail, 0, tail.length) : end - pos;
+        }
+        const leaf = new Node(label, cpLen, node, [id, this.epoch++], id);
         (node.children ??= new Map()).set(key, leaf);
         counts[id] += cpLen;
         this.nodes++;
@@ -300,7 +334,11 @@ export class CharTree {
         return;
       }
       const label = child.label;
-      const k = commonPrefix(text, pos, label, wide);
+      let k = commonPrefix(s, at, label, wide);
+      if (inHead && k === seam - at && k < label.length && tail.length > 0) {
+        // The head ends inside this label: the rest of the label goes on against the tail.
+        k += commonPrefix(tail, 0, label.slice(k), wide);
+      }
       if (k === label.length) {
         if (tenantIndex(child.tenants, id) < 0) {
           child.tenants = withTenant(child.tenants, id, 0);
@@ -509,6 +547,29 @@ export class CharTree {
     }
     out.sort((a, b) => a[2] - b[2]);
     return out.map(([tenant, text]) => [tenant, text]);
+  }
+
+  /**
+   * The whole tree as text, for tests: the epoch, then one line per node in pre-order (children
+   * in insertion order) with its depth, label, code point count, tenants with their stamps, and
+   * last tenant. Two trees with equal dumps answer every call alike.
+   */
+  dump(): string {
+    const lines = [`epoch ${this.epoch} nodes ${this.nodes} chars ${this.chars}`];
+    const name = (id: number) => (id < 0 ? '-' : (this.tenantNames[id] ?? `#${id}`));
+    const walk = (node: Node, depth: number) => {
+      const t: string[] = [];
+      for (let i = 0; i < node.tenants.length; i += 2) t.push(`${name(node.tenants[i])}@${node.tenants[i + 1]}`);
+      lines.push(`${depth} ${JSON.stringify(node.label)} ${node.cpLen} [${t.join(' ')}] ${name(node.lastTenant)}`);
+      if (node.children !== null) for (const [key, child] of node.children) {
+        if (key !== child.label.codePointAt(0)) lines.push(`  bad key ${key}`);
+        if (child.parent !== node) lines.push('  bad parent');
+        walk(child, depth + 1);
+      }
+    };
+    walk(this.root, 0);
+    lines.push(`counts ${[...this.tenantIds].map(([n, id]) => `${n}=${this.charCounts[id]}`).join(' ')}`);
+    return lines.join('\n');
   }
 
   /** Registered tenants, in registration order. */

@@ -136,7 +136,10 @@ export class CacheAwarePolicy extends BasePolicy {
   }
 
   applyPeer(_origin: string, event: PeerRoutingEvent): void {
-    if (event.kind === 'routed' && event.rec.text !== undefined) this.trees.tree(event.rec.model).insert(event.rec.text, event.rec.workerId);
+    if (event.kind !== 'routed') return;
+    const { rec } = event;
+    if (rec.textParts !== undefined) this.trees.tree(rec.model).insertParts(rec.textParts[0], rec.textParts[1], rec.workerId);
+    else if (rec.text !== undefined) this.trees.tree(rec.model).insert(rec.text, rec.workerId);
   }
 
   *exportHistory(): Iterable<RoutedRecord> {

@@ -369,7 +369,9 @@ export class KvAwarePolicy extends BasePolicy {
   applyPeer(origin: string, event: PeerRoutingEvent): void {
     if (event.kind === 'routed') {
       const { rec } = event;
-      if (rec.text !== undefined && rec.text.length > 0) this.trees.tree(rec.model).insert(rec.text, rec.workerId);
+      if (rec.textParts !== undefined) {
+        if (rec.textParts[0].length + rec.textParts[1].length > 0) this.trees.tree(rec.model).insertParts(rec.textParts[0], rec.textParts[1], rec.workerId);
+      } else if (rec.text !== undefined && rec.text.length > 0) this.trees.tree(rec.model).insert(rec.text, rec.workerId);
       if (rec.requestId === undefined) return;
       let mine = this.peerActive.get(origin);
       if (!mine) this.peerActive.set(origin, (mine = new Map()));

@@ -33,6 +33,12 @@ export interface RoutedRecord {
   requestId?: string;
   /** Text inserted into a character tree of routing history. */
   text?: string;
+  /**
+   * When set, `text` is `textParts[0] + textParts[1]` not yet read (a peer's decoded prompt: its
+   * known prefix and the rest sent with it). Trees insert the two parts (CharTree.insertParts)
+   * rather than read `text`, which would first copy the whole prompt into one string.
+   */
+  textParts?: readonly [string, string];
   /** Token ids inserted into a token tree of routing history. */
   tokens?: ArrayLike<number>;
   /** In-flight accounting (kv_aware): blocks the request occupies... */

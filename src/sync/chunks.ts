@@ -65,11 +65,19 @@ export interface PreparedTokens {
 
 /** A text encoded recently: its chunk ends and chain hashes, reused for texts that share its start. */
 interface RecentText {
+  /** Its first chunk, a flat copy (the key it is stored under: it pins no text). */
+  key: string;
   text: string;
   ends: number[];
   hashes: number[];
   /** Leading chunks it shared with the recent text it replaced (hashText's first guess for the next one). */
   shared: number;
+}
+
+/** A known prefix's chunk entries, oldest first, and its text once joined. */
+interface CachedPrefix {
+  text: string | undefined;
+  entries: Entry[];
 }
 
 /** Recent texts remembered for encoding, and the UTF-16 units they may pin in total. */
@@ -85,8 +93,14 @@ export class ChunkDictionary {
   private clock = 0;
   /** Keyed by the text's first chunk; Map order is recency order. */
   private readonly recent = new Map<string, RecentText>();
-  /** Prefixes decoded recently, by their last chunk's hash (decodeText skips the walk and the join). */
-  private readonly prefixes = new Map<number, { text: string; entries: Entry[] }>();
+  /**
+   * Known prefixes used recently, by their last chunk's hash: their entries (refreshed in place,
+   * no lookup per chunk) and, once a decode needed it, their text (decodeText skips the walk and
+   * the join). Cleared whenever chunks are evicted, so every entry held here is in `entries`.
+   */
+  private readonly prefixes = new Map<number, CachedPrefix>();
+  /** The recent text stored last (the newest in `recent`): hashText tries it before a lookup. */
+  private newestRecent: RecentText | undefined;
   private prefixUnits = 0;
   private recentUnits = 0;
   /** Texts and token runs that could not be rebuilt (a chunk was missing). */
@@ -126,40 +140,76 @@ export class ChunkDictionary {
   encodePreparedText(p: PreparedText): EncodedText {
     const { text, ends, hashes } = p;
     const known = this.knownPrefix(hashes);
-    this.remember(hashes, known, (i) => text.slice(i === 0 ? 0 : ends[i - 1], ends[i]));
+    const now = ++this.clock;
+    if (known > 0) this.refreshPrefix(hashes, known, now);
+    // knownPrefix found no chunk past `known` (the chain names its whole prefix): all are new.
+    for (let i = known; i < hashes.length; i++) {
+      const h = hashes[i];
+      const had = this.entries.get(h); // only a hash collision within the text
+      if (had) had.used = now;
+      else this.addEntry(h, i === 0 ? 0 : hashes[i - 1], text.slice(i === 0 ? 0 : ends[i - 1], ends[i]), now);
+    }
+    if (this.units > this.maxUnits) this.evict();
     const from = known === 0 ? 0 : ends[known - 1];
     return [known, known === 0 ? 0 : hashes[known - 1], text.slice(from)];
   }
 
   /** The text, or undefined when a chunk of its known prefix is not in this dictionary. */
   decodeText(e: EncodedText): string | undefined {
+    const parts = this.decodeTextParts(e);
+    return parts === undefined ? undefined : parts[0] + parts[1];
+  }
+
+  /**
+   * The text as [known prefix, rest] (the text is their concatenation), or undefined when a
+   * chunk of its known prefix is not in this dictionary. Nothing here reads the joined text:
+   * the prefix is a flat string cached per last chunk hash, and the rest is cut and hashed on its
+   * own (chunk ends past the prefix depend only on units past it), so a caller that can use the
+   * two parts (CharTree.insertParts) never pays for flattening `prefix + rest`.
+   */
+  decodeTextParts(e: EncodedText): [string, string] | undefined {
     const [known, last, rest] = e;
     if (!Number.isInteger(known) || known < 0 || typeof rest !== 'string' || typeof last !== 'number') return this.fail();
     let prefix = '';
     let parent = 0;
+    const now = ++this.clock;
     if (known > 0) {
       if (!last) return this.fail();
       parent = last;
       const hit = this.prefixes.get(last);
       if (hit !== undefined && hit.entries.length === known) {
-        // A prefix decoded before: its text as it was joined, its chunks refreshed in place.
-        const now = ++this.clock;
+        // A prefix used before: its chunks refreshed in place; its text as it was joined (joined
+        // now if only encoding used it so far).
         for (const e of hit.entries) e.used = now;
-        prefix = hit.text;
+        if (hit.text !== undefined) prefix = hit.text;
+        else {
+          prefix = hit.entries.map((e) => e.chunk as string).join('');
+          this.cachePrefix(last, prefix, hit.entries);
+        }
       } else {
-        const entries = this.walkEntries(parent, known);
+        const entries = this.walkEntries(parent, known, now);
         if (!entries) return this.fail();
         prefix = entries.map((e) => e.chunk as string).join('');
         this.cachePrefix(last, prefix, entries);
       }
     }
-    const text = prefix + rest;
     // The prefix is `known` whole chunks: only the rest needs cutting and hashing.
-    const ends = textChunkEnds(text, known, prefix.length);
-    const hashes = chainText(text, ends, known, parent);
-    this.remember(hashes, known, (i) => text.slice(i === 0 ? 0 : ends[i - 1], ends[i]), true);
-    this.lastFingerprint = textFingerprint(text, ends, hashes);
-    return text;
+    const ends = textChunkEnds(rest);
+    let h = parent;
+    let from = 0;
+    for (let j = 0; j < ends.length; j++) {
+      const end = ends[j];
+      const p = h;
+      h = hashUnits(rest, from, end, p);
+      const had = this.entries.get(h);
+      if (had) had.used = now;
+      else this.addEntry(h, p, rest.slice(from, end), now);
+      from = end;
+    }
+    // Fingerprint: the last full chunk's hash (the prefix's last when the rest has none), chained over what follows.
+    this.lastFingerprint = hashUnits(rest, from, rest.length, h);
+    if (this.units > this.maxUnits) this.evict();
+    return [prefix, rest];
   }
 
   encodeTokens(tokens: ArrayLike<number>): EncodedTokens {
@@ -208,10 +258,9 @@ export class ChunkDictionary {
   }
 
   /** Entries of chunks `[0, count)` ending at `last`, oldest first; undefined if any is missing. Refreshes them. */
-  private walkEntries(last: number, count: number): Entry[] | undefined {
+  private walkEntries(last: number, count: number, now = ++this.clock): Entry[] | undefined {
     const out = new Array<Entry>(count);
     let h = last;
-    const now = ++this.clock;
     for (let i = count - 1; i >= 0; i--) {
       const e = this.entries.get(h);
       if (!e) return undefined;
@@ -222,19 +271,53 @@ export class ChunkDictionary {
     return out;
   }
 
-  /** Remembers a decoded text prefix (bounded; Map order is insertion order, the oldest goes first). */
-  private cachePrefix(last: number, text: string, entries: Entry[]): void {
-    if (text.length > PREFIX_CACHE_UNITS / 16) return;
+  /**
+   * Remembers a known prefix: its entries, and its text if joined (bounded by count and by
+   * weight: its text's units, or 4 units per entry held without text; Map order is insertion
+   * order, the oldest goes first).
+   */
+  private cachePrefix(last: number, text: string | undefined, entries: Entry[]): void {
+    const weight = prefixWeight(text, entries);
+    if (weight > PREFIX_CACHE_UNITS / 16) return;
     const old = this.prefixes.get(last);
-    if (old) this.prefixUnits -= old.text.length;
+    if (old) this.prefixUnits -= prefixWeight(old.text, old.entries);
     this.prefixes.delete(last);
     this.prefixes.set(last, { text, entries });
-    this.prefixUnits += text.length;
+    this.prefixUnits += weight;
     for (const [k, v] of this.prefixes) {
       if (this.prefixes.size <= PREFIX_CACHE_ENTRIES && this.prefixUnits <= PREFIX_CACHE_UNITS) break;
       this.prefixes.delete(k);
-      this.prefixUnits -= v.text.length;
+      this.prefixUnits -= prefixWeight(v.text, v.entries);
     }
+  }
+
+  /**
+   * Refreshes the known chunks [0, known) of a text being encoded: through the prefix cache when
+   * it holds them (one lookup), else one lookup per chunk (then cached when all are present).
+   */
+  private refreshPrefix(hashes: number[], known: number, now: number): void {
+    const last = hashes[known - 1];
+    const hit = this.prefixes.get(last);
+    if (hit !== undefined && hit.entries.length === known) {
+      for (const e of hit.entries) e.used = now;
+      return;
+    }
+    const entries: Entry[] = [];
+    for (let i = 0; i < known; i++) {
+      const e = this.entries.get(hashes[i]);
+      // Known by name but evicted here: it cannot be re-added without its chunk (nor cached).
+      if (e === undefined) continue;
+      e.used = now;
+      entries.push(e);
+    }
+    if (entries.length === known) this.cachePrefix(last, undefined, entries);
+  }
+
+  /** Adds a chunk (a flat copy, so the dictionary never pins a whole prompt string). */
+  private addEntry(h: number, parent: number, chunk: string, now: number): void {
+    const own = (chunk + '\0').slice(0, -1);
+    this.entries.set(h, { parent, chunk: own, used: now });
+    this.units += own.length;
   }
 
 
@@ -245,8 +328,13 @@ export class ChunkDictionary {
    */
   private hashText(text: string, ends: number[]): number[] {
     if (ends.length === 0) return [];
-    const key = text.slice(0, ends[0]);
-    const prev = this.recent.get(key);
+    const first = ends[0];
+    // The text stored last first (requests behind one system prompt all begin alike): one
+    // comparison, without hashing the key for a lookup (`startsWith` was slower than the lookup in a
+    // CPU profile; slice equality is a memcmp).
+    const key = text.slice(0, first);
+    let prev = this.newestRecent;
+    if (prev === undefined || key !== prev.key) prev = this.recent.get(key);
     let hashes: number[];
     let shared = 0;
     if (prev) {
@@ -261,7 +349,7 @@ export class ChunkDictionary {
       const guess = Math.min(prev.shared, hi);
       if (guess > 1) {
         const end = ends[guess - 1];
-        if (prev.ends[guess - 1] === end && text.slice(ends[0], end) === prev.text.slice(ends[0], end)) lo = guess;
+        if (prev.ends[guess - 1] === end && text.slice(first, end) === prev.text.slice(first, end)) lo = guess;
         else hi = guess - 1;
       }
       while (lo < hi) {
@@ -271,22 +359,40 @@ export class ChunkDictionary {
         if (prev.ends[mid - 1] === end && text.slice(from, end) === prev.text.slice(from, end)) lo = mid;
         else hi = mid - 1;
       }
-      hashes = chainText(text, ends, lo, prev.hashes[lo - 1]);
-      for (let i = 0; i < lo - 1; i++) hashes[i] = prev.hashes[i];
+      hashes = chainText(text, ends, lo, prev.hashes);
       shared = lo;
-      this.recent.delete(key);
-      this.recentUnits -= prev.text.length;
     } else {
-      hashes = chainText(text, ends, 0, 0);
+      hashes = chainText(text, ends, 0, undefined);
     }
     if (this.recentTexts > 0 && text.length <= RECENT_UNITS / 8) {
-      this.recent.set(key, { text, ends, hashes, shared });
-      this.recentUnits += text.length;
+      if (prev !== undefined && prev === this.newestRecent) {
+        // Already the newest in recency order: replaced in place (its key is the same chunk).
+        this.recentUnits += text.length - prev.text.length;
+        prev.text = text;
+        prev.ends = ends;
+        prev.hashes = hashes;
+        prev.shared = shared;
+      } else {
+        if (prev !== undefined) {
+          this.recent.delete(prev.key);
+          this.recentUnits -= prev.text.length;
+        }
+        const own = prev?.key ?? (key + '\0').slice(0, -1);
+        const r: RecentText = { key: own, text, ends, hashes, shared };
+        this.recent.set(own, r);
+        this.newestRecent = r;
+        this.recentUnits += text.length;
+      }
       for (const [k, r] of this.recent) {
         if (this.recent.size <= this.recentTexts && this.recentUnits <= RECENT_UNITS) break;
         this.recent.delete(k);
         this.recentUnits -= r.text.length;
+        if (r === this.newestRecent) this.newestRecent = undefined;
       }
+    } else if (prev !== undefined) {
+      this.recent.delete(prev.key);
+      this.recentUnits -= prev.text.length;
+      if (prev === this.newestRecent) this.newestRecent = undefined;
     }
     return hashes;
   }
@@ -359,6 +465,11 @@ export class ChunkDictionary {
   }
 }
 
+/** What a cached prefix counts against PREFIX_CACHE_UNITS: its text, else its entry array (8 bytes, 4 units, an entry). */
+function prefixWeight(text: string | undefined, entries: Entry[]): number {
+  return text !== undefined ? text.length : entries.length * 4;
+}
+
 /** A text's fingerprint (PreparedText): its last full chunk's chain hash, chained over the units after it. */
 function textFingerprint(text: string, ends: number[], hashes: number[]): number {
   const full = ends.length;
@@ -372,12 +483,9 @@ function tokensFingerprint(tokens: Uint32Array, hashes: number[]): number {
 }
 
 /** End offsets of the full chunks of a text (the remainder after the last one is not a chunk). */
-export function textChunkEnds(text: string, knownChunks = 0, knownUnits = 0): number[] {
-  // With `knownChunks` > 0 the text starts with that many chunks spanning `knownUnits` units:
-  // their inner ends are not computed (left 0; only the last, `knownUnits`, is needed to go on).
-  const ends: number[] = knownChunks > 0 ? new Array<number>(knownChunks).fill(0) : [];
-  if (knownChunks > 0) ends[knownChunks - 1] = knownUnits;
-  let at = knownUnits;
+export function textChunkEnds(text: string): number[] {
+  const ends: number[] = [];
+  let at = 0;
   for (;;) {
     let end = at + TEXT_CHUNK;
     if (end > text.length) break;
@@ -392,15 +500,17 @@ export function textChunkEnds(text: string, knownChunks = 0, knownUnits = 0): nu
   return ends;
 }
 
-/** Chain hashes of chunks [from, ends.length), continuing from `parent` (the hash of chunk from−1). */
-function chainText(text: string, ends: number[], from: number, parent: number): number[] {
-  const out = new Array<number>(ends.length).fill(0);
-  let h = parent;
+/**
+ * Chain hashes of a text's full chunks: those of chunks [0, from) taken from `base` (hashes of
+ * a text with the same first `from` chunks), the rest hashed, continuing from chunk from−1's.
+ */
+function chainText(text: string, ends: number[], from: number, base: number[] | undefined): number[] {
+  const out = from === 0 || base === undefined ? [] : base.slice(0, from);
+  let h = from === 0 || base === undefined ? 0 : base[from - 1];
   for (let i = from; i < ends.length; i++) {
     h = hashUnits(text, i === 0 ? 0 : ends[i - 1], ends[i], h);
-    out[i] = h;
+    out.push(h);
   }
-  if (from > 0) out[from - 1] = parent;
   return out;
 }
 

@@ -661,7 +661,7 @@ export class ReplicaSync {
     for (const [role, model, workerId, text, tokens] of m.h ?? []) {
       const policy = this.deps.policies.get(role);
       const rec: RoutedRecord = { model, workerId };
-      if (text) rec.text = this.dict.decodeText(text);
+      if (text) setDecodedText(rec, this.dict.decodeTextParts(text));
       if (tokens) rec.tokens = this.dict.decodeTokens(tokens);
       wait.entries++;
       if (!policy?.applyPeer || !this.deps.registry.get(workerId)) continue;
@@ -789,7 +789,7 @@ export class ReplicaSync {
     const rec: RoutedRecord = { model, workerId };
     let fingerprint = 0;
     if (text) {
-      rec.text = this.dict.decodeText(text);
+      setDecodedText(rec, this.dict.decodeTextParts(text));
       fingerprint = this.dict.lastFingerprint;
     }
     if (tokens) {
@@ -859,6 +859,15 @@ export class ReplicaSync {
     if (had && (had.at > c.at || (had.at === c.at && had.origin >= c.origin))) return;
     this.adminLog.set(c.url, c);
     this.deps.applyAdmin?.(c);
+  }
+}
+
+/** A decoded text on a record: as its two parts, and as their concatenation (not read here). */
+function setDecodedText(rec: RoutedRecord, parts: [string, string] | undefined): void {
+  if (parts === undefined) rec.text = undefined;
+  else {
+    rec.text = parts[0] + parts[1];
+    rec.textParts = parts;
   }
 }
 

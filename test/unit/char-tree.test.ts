@@ -384,3 +384,55 @@ describe('CharTree with maxTenantChars: inserts keep each tenant near its cap', 
     expect(tree.tenantCharCount('w1')).toBeLessThanOrEqual(2_000_000);
   });
 });
+
+describe('CharTree.insertParts: a text inserted as two pieces', () => {
+  it('leaves the tree exactly as insert of the joined text, under matches, evictions, trims and removals', () => {
+    // Pieces of a shared "system prompt", emoji, a lone high surrogate and CJK, so that seams fall
+    // inside labels, at their ends, between the halves of a pair, and next to lone surrogates.
+    const words = ['sys ', 'prompt ', 'é', '😀', '\uD83D', '中文', 'x', 'yy', 'user ', '\uDE00'];
+    for (const seed of [1, 2, 3, 4]) {
+      const r = rng(seed);
+      const cap = seed <= 2 ? 60 : undefined; // inserts trim past the cap themselves (with slack)
+      const plain = new CharTree(cap === undefined ? {} : { maxTenantChars: cap });
+      const parts = new CharTree(cap === undefined ? {} : { maxTenantChars: cap });
+      const texts: string[] = [];
+      for (let n = 0; n < 700; n++) {
+        const op = r(20);
+        const tenant = `t${r(4)}`;
+        if (op < 14) {
+          // Often a known text extended or cut short, as prompts behind one system prompt are.
+          let text = texts.length > 0 && r(3) > 0 ? texts[r(texts.length)] : '';
+          if (r(2) === 0) text = text.slice(0, r(text.length + 1));
+          for (let k = r(6); k > 0; k--) text += words[r(words.length)];
+          texts.push(text);
+          const seam = r(text.length + 1);
+          plain.insert(text, tenant);
+          parts.insertParts(text.slice(0, seam), text.slice(seam), tenant);
+        } else if (op < 17) {
+          const probe = texts.length > 0 ? texts[r(texts.length)] + (r(2) ? 'x' : '') : 'x';
+          expect(parts.prefixMatch(probe)).toEqual(plain.prefixMatch(probe));
+          expect(parts.prefixMatchTenant(probe, tenant)).toBe(plain.prefixMatchTenant(probe, tenant));
+        } else if (op < 19) {
+          const limit = r(40);
+          plain.evictTenantBySize(limit);
+          parts.evictTenantBySize(limit);
+        } else {
+          plain.removeTenant(tenant);
+          parts.removeTenant(tenant);
+        }
+        expect(parts.dump()).toBe(plain.dump());
+      }
+      expect(parts.dump()).not.toContain('bad');
+      expectConsistent(parts);
+    }
+  });
+
+  it('a new leaf that starts inside the head holds the rest of the head and the tail', () => {
+    const tree = new CharTree();
+    const head = 'h'.repeat(1000);
+    tree.insertParts(head, 'tail', 't');
+    tree.insertParts(head.slice(0, 990) + 'Z'.repeat(10), 'tail', 't');
+    expect(tree.tenantStrings().map(([, s]) => s).sort()).toEqual([head + 'tail', head.slice(0, 990) + 'Z'.repeat(10) + 'tail'].sort());
+    expect(tree.prefixMatch(head + 'tail').matchedChars).toBe(1004);
+  });
+});

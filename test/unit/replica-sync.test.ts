@@ -5,9 +5,11 @@ import type { RequestContext } from '../../src/core/context.js';
 import { WorkerRegistry } from '../../src/core/registry.js';
 import { SeededRng } from '../../src/core/rng.js';
 import { Worker } from '../../src/core/worker.js';
+import { CharTree } from '../../src/cache/char-tree.js';
+import type { TreesByModel } from '../../src/cache/trees-by-model.js';
 import { CacheAwarePolicy } from '../../src/policies/cache-aware.js';
 import { KvAwarePolicy, defaultKvAwareConfig } from '../../src/policies/kv-aware.js';
-import type { RoutingPolicy } from '../../src/policies/policy.js';
+import type { PeerRoutingEvent, RoutingPolicy } from '../../src/policies/policy.js';
 import { ChunkDictionary, TEXT_CHUNK } from '../../src/sync/chunks.js';
 import { MemoryBus, type MemoryTransport } from '../../src/sync/memory-transport.js';
 import { ReplicaSync, type AdminChange } from '../../src/sync/replica-sync.js';
@@ -247,6 +249,48 @@ describe('replica sync (in-memory bus, virtual time)', () => {
     expect(tree(b)).toEqual(local);
   });
 
+  it('a peer’s decoded prompts (inserted as prefix and rest) leave its tree as plain inserts would, with evictions between', () => {
+    const { vt, a, b } = twoPeers();
+    // Replays what b's policy is given as plain inserts of the joined text into a reference tree.
+    const cap = 6000;
+    const reference = new CharTree({ maxTenantChars: cap });
+    const apply = b.policy.applyPeer!.bind(b.policy);
+    let parts = 0;
+    b.policy.applyPeer = (origin: string, event: PeerRoutingEvent) => {
+      apply(origin, event);
+      if (event.kind !== 'routed' || event.rec.text === undefined) return;
+      if (event.rec.textParts) parts++;
+      reference.insert(event.rec.text, event.rec.workerId);
+    };
+    const bTree = () => (b.policy as unknown as { trees: TreesByModel }).trees.tree('m');
+    let seed = 5;
+    const rnd = (n: number) => ((seed = (seed * 1103515245 + 12345) % 2147483648) % n);
+    const emoji = '😀'.repeat(TEXT_CHUNK / 2 - 1) + 'é'; // chunk ends move a unit to keep pairs whole
+    const prompts = [systemPrompt, emoji + systemPrompt, systemPrompt.slice(0, 2 * TEXT_CHUNK + 7)];
+    for (let n = 0; n < 400; n++) {
+      const base = prompts[rnd(prompts.length)];
+      const kind = rnd(4);
+      let text: string;
+      if (kind === 0) text = base + `user ${n}: ` + 'where? '.repeat(rnd(80)); // unique, behind a shared prefix
+      else if (kind === 1) text = base.slice(0, rnd(base.length)) + '😀'.repeat(rnd(3)) + `cut ${n}`; // diverges inside the prefix
+      else if (kind === 2) text = base + 'repeat ' + rnd(5); // repeats
+      else text = `short ${n} ` + '中'.repeat(rnd(300));
+      a.policy.selectWorker(a.registry.all(), ctx(text));
+      vt.advance(rnd(4) === 0 ? 400 : 1);
+      if (n % 50 === 49) {
+        vt.advance(10);
+        bTree().evictTenantBySize(cap);
+        reference.evictTenantBySize(cap);
+        expect(bTree().dump()).toBe(reference.dump());
+      }
+    }
+    vt.advance(50);
+    expect(parts).toBeGreaterThan(100);
+    expect(b.sync.unresolvedTexts).toBe(0);
+    expect(bTree().dump()).toBe(reference.dump());
+    expect(bTree().dump()).not.toContain('bad');
+  });
+
   it('a repeated prompt with in-flight accounting still sends the accounting (kv_aware), without the prompt', () => {
     const { vt, a, b } = twoPeers('kv_aware');
     const tokens = Array.from({ length: 640 }, (_, i) => i % 1000);
@@ -367,6 +411,27 @@ describe('chunk dictionary', () => {
       const filler = String(n).padEnd(TEXT_CHUNK * 3, '-');
       expect(recv.decodeText(send.encodeText(filler))).toBe(filler);
       expect(recv.storedUnits).toBeLessThanOrEqual(TEXT_CHUNK * 40);
+    }
+    expect(recv.unresolved).toBe(0);
+  });
+
+  it('keeps a prefix that is used again after it was evicted and re-added recent, on the sender and on a receiver', () => {
+    const send = new ChunkDictionary(TEXT_CHUNK * 40);
+    const recv = new ChunkDictionary(TEXT_CHUNK * 40);
+    const keep = 'k'.repeat(TEXT_CHUNK * 4);
+    const both = (t: string) => {
+      const e = send.encodeText(t);
+      expect(recv.decodeText(e)).toBe(t);
+      return e;
+    };
+    both(keep + 'a');
+    expect(both(keep + 'b')[0]).toBe(4); // the prefix's chunks are now cached on both sides
+    for (let n = 0; n < 30; n++) both(String(n).padEnd(TEXT_CHUNK * 3, '-')); // ...and evicted
+    expect(both(keep + 'c')[0]).toBe(0); // re-added: new chunk entries
+    for (let n = 0; n < 60; n++) {
+      // Used every round, so never the least recently used: its refreshes must reach the new entries.
+      expect(both(keep + `q${n}`)[0]).toBe(4);
+      both(String(n + 100).padEnd(TEXT_CHUNK * 3, '-'));
     }
     expect(recv.unresolved).toBe(0);
   });
