@@ -330,7 +330,7 @@ export class ChunkDictionary {
     if (ends.length === 0) return [];
     const first = ends[0];
     // The text stored last first (requests behind one system prompt all begin alike): one
-    // comparison, without hashing the key for a lookup (`startsWith` was slower than the lookup in a
+    // comparison, without hashing the key for a lookup (`startsWith` cost as much as the lookup in a
     // CPU profile; slice equality is a memcmp).
     const key = text.slice(0, first);
     let prev = this.newestRecent;
