@@ -118,19 +118,26 @@ export class LlmdDefaultPolicy extends BasePolicy {
 }
 
 /**
- * AIBrix's prefix-cache routing (gateway plugin `prefix-cache`, defaults): if the running
- * requests of the pods differ by more than 16 (max − min), the pod with the fewest; otherwise
- * the pods holding a prefix of the request, shuffled, then by decreasing match percentage (a
- * whole percent, as AIBrix computes it) then fewest running requests, and the first whose
- * running requests are below mean + 2 standard deviations; no such pod: the fewest running
- * (ties at random). Running requests are the router's own in-flight counts; the match comes
- * from the KV-event index (AIBrix keeps its own table of routed prefixes).
+ * AIBrix's prefix-cache routing (gateway plugin `prefix-cache`, the defaults of its code,
+ * `pkg/plugins/gateway/algorithms/prefix_cache.go`):
+ * - load gate: when the busiest pod runs more than `imbalanceFactor` × (mean + 1) requests and
+ *   at least `imbalanceMinGap` more than the least busy, only the least busy pods are candidates;
+ * - the candidates holding a prefix of the request, shuffled, then by decreasing match
+ *   percentage (a whole percent, as AIBrix computes it) then fewest running requests: the first
+ *   whose running requests are at most mean + `stdFactor` standard deviations (over all pods);
+ * - no such pod: the fewest running (ties at random).
+ * Running requests are the router's own in-flight counts; the match comes from the KV-event
+ * index (AIBrix keeps its own table of routed prefixes). AIBrix's README gives other values
+ * (an absolute gap of 16 that sends to the least busy pod, 2 standard deviations); the code's
+ * defaults are what a deployment runs (docs/lab.md).
  */
 export class AibrixPrefixPolicy extends BasePolicy {
   readonly name = 'peer_aibrix';
   readonly needsTokens = true;
-  readonly imbalanceAbs = 16;
-  readonly stdFactor = 2;
+  /** AIBRIX_PREFIX_CACHE_LOAD_IMBALANCE_FACTOR, _LOAD_IMBALANCE_MIN_GAP, _STANDARD_DEVIATION_FACTOR (code defaults). */
+  readonly imbalanceFactor = 2;
+  readonly imbalanceMinGap = 8;
+  readonly stdFactor = 1;
   constructor(
     deps: PolicyDeps,
     private readonly view: KvIndexView,
@@ -144,30 +151,32 @@ export class AibrixPrefixPolicy extends BasePolicy {
    */
   private decide(healthy: readonly Worker[], ctx: RequestContext, draw = true): { worker: Worker; rule: string; tied: boolean } {
     const loads = healthy.map((w) => w.load);
-    // Ties at random: AIBrix picks among the least-loaded pods in Go map order, which is random.
-    const least = (): { worker: Worker; tied: boolean } => {
-      const min = Math.min(...loads);
-      const ties = healthy.filter((_, k) => loads[k] === min);
-      return { worker: ties.length === 1 || !draw ? ties[0] : ties[this.deps.rng.int(ties.length)], tied: ties.length > 1 };
-    };
-    if (Math.max(...loads) - Math.min(...loads) > this.imbalanceAbs) return { ...least(), rule: 'imbalance' };
     const { matched, blocks } = prefixMatch(this.view, ctx);
     const mean = loads.reduce((a, b) => a + b, 0) / loads.length;
     const std = Math.sqrt(loads.reduce((a, b) => a + (b - mean) ** 2, 0) / loads.length);
+    const min = Math.min(...loads);
+    const max = Math.max(...loads);
+    // Ties at random: AIBrix picks among the least-loaded pods in Go map order, which is random.
+    const least = (): { worker: Worker; tied: boolean } => {
+      const ties = healthy.filter((_, k) => loads[k] === min);
+      return { worker: ties.length === 1 || !draw ? ties[0] : ties[this.deps.rng.int(ties.length)], tied: ties.length > 1 };
+    };
+    // Load gate: matching only among the least busy pods.
+    const gated = max > this.imbalanceFactor * (mean + 1) && max - min >= this.imbalanceMinGap;
     // AIBrix's match percent is an integer ((i + 1) · 100 / blocks in Go's int arithmetic), and
     // it shuffles the matched pods before a stable sort by percent (descending) and running
     // requests (ascending): pods equal on both are taken in random order, not by position.
     const matches = healthy
       .map((w, k) => ({ w, k, pct: blocks > 0 ? Math.floor(((matched.get(w.id) ?? 0) * 100) / blocks) : 0 }))
-      .filter((x) => x.pct > 0 && loads[x.k] <= mean + this.stdFactor * std);
+      .filter((x) => x.pct > 0 && (!gated || loads[x.k] === min) && loads[x.k] <= mean + this.stdFactor * std);
     if (matches.length > 0) {
       if (draw) shuffle(matches, this.deps.rng);
       matches.sort((a, b) => b.pct - a.pct || loads[a.k] - loads[b.k]);
       const first = matches[0];
       const tied = matches.filter((m) => m.pct === first.pct && loads[m.k] === loads[first.k]).length > 1;
-      return { worker: first.w, rule: 'prefix_match', tied };
+      return { worker: first.w, rule: gated ? 'imbalance_prefix_match' : 'prefix_match', tied };
     }
-    return { ...least(), rule: 'least_request' };
+    return { ...least(), rule: gated ? 'imbalance' : 'least_request' };
   }
 
   selectWorker(candidates: readonly Worker[], ctx: RequestContext): Worker | undefined {
@@ -181,7 +190,7 @@ export class AibrixPrefixPolicy extends BasePolicy {
     const healthy = available(candidates);
     if (healthy.length === 0) return noneAvailable(this.name, described);
     const d = this.decide(healthy, ctx, false);
-    return { policy: this.name, chosen: d.tied ? undefined : d.worker.id, rule: d.rule, detail: 'AIBrix prefix-cache: imbalance > 16 → least running; else best integer prefix-match percent under mean + 2σ running (ties at random)', deterministic: !d.tied, candidates: described };
+    return { policy: this.name, chosen: d.tied ? undefined : d.worker.id, rule: d.rule, detail: 'AIBrix prefix-cache: load gate (max > 2 × (mean + 1) and max − min ≥ 8) → least running pods only; best integer prefix-match percent under mean + 1σ running, ties at random; else least running', deterministic: !d.tied, candidates: described };
   }
 }
 

@@ -67,3 +67,21 @@ describe('peer_aibrix (lab reproduction of AIBrix prefix-cache routing)', () => 
     expect(policy.selectWorker(workers, ctx(prompt))).toBe(workers[0]);
   });
 });
+
+describe('peer_aibrix load gate and spread bound (AIBrix code defaults)', () => {
+  it('matches only among the least busy pods when the busiest runs more than 2 × (mean + 1) and at least 8 more', () => {
+    const { workers, policy, store, ctx } = setup();
+    const prompt = tokens(400);
+    store(0, prompt.slice(0, 360)); // the best match, on the busy pod
+    store(2, prompt.slice(0, 40));
+    workers[0].load = 12; // mean 3: 12 > 2 × 4 and 12 − 0 ≥ 8
+    expect(policy.selectWorker(workers, ctx(prompt))).toBe(workers[2]);
+    expect(policy.explain(workers, ctx(prompt))).toMatchObject({ rule: 'imbalance_prefix_match', chosen: workers[2].id });
+    workers[0].load = 7; // 7 ≤ 2 × (1.75 + 1): no gate, but 7 > mean + 1σ (1.75 + 3.03): not the holder either
+    expect(policy.selectWorker(workers, ctx(prompt))).toBe(workers[2]);
+    workers[0].load = 1; // [1, 0, 0, 0]: mean + 1σ = 0.68, so even one request more than the others excludes the holder
+    expect(policy.selectWorker(workers, ctx(prompt))).toBe(workers[2]);
+    for (const w of workers) w.load = 1; // equal loads: the holder
+    expect(policy.selectWorker(workers, ctx(prompt))).toBe(workers[0]);
+  });
+});
