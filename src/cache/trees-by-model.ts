@@ -1,5 +1,19 @@
 import { CharTree } from './char-tree.js';
 
+/** What a policy's character trees hold, for metrics: characters per worker, insert-time trims. */
+export interface TextTreeStats {
+  charsByWorker: Map<string, number>;
+  sizeTrims: number;
+}
+
+/** A routed prompt to insert: its text, or (a peer's decoded prompt) its text as two unjoined parts. */
+export interface RoutedText {
+  model: string;
+  workerId: string;
+  text?: string;
+  textParts?: readonly [string, string];
+}
+
 /**
  * The character trees of a policy that routes by text (cache_aware's prefix cache, kv_aware's
  * routing history): one per key (model, or model + adapter), each worker a tenant, every tree
@@ -33,6 +47,23 @@ export class TreesByModel {
     return this.trees.get(key);
   }
 
+  /**
+   * Inserts a routed record's prompt into the tree for `rec.model` (the two parts when it has
+   * them, so the joined text is never read). `skipEmpty`: an empty prompt does not register the
+   * worker. Returns whether a prompt was inserted.
+   */
+  insertRouted(rec: RoutedText, skipEmpty = false): boolean {
+    const parts = rec.textParts;
+    if (parts !== undefined) {
+      if (skipEmpty && parts[0].length + parts[1].length === 0) return false;
+      this.tree(rec.model).insertParts(parts[0], parts[1], rec.workerId);
+      return true;
+    }
+    if (rec.text === undefined || (skipEmpty && rec.text.length === 0)) return false;
+    this.tree(rec.model).insert(rec.text, rec.workerId);
+    return true;
+  }
+
   /** Trims every worker's share of every tree to the bound (LRU leaves first). */
   evict(): void {
     for (const t of this.trees.values()) t.evictTenantBySize(this.maxTenantChars);
@@ -55,11 +86,11 @@ export class TreesByModel {
     return out;
   }
 
-  /** Times an insert took a worker past the bound with slack and trimmed it at once, over all keys. */
-  sizeTrims(): number {
-    let n = 0;
-    for (const t of this.trees.values()) n += t.sizeTriggeredTrims;
-    return n;
+  /** Characters per worker, and how often an insert took a worker past the bound with slack and trimmed it at once. */
+  stats(): TextTreeStats {
+    let sizeTrims = 0;
+    for (const t of this.trees.values()) sizeTrims += t.sizeTriggeredTrims;
+    return { charsByWorker: this.charsByWorker(), sizeTrims };
   }
 
   close(): void {

@@ -136,10 +136,7 @@ export class CacheAwarePolicy extends BasePolicy {
   }
 
   applyPeer(_origin: string, event: PeerRoutingEvent): void {
-    if (event.kind !== 'routed') return;
-    const { rec } = event;
-    if (rec.textParts !== undefined) this.trees.tree(rec.model).insertParts(rec.textParts[0], rec.textParts[1], rec.workerId);
-    else if (rec.text !== undefined) this.trees.tree(rec.model).insert(rec.text, rec.workerId);
+    if (event.kind === 'routed') this.trees.insertRouted(event.rec);
   }
 
   *exportHistory(): Iterable<RoutedRecord> {
@@ -161,7 +158,7 @@ export class CacheAwarePolicy extends BasePolicy {
   }
 
   textTrees(): TextTreeStats {
-    return { charsByWorker: this.trees.charsByWorker(), sizeTrims: this.trees.sizeTrims() };
+    return this.trees.stats();
   }
 
   close(): void {

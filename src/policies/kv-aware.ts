@@ -369,9 +369,7 @@ export class KvAwarePolicy extends BasePolicy {
   applyPeer(origin: string, event: PeerRoutingEvent): void {
     if (event.kind === 'routed') {
       const { rec } = event;
-      if (rec.textParts !== undefined) {
-        if (rec.textParts[0].length + rec.textParts[1].length > 0) this.trees.tree(rec.model).insertParts(rec.textParts[0], rec.textParts[1], rec.workerId);
-      } else if (rec.text !== undefined && rec.text.length > 0) this.trees.tree(rec.model).insert(rec.text, rec.workerId);
+      this.trees.insertRouted(rec, true);
       if (rec.requestId === undefined) return;
       let mine = this.peerActive.get(origin);
       if (!mine) this.peerActive.set(origin, (mine = new Map()));
@@ -406,7 +404,7 @@ export class KvAwarePolicy extends BasePolicy {
 
   /** The routing history's trees (characters per worker, insert-time trims). */
   textTrees(): TextTreeStats {
-    return { charsByWorker: this.trees.charsByWorker(), sizeTrims: this.trees.sizeTrims() };
+    return this.trees.stats();
   }
 
   private addPeerLoad(a: PeerActive, sign: 1 | -1): void {

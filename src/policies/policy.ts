@@ -1,3 +1,4 @@
+import type { TextTreeStats } from '../cache/trees-by-model.js';
 import type { Clock } from '../core/clock.js';
 import type { RequestContext } from '../core/context.js';
 import type { Rng } from '../core/rng.js';
@@ -26,6 +27,8 @@ export interface PolicyObserver {
  * One routed request, as another kvgate replica needs it to mirror this replica's routing state
  * (replica sync). A policy fills in what its own state holds.
  */
+export type { TextTreeStats };
+
 export interface RoutedRecord {
   model: string;
   workerId: string;
@@ -141,11 +144,6 @@ export interface RoutingPolicy {
   textTrees?(): TextTreeStats;
 }
 
-/** What a policy's character trees hold (RoutingPolicy.textTrees). */
-export interface TextTreeStats {
-  charsByWorker: Map<string, number>;
-  sizeTrims: number;
-}
 
 export interface LatencyPrediction {
   ttftMs: number;
