@@ -47,16 +47,94 @@ interface Group {
   lastAt: number;
 }
 
+/** What a front records of one decision (the feed adds seq, at and group). */
+export type DecisionEntry = Omit<DecisionRecord, 'seq' | 'at' | 'group'>;
+
 /**
- * Recent decisions for the live dashboard: a bounded ring buffer, prefix groups (which workers
- * served each prefix), per-second request and TTFT series, and server-sent-event watchers.
+ * One place in the ring: a decision's fields, overwritten in place by the decision 500 later.
  *
- * The request path only stores objects (push, a counter bump, one short hash); formatting to
- * JSON happens on a timer, only while someone watches, at most every `flushMs`. Watchers are
- * dropped when their connection closes or their socket falls behind (never buffered without bound).
+ * The ring holds each decision for the next `capacity` requests (~40 ms at 13,000 req/s). When it
+ * held a new record object per decision (with its note), those objects were alive at one or two
+ * young-generation collections, so V8 copied them and promoted most to the old generation, where
+ * only full collections free them: 3.2 KB promoted per request under wrk, and GC CPU (pauses plus
+ * V8's helper threads) of 15–21 µs per request, against 0.3–0.8 KB and 8.5–9 µs with the fields
+ * copied into these long-lived slots (docs/benchmarks.md §3.1, "GC per request").
+ */
+class Slot {
+  seq = 0;
+  at = 0;
+  requestId = '';
+  route = '';
+  model = '';
+  policy = '';
+  worker = '';
+  prefillWorker: string | undefined = undefined;
+  attempt = 0;
+  explanation: RouteExplanation | PairExplanation | undefined = undefined;
+  group: string | undefined = undefined;
+  // The note's fields (DecisionNote), copied so the note object itself dies young.
+  kind: DecisionNote['kind'] = undefined;
+  matched: number | undefined = undefined;
+  input: number | undefined = undefined;
+  matchedBlocks: number | undefined = undefined;
+  requestBlocks: number | undefined = undefined;
+  fallback: boolean | undefined = undefined;
+  avoidableTokens: number | undefined = undefined;
+
+  fill(seq: number, at: number, e: DecisionEntry, group: string | undefined): void {
+    this.seq = seq;
+    this.at = at;
+    this.requestId = e.requestId;
+    this.route = e.route;
+    this.model = e.model;
+    this.policy = e.policy;
+    this.worker = e.worker;
+    this.prefillWorker = e.prefillWorker;
+    this.attempt = e.attempt;
+    this.explanation = e.explanation;
+    this.group = group;
+    const n = e.note;
+    this.kind = n.kind;
+    this.matched = n.matched;
+    this.input = n.input;
+    this.matchedBlocks = n.matchedBlocks;
+    this.requestBlocks = n.requestBlocks;
+    this.fallback = n.fallback;
+    this.avoidableTokens = n.avoidableTokens;
+  }
+
+  /** The decision as a record of its own (what watchers and `recent` get). */
+  record(): DecisionRecord {
+    const note: DecisionNote = {};
+    if (this.matched !== undefined) note.matched = this.matched;
+    if (this.input !== undefined) note.input = this.input;
+    if (this.matchedBlocks !== undefined) note.matchedBlocks = this.matchedBlocks;
+    if (this.requestBlocks !== undefined) note.requestBlocks = this.requestBlocks;
+    if (this.fallback !== undefined) note.fallback = this.fallback;
+    if (this.kind !== undefined) note.kind = this.kind;
+    if (this.avoidableTokens !== undefined) note.avoidableTokens = this.avoidableTokens;
+    const r: DecisionRecord = { seq: this.seq, at: this.at, requestId: this.requestId, route: this.route, model: this.model, policy: this.policy, worker: this.worker, attempt: this.attempt, note };
+    if (this.prefillWorker !== undefined) r.prefillWorker = this.prefillWorker;
+    if (this.explanation !== undefined) r.explanation = this.explanation;
+    if (this.group !== undefined) r.group = this.group;
+    return r;
+  }
+}
+
+/**
+ * Recent decisions for the live dashboard: a bounded ring of reused slots, prefix groups (which
+ * workers served each prefix), per-second request and TTFT series, and server-sent-event watchers.
+ *
+ * The request path only copies fields into a slot (plus a counter bump and one short hash); record
+ * objects are made when someone reads them (a watcher's backlog, the outbox while watched), and
+ * formatting to JSON happens on a timer, only while someone watches, at most every `flushMs`.
+ * Watchers are dropped when their connection closes or their socket falls behind (never buffered
+ * without bound).
  */
 export class DecisionFeed {
-  private readonly ring: Array<DecisionRecord | undefined>;
+  private readonly ring: Slot[];
+  /** Slots filled so far (up to capacity). */
+  private filled = 0;
   private next = 0;
   private seq = 0;
   private readonly outbox: Array<{ kind: 'decision'; rec: DecisionRecord } | { kind: 'done'; out: DecisionOutcome }> = [];
@@ -72,7 +150,7 @@ export class DecisionFeed {
     readonly capacity = 500,
     private readonly flushMs = 250,
   ) {
-    this.ring = new Array(capacity);
+    this.ring = Array.from({ length: capacity }, () => new Slot());
   }
 
   /** Someone watches: decisions are worth explaining. */
@@ -84,16 +162,15 @@ export class DecisionFeed {
     return this.watchers.size;
   }
 
-  /** Records a decision; returns its sequence number (for `done`). */
-  push(rec: Omit<DecisionRecord, 'seq' | 'at' | 'group'>, routingText: string): number {
-    const full = rec as DecisionRecord;
-    full.seq = ++this.seq;
-    full.at = Date.now();
-    if (routingText.length > 0) full.group = this.groupOf(routingText, rec.worker);
-    this.ring[this.next] = full;
+  /** Records a decision (its fields are copied; `e` is not kept); returns its sequence number (for `done`). */
+  push(e: DecisionEntry, routingText: string): number {
+    const seq = ++this.seq;
+    const slot = this.ring[this.next]!;
+    slot.fill(seq, Date.now(), e, routingText.length > 0 ? this.groupOf(routingText, e.worker) : undefined);
     this.next = (this.next + 1) % this.capacity;
-    if (this.watchers.size > 0) this.outbox.push({ kind: 'decision', rec: full });
-    return full.seq;
+    if (this.filled < this.capacity) this.filled++;
+    if (this.watchers.size > 0) this.outbox.push({ kind: 'decision', rec: slot.record() });
+    return seq;
   }
 
   /** A request ended: counts it in the series, tells watchers. */
@@ -108,14 +185,12 @@ export class DecisionFeed {
     if (this.watchers.size > 0) this.outbox.push({ kind: 'done', out });
   }
 
-  /** The most recent decisions, oldest first. */
+  /** The most recent decisions (up to `limit`), oldest first, as records of their own. */
   recent(limit = this.capacity): DecisionRecord[] {
+    const n = Math.max(0, Math.min(limit, this.filled));
     const out: DecisionRecord[] = [];
-    for (let i = 0; i < this.capacity; i++) {
-      const r = this.ring[(this.next + i) % this.capacity];
-      if (r) out.push(r);
-    }
-    return out.slice(Math.max(0, out.length - limit));
+    for (let i = n; i > 0; i--) out.push(this.ring[(this.next - i + this.capacity) % this.capacity]!.record());
+    return out;
   }
 
   /** Requests, errors and mean TTFT per second over the last `seconds` (oldest first). */

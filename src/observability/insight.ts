@@ -69,7 +69,7 @@ export class RequestInsight {
   /** Records a decision just made (call right after selectWorker: it takes the policy's note). Returns its feed sequence number and the note. */
   decided(d: DecisionInput): { seq: number; note: DecisionNote } {
     const note = this.opts.metrics.takeNote();
-    const base = {
+    const entry = {
       requestId: d.requestId,
       route: d.route,
       model: d.ctx.model,
@@ -78,11 +78,13 @@ export class RequestInsight {
       prefillWorker: d.prefill?.id,
       attempt: d.attempt,
       note,
+      explanation: d.explanation,
     };
-    const seq = this.opts.feed.push({ ...base, explanation: d.explanation }, d.ctx.routingText);
+    const seq = this.opts.feed.push(entry, d.ctx.routingText);
     if (d.sampled) {
       const e = d.explanation;
       const summary = e ? this.routeHeader(e, d.worker, d.prefill) ?? (('prefill' in e && 'decode' in e) ? undefined : compactSummary(e as RouteExplanation, d.worker.id)) : undefined;
+      const { explanation: _omitted, ...base } = entry;
       this.opts.log.info(
         {
           decision: {

@@ -337,4 +337,30 @@ describe('DecisionFeed', () => {
     f.forgetWorker('w1');
     expect(f.groupsView().total).toBe(0);
   });
+
+  it('copies each decision into a reused slot: later changes to the entry or its note do not reach the ring', () => {
+    const f = new DecisionFeed(3);
+    const note = { kind: 'hit' as const, matched: 120, input: 400 };
+    const explanation = { chosen: 'w1', rule: 'prefix', candidates: [] } as unknown as NonNullable<Parameters<DecisionFeed['push']>[0]['explanation']>;
+    const entry = { requestId: 'a', route: 'chat', model: 'm', policy: 'cache_aware', worker: 'w1', prefillWorker: 'p0', attempt: 1, note, explanation };
+    const seq = f.push(entry, 'x'.repeat(300));
+    entry.requestId = 'changed';
+    entry.worker = 'w9';
+    note.matched = 0;
+    note.kind = 'miss' as never;
+    const [r] = f.recent();
+    expect(r).toMatchObject({ seq, requestId: 'a', worker: 'w1', prefillWorker: 'p0', attempt: 1, note: { kind: 'hit', matched: 120, input: 400 }, explanation });
+    expect(Object.keys(r!.note).sort()).toEqual(['input', 'kind', 'matched']);
+    expect(typeof r!.group).toBe('string');
+    // A decision without a prefill worker, an explanation or a routing text has none of them, also after its slot held one.
+    for (let i = 0; i < 3; i++) f.push({ requestId: `b${i}`, route: 'chat', model: 'm', policy: 'kv_aware', worker: 'w2', attempt: 0, note: { matchedBlocks: i, requestBlocks: 4, fallback: false } }, '');
+    const recent = f.recent();
+    expect(recent.map((x) => x.requestId)).toEqual(['b0', 'b1', 'b2']);
+    expect(recent[0]).not.toHaveProperty('prefillWorker');
+    expect(recent[0]).not.toHaveProperty('explanation');
+    expect(recent[0]).not.toHaveProperty('group');
+    expect(recent[2]!.note).toEqual({ matchedBlocks: 2, requestBlocks: 4, fallback: false });
+    expect(f.recent(2).map((x) => x.requestId)).toEqual(['b1', 'b2']);
+    expect(new DecisionFeed(4).recent()).toEqual([]);
+  });
 });
