@@ -61,7 +61,7 @@ export function boundObserver<L extends string>(h: Histogram<L>, labels: Partial
 /**
  * The bucket keys of a histogram's bounds (its `bucketValues` keys), made once per bounds array:
  * `String(0.005)` and the like are not small integers, so each call made new strings, which V8's
- * number-to-string cache then held past young-generation collections (1.4 KB promoted per request
+ * number-to-string cache then held past young-generation collections (~1.1 KB promoted per request
  * under wrk, docs/benchmarks.md §3.1, "GC per request").
  */
 const keysOf = new WeakMap<readonly number[], string[]>();

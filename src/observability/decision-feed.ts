@@ -56,9 +56,9 @@ export type DecisionEntry = Omit<DecisionRecord, 'seq' | 'at' | 'group'>;
  * The ring holds each decision for the next `capacity` requests (~40 ms at 13,000 req/s). When it
  * held a new record object per decision (with its note), those objects were alive at one or two
  * young-generation collections, so V8 copied them and promoted most to the old generation, where
- * only full collections free them: 3.2 KB promoted per request under wrk, and GC CPU (pauses plus
- * V8's helper threads) of 15–21 µs per request, against 0.3–0.8 KB and 8.5–9 µs with the fields
- * copied into these long-lived slots (docs/benchmarks.md §3.1, "GC per request").
+ * only full collections free them: 3.1–3.3 KB promoted per request under wrk, and GC CPU (pauses
+ * plus V8's helper threads) of 15–21 µs per request, against 1.1–1.2 KB and 8.2–8.6 µs with the
+ * fields copied into these long-lived slots (docs/benchmarks.md §3.1, "GC per request").
  */
 class Slot {
   seq = 0;
