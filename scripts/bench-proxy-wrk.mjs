@@ -23,6 +23,10 @@
 // BENCH_WRK_THREADS (1), BENCH_ROUNDS (3), BENCH_KVGATE_NODE_ARGS (node options for kvgate, e.g. --cpu-prof --cpu-prof-dir=DIR: every
 // process writes a profile), BENCH_KVGATE_ARGS (extra kvgate flags for every kvgate target), BENCH_TARGETS (nginx,bare,bare2,kvgate1,kvgate2,kvgate2nosync: which to
 // measure; a kvgate target may add flags, e.g. 'kvgate2[--replica-sync-flush-ms=10]'; each ratio is printed when its targets were measured).
+// BENCH_GC=1: kvgate runs under V8's --trace-gc-nvp, and each round and the summary also report, per
+// request, the bytes promoted to the old generation and that survived a scavenge, and the GC's CPU
+// on the event loop (pauses and incremental marking) and on V8's background threads (every isolate
+// of every kvgate process; V8's own timings, so they scale with the machine's speed, the bytes do not).
 import { execFileSync, fork, spawn } from 'node:child_process';
 import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { request as httpRequest, Agent } from 'node:http';
@@ -150,7 +154,9 @@ async function startKvgate(processes, extra = [], name = `kvgate${processes}`) {
   const port = await freePort();
   const args = ['serve', '--host', '127.0.0.1', '--port', String(port), '--worker-urls', `http://127.0.0.1:${portA}`, `http://127.0.0.1:${portB}`, '--policy', 'cache_aware', '--log-level', 'warn', '--processes', String(processes), ...extra, ...(process.env.BENCH_KVGATE_ARGS ?? '').split(' ').filter(Boolean)];
   const nodeArgs = (process.env.BENCH_KVGATE_NODE_ARGS ?? '').split(' ').filter(Boolean);
-  const c = spawn(process.execPath, [...nodeArgs, here('../dist/cli/main.js'), ...args], { stdio: ['ignore', 'inherit', 'inherit'] });
+  if (GC) nodeArgs.push('--trace-gc-nvp');
+  const c = spawn(process.execPath, [...nodeArgs, here('../dist/cli/main.js'), ...args], { stdio: ['ignore', GC ? 'pipe' : 'inherit', 'inherit'] });
+  if (GC) readGcTrace(c.stdout, (gcTotals[name] = gcZero()));
   children.push(c);
   track(name, c.pid);
   const url = `http://127.0.0.1:${port}`;
@@ -159,6 +165,39 @@ async function startKvgate(processes, extra = [], name = `kvgate${processes}`) {
   for (let i = 0; i < 20; i++) await scrape(url, '/readiness');
   return url;
 }
+
+// --- BENCH_GC=1: V8's --trace-gc-nvp lines, summed per target -----------------------------------
+const GC = process.env.BENCH_GC === '1';
+const gcTotals = {};
+const gcZero = () => ({ scavenges: 0, fullGcs: 0, promoted: 0, survived: 0, mainMs: 0, backgroundMs: 0 });
+/** Sums the GC lines of a kvgate target's stdout (all its processes and isolates); passes the rest through. */
+function readGcTrace(stream, t) {
+  let rest = '';
+  stream.setEncoding('utf8');
+  stream.on('data', (chunk) => {
+    const lines = (rest + chunk).split('\n');
+    rest = lines.pop() ?? '';
+    for (const line of lines) {
+      if (!line.includes(' pause=') || !line.includes(' gc=')) {
+        process.stdout.write(line + '\n');
+        continue;
+      }
+      const field = (k) => Number(new RegExp(`\\s${k.replace(/\./g, '\\.')}=([\\d.]+)`).exec(line)?.[1] ?? 0);
+      const kind = / gc=(\w+)/.exec(line)?.[1];
+      if (kind === 's') {
+        t.scavenges++;
+        t.promoted += field('promoted');
+        t.survived += field('new_space_survived');
+      } else t.fullGcs++;
+      t.mainMs += field('pause') + (kind === 's' ? 0 : field('incremental'));
+      for (const m of line.matchAll(/\sbackground\.[\w.]+=([\d.]+)/g)) t.backgroundMs += Number(m[1]);
+    }
+  });
+}
+const gcSince = (name, before, requests) => {
+  const a = before, b = gcTotals[name];
+  return { promoted: (b.promoted - a.promoted) / requests, survived: (b.survived - a.survived) / requests, mainUs: ((b.mainMs - a.mainMs) * 1000) / requests, backgroundUs: ((b.backgroundMs - a.backgroundMs) * 1000) / requests, scavenges: b.scavenges - a.scavenges, fullGcs: b.fullGcs - a.fullGcs };
+};
 
 // --- wrk ------------------------------------------------------------------------------------
 const lua = join(tmp, 'chat.lua');
@@ -433,8 +472,12 @@ try {
       wrk(targets[name], WARMUP);
       const before = await loopStats(name, targets[name]);
       const cpu0 = cpuSnapshot();
+      const gc0 = gcTotals[name] ? { ...gcTotals[name] } : undefined;
       const r = wrk(targets[name], SECS);
       r.cpu = cpuSince(cpu0);
+      // The last lines of the run may still be in the pipe.
+      if (gc0) await sleep(100);
+      if (gc0) r.gc = gcSince(name, gc0, r.rps * SECS);
       r.spread = spreadSince(cpu0, name);
       Object.assign(r, await loopStats(name, targets[name], before));
       results[name].push(r);
@@ -444,7 +487,8 @@ try {
       const spread = r.spread.length > 1 ? ` per-process cores=${r.spread.map((c) => c.toFixed(2)).join('/')}` : '';
       const mainT = r.cpu.mainThreads[name];
       const threads = mainT !== undefined && r.cpu[name] > 0 ? ` main-thread=${mainT.toFixed(2)} other-threads=${(r.cpu[name] - mainT).toFixed(2)} system=${r.cpu.sys[name].toFixed(2)} switches/req=${(r.cpu.switchesPerSec[name] / r.rps).toFixed(3)}` : '';
-      console.log(`round ${round + 1} ${name.padEnd(7)} req/s=${r.rps.toFixed(0)} p50=${r.p50.toFixed(3)}ms p99=${r.p99.toFixed(3)}ms${errs}${loop}${cpu}${spread}${threads}`);
+      const gcLine = r.gc ? ` gc per request: promoted=${r.gc.promoted.toFixed(0)}B survived=${r.gc.survived.toFixed(0)}B event-loop=${r.gc.mainUs.toFixed(2)}us background=${r.gc.backgroundUs.toFixed(2)}us (${r.gc.scavenges} scavenges, ${r.gc.fullGcs} full)` : '';
+      console.log(`round ${round + 1} ${name.padEnd(7)} req/s=${r.rps.toFixed(0)} p50=${r.p50.toFixed(3)}ms p99=${r.p99.toFixed(3)}ms${errs}${loop}${cpu}${spread}${threads}${gcLine}`);
     }
   }
   for (const name of names.filter((n) => n.startsWith('kvgate'))) {
@@ -487,6 +531,15 @@ if (med.kvgate1 && med.kvgate2) {
 }
 for (const n of names.filter((x) => x.includes('['))) if (med.kvgate1) console.log(`${n}/processes1 req/s=${(med[n].rps / med.kvgate1.rps).toFixed(2)} (per-round median ${paired(n, 'kvgate1')})`);
 if (med.kvgate1 && med.kvgate2nosync) console.log(`processes2 without replica sync/processes1 req/s=${(med.kvgate2nosync.rps / med.kvgate1.rps).toFixed(2)} (per-round median ${paired('kvgate2nosync', 'kvgate1')}; the cost of sharing state: compare with the line above)`);
+if (GC) {
+  console.log('\nGC per request (BENCH_GC=1, V8 --trace-gc-nvp, all processes and isolates of the target; medians of the rounds)');
+  console.log('| target | promoted (B) | survived a scavenge (B) | GC on the event loop (µs) | GC on V8 background threads (µs) | full GCs per round |');
+  console.log('|---|---|---|---|---|---|');
+  for (const n of names.filter((x) => results[x][0]?.gc)) {
+    const g = (k) => median(results[n].map((r) => r.gc[k]));
+    console.log(`| ${labels[n]} | ${g('promoted').toFixed(0)} | ${g('survived').toFixed(0)} | ${g('mainUs').toFixed(2)} | ${g('backgroundUs').toFixed(2)} | ${g('fullGcs')} |`);
+  }
+}
 console.log('\ncache_aware on kvgate /metrics after all rounds (8 scrapes, a fresh connection each; with --processes 2 each scrape is answered by one process, whose counters are its own):');
 for (const name of Object.keys(scrapes)) {
   const distinct = [...new Map(scrapes[name].map((s) => [`${s.hits}/${s.misses}`, s])).values()];
