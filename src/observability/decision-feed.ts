@@ -50,6 +50,12 @@ interface Group {
 /** What a front records of one decision (the feed adds seq, at and group). */
 export type DecisionEntry = Omit<DecisionRecord, 'seq' | 'at' | 'group'>;
 
+/** Every field of DecisionNote, once: adding a field there without adding it here does not compile. */
+const NOTE_FIELD_SET = { matched: true, input: true, matchedBlocks: true, requestBlocks: true, fallback: true, kind: true, avoidableTokens: true } as const satisfies Record<keyof DecisionNote, true>;
+type NoteField = keyof typeof NOTE_FIELD_SET;
+const NOTE_FIELDS = Object.keys(NOTE_FIELD_SET) as NoteField[];
+const emptyNote = (): Record<NoteField, DecisionNote[NoteField]> => Object.fromEntries(NOTE_FIELDS.map((k) => [k, undefined])) as Record<NoteField, DecisionNote[NoteField]>;
+
 /**
  * One place in the ring: a decision's fields, overwritten in place by the decision 500 later.
  *
@@ -72,14 +78,8 @@ class Slot {
   attempt = 0;
   explanation: RouteExplanation | PairExplanation | undefined = undefined;
   group: string | undefined = undefined;
-  // The note's fields (DecisionNote), copied so the note object itself dies young.
-  kind: DecisionNote['kind'] = undefined;
-  matched: number | undefined = undefined;
-  input: number | undefined = undefined;
-  matchedBlocks: number | undefined = undefined;
-  requestBlocks: number | undefined = undefined;
-  fallback: boolean | undefined = undefined;
-  avoidableTokens: number | undefined = undefined;
+  /** The note's fields, copied so the decider's note object itself dies young; every key present (stable shape). */
+  readonly note: Record<NoteField, DecisionNote[NoteField]> = emptyNote();
 
   fill(seq: number, at: number, e: DecisionEntry, group: string | undefined): void {
     this.seq = seq;
@@ -93,26 +93,15 @@ class Slot {
     this.attempt = e.attempt;
     this.explanation = e.explanation;
     this.group = group;
-    const n = e.note;
-    this.kind = n.kind;
-    this.matched = n.matched;
-    this.input = n.input;
-    this.matchedBlocks = n.matchedBlocks;
-    this.requestBlocks = n.requestBlocks;
-    this.fallback = n.fallback;
-    this.avoidableTokens = n.avoidableTokens;
+    const from = e.note;
+    const to = this.note as Record<NoteField, unknown>;
+    for (const k of NOTE_FIELDS) to[k] = from[k];
   }
 
   /** The decision as a record of its own (what watchers and `recent` get). */
   record(): DecisionRecord {
     const note: DecisionNote = {};
-    if (this.matched !== undefined) note.matched = this.matched;
-    if (this.input !== undefined) note.input = this.input;
-    if (this.matchedBlocks !== undefined) note.matchedBlocks = this.matchedBlocks;
-    if (this.requestBlocks !== undefined) note.requestBlocks = this.requestBlocks;
-    if (this.fallback !== undefined) note.fallback = this.fallback;
-    if (this.kind !== undefined) note.kind = this.kind;
-    if (this.avoidableTokens !== undefined) note.avoidableTokens = this.avoidableTokens;
+    for (const k of NOTE_FIELDS) if (this.note[k] !== undefined) (note as Record<NoteField, unknown>)[k] = this.note[k];
     const r: DecisionRecord = { seq: this.seq, at: this.at, requestId: this.requestId, route: this.route, model: this.model, policy: this.policy, worker: this.worker, attempt: this.attempt, note };
     if (this.prefillWorker !== undefined) r.prefillWorker = this.prefillWorker;
     if (this.explanation !== undefined) r.explanation = this.explanation;
